@@ -1,0 +1,21 @@
+"""What the engine streams back to a caller while it generates."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of a streamed answer.
+
+    kind: "token" (``text`` is the new text, possibly empty while a multi-byte character is incomplete),
+    "notice" (``text`` is a message for the user, e.g. older turns were dropped), or "done"
+    (``finish_reason`` is one of "eos", "stop", "length", "cancelled", "context").
+    """
+    kind: str
+    text: str = ""
+    token_id: Optional[int] = None
+    index: int = 0
+    elapsed_s: float = 0.0
+    finish_reason: Optional[str] = None

@@ -1,0 +1,126 @@
+"""The embedded tiny Mixtral: a deterministic, Hugging Face-format checkpoint made entirely offline.
+
+``make_tiny(out_dir, seed)`` trains a byte-level BPE tokenizer on the Python documentation that ships
+with every Python (``pydoc_data``), writes a Mistral-style chat template, and saves random weights of a
+small Mixtral-architecture model with the hub's per-expert tensor names. transformers'
+``MixtralForCausalLM`` and ``AutoTokenizer`` load the result; it is the oracle in the parity tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .config import ModelConfig
+
+# Mistral's template shape: the system prompt (if any) is put in front of the first user turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set sys = namespace(text='') %}"
+    "{% for message in messages %}"
+    "{% set content = message['content'] if message['content'] is string else "
+    "(message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
+    "{% if message['role'] == 'system' %}{% set sys.text = content + '\\n\\n' %}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + sys.text + content + ' [/INST]' }}{% set sys.text = '' %}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
+
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                  head_dim=16, num_experts=8, top_k=2)
+
+
+def doc_corpus() -> Iterator[str]:
+    """Local English text every Python has: the language reference topics and stdlib docstrings."""
+    import pydoc_data.topics as topics
+    for key in sorted(topics.topics):
+        yield topics.topics[key]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Byte-level BPE (no unknown characters, ever) wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>", additional_special_tokens=["[INST]", "[/INST]"])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 2048
+    return fast
+
+
+def tiny_config(vocab_size: int, bos: int, eos: int, max_positions: int = 2048) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, rope_theta=1e6, max_position_embeddings=max_positions,
+                       bos_token_id=bos, eos_token_id=eos, **TINY_SHAPE)
+
+
+def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights under the hub's names (per-expert w1/w2/w3), deterministic for a seed."""
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g) * std).contiguous()
+
+    h, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    sd = {"model.embed_tokens.weight": normal(cfg.vocab_size, h, std=1.0),
+          "model.norm.weight": 1 + normal(h, std=0.1)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = 1 + normal(h, std=0.1)
+        sd[p + "post_attention_layernorm.weight"] = 1 + normal(h, std=0.1)
+        sd[p + "self_attn.q_proj.weight"] = normal(cfg.num_heads * hd, h, std=h ** -0.5)
+        sd[p + "self_attn.k_proj.weight"] = normal(cfg.num_kv_heads * hd, h, std=h ** -0.5)
+        sd[p + "self_attn.v_proj.weight"] = normal(cfg.num_kv_heads * hd, h, std=h ** -0.5)
+        sd[p + "self_attn.o_proj.weight"] = normal(h, cfg.num_heads * hd, std=(cfg.num_heads * hd) ** -0.5)
+        # A decisive router (large logits) keeps top-k free of near-ties, so parity is well defined.
+        sd[p + "block_sparse_moe.gate.weight"] = normal(cfg.num_experts, h, std=1.0)
+        for e in range(cfg.num_experts):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            sd[q + "w1.weight"] = normal(f, h, std=h ** -0.5)
+            sd[q + "w3.weight"] = normal(f, h, std=h ** -0.5)
+            sd[q + "w2.weight"] = normal(h, f, std=f ** -0.5)
+    sd["lm_head.weight"] = normal(cfg.vocab_size, h, std=h ** -0.5)
+    return sd
+
+
+def make_tiny(out_dir: str | os.PathLike, seed: int = 0, vocab_size: int = 512) -> Path:
+    """Write the tiny checkpoint (config.json, model.safetensors, tokenizer files) into ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(doc_corpus(), vocab_size)
+    cfg = tiny_config(len(tok), tok.bos_token_id, tok.eos_token_id)
+    tmp = out / ".model.safetensors.part"
+    save_file(random_state_dict(cfg, seed), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    tok.save_pretrained(str(out))
+    hf = cfg.to_hf() | {"dtype": "float32", "mixoff_tiny_seed": seed}
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, indent=2))
+    return out
+
+
+def default_tiny_dir() -> Path:
+    """Where ``--model tiny`` keeps the random tiny model it builds on first use."""
+    base = os.environ.get("MIXOFF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "mixoff")
+    return Path(base) / "tiny-random"
+
+
+def ensure_tiny(path: Path | None = None, seed: int = 0) -> Path:
+    path = Path(path) if path else default_tiny_dir()
+    if not (path / "model.safetensors").exists() or not (path / "tokenizer.json").exists():
+        make_tiny(path, seed=seed)
+    return path
