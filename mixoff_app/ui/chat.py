@@ -1,0 +1,189 @@
+"""Chat handlers: gradio history <-> engine messages, streaming, Stop / Retry / Clear.
+
+The conversation lives in each browser's Chatbot value (sent with every request), so one session never
+sees another's. Stop works through a per-session ``threading.Event`` the engine checks at each token;
+what was written stays. The handlers only ever call ``stream_chat`` and read ``TokenEvent``s.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterator, Optional
+
+from ..config import ConfigError, SamplingParams
+
+FINISH_TEXT = {
+    "eos": "finished",
+    "stop": "hit a stop string",
+    "length": "reached max new tokens",
+    "cancelled": "stopped",
+    "context": "context window full",
+}
+
+
+class EngineSlot:
+    """The engine, or the story of its loading: the page opens at once and shows the progress lines."""
+
+    def __init__(self, engine: Any = None, echo: bool = False) -> None:
+        self.engine = engine
+        self.lines: list[str] = []
+        self.error: Optional[str] = None
+        self.echo = echo
+        self.ready = threading.Event()
+        self.label = ""
+        if engine is not None:
+            self.ready.set()
+
+    def progress(self, msg: str) -> None:
+        line = str(msg).rstrip()
+        self.lines.append(line)
+        del self.lines[:-200]
+        if self.echo:
+            print(line, file=sys.stderr, flush=True)
+
+    def load_in_background(self, loader: Callable[[Callable[[str], None]], Any]) -> threading.Thread:
+        """Run ``loader(progress) -> Engine`` on a thread; errors are kept for the page and the terminal."""
+        def run() -> None:
+            try:
+                self.engine = loader(self.progress)
+                self.progress("ready")
+            except BaseException as exc:   # noqa: BLE001 - shown to the user, the server stays up
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.progress(f"loading failed: {self.error}")
+                if self.echo:
+                    traceback.print_exc()
+            finally:
+                self.ready.set()
+
+        t = threading.Thread(target=run, name="mixoff-load", daemon=True)
+        t.start()
+        return t
+
+    def get(self) -> Any:
+        """The engine, or a clear error to show the user."""
+        if self.engine is not None:
+            return self.engine
+        if self.error:
+            raise RuntimeError(f"the model could not be loaded: {self.error}")
+        raise RuntimeError("the model is still loading; the panel on the right shows its progress")
+
+
+# ---- history ------------------------------------------------------------------------------------
+def content_text(content: Any) -> str:
+    """Gradio message content (str, a list of blocks, a dict, None) as plain text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        if content.get("type", "text") == "text" and "text" in content:
+            return str(content["text"])
+        return ""
+    if isinstance(content, (list, tuple)):
+        return "".join(content_text(c) for c in content)
+    return str(content)
+
+
+def _get(msg: Any, key: str) -> Any:
+    return msg.get(key) if isinstance(msg, dict) else getattr(msg, key, None)
+
+
+def normalise_history(history: Any) -> list[dict]:
+    """Chatbot value -> [{"role", "content": str}] for user/assistant turns only (notices are dropped)."""
+    out = []
+    for msg in history or []:
+        role = _get(msg, "role")
+        if role not in ("user", "assistant"):
+            continue
+        meta = _get(msg, "metadata")
+        if meta and (meta.get("title") if isinstance(meta, dict) else getattr(meta, "title", None)):
+            continue     # a notice we added ourselves, not part of the conversation
+        out.append({"role": role, "content": content_text(_get(msg, "content"))})
+    return out
+
+
+def to_messages(history: Any, system_prompt: str = "") -> list[dict]:
+    """Engine messages: an optional system prompt, then the turns; empty assistant turns are dropped."""
+    turns = [m for m in normalise_history(history) if m["role"] == "user" or m["content"]]
+    sys_text = (system_prompt or "").strip()
+    return ([{"role": "system", "content": sys_text}] if sys_text else []) + turns
+
+
+def sampling(temperature: float, top_p: float, max_new_tokens: Any) -> SamplingParams:
+    """UI values -> SamplingParams (temperature 0 is greedy). Bad values raise ConfigError."""
+    try:
+        max_new = int(max_new_tokens)
+    except (TypeError, ValueError):
+        raise ConfigError(f"max new tokens must be a whole number, not {max_new_tokens!r}") from None
+    t = float(temperature)
+    return SamplingParams(max_new_tokens=max_new, temperature=t, top_p=float(top_p), greedy=t == 0)
+
+
+def strip_to_last_user(history: Any) -> list[dict]:
+    """Retry: drop the answer (and notices) after the last user turn."""
+    msgs = normalise_history(history)
+    while msgs and msgs[-1]["role"] != "user":
+        msgs.pop()
+    return msgs
+
+
+# ---- streaming ----------------------------------------------------------------------------------
+class Canceller:
+    """One cancel event per browser session. A new question re-arms it; Stop and Clear set it."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def arm(self, session: str) -> threading.Event:
+        with self._lock:
+            ev = self._events[session] = threading.Event()
+            return ev
+
+    def get(self, session: str) -> threading.Event:
+        with self._lock:
+            return self._events.setdefault(session, threading.Event())
+
+    def cancel(self, session: str) -> bool:
+        with self._lock:
+            ev = self._events.get(session)
+        if ev is None:
+            return False
+        ev.set()
+        return True
+
+
+def stream_answer(engine: Any, messages: list[dict], params: SamplingParams, cancel: threading.Event,
+                  on_notice: Callable[[str], None] = lambda text: None
+                  ) -> Iterator[tuple[str, int, Optional[str]]]:
+    """Yield (answer so far, tokens so far, finish_reason or None) as tokens arrive; closes the engine
+    stream on exit so the engine's lock is released even when the client goes away mid-answer."""
+    text, n = "", 0
+    it = engine.stream_chat(messages, params, cancel=cancel)
+    try:
+        for ev in it:
+            if ev.kind == "token":
+                n += 1
+                if ev.text:
+                    text += ev.text
+                    yield text, n, None
+            elif ev.kind == "notice":
+                on_notice(ev.text)
+            elif ev.kind == "done":
+                yield text, n, ev.finish_reason or "eos"
+                return
+        yield text, n, "eos"
+    finally:
+        cancel.set()
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def status_line(tokens: int, elapsed: float, reason: Optional[str]) -> str:
+    rate = f" · {tokens / elapsed:.1f} tok/s" if elapsed > 0 and tokens > 1 else ""
+    if reason is None:
+        return f"generating… {tokens} tokens{rate}"
+    return f"{FINISH_TEXT.get(reason, reason)} · {tokens} tokens in {elapsed:.1f} s{rate}"

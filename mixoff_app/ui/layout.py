@@ -1,0 +1,255 @@
+"""The page: chat on the left, the expert cache's live panel on the right.
+
+``build_ui(engine_or_slot)`` returns a ``gr.Blocks``; ``launch_kwargs()`` gives the theme and css that
+Gradio 6 takes at ``launch()``. Generation runs one at a time (concurrency group ``generate``); others
+wait in Gradio's queue with their place shown. The panel polls ``engine.stats()`` on a timer.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import gradio as gr
+
+from ..config import POLICIES, CacheConfig, ConfigError
+from . import panel
+from .chat import (Canceller, EngineSlot, sampling, status_line, strip_to_last_user, stream_answer,
+                   to_messages)
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+PANEL_HZ = 0.4            # seconds between panel refreshes (2.5 per second)
+GENERATE = "generate"     # the one concurrency group every generation (and cache re-plan) shares
+
+TITLE = "mixoff · Mixtral with expert offloading"
+INTRO = ("Chat with a Mixture-of-Experts model whose experts live in host RAM; only *k* per layer sit in "
+         "the device cache. The panel shows, token by token, which experts are cached, hit, loaded "
+         "and evicted.")
+
+
+def load_examples(path: Optional[Path] = None) -> list[str]:
+    path = path or ASSETS / "examples.json"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [str(x) for x in data if str(x).strip()]
+
+
+def launch_kwargs() -> dict:
+    """What Gradio 6 takes at ``launch()`` rather than ``Blocks()``."""
+    css_path = ASSETS / "style.css"
+    theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate",
+                           font=["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "sans-serif"],
+                           font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
+    return {"theme": theme, "css": css_path.read_text(encoding="utf-8") if css_path.exists() else None}
+
+
+def _session(request: Optional[gr.Request]) -> str:
+    return getattr(request, "session_hash", None) or "anonymous"
+
+
+def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, max_new_tokens: int = 256,
+             system_prompt: str = "", panel_every: float = PANEL_HZ) -> gr.Blocks:
+    slot = engine_or_slot if isinstance(engine_or_slot, EngineSlot) else EngineSlot(engine_or_slot)
+    canceller = Canceller()
+    examples = list(load_examples() if examples is None else examples)
+
+    def engine_or_error():
+        try:
+            return slot.get()
+        except RuntimeError as exc:
+            raise gr.Error(str(exc)) from None
+
+    # ---- chat ---------------------------------------------------------------------------------
+    def add_user(message: str, history: list, request: gr.Request):
+        text = (message or "").strip()
+        if not text:
+            raise gr.Error("Type a message first.")
+        canceller.arm(_session(request))
+        return "", to_messages(history) + [{"role": "user", "content": text}]
+
+    def respond(history: list, system: str, temperature: float, top_p: float, max_new: float,
+                request: gr.Request) -> Iterator[tuple]:
+        engine = engine_or_error()
+        messages = to_messages(history, system)
+        if not messages or messages[-1]["role"] != "user":
+            raise gr.Error("There is no question to answer: type a message first.")
+        try:
+            params = sampling(temperature, top_p, max_new)
+        except ConfigError as exc:
+            raise gr.Error(str(exc)) from None
+        shown = to_messages(history)
+        notices: list[str] = []
+
+        def notice(text: str) -> None:
+            notices.append(text)
+            gr.Warning(text)
+
+        cancel = canceller.get(_session(request))
+        start = None
+        try:
+            for text, n, reason in stream_answer(engine, messages, params, cancel, on_notice=notice):
+                start = start or time.perf_counter()
+                status = status_line(n, time.perf_counter() - start, reason)
+                if notices:
+                    status += " · " + " · ".join(notices)
+                yield shown + [{"role": "assistant", "content": text}], status
+        except (ValueError, ConfigError) as exc:
+            raise gr.Error(str(exc)) from None
+
+    def retry(history: list, request: gr.Request):
+        msgs = strip_to_last_user(history)
+        if not msgs:
+            raise gr.Error("Nothing to retry yet.")
+        canceller.arm(_session(request))
+        return msgs
+
+    def stop(request: gr.Request) -> None:
+        canceller.cancel(_session(request))
+
+    def clear(request: gr.Request):
+        canceller.cancel(_session(request))
+        return [], ""
+
+    # ---- panel --------------------------------------------------------------------------------
+    def tick(seen: dict):
+        """Outputs: panel, info, k, policy, prefetch, seen. Skips what has not changed."""
+        seen = dict(seen or {})
+        engine = slot.engine
+        if engine is None:
+            html = panel.render_loading(slot.lines, slot.error)
+            if html == seen.get("panel"):
+                return (gr.skip(),) * 6
+            seen["panel"] = html
+            return (html, gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen)
+        html = panel.render_panel(engine.stats())
+        out = [gr.skip()] * 5
+        if html != seen.get("panel"):
+            out[0] = seen["panel"] = html
+        info = engine.info
+        info_html = panel.render_info(info)
+        if info_html != seen.get("info"):
+            out[1] = seen["info"] = info_html
+            if not seen.get("controls"):      # the cache controls take the engine's values once
+                seen["controls"] = True
+                out[2] = gr.update(value=info.cache.size, maximum=info.num_experts)
+                out[3] = gr.update(value=info.cache.policy)
+                out[4] = gr.update(value=info.cache.prefetch, maximum=max(0, info.num_experts - info.top_k))
+        return (*out, seen)
+
+    def set_cache(k: float, policy: str, prefetch: float) -> tuple:
+        """Re-plan the device cache (k experts per layer, eviction policy, prefetch) without reloading."""
+        engine = engine_or_error()
+        try:
+            cfg = CacheConfig(size=int(k), policy=str(policy), prefetch=int(prefetch))
+            engine.reconfigure_cache(cfg)
+        except (ConfigError, ValueError) as exc:
+            raise gr.Error(str(exc)) from None
+        return panel.render_info(engine.info), f"Cache re-planned: k = {int(k)}, {policy}, prefetch {int(prefetch)}."
+
+    # ---- API-only endpoints ------------------------------------------------------------------
+    def chat(message: str, history: list[dict] | None = None, system_prompt: str = "",
+             temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 128,
+             request: gr.Request = None) -> Iterator[str]:
+        """Stream an answer to `message` after `history` ([{"role", "content"}, ...]); yields the text so far."""
+        engine = engine_or_error()
+        text = (message or "").strip()
+        if not text:
+            raise gr.Error("message is empty")
+        messages = to_messages(history, system_prompt) + [{"role": "user", "content": text}]
+        try:
+            params = sampling(temperature, top_p, max_new_tokens)
+        except ConfigError as exc:
+            raise gr.Error(str(exc)) from None
+        cancel = canceller.arm(_session(request))
+        try:
+            for answer, _, _ in stream_answer(engine, messages, params, cancel):
+                yield answer
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def stats() -> dict:
+        """The engine's latest StatsSnapshot as a dict (cache residency, hit rates, tok/s, memory, routing)."""
+        return engine_or_error().stats().to_dict()
+
+    def info() -> dict:
+        """Which model runs, why, on what device, quantized how, with which cache."""
+        from dataclasses import asdict
+        return asdict(engine_or_error().info)
+
+    # ---- page ---------------------------------------------------------------------------------
+    with gr.Blocks(title=TITLE, fill_width=True) as demo:
+        with gr.Row(elem_id="mx-header"):
+            gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="mx-title")
+        info_html = gr.HTML(panel.render_info(slot.engine.info) if slot.engine else
+                            '<div class="mx-info"><span class="mx-chip">loading the model…</span></div>',
+                            elem_id="mx-info")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=380):
+                chatbot = gr.Chatbot(height=520, elem_id="mx-chat", show_label=False,
+                                     placeholder="Ask something. The answer streams token by token.",
+                                     buttons=["copy"], feedback_options=None)
+                with gr.Row():
+                    textbox = gr.Textbox(placeholder="Message", show_label=False, scale=8, lines=1,
+                                         max_lines=6, elem_id="mx-input", autofocus=True)
+                    send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="mx-send")
+                    stop_btn = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="mx-stop")
+                with gr.Row():
+                    retry_btn = gr.Button("↻ Retry", size="sm", elem_id="mx-retry")
+                    clear_btn = gr.Button("Clear", size="sm", elem_id="mx-clear")
+                status = gr.Markdown("", elem_id="mx-status")
+                if examples:
+                    gr.Examples(examples=[[e] for e in examples], inputs=[textbox], label="Examples")
+                with gr.Accordion("Generation settings", open=False):
+                    system = gr.Textbox(value=system_prompt, label="System prompt", lines=2,
+                                        placeholder="e.g. You are a concise assistant.", elem_id="mx-system")
+                    with gr.Row():
+                        temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature",
+                                                info="0 = greedy", elem_id="mx-temperature")
+                        top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p", elem_id="mx-top-p")
+                        max_new = gr.Slider(1, max(1, max_new_tokens * 4), value=max_new_tokens, step=1,
+                                            label="Max new tokens", elem_id="mx-max-new")
+            with gr.Column(scale=6, min_width=440):
+                panel_html = gr.HTML(panel.render_loading(slot.lines) if slot.engine is None else
+                                     panel.render_panel(slot.engine.stats()), elem_id="mx-panel")
+                with gr.Accordion("Cache settings (re-plans the device cache without reloading)", open=False):
+                    with gr.Row():
+                        cache = slot.engine.info.cache if slot.engine else CacheConfig()
+                        n_exp = slot.engine.info.num_experts if slot.engine else 8
+                        top_k = slot.engine.info.top_k if slot.engine else 2
+                        k_slider = gr.Slider(1, n_exp, value=cache.size, step=1, label="k: experts per layer on device",
+                                             elem_id="mx-k")
+                        policy = gr.Dropdown(list(POLICIES), value=cache.policy, label="Eviction policy",
+                                             elem_id="mx-policy")
+                        prefetch = gr.Slider(0, max(1, n_exp - top_k), value=cache.prefetch, step=1,
+                                             label="Prefetch (experts guessed per layer)", elem_id="mx-prefetch")
+                    apply_btn = gr.Button("Apply", size="sm", elem_id="mx-apply")
+                    cache_msg = gr.Markdown("")
+        seen = gr.State({"controls": slot.engine is not None})
+        timer = gr.Timer(panel_every)
+
+        timer.tick(tick, [seen], [panel_html, info_html, k_slider, policy, prefetch, seen],
+                   concurrency_limit=None, show_progress="hidden", api_visibility="private")
+
+        gen_opts = dict(concurrency_limit=1, concurrency_id=GENERATE, api_visibility="private",
+                        show_progress="minimal")
+        fast = dict(concurrency_limit=None, show_progress="hidden", api_visibility="private")
+        inputs = [chatbot, system, temperature, top_p, max_new]
+        for trigger in (textbox.submit, send_btn.click):
+            trigger(add_user, [textbox, chatbot], [textbox, chatbot], **fast).success(
+                respond, inputs, [chatbot, status], **gen_opts)
+        retry_btn.click(retry, [chatbot], [chatbot], **fast).success(respond, inputs, [chatbot, status], **gen_opts)
+        stop_btn.click(stop, None, None, **fast)
+        clear_btn.click(clear, None, [chatbot, status], **fast)
+        apply_btn.click(set_cache, [k_slider, policy, prefetch], [info_html, cache_msg], api_name="set_cache",
+                        concurrency_limit=1, concurrency_id=GENERATE)
+
+        gr.api(chat, api_name="chat", concurrency_limit=1, concurrency_id=GENERATE)
+        gr.api(stats, api_name="stats", concurrency_limit=None)
+        gr.api(info, api_name="info", concurrency_limit=None)
+
+    demo.queue(default_concurrency_limit=1)
+    demo.mixoff_slot = slot          # for tests and the launcher
+    return demo

@@ -1,0 +1,331 @@
+"""The live panel: pure functions from a ``StatsSnapshot`` (and ``EngineInfo``) to HTML.
+
+Nothing here touches the engine, gradio or torch; every figure on the panel is read from the snapshot,
+so each function is unit-tested by building a real ``Stats`` and taking its snapshot.
+
+Sizes use binary multiples labelled GB/MB/KB, as GPU tools and torch report them.
+"""
+from __future__ import annotations
+
+import base64
+import colorsys
+import struct
+import zlib
+from html import escape
+from typing import Any, Optional, Sequence
+
+# Cell states of the cache grid, in the order the legend lists them.
+EMPTY, RESIDENT, HIT, MISS, PREFETCHED, EVICTED = "empty", "resident", "hit", "miss", "prefetch", "evicted"
+LEGEND = (
+    (RESIDENT, "in device cache"),
+    (HIT, "hit (this token)"),
+    (MISS, "miss: loaded"),
+    (PREFETCHED, "prefetched"),
+    (EVICTED, "evicted"),
+    (EMPTY, "in host RAM"),
+)
+
+ROUTING_TOKENS = 160          # the routing strip shows the last answer's latest tokens
+SPARK_POINTS = 120            # at most this many points on the hit-rate sparkline
+SPARK_WINDOW = 8              # the sparkline smooths per-token hit rates over this many tokens
+
+# Expert colours for the routing strip: tableau-10, then evenly spaced hues for bigger models.
+_TAB10 = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
+          "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
+
+
+# ---- numbers ------------------------------------------------------------------------------------
+def fmt_bytes(n: float) -> str:
+    """1536 -> '1.5 KB'; binary multiples, three significant figures."""
+    n = float(n)
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1024
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if n >= 100 else f"{n:.1f} {unit}" if n >= 10 else f"{n:.2f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def fmt_rate(bytes_per_s: float) -> str:
+    return "—" if bytes_per_s <= 0 else fmt_bytes(bytes_per_s) + "/s"
+
+
+def fmt_pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def fmt_secs(s: float) -> str:
+    if s <= 0:
+        return "—"
+    return f"{1000 * s:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def fmt_tps(x: float) -> str:
+    return "—" if x <= 0 else f"{x:.1f} tok/s" if x < 100 else f"{x:.0f} tok/s"
+
+
+# ---- the cache grid -----------------------------------------------------------------------------
+def cell_states(snap) -> list[list[str]]:
+    """Per layer, per expert: the state the grid shows for the latest token.
+
+    What the token did wins over what merely sits in the cache: a miss (loaded on demand) over a
+    prefetch over a hit; an evicted expert that is no longer resident shows as evicted.
+    """
+    grid = []
+    for layer in range(snap.num_layers):
+        resident = set(e for e in snap.resident[layer] if e >= 0) if layer < len(snap.resident) else set()
+        ev = snap.last_token[layer] if layer < len(snap.last_token) else None
+        row = []
+        for e in range(snap.num_experts):
+            state = RESIDENT if e in resident else EMPTY
+            if ev is not None:
+                if e in ev.misses:
+                    state = MISS
+                elif e in ev.prefetched:
+                    state = PREFETCHED
+                elif e in ev.hits:
+                    state = HIT
+                elif e in ev.evicted and e not in resident:
+                    state = EVICTED
+            row.append(state)
+        grid.append(row)
+    return grid
+
+
+def _layer_label_every(num_layers: int) -> int:
+    return 1 if num_layers <= 8 else 4 if num_layers <= 32 else 8
+
+
+def render_grid(snap) -> str:
+    """Experts as rows, layers as columns: 8 x 32 for Mixtral-8x7B, 8 x 56 for 8x22B, all in one card."""
+    states = cell_states(snap)
+    L, E = snap.num_layers, snap.num_experts
+    every = _layer_label_every(L)
+    parts = [f'<div class="mx-grid" style="--mx-layers:{L}" role="img" '
+             f'aria-label="expert cache: {E} experts by {L} layers">']
+    parts.append('<span class="mx-ax"></span>')
+    for layer in range(L):
+        label = str(layer) if layer % every == 0 else ""
+        parts.append(f'<span class="mx-ax mx-ax-l">{label}</span>')
+    for e in range(E):
+        parts.append(f'<span class="mx-ax mx-ax-e">E{e}</span>')
+        for layer in range(L):
+            s = states[layer][e]
+            parts.append(f'<i class="mx-c mx-{s}" title="layer {layer}, expert {e}: {s}"></i>')
+    parts.append("</div>")
+    counts = {s: sum(row.count(s) for row in states) for s, _ in LEGEND}
+    legend = "".join(f'<span class="mx-key"><i class="mx-c mx-{s}"></i>{escape(text)}'
+                     f'{"" if s in (EMPTY, RESIDENT) else f" <b>{counts[s]}</b>"}</span>'
+                     for s, text in LEGEND)
+    sizes = sorted(set(snap.cache_sizes))
+    k = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+    head = (f'<div class="mx-card-h"><span>Expert cache</span>'
+            f'<span class="mx-sub">k = {k} of {E} per layer · {escape(snap.policy)} · {escape(snap.placement)}'
+            f' · layers →</span></div>')
+    return f'<div class="mx-card mx-grid-card">{head}{"".join(parts)}<div class="mx-legend">{legend}</div></div>'
+
+
+# ---- hit rate -----------------------------------------------------------------------------------
+def smooth(values: Sequence[float], window: int = SPARK_WINDOW, points: int = SPARK_POINTS) -> list[float]:
+    """Trailing mean over ``window`` tokens, then thinned to at most ``points`` values."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    if len(out) > points:
+        step = len(out) / points
+        out = [out[min(len(out) - 1, int((j + 1) * step) - 1)] for j in range(points)]
+    return out
+
+
+def sparkline(values: Sequence[float], width: int = 240, height: int = 44) -> str:
+    """A small SVG line of values in [0, 1] (hit rate per token, smoothed)."""
+    ys = smooth(values)
+    frame = (f'<svg class="mx-spark" viewBox="0 0 {width} {height}" preserveAspectRatio="none" '
+             f'width="100%" height="{height}" role="img" aria-label="hit rate over time">'
+             f'<line x1="0" y1="{height / 2}" x2="{width}" y2="{height / 2}" class="mx-spark-mid"/>')
+    if len(ys) < 2:
+        return frame + f'<text x="4" y="{height / 2 - 4}" class="mx-spark-empty">no tokens yet</text></svg>'
+    dx = width / (len(ys) - 1)
+    pts = " ".join(f"{i * dx:.1f},{(1 - y) * (height - 4) + 2:.1f}" for i, y in enumerate(ys))
+    area = f"0,{height} {pts} {width},{height}"
+    return (frame + f'<polygon points="{area}" class="mx-spark-area"/>'
+            f'<polyline points="{pts}" class="mx-spark-line"/></svg>')
+
+
+def _stat(label: str, value: str, cls: str = "") -> str:
+    return (f'<div class="mx-stat {cls}"><div class="mx-stat-v">{value}</div>'
+            f'<div class="mx-stat-l">{escape(label)}</div></div>')
+
+
+def render_hit_rate(snap) -> str:
+    stats = (_stat("this answer", fmt_pct(snap.answer_hit_rate), "mx-big")
+             + _stat("last 64 tokens", fmt_pct(snap.rolling_hit_rate))
+             + _stat("since start", fmt_pct(snap.hit_rate)))
+    foot = (f'{snap.hits:,} hits · {snap.misses:,} misses · {snap.evictions:,} evictions'
+            + (f' · prefetch {snap.prefetch_used:,}/{snap.prefetch_issued:,} used' if snap.prefetch_issued else ""))
+    return (f'<div class="mx-card"><div class="mx-card-h"><span>Hit rate</span>'
+            f'<span class="mx-sub">per token, smoothed over {SPARK_WINDOW}</span></div>'
+            f'<div class="mx-stats">{stats}</div>{sparkline(snap.hit_rate_history)}'
+            f'<div class="mx-foot">{foot}</div></div>')
+
+
+# ---- speed --------------------------------------------------------------------------------------
+def render_speed(snap) -> str:
+    state = '<span class="mx-live">● generating</span>' if snap.generating else '<span class="mx-idle">idle</span>'
+    stats = (_stat("current", fmt_tps(snap.tokens_per_s), "mx-big")
+             + _stat("average (answer)", fmt_tps(snap.avg_tokens_per_s))
+             + _stat("time to first token", fmt_secs(snap.ttft_s)))
+    foot = (f'{snap.answer_tokens:,} tokens this answer · prompt {snap.prefill_tokens:,} tokens in '
+            f'{fmt_secs(snap.prefill_s)} · {snap.tokens_total:,} tokens since start')
+    return (f'<div class="mx-card"><div class="mx-card-h"><span>Speed</span>{state}</div>'
+            f'<div class="mx-stats">{stats}</div><div class="mx-foot">{foot}</div></div>')
+
+
+# ---- memory -------------------------------------------------------------------------------------
+def _bar(used: int, total: int) -> str:
+    frac = min(1.0, used / total) if total > 0 else 0.0
+    return f'<div class="mx-bar"><i style="width:{100 * frac:.1f}%"></i></div>'
+
+
+def render_memory(snap) -> str:
+    m = snap.memory
+    rows = []
+    if m.gpu_name is None:
+        rows.append('<div class="mx-nogpu"><b>No GPU</b> — this machine has no CUDA GPU in use; the '
+                    '"device" cache lives in host RAM, so there is no VRAM to show.</div>')
+    else:
+        rows.append(f'<div class="mx-row"><span>VRAM <small>{escape(m.gpu_name)}</small></span>'
+                    f'<span>{fmt_bytes(m.vram_used)} / {fmt_bytes(m.vram_total)}</span></div>'
+                    + _bar(m.vram_used, m.vram_total))
+        rows.append(f'<div class="mx-row"><span>torch allocated / reserved</span>'
+                    f'<span>{fmt_bytes(m.torch_allocated)} / {fmt_bytes(m.torch_reserved)}</span></div>')
+    rows.append(f'<div class="mx-row"><span>System RAM</span>'
+                f'<span>{fmt_bytes(m.system_ram_used)} / {fmt_bytes(m.system_ram_total)}</span></div>'
+                + _bar(m.system_ram_used, m.system_ram_total))
+    rows.append(f'<div class="mx-row"><span>Process RAM (RSS)</span><span>{fmt_bytes(m.process_rss)}</span></div>')
+    rows.append(f'<div class="mx-row"><span>Host expert buffers · pinned</span>'
+                f'<span>{fmt_bytes(m.host_expert_bytes)} · {fmt_bytes(m.pinned_bytes)}</span></div>')
+    return f'<div class="mx-card"><div class="mx-card-h"><span>Memory</span></div>{"".join(rows)}</div>'
+
+
+# ---- transfers ----------------------------------------------------------------------------------
+def render_transfers(snap) -> str:
+    stats = (_stat("host → device", fmt_bytes(snap.bytes_h2d), "mx-big")
+             + _stat("bandwidth (answer)", fmt_rate(snap.copy_bandwidth))
+             + _stat("device → host", fmt_bytes(snap.bytes_d2h)))
+    foot = f"read from disk {fmt_bytes(snap.bytes_disk)}" if snap.bytes_disk else "bytes moved since start"
+    return (f'<div class="mx-card"><div class="mx-card-h"><span>Transfers</span></div>'
+            f'<div class="mx-stats">{stats}</div><div class="mx-foot">{foot}</div></div>')
+
+
+# ---- routing strip ------------------------------------------------------------------------------
+def expert_colors(num_experts: int) -> list[str]:
+    if num_experts <= len(_TAB10):
+        return list(_TAB10[:num_experts])
+    out = []
+    for i in range(num_experts):
+        r, g, b = colorsys.hls_to_rgb(i / num_experts, 0.55, 0.6)
+        out.append(f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
+    return out
+
+
+def _png(width: int, height: int, palette: Sequence[tuple[int, int, int]], rows: Sequence[bytes]) -> bytes:
+    """An 8-bit palette PNG, written with the standard library only."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    raw = b"".join(b"\x00" + r for r in rows)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0))
+            + chunk(b"PLTE", b"".join(bytes(c) for c in palette))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def _rgb(hex_color: str) -> tuple[int, int, int]:
+    h = hex_color.lstrip("#")
+    return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
+
+
+def routing_png(routing: Sequence[Sequence[Sequence[int]]], num_layers: int, num_experts: int,
+                top_k: int) -> bytes:
+    """Tokens along x, layers down y; each layer is ``top_k`` pixel rows, one per chosen expert (in the
+    router's order), coloured by expert id, then one background row to separate layers."""
+    colors = [_rgb(c) for c in expert_colors(num_experts)]
+    bg, none = len(colors), len(colors) + 1
+    palette = colors + [(255, 255, 255), (226, 232, 240)]
+    T = len(routing)
+    rows = []
+    for layer in range(num_layers):
+        for j in range(top_k):
+            rows.append(bytes(
+                (tok[layer][j] if layer < len(tok) and j < len(tok[layer]) and 0 <= tok[layer][j] < num_experts
+                 else none) for tok in routing))
+        rows.append(bytes([bg]) * T)
+    return _png(T, len(rows), palette, rows)
+
+
+def render_routing(snap, max_tokens: int = ROUTING_TOKENS) -> str:
+    routing = snap.routing[-max_tokens:]
+    colors = expert_colors(snap.num_experts)
+    legend = "".join(f'<span class="mx-key"><i class="mx-c" style="background:{c}"></i>E{e}</span>'
+                     for e, c in enumerate(colors))
+    skipped = len(snap.routing) - len(routing)
+    sub = (f"last answer, {len(snap.routing)} tokens" + (f" (latest {len(routing)} shown)" if skipped else "")
+           + " · tokens → · layers ↓")
+    head = f'<div class="mx-card-h"><span>Routing</span><span class="mx-sub">{sub}</span></div>'
+    if not routing:
+        body = '<div class="mx-empty">The routing of the next answer appears here: one column per token.</div>'
+    else:
+        png = routing_png(routing, snap.num_layers, snap.num_experts, snap.top_k)
+        rows = snap.num_layers * (snap.top_k + 1)
+        height = max(48, min(240, rows * 2))
+        width = min(100, 100 * len(routing) / 48)    # a short answer keeps square-ish cells
+        uri = "data:image/png;base64," + base64.b64encode(png).decode()
+        body = (f'<img class="mx-routing" src="{uri}" alt="routing of the last answer: {len(routing)} tokens by '
+                f'{snap.num_layers} layers" style="width:{width:.0f}%;height:{height}px">')
+    return (f'<div class="mx-card mx-routing-card">{head}{body}'
+            f'<div class="mx-legend">{legend}</div></div>')
+
+
+# ---- header and whole panel ---------------------------------------------------------------------
+def render_info(info: Any) -> str:
+    """Which model runs, why, and how it is laid out (from ``EngineInfo``)."""
+    if info is None:
+        return ""
+    cache = getattr(info, "cache", None)
+    cache_txt = ""
+    if cache is not None:
+        cache_txt = (f"k = {cache.size} of {info.num_experts} experts per layer on the device · {cache.policy}"
+                     + (f" · prefetch {cache.prefetch}" if cache.prefetch else ""))
+    device = info.device + (f" ({info.gpu_name})" if info.gpu_name else "")
+    chips = [("model", info.model_name), ("device", device), ("weights", f"{info.dtype} · {info.quant}"),
+             ("shape", f"{info.num_layers} layers × {info.num_experts} experts, top-{info.top_k}, "
+                       f"context {info.max_context:,}"),
+             ("cache", cache_txt)]
+    items = "".join(f'<span class="mx-chip"><small>{escape(k)}</small> {escape(str(v))}</span>'
+                    for k, v in chips if v)
+    reason = f'<div class="mx-reason">{escape(info.reason)}</div>' if getattr(info, "reason", "") else ""
+    return f'<div class="mx-info">{items}{reason}</div>'
+
+
+def render_panel(snap) -> str:
+    """The whole live panel for one snapshot."""
+    return ('<div class="mx-panel">'
+            + render_grid(snap)
+            + '<div class="mx-cols">' + render_hit_rate(snap) + render_speed(snap) + '</div>'
+            + '<div class="mx-cols">' + render_memory(snap) + render_transfers(snap) + '</div>'
+            + render_routing(snap)
+            + '</div>')
+
+
+def render_loading(lines: Sequence[str], error: Optional[str] = None) -> str:
+    """What the panel shows while the model loads (or why it could not)."""
+    tail = list(lines)[-14:]
+    log = escape("\n".join(tail)) if tail else "starting…"
+    if error:
+        return (f'<div class="mx-card mx-error"><div class="mx-card-h"><span>The model could not be loaded'
+                f'</span></div><pre>{escape(error)}</pre><pre class="mx-log">{log}</pre></div>')
+    return (f'<div class="mx-card mx-loading"><div class="mx-card-h"><span>Loading the model…</span>'
+            f'<span class="mx-live">●</span></div><pre class="mx-log">{log}</pre></div>')
