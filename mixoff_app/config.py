@@ -159,9 +159,10 @@ PLACEMENTS = ("inclusive", "exclusive", "disk")
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Per-layer device cache. ``size`` is k (experts per layer on the device); ``sizes`` overrides it
-    per layer when a plan says so. ``prefetch`` is how many experts to guess per layer ahead (0: off)."""
-    size: int = 2
+    """Per-layer device cache. ``size`` is k (experts per layer on the device; None: all of them); ``sizes``
+    overrides it per layer when a plan says so. ``prefetch`` is how many experts to guess per layer ahead
+    (0: off)."""
+    size: Optional[int] = 2
     sizes: Optional[tuple[int, ...]] = None
     policy: str = "lru"
     prefetch: int = 0
@@ -177,7 +178,8 @@ class CacheConfig:
             raise ConfigError("prefetch must be >= 0 and prefetch_layers >= 1")
 
     def layer_sizes(self, num_layers: int, num_experts: int) -> tuple[int, ...]:
-        sizes = self.sizes if self.sizes is not None else (self.size,) * num_layers
+        size = num_experts if self.size is None else self.size
+        sizes = self.sizes if self.sizes is not None else (size,) * num_layers
         if len(sizes) != num_layers:
             raise ConfigError(f"{len(sizes)} per-layer cache sizes given for {num_layers} layers")
         for k in sizes:

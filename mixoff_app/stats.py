@@ -106,6 +106,7 @@ class Stats:
         self._token_times: deque = deque(maxlen=16)
         self._new_token_buffers()
         self._reset_answer()
+        self._mark_start, self._mark_prefill = self._counters(), None
 
     # ---- configuration ------------------------------------------------------------------------
     def configure(self, cache_sizes: tuple[int, ...], policy: str, placement: str) -> None:
@@ -176,9 +177,25 @@ class Stats:
         self._tok_routing[layer] = experts
 
     # ---- generate-loop events -----------------------------------------------------------------
+    def _counters(self) -> tuple[int, ...]:
+        return (self.hits, self.misses, self.evictions, self.bytes_h2d, self.bytes_d2h, self.bytes_disk,
+                self.prefetch_issued, self.prefetch_used, self.prefetch_wasted)
+
+    def answer_counters(self) -> dict[str, dict[str, int]]:
+        """This answer's counters, split into its prefill and its decode (one look-up per token and layer
+        and chosen expert while decoding; one per distinct expert and layer in prefill)."""
+        names = ("hits", "misses", "evictions", "bytes_h2d", "bytes_d2h", "bytes_disk",
+                 "prefetch_issued", "prefetch_used", "prefetch_wasted")
+        with self._lock:
+            now = self._counters()
+            a, b = self._mark_start, self._mark_prefill or now
+        return {"prefill": dict(zip(names, (y - x for x, y in zip(a, b)))),
+                "decode": dict(zip(names, (y - x for x, y in zip(b, now))))}
+
     def begin_answer(self) -> None:
         with self._lock:
             self._reset_answer()
+            self._mark_start, self._mark_prefill = self._counters(), None
             self.answer_start = time.perf_counter()
             self.generating = True
             self._new_token_buffers()
@@ -188,6 +205,7 @@ class Stats:
         with self._lock:
             self.prefill_s = time.perf_counter() - self.answer_start
             self.prefill_tokens = num_tokens
+            self._mark_prefill = self._counters()
             self.answer_hits += self._tok_h
             self.answer_misses += self._tok_m
             self._publish_token_events()

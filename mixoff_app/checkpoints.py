@@ -1,0 +1,392 @@
+"""Read Mixtral checkpoints in three layouts and write our own.
+
+Layouts, told apart by the keys found:
+- ``hf``: Hugging Face fp16/bf16/fp32 weights with the hub's per-expert names
+  (``model.layers.L.block_sparse_moe.experts.E.w1.weight``), quantized while loading, tensor by tensor,
+  so peak host memory stays near the quantized size.
+- ``seed``: the reference project's pre-quantized checkpoint (hqq 0.1.x, ``P.W_q`` + ``P.meta.*``).
+- ``mixoff``: ours (``python -m mixoff_app quantize``): trunk tensors by field name, each expert as one
+  ``...experts.E.packed`` blob in the store's layout, so loading an expert is one copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from .config import ConfigError, ModelConfig, QuantConfig, QuantSpec
+from .expert_store import ExpertLayout, ExpertStore, expert_tensors_from_dense
+from .model import LayerWeights, TrunkWeights
+from .quant import QWeight, pack, qweight_from, quantize, unpack, weight_fields
+
+Progress = Callable[[str], None]
+
+MIXOFF_FORMAT = "1"
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The reference checkpoint's meta names -> our field names.
+SEED_FIELDS = {"W_q": "W_q", "meta.scale": "scale", "meta.zero": "zero", "meta.scale_q": "scale_q",
+               "meta.meta_scale.scale": "scale_s", "meta.meta_scale.zero": "scale_z", "meta.zero_q": "zero_q",
+               "meta.meta_zero.scale": "zero_s", "meta.meta_zero.zero": "zero_z"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read: the message names the file or key and what to do."""
+
+
+def _noop(msg: str) -> None:
+    pass
+
+
+# ---- files and tensors -------------------------------------------------------------------------
+
+class TensorSource:
+    """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint folder."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                self.weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        elif (self.folder / "model.safetensors").exists():
+            self.weight_map = None
+        else:
+            raise CheckpointError(f"{self.folder}: no model.safetensors or model.safetensors.index.json found")
+        self._open = safe_open
+        self._handles: dict[str, object] = {}
+        if self.weight_map is None:
+            h = self._handle("model.safetensors")
+            self.weight_map = {k: "model.safetensors" for k in h.keys()}
+        for shard in sorted(set(self.weight_map.values())):
+            if not (self.folder / shard).exists():
+                raise CheckpointError(f"missing checkpoint shard {self.folder / shard} (listed in the index); "
+                                      f"download it again or check the folder")
+        self.metadata = self._handle(next(iter(sorted(set(self.weight_map.values()))))).metadata() or {}
+
+    def _handle(self, shard: str):
+        h = self._handles.get(shard)
+        if h is None:
+            path = self.folder / shard
+            try:
+                h = self._open(str(path), framework="pt", device="cpu")
+            except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
+                raise CheckpointError(f"cannot read checkpoint shard {path}: {e} — the file is corrupt or "
+                                      f"incomplete; delete it and download it again") from None
+            self._handles[shard] = h
+        return h
+
+    def keys(self) -> Iterable[str]:
+        return self.weight_map.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def get(self, key: str) -> torch.Tensor:
+        shard = self.weight_map.get(key)
+        if shard is None:
+            raise CheckpointError(f"checkpoint {self.folder} has no tensor {key!r}")
+        try:
+            return self._handle(shard).get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {key!r} from {self.folder / shard}: {e} — the file is "
+                                  f"corrupt or incomplete; delete it and download it again") from None
+
+    def shard_of(self, key: str) -> Path:
+        return self.folder / self.weight_map[key]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def detect_layout(keys: Iterable[str], metadata: Optional[dict] = None) -> str:
+    if metadata and metadata.get("mixoff.format"):
+        return "mixoff"
+    ks = set(keys)
+    if any(k.endswith("experts.0.w1.W_q") for k in ks):
+        return "seed"
+    if any(k.endswith("experts.0.w1.weight") for k in ks):
+        return "hf"
+    if any("experts.gate_up_proj" in k for k in ks):
+        raise CheckpointError("this checkpoint stores experts fused (experts.gate_up_proj); save it with "
+                              "transformers' save_pretrained, which writes the hub's per-expert names")
+    raise CheckpointError("not a Mixtral checkpoint: found no expert weights "
+                          "(expected keys like model.layers.0.block_sparse_moe.experts.0.w1.weight)")
+
+
+def read_config(folder: Path) -> ModelConfig:
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path} not found: a checkpoint folder needs its config.json")
+    try:
+        return ModelConfig.from_hf(json.loads(path.read_text()))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+# ---- seed layout conversion ----------------------------------------------------------------------
+
+def seed_qweight(src: TensorSource, prefix: str, shape: tuple[int, int]) -> QWeight:
+    """Read one hqq 0.1.x linear. Its W_q was repacked over the (out, in) view of the codes (the reference
+    project's ``repack``); we repack it over hqq's (group, M) view, which our dequantization reads."""
+    t = {}
+    for src_name, ours in SEED_FIELDS.items():
+        key = f"{prefix}.{src_name}"
+        if key in src:
+            t[ours] = src.get(key)
+    if "W_q" not in t:
+        raise CheckpointError(f"checkpoint {src.folder} has no tensor {prefix}.W_q")
+    out, inp = shape
+    if "scale_q" in t:
+        M = t["scale_q"].numel()
+    elif "scale" in t:
+        M = t["scale"].numel()
+    else:
+        raise CheckpointError(f"{prefix}: neither meta.scale nor meta.scale_q in {src.folder}")
+    if (out * inp) % M:
+        raise CheckpointError(f"{prefix}: {M} scales do not divide a weight of shape {shape}")
+    group = out * inp // M
+    W_q = t["W_q"]
+    if W_q.dtype != torch.uint8:
+        raise CheckpointError(f"{prefix}.W_q has dtype {W_q.dtype}; only 2-, 4- and 8-bit uint8 packs are supported")
+    if W_q.shape[1] == inp and W_q.shape[0] * 8 % out == 0 and M != inp:
+        bits = W_q.shape[0] * 8 // out
+        codes = unpack(W_q, bits, out, torch.uint8)                 # [out, in]
+        t["W_q"] = pack(codes.reshape(group, M), bits)              # [group*bits/8, M]
+    else:
+        bits = W_q.shape[0] * 8 // group
+    if bits not in (2, 4, 8):
+        raise CheckpointError(f"{prefix}: unsupported bit width {bits} in the pre-quantized checkpoint")
+    q = QWeight(shape=shape, bits=bits, group_size=group, W_q=t["W_q"])
+    for name in ("scale", "scale_q", "zero", "zero_q"):
+        if name in t:
+            setattr(q, name, t[name] if name.endswith("_q") else t[name].to(torch.float16).reshape(1, -1))
+    for name in ("scale_s", "scale_z"):
+        if name in t:
+            setattr(q, name, t[name].to(torch.float16).reshape(1, -1))
+    for name in ("zero_s", "zero_z"):
+        if name in t:
+            setattr(q, name, t[name].to(torch.float16).reshape(()))
+    if q.scale_q is not None:
+        q.scale_q = q.scale_q.reshape(-1, q.scale_s.numel())
+    if q.zero_q is not None:
+        q.zero_q = q.zero_q.reshape(1, -1)
+    return q
+
+
+def spec_of(q: QWeight) -> QuantSpec:
+    sg = q.scale_q.shape[0] if q.scale_q is not None else None
+    return QuantSpec(bits=q.bits, group_size=q.group_size, scale_group=sg, quant_zero=q.zero_q is not None)
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    cfg: ModelConfig
+    trunk: TrunkWeights
+    store: ExpertStore
+    quant: QuantConfig           # what is actually in memory (a pre-quantized checkpoint decides it)
+    layout: str
+
+
+def _dense(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype).contiguous()
+
+
+def _qdevice(q: QWeight, device) -> QWeight:
+    for k, v in q.tensors().items():
+        setattr(q, k, v.to(device))
+    return q
+
+
+def load_checkpoint(folder: str | os.PathLike, quant: QuantConfig, device: str | torch.device,
+                    dtype: torch.dtype, pin: bool = False, progress: Progress = _noop,
+                    quant_device: Optional[str] = None) -> Loaded:
+    """Load any of the three layouts into device trunk weights and a host expert store."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    src = TensorSource(folder)
+    layout = detect_layout(src.keys(), src.metadata)
+    device = torch.device(device)
+    qdev = quant_device or ("cuda" if device.type == "cuda" else "cpu")
+    progress(f"reading a {layout}-layout checkpoint from {folder}")
+    try:
+        if layout == "mixoff":
+            quant = _mixoff_quant(src)
+        elif layout == "seed":
+            quant = _seed_quant(src, cfg)
+        _check_specs(cfg, quant)
+        trunk = _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress)
+        elayout = ExpertLayout.for_model(cfg, quant.experts, dtype)
+        store = ExpertStore(cfg, elayout, pin=pin)
+        _load_experts(src, cfg, layout, quant, store, qdev, progress)
+    finally:
+        src.close()
+    return Loaded(cfg, trunk, store, quant, layout)
+
+
+def _check_specs(cfg: ModelConfig, quant: QuantConfig) -> None:
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    for spec, what, numel in ((quant.attn, "attention", cfg.num_kv_heads * cfg.head_dim * h),
+                              (quant.experts, "expert", f * h)):
+        if spec.enabled and numel % spec.group_size:
+            raise ConfigError(f"{what} group size {spec.group_size} does not divide the {what} weights of this "
+                              f"model ({numel} values); pick a divisor")
+
+
+def _mixoff_quant(src: TensorSource) -> QuantConfig:
+    try:
+        q = json.loads(src.metadata["mixoff.quant"])
+        return QuantConfig(attn=QuantSpec(**q["attn"]), experts=QuantSpec(**q["experts"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{src.folder}: mixoff metadata is damaged ({e}); quantize the checkpoint again")
+
+
+def _seed_quant(src: TensorSource, cfg: ModelConfig) -> QuantConfig:
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    a = spec_of(seed_qweight(src, "model.layers.0.self_attn.q_proj", (cfg.num_heads * cfg.head_dim, h)))
+    e = spec_of(seed_qweight(src, "model.layers.0.block_sparse_moe.experts.0.w1", (f, h)))
+    return QuantConfig(attn=a, experts=e)
+
+
+def _attn_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    h, hd = cfg.hidden_size, cfg.head_dim
+    return {"q_proj": (cfg.num_heads * hd, h), "k_proj": (cfg.num_kv_heads * hd, h),
+            "v_proj": (cfg.num_kv_heads * hd, h), "o_proj": (h, cfg.num_heads * hd)}
+
+
+def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress) -> TrunkWeights:
+    shapes = _attn_shapes(cfg)
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        attn = {}
+        for name in ATTN:
+            prefix = f"{p}self_attn.{name}"
+            if layout == "seed":
+                w = _qdevice(seed_qweight(src, prefix, shapes[name]), device)
+            elif layout == "mixoff" and quant.attn.enabled:
+                fields = weight_fields(prefix, shapes[name], quant.attn, dtype)
+                w = qweight_from({f.name: src.get(f.name).to(device) for f in fields}, prefix, shapes[name], quant.attn)
+            else:
+                dense = src.get(prefix + ".weight")
+                if tuple(dense.shape) != shapes[name]:
+                    raise CheckpointError(f"{prefix}.weight has shape {tuple(dense.shape)}, config says {shapes[name]}")
+                w = (_qdevice(quantize(dense, quant.attn, qdev), device) if quant.attn.enabled
+                     else _dense(dense, device, dtype))
+            attn[name] = w
+        layers.append(LayerWeights(
+            attn_norm=_dense(src.get(p + "input_layernorm.weight"), device, dtype),
+            ffn_norm=_dense(src.get(p + "post_attention_layernorm.weight"), device, dtype),
+            wq=attn["q_proj"], wk=attn["k_proj"], wv=attn["v_proj"], wo=attn["o_proj"],
+            gate=_dense(src.get(p + "block_sparse_moe.gate.weight"), device, dtype)))
+    embed = _dense(src.get("model.embed_tokens.weight"), device, dtype)
+    lm_head = (_dense(src.get("lm_head.weight"), device, dtype) if "lm_head.weight" in src
+               else embed if cfg.tie_word_embeddings else _dense(src.get("lm_head.weight"), device, dtype))
+    progress(f"attention, router and embeddings placed on {device} "
+             f"(attention {quant.attn.describe()})")
+    return TrunkWeights(embed=embed, layers=layers, norm=_dense(src.get("model.norm.weight"), device, dtype),
+                        lm_head=lm_head)
+
+
+def _load_experts(src, cfg, layout, quant, store: ExpertStore, qdev, progress) -> None:
+    f, h = cfg.intermediate_size, cfg.hidden_size
+    total = cfg.num_layers * cfg.num_experts
+    step = max(1, total // 10)
+    n = 0
+    for i in range(cfg.num_layers):
+        for e in range(cfg.num_experts):
+            p = f"model.layers.{i}.block_sparse_moe.experts.{e}"
+            if layout == "mixoff":
+                blob = src.get(p + ".packed")
+                if blob.numel() != store.layout.nbytes:
+                    raise CheckpointError(f"{p}.packed holds {blob.numel()} bytes, expected {store.layout.nbytes}: "
+                                          f"the file was written by a different mixoff layout; quantize again")
+                store.buffer(i, e).copy_(blob)
+            elif layout == "seed":
+                tensors = {}
+                for name, shape in (("w1", (f, h)), ("w3", (f, h)), ("w2", (h, f))):
+                    for k, v in seed_qweight(src, f"{p}.{name}", shape).tensors().items():
+                        tensors[f"{name}.{k}"] = v
+                store.fill(i, e, tensors)
+            else:
+                ws = []
+                for name, shape in (("w1", (f, h)), ("w3", (f, h)), ("w2", (h, f))):
+                    w = src.get(f"{p}.{name}.weight")
+                    if tuple(w.shape) != shape:
+                        raise CheckpointError(f"{p}.{name}.weight has shape {tuple(w.shape)}, config says {shape}")
+                    ws.append(w)
+                store.fill(i, e, expert_tensors_from_dense(*ws, quant.experts, qdev))
+            n += 1
+            if n % step == 0 or n == total:
+                progress(f"experts placed in host memory: {n}/{total} (experts {quant.experts.describe()})")
+
+
+# ---- writing our own format ----------------------------------------------------------------------
+
+def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike, quant: QuantConfig,
+                   progress: Progress = _noop, shard_bytes: int = 2 << 30) -> Path:
+    """Quantize any readable checkpoint into the mixoff format (tokenizer and config copied along)."""
+    from safetensors.torch import save_file
+    import shutil
+
+    src_folder, out = Path(src_folder), Path(out_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_checkpoint(src_folder, quant, "cpu", torch.float16, progress=progress)
+    cfg, trunk, store = loaded.cfg, loaded.trunk, loaded.store
+    meta = {"mixoff.format": MIXOFF_FORMAT, "format": "pt",
+            "mixoff.quant": json.dumps({"attn": _spec_dict(loaded.quant.attn),
+                                        "experts": _spec_dict(loaded.quant.experts)})}
+    tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": trunk.embed,
+                                        "model.norm.weight": trunk.norm, "lm_head.weight": trunk.lm_head}
+    for i, lw in enumerate(trunk.layers):
+        p = f"model.layers.{i}."
+        tensors[p + "input_layernorm.weight"] = lw.attn_norm
+        tensors[p + "post_attention_layernorm.weight"] = lw.ffn_norm
+        tensors[p + "block_sparse_moe.gate.weight"] = lw.gate
+        for name, w in zip(ATTN, (lw.wq, lw.wk, lw.wv, lw.wo)):
+            if isinstance(w, QWeight):
+                for k, v in w.tensors().items():
+                    tensors[f"{p}self_attn.{name}.{k}"] = v
+            else:
+                tensors[f"{p}self_attn.{name}.weight"] = w
+        for e in range(cfg.num_experts):
+            tensors[f"{p}block_sparse_moe.experts.{e}.packed"] = store.buffer(i, e)
+    # Shard by size; write each shard to a temporary name first so a crash never leaves a half file.
+    shards, cur, size = [], {}, 0
+    for k, v in tensors.items():
+        nb = v.numel() * v.element_size()
+        if cur and size + nb > shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v.contiguous()
+        size += nb
+    shards.append(cur)
+    weight_map = {}
+    for n, shard in enumerate(shards):
+        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / (name + ".part")), metadata=meta)
+        os.replace(out / (name + ".part"), out / name)
+        weight_map.update({k: name for k in shard})
+        progress(f"wrote {out / name}")
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"mixoff.format": MIXOFF_FORMAT}, "weight_map": weight_map}, indent=1))
+    hf = json.loads((src_folder / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(hf | {"torch_dtype": "float16"}, indent=2))
+    for name in os.listdir(src_folder):
+        if name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+            shutil.copy2(src_folder / name, out / name)
+    return out
+
+
+def _spec_dict(s: QuantSpec) -> dict:
+    return {"bits": s.bits, "group_size": s.group_size, "scale_group": s.scale_group, "quant_zero": s.quant_zero}

@@ -1,0 +1,240 @@
+"""Engine: load a model once, then stream chat answers and expose a stats snapshot.
+
+The contract the UI and the CLI use: ``Engine.load(EngineConfig)``, ``stream_chat(messages, params)``
+yielding ``TokenEvent``s, ``stats()`` returning a ``StatsSnapshot``, ``reconfigure_cache(CacheConfig)``.
+One lock per model: one answer at a time; the KV cache is reused when a new prompt extends the tokens
+already in it (the usual multi-turn chat), whichever conversation that was.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .checkpoints import load_checkpoint
+from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, SamplingParams
+from .events import TokenEvent
+from .expert_cache import ExpertCache
+from .generate import generate
+from .hub import SEED_REPO, resolve, tokenizer_source
+from .memory import read_memory
+from .model import Mixtral, Prefetcher
+from .stats import Stats, StatsSnapshot
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str                 # what was asked for
+    model_path: str
+    model_name: str            # for display
+    reason: str                # why this model (e.g. the no-GPU fallback)
+    device: str
+    dtype: str
+    quant: str
+    layout: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    max_context: int
+    cache: CacheConfig
+    gpu_name: Optional[str]
+    expert_bytes: int          # one expert in its stored (quantized) form
+
+
+def default_model() -> tuple[str, str]:
+    """(model, reason) when the user names none."""
+    if torch.cuda.is_available():
+        return SEED_REPO, f"CUDA GPU found ({torch.cuda.get_device_name(0)}): running the pre-quantized Mixtral-8x7B-Instruct"
+    return "tiny", "no CUDA GPU found: running the embedded tiny demo model (Mixtral architecture, small)"
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA GPU is visible to PyTorch "
+                          "(check the driver and that the CUDA build of torch is installed), or use --device cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda:0")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {device!r}: use cpu or cuda")
+    return dev
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        return "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return "" if content is None else str(content)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, info: EngineInfo, model: Mixtral, tokenizer, stats: Stats,
+                 eos_ids: set[int]) -> None:
+        self.config, self.info, self.model, self.tokenizer = config, info, model, tokenizer
+        self._stats, self.eos_ids = stats, eos_ids
+        self._lock = threading.Lock()
+        self._kv_ids: list[int] = []          # tokens whose K/V sit in the cache, from position 0
+
+    # ---- loading --------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, config: EngineConfig, progress: Optional[Progress] = None, reason: str = "") -> "Engine":
+        from transformers import AutoTokenizer
+
+        progress = progress or (lambda msg: None)
+        device = resolve_device(config.device)
+        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                 None: torch.float16 if device.type == "cuda" else torch.float32}.get(config.dtype)
+        if dtype is None:
+            raise ConfigError(f"unsupported dtype {config.dtype!r}: use float16, bfloat16 or float32")
+        resolved = resolve(config.model, progress)
+        try:
+            loaded = load_checkpoint(resolved.path, config.quant, device, dtype, pin=device.type == "cuda",
+                                     progress=progress)
+        except torch.cuda.OutOfMemoryError:
+            raise ConfigError("not enough GPU memory for the attention, embeddings and KV cache of this model: "
+                              "use a smaller --max-context, free the GPU, or run on --device cpu") from None
+        cfg = loaded.cfg
+        max_seq = min(config.max_context, cfg.max_position_embeddings)
+        sizes = config.cache.layer_sizes(cfg.num_layers, cfg.num_experts)
+        stats = Stats(cfg.num_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy,
+                      config.cache.placement)
+        try:
+            cache = ExpertCache(loaded.store, sizes, config.cache.policy, device, stats)
+            model = Mixtral(cfg, loaded.trunk, cache, stats, max_seq, device, dtype)
+        except torch.cuda.OutOfMemoryError:
+            raise ConfigError(f"not enough GPU memory for {sum(sizes)} expert slots "
+                              f"({loaded.store.layout.nbytes / 2**20:.1f} MiB each): lower --cache-size") from None
+        if config.cache.prefetch:
+            model.prefetcher = Prefetcher(config.cache.prefetch, config.cache.prefetch_layers)
+        progress(f"device cache: {sizes[0] if len(set(sizes)) == 1 else sizes} experts per layer on {device} "
+                 f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
+        tok_dir = tokenizer_source(resolved.path, resolved.repo_id, config.tokenizer, progress)
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))     # never trust_remote_code
+        if tokenizer.chat_template is None:
+            raise ConfigError(f"the tokenizer in {tok_dir} has no chat template; pass --tokenizer with one that does")
+        eos = {i for i in (tokenizer.eos_token_id, cfg.eos_token_id) if i is not None}
+        gen_cfg = Path(resolved.path) / "generation_config.json"
+        if gen_cfg.exists():
+            e = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            eos |= set(e if isinstance(e, list) else [e] if e is not None else [])
+        q = loaded.quant
+        info = EngineInfo(
+            model=config.model, model_path=str(resolved.path), model_name=resolved.name,
+            reason=reason or f"model {config.model!r} as asked", device=str(device),
+            dtype=str(dtype).replace("torch.", ""),
+            quant=f"attention {q.attn.describe()}, experts {q.experts.describe()}", layout=loaded.layout,
+            num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
+            cache=replace(config.cache, sizes=None if len(set(sizes)) == 1 else sizes, size=sizes[0]),
+            gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            expert_bytes=loaded.store.layout.nbytes)
+        progress(f"ready: {resolved.name} on {device}")
+        return cls(config, info, model, tokenizer, stats, eos)
+
+    # ---- chat -----------------------------------------------------------------------------------
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+
+    def _fit(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], list[str]]:
+        """Render the conversation; drop the oldest turns (never the system prompt or the new message)
+        until prompt + answer fit the context."""
+        notices = []
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        turns = messages[len(system):]
+        ids = self.prompt_ids(system + turns)
+        limit = self.model.max_seq
+        dropped = 0
+        while len(ids) + params.max_new_tokens > limit and len(turns) > 1:
+            turns = turns[2:] if len(turns) > 2 and turns[0]["role"] == "user" else turns[1:]
+            dropped += 1
+            ids = self.prompt_ids(system + turns)
+        if dropped:
+            notices.append(f"The conversation was longer than the model's context ({limit} tokens): "
+                           f"the {dropped} oldest exchange(s) were left out of this answer.")
+        if len(ids) >= limit:
+            raise ValueError(f"the message is too long: {len(ids)} tokens, and the context holds {limit}. "
+                             f"Shorten it or start the app with a larger --max-context.")
+        return ids, notices
+
+    def stream_chat(self, messages: list[dict], params: SamplingParams,
+                    cancel: Optional[threading.Event] = None) -> Iterator[TokenEvent]:
+        msgs = [{"role": m["role"], "content": _text(m.get("content"))} for m in messages]
+        if not msgs or msgs[-1]["role"] != "user":
+            raise ValueError("the conversation must end with a user message")
+        if not msgs[-1]["content"].strip():
+            raise ValueError("the message is empty: type something to ask")
+        return self._stream(msgs, params, cancel)
+
+    def _stream(self, msgs, params, cancel) -> Iterator[TokenEvent]:
+        with self._lock:
+            ids, notices = self._fit(msgs, params)
+            for n in notices:
+                yield TokenEvent("notice", n)
+            yield from self._generate_locked(ids, params, cancel)
+
+    def stream_ids(self, ids: list[int], params: SamplingParams,
+                   cancel: Optional[threading.Event] = None) -> Iterator[TokenEvent]:
+        """Raw token ids in, events out (benchmarks, parity checks)."""
+        if not ids:
+            raise ValueError("empty prompt")
+        if len(ids) >= self.model.max_seq:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {self.model.max_seq}")
+        with self._lock:
+            yield from self._generate_locked(list(ids), params, cancel)
+
+    def _generate_locked(self, ids, params, cancel) -> Iterator[TokenEvent]:
+        start = 0
+        n = min(len(ids) - 1, len(self._kv_ids))       # at least one token must be prefilled for logits
+        while start < n and self._kv_ids[start] == ids[start]:
+            start += 1
+        self._kv_ids = self._kv_ids[:start]
+        self.model.routing_weights = []
+        try:
+            yield from generate(self.model, self.tokenizer, ids, start, params, self.eos_ids, self._stats,
+                                cancel, fed=self._kv_ids)
+        except BaseException:
+            self._kv_ids = []      # the cache may hold a partial step: do not trust it for the next turn
+            raise
+
+    # ---- inspection -----------------------------------------------------------------------------
+    def stats(self) -> StatsSnapshot:
+        store = self.model.cache.store
+        return self._stats.snapshot(read_memory(self.model.device, store.pinned_bytes, store.nbytes))
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    @property
+    def last_routing(self) -> list:
+        return list(self._stats.routing)
+
+    @property
+    def last_routing_weights(self) -> list:
+        return list(self.model.routing_weights)
+
+    def reconfigure_cache(self, cache: CacheConfig) -> None:
+        """Re-plan the device cache (k, policy, prefetch) without reloading the model; waits for a running answer."""
+        cfg = self.model.cfg
+        sizes = cache.layer_sizes(cfg.num_layers, cfg.num_experts)
+        if cache.placement != self.config.cache.placement:
+            raise ConfigError("changing the placement needs a reload; start the app with --placement")
+        with self._lock:
+            self.model.cache.resize(sizes, cache.policy)
+            self.model.prefetcher = Prefetcher(cache.prefetch, cache.prefetch_layers) if cache.prefetch else None
+            self.config = replace(self.config, cache=cache)
+            self.info = replace(self.info, cache=replace(cache, sizes=None if len(set(sizes)) == 1 else sizes,
+                                                         size=sizes[0]))

@@ -1,0 +1,184 @@
+"""Per-layer device cache of experts: k slots per layer, allocated once, filled by whole-buffer copies.
+
+On CUDA, copies run on their own stream. Each slot has two events: ``ready`` (recorded on the copy
+stream when its copy lands; compute waits on it) and ``done`` (recorded on the compute stream after the
+slot's last use; a later copy into the slot waits on it). So resident experts compute while misses are
+in flight, and a copy never overwrites weights a queued kernel still reads.
+
+On the CPU the same code runs with the CPU as "device": slots are separate buffers and copies are
+synchronous, so every line of the bookkeeping and its counters is exercised by the CPU tests.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from .expert_store import ExpertLayout, ExpertStore, ExpertWeights
+from .policy import EvictionPolicy, make_policy
+from .stats import Stats
+
+
+class _Layer:
+    __slots__ = ("slots", "weights", "expert_in", "slot_of", "policy", "ready", "done", "prefetched")
+
+    def __init__(self, k: int, layout: ExpertLayout, device: torch.device, policy: EvictionPolicy,
+                 cuda: bool) -> None:
+        self.slots = torch.empty((k, layout.nbytes), dtype=torch.uint8, device=device)
+        self.weights = [layout.weights(self.slots[i]) for i in range(k)]   # views made once
+        self.expert_in = [-1] * k            # slot -> expert (-1: empty)
+        self.slot_of: dict[int, int] = {}    # expert -> slot
+        self.policy = policy
+        self.ready = [torch.cuda.Event() for _ in range(k)] if cuda else None
+        self.done = [torch.cuda.Event() for _ in range(k)] if cuda else None
+        self.prefetched: set[int] = set()    # resident by prefetch and not yet used
+
+
+class ExpertCache:
+    def __init__(self, store: ExpertStore, sizes: tuple[int, ...], policy: str, device: torch.device,
+                 stats: Stats) -> None:
+        self.store, self.stats = store, stats
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self.expert_bytes = store.layout.nbytes
+        self.policy_name = policy
+        self.tick = 0
+        self._build(sizes, policy)
+
+    def _build(self, sizes: tuple[int, ...], policy: str) -> None:
+        num_experts = self.store.cfg.num_experts
+        self.sizes = tuple(sizes)
+        self.layers = [_Layer(k, self.store.layout, self.device, make_policy(policy, num_experts), self.cuda)
+                       for k in self.sizes]
+        self.stats.configure(self.sizes, policy, self.stats.placement)
+
+    def resize(self, sizes: tuple[int, ...], policy: str) -> None:
+        """Re-plan: drop every slot and allocate the new ones (the model itself is untouched)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.layers = []
+        if self.cuda:
+            torch.cuda.empty_cache()
+        self.policy_name = policy
+        self._build(sizes, policy)
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(k for k in self.sizes) * self.expert_bytes
+
+    def next_token(self) -> None:
+        self.tick += 1
+
+    def resident(self, layer: int) -> list[int]:
+        return list(self.layers[layer].expert_in)
+
+    # ---- the hot path ---------------------------------------------------------------------------
+    def fetch(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights, int]]:
+        """Yield (expert, weights, slot) for every requested expert: resident ones first, while the
+        copies of the missing ones are already in flight. The caller must call ``release(layer, slot)``
+        after issuing the compute that reads a slot."""
+        L, st, tick = self.layers[layer], self.stats, self.tick
+        hits, misses = [], []
+        for e in experts:
+            s = L.slot_of.get(e)
+            if s is None:
+                misses.append(e)
+            else:
+                hits.append((e, s))
+                st.on_hit(layer, e)
+                L.policy.on_access(e, tick)
+                if e in L.prefetched:
+                    L.prefetched.discard(e)
+                    st.on_prefetch_used(layer, e)
+        pending = set(experts)
+        # Start every copy that has a slot to go to without displacing an expert this request needs.
+        issued = []
+        for e in misses:
+            s = self._slot_for(layer, pending)
+            if s is None:
+                break
+            self._load(layer, e, s)
+            st.on_miss(layer, e, self.expert_bytes)
+            issued.append((e, s))
+        for e, s in hits:
+            pending.discard(e)
+            if self.cuda:   # a hit may be a prefetch still in flight; waiting on a landed copy is free
+                torch.cuda.current_stream(self.device).wait_event(L.ready[s])
+            yield e, L.weights[s], s
+        for e, s in issued:
+            pending.discard(e)
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(L.ready[s])
+            L.policy.on_access(e, tick)
+            yield e, L.weights[s], s
+        # Fewer slots than experts in flight (k smaller than this request): reuse slots one by one.
+        for e in misses[len(issued):]:
+            s = self._slot_for(layer, pending)
+            self._load(layer, e, s)
+            st.on_miss(layer, e, self.expert_bytes)
+            pending.discard(e)
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(L.ready[s])
+            L.policy.on_access(e, tick)
+            yield e, L.weights[s], s
+
+    def release(self, layer: int, slot: int) -> None:
+        """The compute reading ``slot`` has been issued; a later copy into it must wait for it."""
+        if self.cuda:
+            self.layers[layer].done[slot].record(torch.cuda.current_stream(self.device))
+
+    def prefetch(self, layer: int, experts: list[int], protect: tuple[int, ...] = ()) -> int:
+        """Start loading ``experts`` into ``layer`` ahead of need. Only empty slots, or slots whose expert
+        is neither guessed nor protected, are used. Returns how many copies were issued."""
+        L, n = self.layers[layer], 0
+        keep = set(experts) | set(protect)
+        for e in experts:
+            if e in L.slot_of:
+                continue
+            s = self._slot_for(layer, keep)
+            if s is None:
+                break
+            self._load(layer, e, s)
+            L.prefetched.add(e)
+            self.stats.on_prefetch(layer, e, self.expert_bytes)
+            n += 1
+        return n
+
+    def hint(self, layer: int, experts: list[int]) -> None:
+        self.layers[layer].policy.on_hint(experts, self.tick)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _slot_for(self, layer: int, keep: set[int]) -> Optional[int]:
+        """An empty slot, else the policy's victim among residents not in ``keep``; None if none."""
+        L = self.layers[layer]
+        for s, e in enumerate(L.expert_in):
+            if e < 0:
+                return s
+        candidates = [e for e in L.expert_in if e not in keep]
+        if not candidates:
+            return None
+        victim = L.policy.victim(candidates)
+        s = L.slot_of.pop(victim)
+        L.expert_in[s] = -1
+        L.policy.on_remove(victim)
+        if victim in L.prefetched:
+            L.prefetched.discard(victim)
+            self.stats.on_prefetch_wasted(layer, victim)
+        self.stats.on_evict(layer, victim)
+        return s
+
+    def _load(self, layer: int, expert: int, slot: int) -> None:
+        L = self.layers[layer]
+        src = self.store.buffer(layer, expert)
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(L.done[slot])
+                L.slots[slot].copy_(src, non_blocking=True)
+                L.ready[slot].record(self.copy_stream)
+        else:
+            L.slots[slot].copy_(src)
+        L.expert_in[slot] = expert
+        L.slot_of[expert] = slot
+        L.policy.on_insert(expert, self.tick)
+        self.stats.on_slot(layer, slot, expert)

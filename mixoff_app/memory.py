@@ -1,0 +1,74 @@
+"""Memory readings for the panel and the planner: VRAM (pynvml, torch), process and system RAM (psutil).
+
+Read on demand (when a snapshot is asked for), never from the decode loop.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .stats import MemoryReading
+
+_nvml_state: dict = {}
+
+
+def _nvml_handle(index: int):
+    """A pynvml handle, or None where no NVIDIA driver exists (nvmlInit raises there)."""
+    if "ok" not in _nvml_state:
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            _nvml_state["ok"] = pynvml
+        except Exception:
+            _nvml_state["ok"] = None
+    nv = _nvml_state["ok"]
+    if nv is None:
+        return None, None
+    try:
+        return nv, nv.nvmlDeviceGetHandleByIndex(index)
+    except Exception:
+        return None, None
+
+
+def gpu_free_total(index: int = 0) -> Optional[tuple[int, int]]:
+    """(free, total) bytes of a GPU, or None without one."""
+    nv, h = _nvml_handle(index)
+    if h is not None:
+        m = nv.nvmlDeviceGetMemoryInfo(h)
+        return int(m.free), int(m.total)
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(index)
+        return int(free), int(total)
+    return None
+
+
+def ram_available_total() -> tuple[int, int]:
+    import psutil
+    vm = psutil.virtual_memory()
+    return int(vm.available), int(vm.total)
+
+
+def read_memory(device: torch.device, pinned_bytes: int = 0, host_expert_bytes: int = 0) -> MemoryReading:
+    import psutil
+    vm = psutil.virtual_memory()
+    rss = psutil.Process(os.getpid()).memory_info().rss
+    common = dict(process_rss=int(rss), system_ram_used=int(vm.total - vm.available),
+                  system_ram_total=int(vm.total), pinned_bytes=pinned_bytes, host_expert_bytes=host_expert_bytes)
+    if device.type != "cuda":
+        return MemoryReading(gpu_name=None, **common)
+    idx = device.index or 0
+    name = torch.cuda.get_device_name(idx)
+    used = total = 0
+    nv, h = _nvml_handle(idx)
+    if h is not None:
+        m = nv.nvmlDeviceGetMemoryInfo(h)
+        used, total = int(m.used), int(m.total)
+    else:
+        free, total = torch.cuda.mem_get_info(idx)
+        used = int(total - free)
+    return MemoryReading(gpu_name=name, vram_used=used, vram_total=int(total),
+                         torch_allocated=int(torch.cuda.memory_allocated(idx)),
+                         torch_reserved=int(torch.cuda.memory_reserved(idx)),
+                         torch_peak_allocated=int(torch.cuda.max_memory_allocated(idx)), **common)
