@@ -84,7 +84,8 @@ class ExpertStore:
     def __init__(self, cfg: ModelConfig, layout: ExpertLayout, pin: bool = False) -> None:
         self.cfg, self.layout = cfg, layout
         self.pinned = pin
-        self._layers = [torch.empty((cfg.num_experts, layout.nbytes), dtype=torch.uint8, pin_memory=pin)
+        # Zeroed, not empty: the alignment padding then never carries stale bytes into saved files.
+        self._layers = [torch.zeros((cfg.num_experts, layout.nbytes), dtype=torch.uint8, pin_memory=pin)
                         for _ in range(cfg.num_layers)]
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
