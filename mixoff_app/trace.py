@@ -252,34 +252,53 @@ def _sizes(cache_size: Union[int, Sequence[int]], num_layers: int, num_experts: 
 PolicySpec = Union[str, Callable[[int], EvictionPolicy]]
 
 
-def _fallback(resident: list[int], needed: tuple[int, ...], i: int) -> list[int]:
-    """Only when k < top_k: every resident is needed now, so one this token already used goes
-    (or, failing that, any of them; it will be loaded again)."""
-    served = needed[:i]
-    return [r for r in resident if r in served] or list(resident)
-
-
 def _replay_layer(column: Sequence[tuple[int, ...]], k: int, choose: Callable, policy: Optional[EvictionPolicy]):
-    """One layer's replay under the cache's rules; ``choose(tick, candidates) -> victim``."""
-    resident: list[int] = []
+    """One layer's replay, in ``ExpertCache.fetch``'s order; ``choose(tick, candidates) -> victim``.
+
+    Per token: every hit is accessed first; then each miss takes an empty slot or the victim's slot,
+    candidates being residents the token does not need (in slot order); the loaded experts are
+    accessed after all of them are in. Only when k < top_k do candidates run out: the remaining
+    misses then reuse slots of experts this token has already been served.
+    """
+    slots: list[int] = []                 # expert per slot, in slot order
     hits = misses = evictions = 0
     for tick, needed in enumerate(column):
-        for i, e in enumerate(needed):
-            if e in resident:
-                hits += 1
-                if policy is not None:
-                    policy.on_access(e, tick)
-                continue
-            misses += 1
-            if len(resident) >= k:
-                candidates = [r for r in resident if r not in needed] or _fallback(resident, needed, i)
+        present = [e for e in needed if e in slots]
+        absent = [e for e in needed if e not in slots]
+        hits += len(present)
+        misses += len(absent)
+        if policy is not None:
+            for e in present:
+                policy.on_access(e, tick)
+        pending = set(needed)
+        issued = 0
+        for e in absent:
+            if len(slots) < k:
+                slots.append(e)
+            else:
+                candidates = [r for r in slots if r not in pending]
+                if not candidates:
+                    break
                 v = choose(tick, candidates)
-                resident.remove(v)
+                slots[slots.index(v)] = e
                 evictions += 1
                 if policy is not None:
                     policy.on_remove(v)
-            resident.append(e)
+            issued += 1
             if policy is not None:
+                policy.on_insert(e, tick)
+        pending.difference_update(present)
+        for e in absent[:issued]:
+            pending.discard(e)
+            if policy is not None:
+                policy.on_access(e, tick)
+        for e in absent[issued:]:         # k < top_k
+            v = choose(tick, [r for r in slots if r not in pending])
+            slots[slots.index(v)] = e
+            evictions += 1
+            pending.discard(e)
+            if policy is not None:
+                policy.on_remove(v)
                 policy.on_insert(e, tick)
                 policy.on_access(e, tick)
     return hits, misses, evictions

@@ -25,58 +25,85 @@ def _random_routing(rng: random.Random, tokens: int, layers: int, experts: int, 
 # ---------------------------------------------------------------------------- brute-force references
 
 def _reference_replay(column, k, policy, decay=0.0):
-    """Naive replay: scores recomputed from the full access history at every eviction."""
+    """Naive replay: scores recomputed from the full access history at every eviction.
+
+    Same call order as ``ExpertCache.fetch``: hits first, then misses (victims among residents the
+    token does not need), then the loaded experts are used.
+    """
     history: dict[int, list[int]] = {}     # expert -> ticks of accesses
     last: dict[int, int] = {}              # expert -> global access counter of its last access
     counter = 0
-    resident: list[int] = []
+    slots: list[int] = []
     hits = misses = evictions = 0
 
-    def score(e, now):
+    def use(e, tick):
+        nonlocal counter
+        history.setdefault(e, []).append(tick)
+        counter += 1
+        last[e] = counter
+
+    def pick(cands, tick):
+        now = max(max(h) for h in history.values())
         if policy == "lru":
-            return (last[e],)
-        if policy == "lfu":
-            return (len(history.get(e, [])), last[e])
-        return (sum(2.0 ** (-decay * (now - u)) for u in history.get(e, [])), last[e])
+            key = lambda r: last[r]                                                     # noqa: E731
+        elif policy == "lfu":
+            key = lambda r: (len(history[r]), last[r])                                  # noqa: E731
+        else:
+            key = lambda r: (sum(2.0 ** (-decay * (now - u)) for u in history[r]), last[r])  # noqa: E731
+        return min(cands, key=key)
 
     for tick, needed in enumerate(column):
-        for i, e in enumerate(needed):
-            if e in resident:
-                hits += 1
+        present = [e for e in needed if e in slots]
+        absent = [e for e in needed if e not in slots]
+        hits, misses = hits + len(present), misses + len(absent)
+        for e in present:
+            use(e, tick)
+        loaded = []
+        for e in absent:
+            if len(slots) < k:
+                slots.append(e)
             else:
-                misses += 1
-                if len(resident) == k:
-                    cands = ([r for r in resident if r not in needed] or [r for r in resident if r in needed[:i]]
-                             or list(resident))
-                    now = max(u for h in history.values() for u in h)
-                    v = min(cands, key=lambda r: score(r, now))
-                    resident.remove(v)
-                    evictions += 1
-                resident.append(e)
-            history.setdefault(e, []).append(tick)
-            counter += 1
-            last[e] = counter
+                cands = [r for r in slots if r not in needed]
+                if not cands:
+                    break
+                slots[slots.index(pick(cands, tick))] = e
+                evictions += 1
+            loaded.append(e)
+        for e in loaded:
+            use(e, tick)
+        for e in absent[len(loaded):]:
+            served = set(present) | set(absent[:absent.index(e)])
+            slots[slots.index(pick([r for r in slots if r in served], tick))] = e
+            evictions += 1
+            use(e, tick)
     return hits, misses, evictions
 
 
 def _optimal_misses(column, k):
-    """Exhaustive search over every eviction choice (memoised on position and resident set)."""
-    flat = [(t, i) for t, needed in enumerate(column) for i in range(len(needed))]
+    """Exhaustive search over every eviction choice the cache's rules allow (memoised on token and
+    resident set); misses per token are fixed by the resident set, the choices shape the future."""
+
+    def ends(resident, needed, absent, i, served):
+        # every resident set the token can end with, loading absent[i:] in order
+        if i == len(absent):
+            yield resident
+            return
+        e = absent[i]
+        if len(resident) < k:
+            yield from ends(resident | {e}, needed, absent, i + 1, served | {e})
+            return
+        cands = [r for r in resident if r not in needed] or [r for r in resident if r in served]
+        for v in cands:
+            yield from ends((resident - {v}) | {e}, needed, absent, i + 1, served | {e})
 
     @functools.lru_cache(maxsize=None)
-    def best(pos, resident):
-        if pos == len(flat):
+    def best(t, resident):
+        if t == len(column):
             return 0
-        t, i = flat[pos]
         needed = column[t]
-        e = needed[i]
-        if e in resident:
-            return best(pos + 1, resident)
-        if len(resident) < k:
-            return 1 + best(pos + 1, resident | {e})
-        cands = ([r for r in resident if r not in needed] or [r for r in resident if r in needed[:i]]
-                 or list(resident))
-        return 1 + min(best(pos + 1, (resident - {v}) | {e}) for v in cands)
+        absent = [e for e in needed if e not in resident]
+        served = frozenset(e for e in needed if e in resident)
+        return len(absent) + min(best(t + 1, end) for end in set(ends(resident, needed, absent, 0, served)))
 
     return best(0, frozenset())
 
@@ -104,6 +131,71 @@ def test_simulate_matches_brute_force_reference(seed):
                 column = [tok[layer] for tok in routing]
                 want = _reference_replay(column, k, policy, d)
                 assert (got.hits[layer], got.misses[layer], got.evictions[layer]) == want, (policy, d, k, layer)
+
+
+def _drive_expert_cache(routing, k, policy, num_experts):
+    """Run the real ``ExpertCache`` on the CPU over a routing trace (tiny fake store and stats)."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from mixoff_app.expert_cache import ExpertCache
+
+    class Layout:
+        nbytes = 4
+
+        def weights(self, buf):
+            return buf
+
+    class Store:
+        layout = Layout()
+        cfg = SimpleNamespace(num_experts=num_experts)
+
+        def buffer(self, layer, expert):
+            return torch.full((4,), expert, dtype=torch.uint8)
+
+    class Counts:
+        placement = "inclusive"
+
+        def __init__(self, layers):
+            self.hits, self.misses, self.evictions = [0] * layers, [0] * layers, [0] * layers
+
+        def configure(self, *a):
+            pass
+
+        def on_hit(self, layer, e):
+            self.hits[layer] += 1
+
+        def on_miss(self, layer, e, nbytes):
+            self.misses[layer] += 1
+
+        def on_evict(self, layer, e, *a):
+            self.evictions[layer] += 1
+
+        def __getattr__(self, name):          # on_slot, on_prefetch*, ...: not counted here
+            return lambda *a, **kw: None
+
+    layers = len(routing[0])
+    counts = Counts(layers)
+    cache = ExpertCache(Store(), (k,) * layers, policy, torch.device("cpu"), counts)
+    for tok in routing:
+        for layer, needed in enumerate(tok):
+            for e, w, slot in cache.fetch(layer, list(needed)):
+                assert int(w[0]) == e                 # the slot really holds that expert
+                cache.release(layer, slot)
+        cache.next_token()
+    return counts
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lrfu"])
+def test_simulate_mirrors_the_real_expert_cache(policy):
+    rng = random.Random(42)
+    routing = _random_routing(rng, 120, 2, 8, 2)
+    for t in range(0, 120, 4):
+        routing[t][1] = (3, routing[t][1][0] if routing[t][1][0] != 3 else routing[t][1][1])
+    for k in (1, 2, 3, 4, 6):
+        counts = _drive_expert_cache(routing, k, policy, 8)
+        sim = simulate(Trace({"num_experts": 8}, routing), k, policy)
+        assert (sim.hits, sim.misses, sim.evictions) == (counts.hits, counts.misses, counts.evictions), k
 
 
 def test_replay_result_counts_add_up():
