@@ -48,7 +48,6 @@ class EngineSlot:
         def run() -> None:
             try:
                 self.engine = loader(self.progress)
-                self.progress("ready")
             except BaseException as exc:   # noqa: BLE001 - shown to the user, the server stays up
                 self.error = f"{type(exc).__name__}: {exc}"
                 self.progress(f"loading failed: {self.error}")

@@ -164,9 +164,12 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         except ConfigError as exc:
             raise gr.Error(str(exc)) from None
         cancel = canceller.arm(_session(request))
+        last = None
         try:
             for answer, _, _ in stream_answer(engine, messages, params, cancel):
-                yield answer
+                if answer != last:          # the final event repeats the text; an empty answer still yields
+                    last = answer
+                    yield answer
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
 

@@ -280,7 +280,7 @@ def render_routing(snap, max_tokens: int = ROUTING_TOKENS) -> str:
     else:
         png = routing_png(routing, snap.num_layers, snap.num_experts, snap.top_k)
         rows = snap.num_layers * (snap.top_k + 1)
-        height = max(48, min(240, rows * 2))
+        height = max(48, min(220, rows * 4))
         width = min(100, 100 * len(routing) / 48)    # a short answer keeps square-ish cells
         uri = "data:image/png;base64," + base64.b64encode(png).decode()
         body = (f'<img class="mx-routing" src="{uri}" alt="routing of the last answer: {len(routing)} tokens by '

@@ -1,0 +1,224 @@
+"""The app end to end on the real engine (tiny model, CPU): launched in this process, driven by gradio_client."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from gradio_client import Client  # noqa: E402
+
+from mixoff_app.config import CacheConfig, ConfigError, EngineConfig, QuantConfig, SamplingParams  # noqa: E402
+from mixoff_app.engine import Engine  # noqa: E402
+from mixoff_app.ui import EngineSlot, build_ui, launch_kwargs  # noqa: E402
+from mixoff_app.ui import launch as launcher  # noqa: E402
+
+TOKENS = 24
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.load(EngineConfig(model="tiny", device="cpu", quant=QuantConfig.from_bits(4, 2),
+                                    cache=CacheConfig(size=2)))
+
+
+@pytest.fixture(scope="module")
+def app(engine):
+    demo = build_ui(engine, max_new_tokens=TOKENS, examples=["hello"])
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **launch_kwargs())
+    url = f"http://127.0.0.1:{port}/"
+    yield url
+    demo.close()
+
+
+def engine_answer(engine, messages, max_new_tokens=TOKENS) -> str:
+    out = ""
+    for ev in engine.stream_chat(messages, SamplingParams(max_new_tokens=max_new_tokens, temperature=0)):
+        if ev.kind == "token":
+            out += ev.text
+    return out
+
+
+def stream(client: Client, message, history=None, system="", max_new_tokens=TOKENS) -> list[str]:
+    job = client.submit(message, history or [], system, 0.0, 1.0, max_new_tokens, api_name="/chat")
+    job.result(timeout=120)
+    return [o for o in job.outputs() if isinstance(o, str)]
+
+
+def test_chat_streams_and_matches_the_engine(app, engine):
+    client = Client(app, verbose=False)
+    outs = stream(client, "What is a list in Python?")
+    assert len(outs) > 3, outs
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(outs, outs[1:])), "the streamed text grows"
+    assert outs[-1] == engine_answer(engine, [{"role": "user", "content": "What is a list in Python?"}])
+
+
+def test_multi_turn_and_system_prompt_reach_the_template(app, engine):
+    client = Client(app, verbose=False)
+    history = [{"role": "user", "content": "Name a keyword."},
+               {"role": "assistant", "content": [{"type": "text", "text": "def"}]}]
+    outs = stream(client, "Another one?", history, system="Answer briefly.")
+    expected = engine_answer(engine, [{"role": "system", "content": "Answer briefly."},
+                                      {"role": "user", "content": "Name a keyword."},
+                                      {"role": "assistant", "content": "def"},
+                                      {"role": "user", "content": "Another one?"}])
+    assert outs[-1] == expected
+    # the history changes the answer: the same question alone is a different prompt
+    assert stream(client, "Another one?")[-1] == engine_answer(engine, [{"role": "user", "content": "Another one?"}])
+
+
+def test_stats_snapshot_changes_with_each_answer(app):
+    client = Client(app, verbose=False)
+    seen = []
+    for q in ("first question", "second question"):
+        before = client.predict(api_name="/stats")
+        stream(client, q, max_new_tokens=8)
+        after = client.predict(api_name="/stats")
+        assert after["seq"] > before["seq"]
+        assert after["tokens_total"] > before["tokens_total"]
+        assert 1 <= after["answer_tokens"] <= 8 and len(after["routing"]) == after["answer_tokens"]
+        assert after["hits"] + after["misses"] > before["hits"] + before["misses"]
+        assert after["generating"] is False
+        assert after["memory"]["gpu_name"] is None and after["memory"]["process_rss"] > 0
+        seen.append(after["seq"])
+    assert seen[1] > seen[0]
+    info = client.predict(api_name="/info")
+    assert info["model"] == "tiny" and info["device"] == "cpu" and info["num_experts"] == 8
+
+
+def test_two_concurrent_clients_get_their_own_answers(app, engine):
+    prompts = ["Tell me about tuples.", "How do classes work?"]
+    expected = [engine_answer(engine, [{"role": "user", "content": p}], 48) for p in prompts]
+    a, b = Client(app, verbose=False), Client(app, verbose=False)
+    job_a = a.submit(prompts[0], [], "", 0.0, 1.0, 48, api_name="/chat")
+    job_b = b.submit(prompts[1], [], "", 0.0, 1.0, 48, api_name="/chat")
+    ranks = []
+    while not (job_a.done() and job_b.done()):
+        for job in (job_a, job_b):
+            st = job.status()
+            if st.rank is not None and st.rank > 0:
+                ranks.append(st.rank)
+        time.sleep(0.02)
+    assert job_a.result() == expected[0]
+    assert job_b.result() == expected[1]
+    assert expected[0] != expected[1]
+    print("queue ranks seen while the other answer ran:", sorted(set(ranks)))
+
+
+def test_cancel_mid_answer_keeps_the_text_and_frees_the_engine(app, engine):
+    client = Client(app, verbose=False)
+    job = client.submit("Write a long story.", [], "", 0.0, 1.0, 2000, api_name="/chat")
+    deadline = time.time() + 60
+    while len(job.outputs()) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    job.cancel()
+    deadline = time.time() + 30
+    while engine.busy and time.time() < deadline:
+        time.sleep(0.05)
+    assert not engine.busy, "cancelling the client released the engine"
+    snap = client.predict(api_name="/stats")
+    assert not snap["generating"] and 3 <= snap["answer_tokens"] < 2000
+    assert stream(client, "still there?", max_new_tokens=4), "the next request is served"
+
+
+def test_cache_replan_through_the_api(app, engine):
+    client = Client(app, verbose=False)
+    info_html, msg = client.predict(3, "lfu", 0, api_name="/set_cache")
+    assert "k = 3 of 8" in info_html and "lfu" in info_html and "re-planned" in msg
+    assert engine.info.cache.size == 3
+    stream(client, "after the change", max_new_tokens=4)
+    snap = client.predict(api_name="/stats")
+    assert snap["cache_sizes"] == [3] * engine.info.num_layers and snap["policy"] == "lfu"
+    assert all(len(r) == 3 for r in snap["resident"])
+    client.predict(2, "lru", 0, api_name="/set_cache")
+    assert engine.info.cache.size == 2
+
+
+def test_errors_are_clear(app):
+    client = Client(app, verbose=False)
+    with pytest.raises(Exception, match="empty"):
+        client.predict("   ", [], "", 0.0, 1.0, 4, api_name="/chat")
+    with pytest.raises(Exception, match="top_p"):
+        client.predict("hi", [], "", 0.5, 1.5, 4, api_name="/chat")
+    with pytest.raises(Exception, match="greater than maximum"):
+        client.predict(9, "lru", 0, api_name="/set_cache")
+
+
+def test_page_opens_while_the_model_loads(engine):
+    gate = threading.Event()
+
+    def loader(progress):
+        progress("fetching nothing: the tiny model is local")
+        gate.wait(30)
+        progress("experts placed")
+        return engine
+
+    slot = EngineSlot()
+    slot.load_in_background(loader)
+    demo = build_ui(slot, max_new_tokens=4)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        with pytest.raises(Exception, match="still loading"):
+            client.predict(api_name="/stats")
+        assert slot.lines == ["fetching nothing: the tiny model is local"]
+        gate.set()
+        assert slot.ready.wait(30) and slot.engine is engine
+        assert client.predict(api_name="/stats")["num_layers"] == engine.info.num_layers
+        assert slot.lines[-1] == "experts placed"
+    finally:
+        gate.set()
+        demo.close()
+
+
+def test_loading_failure_is_shown():
+    slot = EngineSlot()
+
+    def loader(progress):
+        raise ConfigError("no such model")
+
+    slot.load_in_background(loader).join(10)
+    assert slot.error == "ConfigError: no such model"
+    with pytest.raises(RuntimeError, match="could not be loaded: ConfigError: no such model"):
+        slot.get()
+
+
+def test_cli_flags():
+    args = launcher.build_parser().parse_args(
+        ["--model", "tiny", "--cache-size", "3", "--attn-bits", "4", "--expert-bits", "none", "--policy", "lfu",
+         "--max-new-tokens", "64", "--auth", "ann:secret"])
+    said = []
+    cfg, reason = launcher.engine_config(args, said.append)
+    assert cfg.model == "tiny" and cfg.cache.size == 3 and cfg.cache.policy == "lfu"
+    assert cfg.quant.attn.bits == 4 and cfg.quant.experts.bits is None
+    assert "tiny" in reason and any("k = 3" in s for s in said)
+    assert launcher.parse_auth(args.auth) == ("ann", "secret")
+    with pytest.raises(ConfigError):
+        launcher.parse_auth("nopassword")
+    with pytest.raises(ConfigError):
+        launcher.engine_config(launcher.build_parser().parse_args(["--expert-bits", "5"]), said.append)
+    # without --cache-size something picks k and says so
+    said.clear()
+    cfg, _ = launcher.engine_config(launcher.build_parser().parse_args(["--model", "tiny"]), said.append)
+    assert cfg.cache.size >= 1 and any("k = " in s for s in said)
+
+
+def test_bind_address_is_local_unless_asked():
+    assert launcher.bind_address(None, {}) == "127.0.0.1"
+    assert launcher.bind_address(None, {"GRADIO_SERVER_NAME": "0.0.0.0"}) == "127.0.0.1"
+    assert launcher.bind_address("0.0.0.0", {}) == "0.0.0.0"
+    assert launcher.bind_address(None, {"SPACE_ID": "u/s", "GRADIO_SERVER_NAME": "0.0.0.0"}) == "0.0.0.0"
