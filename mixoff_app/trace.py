@@ -670,15 +670,38 @@ def record_main(args: argparse.Namespace, generate_fn: GenerateFn) -> int:
     return 0
 
 
-def _record_unwired(args: argparse.Namespace) -> int:
-    print("error: 'trace record' needs the engine, which this build did not wire in", file=sys.stderr)
-    return 2
+def engine_generate(args: argparse.Namespace) -> tuple:
+    """Default ``generate_fn``: load the engine, answer ``args.prompt`` once, return its decode routing.
+
+    Routing does not depend on the cache, so the default cache configuration is used. Imported lazily:
+    the rest of this module needs no torch.
+    """
+    from .config import EngineConfig, QuantConfig, SamplingParams, parse_bits
+    from .engine import Engine
+
+    quant = QuantConfig.from_bits(parse_bits(args.attn_bits), parse_bits(args.expert_bits))
+    engine = Engine.load(EngineConfig(model=args.model, device=args.device, quant=quant),
+                         progress=lambda msg: print(msg, file=sys.stderr))
+    engine.model.record_weights = True
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, greedy=args.greedy)
+    for _ in engine.stream_chat([{"role": "user", "content": args.prompt}], params):
+        pass
+    routing = [[tuple(int(e) for e in ex) for ex in tok] for tok in engine.last_routing]
+    weights = engine.last_routing_weights
+    if len(weights) != len(routing) or any(w is None for tok in weights for w in tok):
+        weights = None
+    else:
+        weights = [[tuple(float(x) for x in w) for w in tok] for tok in weights]
+    info = engine.info
+    header = {"model": info.model_name, "device": info.device, "quant": info.quant,
+              "num_layers": info.num_layers, "num_experts": info.num_experts, "top_k": info.top_k}
+    return routing, weights, header
 
 
 def add_trace_parser(subparsers, generate_fn: Optional[GenerateFn] = None) -> argparse.ArgumentParser:
     """Register ``trace {replay, synthetic, record}``; each sub-command sets ``func(args) -> exit code``.
 
-    ``generate_fn`` (see ``record_main``) connects ``record`` to the engine.
+    ``generate_fn`` (see ``record_main``) connects ``record`` to the engine; default ``engine_generate``.
     """
     p = subparsers.add_parser("trace", help="record, synthesize and replay expert routing traces",
                               description="Expert routing traces: replay them through eviction policies "
@@ -713,10 +736,8 @@ def add_trace_parser(subparsers, generate_fn: Optional[GenerateFn] = None) -> ar
     c.add_argument("--attn-bits", default="4")
     c.add_argument("--expert-bits", default="2")
     c.add_argument("out", metavar="OUT", help="output JSONL path")
-    if generate_fn is None:
-        c.set_defaults(func=_record_unwired)
-    else:
-        c.set_defaults(func=lambda a: record_main(a, generate_fn))
+    gen = engine_generate if generate_fn is None else generate_fn
+    c.set_defaults(func=lambda a: record_main(a, gen))
     return p
 
 

@@ -400,9 +400,12 @@ def test_record_writes_engine_routing(tmp_path, capsys):
     assert t.header["greedy"] is True and t.header["num_layers"] == 2 and t.header["top_k"] == 2
 
     assert record_main(args, lambda a: ([], None, {})) == 2
-    unwired = _parser().parse_args(["trace", "record", "--prompt", "hi", str(out)])
-    assert unwired.func(unwired) == 2
-    assert "needs the engine" in capsys.readouterr().err
+    assert "no tokens" in capsys.readouterr().err
+    assert record_main(args, lambda a: ([[(0, 1)], [(0, 1), (2, 3)]], None, {})) == 2
+    assert "different number of layers" in capsys.readouterr().err
+    # without a generate_fn, record is wired to the engine (not run here: it loads a model)
+    default = _parser().parse_args(["trace", "record", "--prompt", "hi", str(out)])
+    assert callable(default.func) and default.max_new_tokens == 64 and default.model == "tiny"
 
 
 def test_bench_prints_one_json_object(tmp_path, capsys):
