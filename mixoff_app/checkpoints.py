@@ -61,6 +61,7 @@ class TensorSource:
             raise CheckpointError(f"{self.folder}: no model.safetensors or model.safetensors.index.json found")
         self._open = safe_open
         self._handles: dict[str, object] = {}
+        self._shard_keys: dict[str, set] = {}
         if self.weight_map is None:
             h = self._handle("model.safetensors")
             self.weight_map = {k: "model.safetensors" for k in h.keys()}
@@ -82,6 +83,12 @@ class TensorSource:
             self._handles[shard] = h
         return h
 
+    def _keys(self, shard: str) -> set:
+        ks = self._shard_keys.get(shard)
+        if ks is None:
+            ks = self._shard_keys[shard] = set(self._handle(shard).keys())
+        return ks
+
     def keys(self) -> Iterable[str]:
         return self.weight_map.keys()
 
@@ -93,7 +100,15 @@ class TensorSource:
         if shard is None:
             raise CheckpointError(f"checkpoint {self.folder} has no tensor {key!r}")
         try:
-            return self._handle(shard).get_tensor(key)
+            h = self._handle(shard)
+            if key not in self._keys(shard):
+                # The reference checkpoint stores each expert in its own file under names relative to
+                # the expert ("w1.W_q"); the index still maps the full names to that file.
+                rel = key.split(".experts.", 1)[-1].split(".", 1)[-1]
+                if ".experts." in key and rel in self._keys(shard):
+                    return h.get_tensor(rel)
+                raise CheckpointError(f"{self.folder / shard} has no tensor {key!r}, though the index lists it")
+            return h.get_tensor(key)
         except CheckpointError:
             raise
         except Exception as e:
@@ -105,6 +120,7 @@ class TensorSource:
 
     def close(self) -> None:
         self._handles.clear()
+        self._shard_keys.clear()
 
 
 def detect_layout(keys: Iterable[str], metadata: Optional[dict] = None) -> str:

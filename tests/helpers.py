@@ -1,0 +1,31 @@
+"""Small helpers shared by the runtime tests."""
+from __future__ import annotations
+
+import torch
+
+from mixoff_app.config import NO_QUANT, CacheConfig, EngineConfig, QuantConfig, SamplingParams
+from mixoff_app.engine import Engine
+
+
+def load(tiny_dir, k=None, quant: QuantConfig = NO_QUANT, policy="lru", prefetch=0, max_context=512, **kw) -> Engine:
+    return Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=quant,
+                                    cache=CacheConfig(size=k, policy=policy, prefetch=prefetch, **kw),
+                                    max_context=max_context))
+
+
+def greedy_ids(engine: Engine, ids, n=32) -> list[int]:
+    return [ev.token_id for ev in engine.stream_ids(ids, SamplingParams(max_new_tokens=n, greedy=True))
+            if ev.kind == "token" and ev.token_id is not None]
+
+
+def chat_ids(tokenizer, text="Tell me about the len function.") -> list[int]:
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                        add_generation_prompt=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def hf_greedy(hf_model, ids, n=32) -> list[int]:
+    out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            pad_token_id=hf_model.config.eos_token_id)
+    return out[0, len(ids):].tolist()

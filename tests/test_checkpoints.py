@@ -1,0 +1,112 @@
+"""Loader input checks: every broken checkpoint gives an error that names the file or key."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixoff_app.checkpoints import CheckpointError, TensorSource, detect_layout, load_checkpoint
+from mixoff_app.config import NO_QUANT, ConfigError, QuantConfig
+from mixoff_app.hub import ModelNotAvailable, resolve
+
+
+def sharded_copy(tiny_dir, dst, n=3):
+    """The tiny checkpoint split into n shards with an index, as hub checkpoints come."""
+    dst.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy2(f, dst / f.name)
+    sd = load_file(str(tiny_dir / "model.safetensors"))
+    keys = sorted(sd)
+    weight_map = {}
+    for i in range(n):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        part = {k: sd[k] for k in keys[i::n]}
+        save_file(part, str(dst / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return dst, weight_map
+
+
+def test_sharded_checkpoint_loads_like_the_single_file(tiny_dir, tmp_path):
+    folder, _ = sharded_copy(tiny_dir, tmp_path / "sharded")
+    a = load_checkpoint(tiny_dir, NO_QUANT, "cpu", torch.float32)
+    b = load_checkpoint(folder, NO_QUANT, "cpu", torch.float32)
+    assert torch.equal(a.store.buffer(2, 5), b.store.buffer(2, 5))
+    assert torch.equal(a.trunk.layers[1].wq, b.trunk.layers[1].wq)
+
+
+def test_missing_shard_names_the_file(tiny_dir, tmp_path):
+    folder, wm = sharded_copy(tiny_dir, tmp_path / "sharded")
+    gone = sorted(set(wm.values()))[1]
+    (folder / gone).unlink()
+    with pytest.raises(CheckpointError, match=f"missing checkpoint shard .*{gone}"):
+        load_checkpoint(folder, NO_QUANT, "cpu", torch.float32)
+
+
+def test_missing_key_names_the_key(tiny_dir, tmp_path):
+    folder = tmp_path / "nokey"
+    shutil.copytree(tiny_dir, folder)
+    sd = load_file(str(folder / "model.safetensors"))
+    del sd["model.layers.2.block_sparse_moe.experts.3.w2.weight"]
+    save_file(sd, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.block_sparse_moe\.experts\.3\.w2\.weight"):
+        load_checkpoint(folder, NO_QUANT, "cpu", torch.float32)
+
+
+def test_wrong_shape_names_the_key(tiny_dir, tmp_path):
+    folder = tmp_path / "shape"
+    shutil.copytree(tiny_dir, folder)
+    sd = load_file(str(folder / "model.safetensors"))
+    sd["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
+    save_file(sd, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"q_proj\.weight has shape \(3, 3\)"):
+        load_checkpoint(folder, NO_QUANT, "cpu", torch.float32)
+
+
+def test_corrupt_file_names_the_file(tiny_dir, tmp_path):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_dir, folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors.*corrupt or incomplete"):
+        load_checkpoint(folder, NO_QUANT, "cpu", torch.float32)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(folder, NO_QUANT, "cpu", torch.float32)
+
+
+def test_not_a_mixtral_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="expected keys like"):
+        detect_layout(["model.embed_tokens.weight", "lm_head.weight"])
+    with pytest.raises(CheckpointError, match="fused"):
+        detect_layout(["model.layers.0.mlp.experts.gate_up_proj"])
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="config.json: model_type is 'llama'; mixoff runs Mixtral"):
+        load_checkpoint(tmp_path, NO_QUANT, "cpu", torch.float32)
+
+
+def test_folder_without_weights(tmp_path, tiny_dir):
+    shutil.copy2(tiny_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_checkpoint(tmp_path, NO_QUANT, "cpu", torch.float32)
+
+
+def test_group_size_that_does_not_divide_is_refused(tiny_dir):
+    from mixoff_app.config import QuantSpec
+    bad = QuantConfig(attn=QuantSpec(bits=4, group_size=24), experts=QuantSpec(bits=2, group_size=16))
+    with pytest.raises(ConfigError, match="attention group size 24 does not divide"):
+        load_checkpoint(tiny_dir, bad, "cpu", torch.float32)
+
+
+def test_hub_id_offline_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelNotAvailable, match="not in the local hub cache.*--model tiny"):
+        resolve("someone/not-downloaded-model", lambda m: None)
+    with pytest.raises(ModelNotAvailable, match="neither a local folder"):
+        resolve("no-such-thing", lambda m: None)
