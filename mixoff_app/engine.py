@@ -176,11 +176,11 @@ class Engine:
             raise ValueError("the conversation must end with a user message")
         if not msgs[-1]["content"].strip():
             raise ValueError("the message is empty: type something to ask")
-        return self._stream(msgs, params, cancel)
+        ids, notices = self._fit(msgs, params)      # tokenizing needs no lock; bad input fails right here
+        return self._stream(ids, notices, params, cancel)
 
-    def _stream(self, msgs, params, cancel) -> Iterator[TokenEvent]:
+    def _stream(self, ids, notices, params, cancel) -> Iterator[TokenEvent]:
         with self._lock:
-            ids, notices = self._fit(msgs, params)
             for n in notices:
                 yield TokenEvent("notice", n)
             yield from self._generate_locked(ids, params, cancel)

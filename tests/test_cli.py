@@ -1,0 +1,79 @@
+"""The headless CLI contract: flags, --json fields, counters, and clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import chat_ids, hf_greedy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, check=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "mixoff_app", *map(str, args)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_generate_json_matches_transformers_for_every_cache_size(tiny_dir, hf_model, tokenizer):
+    expected = hf_greedy(hf_model, chat_ids(tokenizer, "Hello"), 16)
+    for k in (1, 2, 4, 8):
+        out = json.loads(cli("generate", "--model", tiny_dir, "--prompt", "Hello", "--max-new-tokens", 16, "--greedy",
+                             "--attn-bits", "none", "--expert-bits", "none", "--device", "cpu", "--json",
+                             "--cache-size", k, "--quiet").stdout)
+        assert out["token_ids"] == expected, k
+        s, L, top_k = out["stats"], 4, 2
+        assert s["hits"] + s["misses"] == top_k * L * len(out["token_ids"])
+        assert s["bytes_h2d"] == s["misses"] * s["expert_bytes"]
+        assert 0 <= s["hit_rate"] <= 1 and s["tokens_per_s"] > 0 and s["prefill_s"] > 0 and s["decode_s"] > 0
+        assert len(out["routing"]) == len(out["token_ids"])
+        assert all(len(tok) == L and all(len(set(es)) == top_k for es in tok) for tok in out["routing"])
+        if k == 8:
+            assert s["evictions"] == 0
+        assert isinstance(out["text"], str)
+
+
+def test_quantized_generation_runs(tiny_dir):
+    out = json.loads(cli("generate", "--model", tiny_dir, "--prompt", "Hi", "--max-new-tokens", 6, "--greedy",
+                         "--cache-size", 2, "--device", "cpu", "--json", "--quiet").stdout)
+    assert out["quant"] == "attention 4-bit g64, experts 2-bit g16"
+    assert len(out["token_ids"]) == 6
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--expert-bits", "5"], "unsupported bit width 5"),
+    (["--cache-size", "9"], "cache size 9 must be between 1 and the number of experts"),
+    (["--cache-size", "0"], "must be at least 1"),
+    (["--model", "/nonexistent/folder/x"], "neither a local folder"),
+    (["--top-p", "0"], "top_p must be in"),
+])
+def test_bad_flags_give_clear_errors(tiny_dir, args, msg):
+    base = ["generate", "--model", tiny_dir, "--prompt", "Hi", "--max-new-tokens", "2", "--device", "cpu"]
+    p = cli(*base, *args, check=False)
+    assert p.returncode == 2
+    assert msg in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_make_tiny_is_deterministic(tmp_path, tiny_dir):
+    cli("make-tiny", tmp_path / "a", "--seed", 0)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
+    cli("make-tiny", tmp_path / "b", "--seed", 1)
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() != (tiny_dir / "model.safetensors").read_bytes()
+
+
+def test_quantize_then_generate_from_our_format(tiny_dir, tmp_path):
+    cli("quantize", tiny_dir, tmp_path / "q", "--attn-bits", "4", "--expert-bits", "2")
+    a = json.loads(cli("generate", "--model", tiny_dir, "--prompt", "Hi", "--max-new-tokens", 8, "--greedy",
+                       "--device", "cpu", "--json", "--quiet").stdout)
+    b = json.loads(cli("generate", "--model", tmp_path / "q", "--prompt", "Hi", "--max-new-tokens", 8, "--greedy",
+                       "--device", "cpu", "--json", "--quiet").stdout)
+    assert a["token_ids"] == b["token_ids"]

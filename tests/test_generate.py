@@ -1,0 +1,145 @@
+"""Generation: sampling, stop strings, multi-turn KV reuse, context overflow, cancel, bad input, two users."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from mixoff_app.config import ConfigError, SamplingParams
+from mixoff_app.generate import TextStream, sample
+
+from helpers import chat_ids, greedy_ids, load
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return load(tiny_dir, k=2, max_context=256)
+
+
+def run(engine, messages, **kw):
+    evs = list(engine.stream_chat(messages, SamplingParams(**({"greedy": True} | kw))))
+    text = "".join(e.text for e in evs if e.kind == "token")
+    ids = [e.token_id for e in evs if e.kind == "token" and e.token_id is not None]
+    return text, ids, evs
+
+
+def test_sampling_controls():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50)
+    best = int(logits.argmax())
+    g = torch.Generator().manual_seed(1)
+    assert int(sample(logits, SamplingParams(greedy=True), None)) == best
+    assert int(sample(logits, SamplingParams(temperature=0), None)) == best
+    assert all(int(sample(logits, SamplingParams(temperature=1.0, top_k=1), g)) == best for _ in range(20))
+    assert all(int(sample(logits, SamplingParams(temperature=1.0, top_p=1e-6), g)) == best for _ in range(20))
+    top3 = set(torch.topk(logits, 3).indices[0].tolist())
+    assert {int(sample(logits, SamplingParams(temperature=2.0, top_k=3), g)) for _ in range(200)} <= top3
+    a = [int(sample(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(7))) for _ in range(3)]
+    assert len(set(a)) == 1          # same seed, same draw
+
+
+@pytest.mark.parametrize("kw,msg", [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+                                    ({"top_p": 1.5}, "top_p"), ({"max_new_tokens": 0}, "max_new_tokens"),
+                                    ({"top_k": -2}, "top_k"), ({"temperature": float("nan")}, "temperature")])
+def test_bad_sampling_values_are_refused(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        SamplingParams(**kw)
+
+
+def test_stop_strings_hold_back_and_cut(tokenizer):
+    ids = tokenizer("alpha beta STOP gamma")["input_ids"]
+    s = TextStream(tokenizer, ("STOP",))
+    out, stopped = "", False
+    for t in ids:
+        d, stopped = s.push(t)
+        out += d
+        if stopped:
+            break
+    assert stopped and out == "alpha beta " and "ST" not in out
+    s = TextStream(tokenizer, ())
+    assert "".join(s.push(t)[0] for t in ids) + s.flush() == "alpha beta STOP gamma"
+
+
+def test_stop_string_ends_generation(engine):
+    text, _, evs = run(engine, [{"role": "user", "content": "hello"}], max_new_tokens=20)
+    assert len(text) > 3
+    stop = text[2:4]
+    text2, _, evs2 = run(engine, [{"role": "user", "content": "hello"}], max_new_tokens=20, stop=(stop,))
+    assert evs2[-1].finish_reason == "stop" and text2 == text[:text.find(stop)]
+
+
+def test_multi_turn_reuses_the_kv_cache_and_matches_a_fresh_run(tiny_dir, engine):
+    conv = [{"role": "user", "content": "What does len do?"}]
+    first = len(engine.prompt_ids(conv))
+    a, _, _ = run(engine, conv, max_new_tokens=12)
+    conv += [{"role": "assistant", "content": a}, {"role": "user", "content": "And zip?"}]
+    b, b_ids, _ = run(engine, conv, max_new_tokens=12)
+    full = len(engine.prompt_ids(conv))
+    # At least the whole first prompt came from the KV cache (the answer's tokens too, where the template
+    # re-tokenizes them identically).
+    assert engine.stats().prefill_tokens <= full - first
+    fresh = load(tiny_dir, k=2, max_context=256)
+    c, c_ids, _ = run(fresh, conv, max_new_tokens=12)
+    assert fresh.stats().prefill_tokens == full
+    assert b_ids == c_ids and b == c
+
+
+def test_full_context_drops_old_turns_with_a_notice(tiny_dir):
+    small = load(tiny_dir, k=2, max_context=96)
+    conv = []
+    for i in range(6):
+        conv += [{"role": "user", "content": f"Question number {i} about the builtin functions?"},
+                 {"role": "assistant", "content": "An answer that takes some room in the context window."}]
+    conv.append({"role": "user", "content": "last one"})
+    text, ids, evs = run(small, conv, max_new_tokens=16)
+    assert evs[0].kind == "notice" and "left out" in evs[0].text
+    assert evs[-1].kind == "done" and ids
+    # The generation itself can also run into the end of the context: it stops cleanly.
+    _, ids, evs = run(small, [{"role": "user", "content": "hi"}], max_new_tokens=200)
+    assert evs[-1].finish_reason in ("context", "eos")
+
+
+def test_huge_and_empty_prompts_are_refused_clearly(engine):
+    with pytest.raises(ValueError, match="too long"):
+        engine.stream_chat([{"role": "user", "content": "word " * 2000}], SamplingParams(max_new_tokens=4))
+    with pytest.raises(ValueError, match="empty"):
+        engine.stream_chat([{"role": "user", "content": "   "}], SamplingParams())
+    with pytest.raises(ValueError, match="end with a user message"):
+        engine.stream_chat([], SamplingParams())
+    # Gradio 6 sends content as a list of blocks: accepted.
+    text, _, _ = run(engine, [{"role": "user", "content": [{"type": "text", "text": "hello"}]}], max_new_tokens=4)
+    assert isinstance(text, str)
+
+
+def test_cancel_keeps_what_was_written(engine):
+    cancel = threading.Event()
+    got = []
+    for ev in engine.stream_chat([{"role": "user", "content": "tell me more"}],
+                                 SamplingParams(max_new_tokens=100, greedy=True), cancel=cancel):
+        if ev.kind == "token":
+            got.append(ev)
+            if len(got) == 5:
+                cancel.set()
+        last = ev
+    assert last.finish_reason == "cancelled" and len(got) == 5
+    # The engine is usable right after, and the KV cache still serves the next turn correctly.
+    text, ids, evs = run(engine, [{"role": "user", "content": "tell me more"}], max_new_tokens=5)
+    assert [e.token_id for e in got] == ids
+
+
+def test_two_users_at_once_get_their_own_answers(tiny_dir, engine):
+    prompts = ["What is a list?", "Explain the with statement."]
+    expected = [run(load(tiny_dir, k=2, max_context=256), [{"role": "user", "content": p}], max_new_tokens=10)[1]
+                for p in prompts]
+    results = [None, None]
+
+    def worker(i):
+        results[i] = run(engine, [{"role": "user", "content": prompts[i]}], max_new_tokens=10)[1]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == expected
