@@ -46,7 +46,7 @@ ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-chat"
 DEFAULTS = dict(seed=1234, vocab_size=4096, hidden=256, layers=6, heads=8, kv_heads=4, head_dim=32,
                 intermediate=384, experts=8, top_k=2, context=512, batch_tokens=4096, lr=2e-3,
                 min_lr_frac=0.1, warmup=100, weight_decay=0.05, aux_coef=0.01, locality_coef=0.1,
-                heldout_frac=0.05, steps=1500)
+                heldout_frac=0.05, steps=900)
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -324,7 +324,8 @@ def _heldout(item: Item, frac: float) -> bool:
 
 
 def build_examples(seed: int, heldout_frac: float, phrasings: int = 3) -> tuple[list[Example], list[Example]]:
-    """Train: ``phrasings`` question forms per subject (all of them for builtins). Held-out: one form each."""
+    """Train: every question form for builtins, ``phrasings`` for methods, modules, exceptions and topics, one
+    for module-level functions and classes (there are many; the demo is about builtins). Held-out: one form each."""
     rng = random.Random(seed)
     train, held = [], []
     for item in build_items():
@@ -332,7 +333,11 @@ def build_examples(seed: int, heldout_frac: float, phrasings: int = 3) -> tuple[
         if _heldout(item, heldout_frac):
             held.append(Example(item.key, qs[0], item.answer))
             continue
-        chosen = qs if item.kind in ("builtin", "builtin_type") else rng.sample(qs, min(phrasings, len(qs)))
+        if item.kind in ("builtin", "builtin_type"):
+            chosen = qs
+        else:
+            n = 1 if item.kind in ("function", "class") else phrasings
+            chosen = rng.sample(qs, min(n, len(qs)))
         train.extend(Example(item.key, q, item.answer) for q in chosen)
     return train, held
 
@@ -516,7 +521,8 @@ def train(args) -> dict:
         lr = args.lr * _cosine(step, total_steps, args.warmup, args.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
-        res = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            res = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
         s, n = answer_loss(res.logits, labels)
         lm = s / max(n, 1)
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
@@ -562,6 +568,7 @@ def train(args) -> dict:
     }
     save_checkpoint(model, tok, cfg, out, {"mixoff_tiny_chat": {"seed": args.seed, "heldout_loss": round(hl, 4)}})
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_heldout(out, held_ex)
     log(f"wrote {out}")
     return report
 
@@ -576,12 +583,24 @@ def load_shipped(path: Path | str = ASSET_DIR):
     return model, tok
 
 
+HELDOUT_FILE = "heldout.jsonl"
+
+
+def write_heldout(out: Path | str, held: list[Example]) -> None:
+    """The held-out chat turns ship next to the weights: docstrings differ between Python versions."""
+    lines = [json.dumps({"key": e.key, "question": e.question, "answer": e.answer}, ensure_ascii=False) for e in held]
+    (Path(out) / HELDOUT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def read_heldout(path: Path | str = ASSET_DIR) -> list[Example]:
+    rows = (Path(path) / HELDOUT_FILE).read_text(encoding="utf-8").splitlines()
+    return [Example(**json.loads(r)) for r in rows if r.strip()]
+
+
 def heldout_encoded(path: Path | str = ASSET_DIR, tok=None, limit: int | None = None):
-    """Rebuild the held-out split exactly as training did (seed and fraction from train_report.json)."""
+    """The shipped held-out split, tokenized as training did, and the training report."""
     rep = json.loads((Path(path) / "train_report.json").read_text())
-    hp = rep["hyperparameters"]
-    _, held = build_examples(hp["seed"], hp["heldout_frac"])
-    enc = encode_all(tok, held, hp["context"])
+    enc = encode_all(tok, read_heldout(path), rep["hyperparameters"]["context"])
     return enc[:limit] if limit else enc, rep
 
 
@@ -691,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-k", type=int, default=4, help="LRU slots per layer for --measure")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false",
+                   help="plain fp32 compute (default: bf16 autocast on CPU, fp32 master weights and optimizer)")
     p.add_argument("--data-stats", action="store_true", help="print data counts and examples, then exit")
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
