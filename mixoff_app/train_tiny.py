@@ -682,7 +682,10 @@ def measure(args) -> dict:
         gen_routes += record_routes(model, [prompt + new])
     res["transcripts_teacher_forced"] = locality_stats(gen_routes, model.config.num_local_experts, args.cache_k)
     res["sequences"] = {"heldout": len(enc), "transcripts": len(TRANSCRIPT_QUESTIONS)}
-    print(json.dumps(res, indent=2))
+    res["command"] = args.command
+    text = json.dumps(res, indent=2)
+    print(text)
+    (Path(args.out) / "locality.json").write_text(text + "\n")
     return res
 
 

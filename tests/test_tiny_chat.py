@@ -1,0 +1,131 @@
+"""The shipped demo model (assets/tiny-chat): it loads, it is the format the runtime reads, and its
+held-out loss is the one its model card and training report state."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixoff_app.train_tiny import (ASSET_DIR, answer_loss, build_examples, collate, heldout_encoded,
+                                   heldout_loss, locality_stats, read_heldout)
+
+CARD = ASSET_DIR / "MODEL_CARD.md"
+
+
+@pytest.fixture(scope="module")
+def report():
+    return json.loads((ASSET_DIR / "train_report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from transformers import AutoTokenizer, MixtralForCausalLM
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(str(ASSET_DIR))
+    model = MixtralForCausalLM.from_pretrained(str(ASSET_DIR), dtype=torch.float32).eval()
+    return model, tok
+
+
+def test_config_and_weights_are_hub_format():
+    from safetensors import safe_open
+    cfg = json.loads((ASSET_DIR / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral"
+    assert cfg["dtype"] == "float16"
+    assert cfg["num_local_experts"] == 8 and cfg["num_experts_per_tok"] == 2
+    weights = ASSET_DIR / "model.safetensors"
+    assert weights.stat().st_size < 50e6
+    with safe_open(str(weights), "pt") as f:
+        keys = set(f.keys())
+        assert all(f.get_slice(k).get_dtype() == "F16" for k in keys)
+        w1 = f.get_slice("model.layers.0.block_sparse_moe.experts.7.w1.weight").get_shape()
+    assert w1 == [cfg["intermediate_size"], cfg["hidden_size"]]
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        assert p + "block_sparse_moe.gate.weight" in keys
+        for proj in "qkvo":
+            assert f"{p}self_attn.{proj}_proj.weight" in keys
+        for e in range(cfg["num_local_experts"]):
+            for w in ("w1", "w2", "w3"):
+                assert f"{p}block_sparse_moe.experts.{e}.{w}.weight" in keys
+    assert {"lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"} <= keys
+    assert not any("gate_up_proj" in k or "down_proj" in k for k in keys)
+
+
+def test_tokenizer_and_chat_template(shipped):
+    model, tok = shipped
+    ids = tok.apply_chat_template([{"role": "user", "content": "What does len do?"}], tokenize=True)["input_ids"]
+    assert ids[0] == tok.bos_token_id == model.config.bos_token_id
+    assert tok.decode(ids) == "<s>[INST] What does len do? [/INST]"
+    turn = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                                   tokenize=True)["input_ids"]
+    assert turn[-1] == tok.eos_token_id == model.config.eos_token_id
+    assert len(tok) == model.config.vocab_size <= 8192
+
+
+def test_heldout_loss_matches_report_and_card(shipped, report):
+    model, tok = shipped
+    enc, _ = heldout_encoded(ASSET_DIR, tok)
+    assert len(enc) == report["data"]["heldout_turns_fit"]
+    loss, n = heldout_loss(model, enc, tok.pad_token_id)
+    assert n == report["data"]["heldout_answer_tokens"]
+    assert loss == pytest.approx(report["heldout_loss"], abs=2e-3)
+    card = re.search(r"held-out loss[^0-9]*([0-9]+\.[0-9]+)", CARD.read_text(), re.IGNORECASE)
+    assert card, "the model card states no held-out loss"
+    assert loss == pytest.approx(float(card.group(1)), abs=2e-3)
+    # and the model is trained: far below a uniform guess over the vocabulary
+    assert loss < 0.6 * math.log(model.config.vocab_size)
+
+
+def test_answers_a_builtin_question(shipped):
+    model, tok = shipped
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What does the built-in function len do?"}],
+                                     tokenize=True)["input_ids"]
+    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+    text = tok.decode(out[0, len(prompt):], skip_special_tokens=True)
+    assert "number of items" in text
+
+
+def test_heldout_split_is_rebuilt_deterministically(report):
+    if sys.version.split()[0] != report["python"]:
+        pytest.skip(f"docstrings differ between Python versions (trained on {report['python']})")
+    hp = report["hyperparameters"]
+    _, held = build_examples(hp["seed"], hp["heldout_frac"])
+    assert held == read_heldout(ASSET_DIR)
+
+
+def test_locality_figures_in_card():
+    loc = json.loads((ASSET_DIR / "locality.json").read_text())["heldout_teacher_forced"]
+    text = CARD.read_text()
+    assert f"{100 * loc['share_overall']:.1f}%" in text
+    assert f"{100 * loc['lru_hit_overall']:.1f}%" in text
+    assert loc["share_overall"] > loc["random_share"] + 0.05
+    assert loc["lru_hit_overall"] > loc["random_lru_hit"] + 0.05
+
+
+def test_locality_stats_baselines():
+    rng = random.Random(0)
+    rand = [[[tuple(sorted(rng.sample(range(8), 2))) for _ in range(400)] for _ in range(2)] for _ in range(10)]
+    s = locality_stats(rand, 8, cache_k=4)
+    assert s["share_overall"] == pytest.approx(s["random_share"], abs=0.02)
+    assert s["lru_hit_overall"] == pytest.approx(0.5, abs=0.02)
+    sticky = [[[(0, 1)] * 50 + [(2, 3)] * 50] for _ in range(3)]
+    s = locality_stats(sticky, 8, cache_k=4)
+    assert s["share_per_layer"] == [round(98 / 99, 4)]
+    # one cache per layer across sequences: 4 cold misses in the first sequence, then all hits
+    assert s["lru_hit_overall"] == pytest.approx(1 - 4 / 600, abs=1e-4)
+
+
+def test_answer_loss_counts_only_answer_tokens():
+    enc = [([1, 5, 6, 7, 8, 2], 3)]
+    ids, mask, labels = collate(enc, [0], pad_id=2)
+    assert labels.tolist() == [[-100, -100, -100, 7, 8, 2]]
+    logits = torch.zeros(1, 6, 16)
+    loss, n = answer_loss(logits, labels)
+    assert n == 3 and float(loss) == pytest.approx(3 * math.log(16))
