@@ -19,7 +19,7 @@ from .chat import (Canceller, EngineSlot, sampling, status_line, strip_to_last_u
                    to_messages)
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
-PANEL_HZ = 0.4            # seconds between panel refreshes (2.5 per second)
+PANEL_EVERY = 0.3         # seconds between panel refreshes (over 3 a second)
 GENERATE = "generate"     # the one concurrency group every generation (and cache re-plan) shares
 
 TITLE = "mixoff · Mixtral with expert offloading"
@@ -51,7 +51,7 @@ def _session(request: Optional[gr.Request]) -> str:
 
 
 def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, max_new_tokens: int = 256,
-             system_prompt: str = "", panel_every: float = PANEL_HZ) -> gr.Blocks:
+             system_prompt: str = "", panel_every: float = PANEL_EVERY) -> gr.Blocks:
     slot = engine_or_slot if isinstance(engine_or_slot, EngineSlot) else EngineSlot(engine_or_slot)
     canceller = Canceller()
     examples = list(load_examples() if examples is None else examples)
@@ -212,7 +212,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
                         temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature",
                                                 info="0 = greedy", elem_id="mx-temperature")
                         top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p", elem_id="mx-top-p")
-                        max_new = gr.Slider(1, max(1, max_new_tokens * 4), value=max_new_tokens, step=1,
+                        max_new = gr.Slider(1, max(2048, max_new_tokens), value=max_new_tokens, step=1,
                                             label="Max new tokens", elem_id="mx-max-new")
             with gr.Column(scale=6, min_width=440):
                 panel_html = gr.HTML(panel.render_loading(slot.lines) if slot.engine is None else
@@ -246,6 +246,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         retry_btn.click(retry, [chatbot], [chatbot], **fast).success(respond, inputs, [chatbot, status], **gen_opts)
         stop_btn.click(stop, None, None, **fast)
         clear_btn.click(clear, None, [chatbot, status], **fast)
+        chatbot.clear(stop, None, None, **fast)          # the chatbot's own trash icon stops the answer too
         apply_btn.click(set_cache, [k_slider, policy, prefetch], [info_html, cache_msg], api_name="set_cache",
                         concurrency_limit=1, concurrency_id=GENERATE)
 

@@ -1,0 +1,172 @@
+"""A real browser (headless Debian chromium via Playwright) against the app on the tiny engine.
+
+Types a message, watches the answer stream and the panel move, presses Stop mid-answer, checks that a
+second browser session does not see the first one's conversation, and saves a screenshot under
+test-artifacts/ (the path is printed).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+from mixoff_app.config import CacheConfig, EngineConfig, QuantConfig  # noqa: E402
+from mixoff_app.engine import Engine  # noqa: E402
+from mixoff_app.ui import build_ui, launch_kwargs  # noqa: E402
+
+CHROMIUM = os.environ.get("MIXOFF_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(not (os.path.exists(CHROMIUM) or shutil.which("chromium")),
+                                reason=f"no chromium at {CHROMIUM} (apt-get install -y chromium)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    engine = Engine.load(EngineConfig(model="tiny", device="cpu", quant=QuantConfig.from_bits(4, 2),
+                                      cache=CacheConfig(size=2)))
+    demo = build_ui(engine, max_new_tokens=96)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **launch_kwargs())
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def figures(page) -> dict:
+    """What the panel shows, read from the page."""
+    panel = page.locator("#mx-panel")
+    cards = {name: panel.locator(".mx-card", has_text=name).first.inner_text()
+             for name in ("Hit rate", "Speed", "Memory", "Transfers")}
+    grid = panel.locator(".mx-grid")
+    return {
+        **cards,
+        "cells": grid.locator("i.mx-c").count(),
+        "events": grid.locator("i.mx-hit, i.mx-miss, i.mx-prefetch").count(),
+        "html": panel.inner_html(),
+    }
+
+
+def bot_messages(page):
+    return page.locator('#mx-chat [data-testid="bot"]')
+
+
+def status(page) -> str:
+    return page.locator("#mx-status").inner_text()
+
+
+def set_number(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"{elem_id} input[type='number']")
+    box.fill(value)
+    box.press("Tab")
+
+
+# Samples, every 25 ms in the page itself, the last answer's length and the panel's figures.
+RECORDER = """() => { window.__mxRec = []; const t0 = performance.now();
+  window.__mxIv = setInterval(() => {
+    const bots = document.querySelectorAll('#mx-chat [data-testid="bot"]');
+    const panel = document.querySelector('#mx-panel');
+    window.__mxRec.push([Math.round(performance.now() - t0),
+                         bots.length ? bots[bots.length - 1].innerText.length : 0,
+                         panel ? panel.innerText : '']);
+  }, 25); }"""
+
+
+def send(page, text: str) -> None:
+    page.locator("#mx-input textarea").fill(text)
+    page.locator("#mx-send").click()
+
+
+def test_chat_streams_panel_moves_stop_and_screenshot(app_url):
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1050})
+            page.goto(app_url, wait_until="load")
+            page.wait_for_selector("#mx-panel .mx-grid", timeout=60_000)
+            assert "No GPU" in page.locator("#mx-panel").inner_text()
+            start = figures(page)
+            assert start["cells"] == 4 * 8                 # tiny: 4 layers x 8 experts
+            assert start["events"] == 0 and "0.0%" in start["Hit rate"]
+
+            # 1. a long greedy answer streams token by token and the panel moves; Stop ends it mid-answer
+            page.get_by_text("Generation settings").click()
+            set_number(page, "#mx-temperature", "0")
+            set_number(page, "#mx-max-new", "1500")
+            page.evaluate(RECORDER)
+            send(page, "What is a tuple in Python?")
+            # watch it stream until the panel has moved at least three times, then press Stop
+            page.wait_for_function(
+                "() => new Set(window.__mxRec.filter(r => r[1] > 0).map(r => r[2])).size >= 3", timeout=90_000)
+            clicked = time.time()
+            page.locator("#mx-stop").click()
+            page.wait_for_function("() => document.querySelector('#mx-status').innerText.startsWith('stopped')",
+                                   timeout=30_000)
+            print(f"\nStop: {status(page)!r}, {time.time() - clicked:.2f} s after the click")
+            rec = page.evaluate("() => { clearInterval(window.__mxIv); return window.__mxRec; }")
+            lengths = sorted({n for _, n, _ in rec if n > 0})
+            assert len(lengths) >= 3, f"the answer streamed in steps: {lengths}"
+            bot = bot_messages(page)
+            kept = bot.last.inner_text()
+            tokens = int(re.search(r"(\d+) tokens", status(page)).group(1))
+            assert kept and 0 < tokens < 1500, status(page)
+            time.sleep(1.0)
+            assert bot.last.inner_text() == kept, "nothing is written after Stop, and what was written stays"
+            assert bot_messages(page).count() == 1
+
+            # 2. another browser session has its own conversation
+            other = browser.new_context().new_page()
+            other.goto(app_url, wait_until="load")
+            other.wait_for_selector("#mx-panel .mx-grid", timeout=60_000)
+            assert bot_messages(other).count() == 0
+            send(other, "zebra banana forty-two")
+            other.wait_for_function(
+                "() => document.querySelector('#mx-status').innerText.match(/^(finished|reached)/)", timeout=90_000)
+            assert "zebra banana" in other.locator("#mx-chat").inner_text()
+            assert "tuple" not in other.locator("#mx-chat").inner_text()
+            assert "zebra banana" not in page.locator("#mx-chat").inner_text()
+            other.close()
+
+            # 3. a second turn runs to its end; the panel's figures are filled in and have changed
+            set_number(page, "#mx-max-new", "64")
+            send(page, "And what is a list?")
+            page.wait_for_function(
+                "() => document.querySelector('#mx-status').innerText.match(/^(finished|reached)/)", timeout=90_000)
+            assert bot_messages(page).count() == 2
+            page.wait_for_timeout(1000)                    # a few more panel ticks after the end
+            end = figures(page)
+            assert end["events"] > 0, "the grid marks this token's hits and misses"
+            assert end["Hit rate"] != start["Hit rate"] and re.search(r"\d+\.\d%", end["Hit rate"])
+            assert re.search(r"\d+(\.\d)? tok/s", end["Speed"]) and re.search(r"\d+ ms|\d\.\d+ s", end["Speed"])
+            assert end["Speed"] != start["Speed"]
+            assert "No GPU" in end["Memory"] and re.search(r"System RAM\s*[\d.]+ GB / [\d.]+ GB", end["Memory"])
+            assert re.search(r"Process RAM \(RSS\)\s*[\d.]+ [MG]B", end["Memory"])
+            assert end["Transfers"] != start["Transfers"] and re.search(r"[\d.]+ [KMG]B/s", end["Transfers"])
+            assert page.locator("#mx-panel img.mx-routing").count() == 1
+
+            page.wait_for_timeout(800)
+            shot = ARTIFACTS / "browser.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"\nscreenshot: {shot}")
+            assert shot.stat().st_size > 20_000
+        finally:
+            browser.close()
