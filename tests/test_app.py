@@ -207,12 +207,13 @@ def test_cli_flags():
     assert launcher.parse_auth(args.auth) == ("ann", "secret")
     with pytest.raises(ConfigError):
         launcher.parse_auth("nopassword")
-    with pytest.raises(ConfigError):
-        launcher.engine_config(launcher.build_parser().parse_args(["--expert-bits", "5"]), said.append)
-    # without --cache-size something picks k and says so
+    with pytest.raises(SystemExit):
+        launcher.build_parser().parse_args(["--expert-bits", "5"])
+    # without --cache-size and without a GPU: a small k so the cache has work to do, and it says so
     said.clear()
-    cfg, _ = launcher.engine_config(launcher.build_parser().parse_args(["--model", "tiny"]), said.append)
-    assert cfg.cache.size >= 1 and any("k = " in s for s in said)
+    cfg, reason = launcher.engine_config(launcher.build_parser().parse_args(["--device", "cpu"]), said.append)
+    assert cfg.model == "tiny" and "no CUDA GPU" in reason
+    assert cfg.cache.size == launcher.CPU_DEMO_K and any("no CUDA GPU" in s and "k = 2" in s for s in said)
 
 
 def test_bind_address_is_local_unless_asked():

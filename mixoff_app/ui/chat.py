@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 import traceback
 from typing import Any, Callable, Iterator, Optional
 

@@ -10,32 +10,32 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from ..config import CacheConfig, ConfigError, EngineConfig, QuantConfig, parse_bits, POLICIES
+from ..config import ConfigError, EngineConfig
 
 DEFAULT_PORT = 7860
-FALLBACK_K = 2
+CPU_DEMO_K = 2          # without a GPU memory does not limit k; a small cache lets the panel show the mechanism
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..cli import _positive_int, add_engine_args     # the same engine flags as the headless CLI
+
     p = argparse.ArgumentParser(
         prog="app.py", description="mixoff: chat with Mixtral-8x7B whose experts are offloaded to host RAM, "
                                    "with a live view of the GPU expert cache.")
-    p.add_argument("--model", default=None,
-                   help="hub repo id, local folder, or 'tiny' (default: the pre-quantized Mixtral-8x7B-Instruct "
-                        "when a CUDA GPU is present, else the embedded tiny model)")
-    p.add_argument("--cache-size", type=int, default=None, metavar="K",
-                   help="experts per layer kept on the device (default: chosen by the memory planner)")
-    p.add_argument("--policy", default="lru", choices=POLICIES, help="eviction policy (default: lru)")
-    p.add_argument("--prefetch", type=int, default=0, metavar="N",
-                   help="experts per layer to prefetch from the next layer's router (default: 0, off)")
-    p.add_argument("--attn-bits", default="4", help="attention bits: 2, 3, 4, 8 or none (default: 4)")
-    p.add_argument("--expert-bits", default="2", help="expert bits: 2, 3, 4, 8 or none (default: 2)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--max-context", type=int, default=4096, help="context window in tokens (default: 4096)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="default answer length cap (default: 256)")
+    add_engine_args(p, model_default=None)
+    p.set_defaults(model=None)
+    for action in p._actions:
+        if action.dest == "model":
+            action.help = ("hub repo id, local folder, or 'tiny' (default: the pre-quantized Mixtral-8x7B-Instruct "
+                           "when a CUDA GPU is present, else the embedded tiny model)")
+        elif action.dest == "cache_size":
+            action.help = ("experts per layer kept on the device (default: the memory planner picks k from free "
+                           f"VRAM and RAM; without a GPU, {CPU_DEMO_K})")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256,
+                   help="default answer length cap in the page (default: 256)")
     p.add_argument("--host", default=None,
                    help="address to bind (default: 127.0.0.1, this machine only; e.g. 0.0.0.0 for the network)")
-    p.add_argument("--port", type=int, default=None,
+    p.add_argument("--port", type=_positive_int, default=None,
                    help=f"port (default: {DEFAULT_PORT}, or GRADIO_SERVER_PORT)")
     p.add_argument("--share", action="store_true", help="create a public Gradio share link (e.g. on Colab)")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
@@ -60,55 +60,48 @@ def bind_address(host: Optional[str], environ=os.environ) -> str:
     return "127.0.0.1"
 
 
-def plan_cache_size(model: str, device: Optional[str], quant: QuantConfig, max_context: int,
-                    say: Callable[[str], None]) -> Optional[int]:
-    """k from free VRAM and free RAM, via the memory planner when it is there; None: let the config default."""
-    try:
-        from .. import plan as planner        # written alongside; its absence must not stop the app
-    except ImportError:
-        planner = None
-    fn = None
-    for name in ("choose_cache_size", "plan_cache_size", "pick_cache_size", "choose_k", "plan_k"):
-        fn = getattr(planner, name, None) if planner else None
-        if fn:
-            break
-    if fn is not None:
-        try:
-            result = fn(model=model, device=device, quant=quant, max_context=max_context)
-        except TypeError:
-            result = fn(model, device)
-        k = getattr(result, "k", result)
-        why = getattr(result, "reason", None) or getattr(result, "explain", None)
-        if callable(why):
-            why = why()
-        say(f"memory planner: k = {k} experts per layer on the device" + (f" ({why})" if why else ""))
-        return int(k)
-    say(f"memory planner not available: using k = {FALLBACK_K} experts per layer on the device "
-        f"(pass --cache-size K to choose)")
-    return FALLBACK_K
-
-
 def engine_config(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[EngineConfig, str]:
-    """Flags -> (EngineConfig, why this model). Raises ConfigError with a message for the user."""
-    from ..engine import default_model      # torch lives behind the engine, not in the UI
+    """Flags -> (EngineConfig, why this model). Raises ConfigError with a message for the user.
 
+    k: --cache-size when given; on a GPU the memory planner picks it from free VRAM (pynvml) and free RAM
+    (psutil) -- here before any download, from the model's shape, and again by the engine once the
+    checkpoint is read; without a GPU the CPU stands in for the device and k = CPU_DEMO_K.
+    """
+    from ..cli import engine_config as cli_engine_config
+    from ..engine import default_model, resolve_device      # torch lives behind the engine, not in the UI
+
+    args = argparse.Namespace(**vars(args))
+    device = resolve_device(args.device)
     if args.model:
-        model, reason = args.model, f"--model {args.model} was given"
+        reason = f"--model {args.model} was given"
     else:
-        model, reason = default_model()
-    quant = QuantConfig.from_bits(parse_bits(args.attn_bits), parse_bits(args.expert_bits))
-    if args.max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be >= 1")
+        args.model, reason = default_model()
+        if device.type != "cuda" and args.model != "tiny":      # a GPU is there, but --device cpu was asked
+            args.model, reason = "tiny", "--device cpu: running the embedded tiny model"
+    budgets = getattr(args, "vram_budget", None) is not None or getattr(args, "ram_budget", None) is not None
     if args.cache_size is not None:
-        if args.cache_size < 1:
-            raise ConfigError("--cache-size must be >= 1")
-        k = args.cache_size
-        say(f"cache: k = {k} experts per layer on the device (--cache-size)")
-    else:
-        k = plan_cache_size(model, args.device, quant, args.max_context, say)
-    cache = CacheConfig(size=k or FALLBACK_K, policy=args.policy, prefetch=args.prefetch)
-    cfg = EngineConfig(model=model, device=args.device, quant=quant, cache=cache, max_context=args.max_context)
-    return cfg, reason
+        say(f"cache: k = {args.cache_size} experts per layer on the device (--cache-size)")
+    elif device.type == "cuda":
+        from ..plan import choose_cache_size
+        try:
+            plan = choose_cache_size(args.model, str(device), None if args.model == "tiny" else _quant(args),
+                                     args.max_context)
+            say(f"memory planner: k = {plan.k} experts per layer on {device} from free VRAM and RAM "
+                f"({plan.summary()}); it re-checks once the checkpoint is read")
+        except ConfigError as exc:
+            if "does not fit" in str(exc):
+                raise
+            say(f"memory planner: {exc}; it picks k once the checkpoint is downloaded")
+    elif not budgets:
+        args.cache_size = CPU_DEMO_K
+        say(f"no CUDA GPU: the CPU stands in for the device, so memory does not limit k; k = {CPU_DEMO_K} "
+            f"experts per layer, so the cache has work to do (--cache-size K to change)")
+    return cli_engine_config(args), reason
+
+
+def _quant(args):
+    from ..config import QuantConfig
+    return QuantConfig.from_bits(args.attn_bits, args.expert_bits)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -124,6 +117,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ConfigError as exc:
         build_parser().error(str(exc))
         return
+    if args.share:
+        say("--share: a public gradio.live link will be printed; anyone with it can use this app"
+            + ("" if auth else " (add --auth USER:PASS for a login)"))
 
     from ..engine import Engine
     from .chat import EngineSlot

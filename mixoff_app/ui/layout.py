@@ -7,6 +7,7 @@ wait in Gradio's queue with their place shown. The panel polls ``engine.stats()`
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -143,7 +144,8 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         """Re-plan the device cache (k experts per layer, eviction policy, prefetch) without reloading."""
         engine = engine_or_error()
         try:
-            cfg = CacheConfig(size=int(k), policy=str(policy), prefetch=int(prefetch))
+            # keep what the UI does not set (placement, prefetch depth) as the engine has it
+            cfg = replace(engine.info.cache, size=int(k), sizes=None, policy=str(policy), prefetch=int(prefetch))
             engine.reconfigure_cache(cfg)
         except (ConfigError, ValueError) as exc:
             raise gr.Error(str(exc)) from None
@@ -179,7 +181,6 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
 
     def info() -> dict:
         """Which model runs, why, on what device, quantized how, with which cache."""
-        from dataclasses import asdict
         return asdict(engine_or_error().info)
 
     # ---- page ---------------------------------------------------------------------------------
