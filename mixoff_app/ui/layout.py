@@ -68,6 +68,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         text = (message or "").strip()
         if not text:
             raise gr.Error("Type a message first.")
+        engine_or_error()                 # while loading, the message stays in the box
         canceller.arm(_session(request))
         return "", to_messages(history) + [{"role": "user", "content": text}]
 

@@ -276,7 +276,7 @@ def render_routing(snap, max_tokens: int = ROUTING_TOKENS) -> str:
            + " · tokens → · layers ↓")
     head = f'<div class="mx-card-h"><span>Routing</span><span class="mx-sub">{sub}</span></div>'
     if not routing:
-        body = '<div class="mx-empty">The routing of the next answer appears here: one column per token.</div>'
+        body = '<div class="mx-placeholder">The routing of the next answer appears here: one column per token.</div>'
     else:
         png = routing_png(routing, snap.num_layers, snap.num_experts, snap.top_k)
         rows = snap.num_layers * (snap.top_k + 1)
