@@ -43,14 +43,14 @@ from .tiny import train_tokenizer
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-chat"
 
-DEFAULTS = dict(seed=1234, vocab_size=4096, hidden=256, layers=6, heads=8, kv_heads=4, head_dim=32,
+DEFAULTS = dict(seed=1234, vocab_size=4096, hidden=256, layers=4, heads=8, kv_heads=4, head_dim=32,
                 intermediate=384, experts=8, top_k=2, context=512, batch_tokens=4096, lr=2e-3,
                 min_lr_frac=0.1, warmup=100, weight_decay=0.05, aux_coef=0.01, locality_coef=0.1,
-                heldout_frac=0.05, steps=900)
+                heldout_frac=0.05, steps=700)
 
 # ----------------------------------------------------------------------------------------------- data
 
-_MAX_ANSWER_CHARS = 700
+_MAX_ANSWER_CHARS = 480
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ _FUNCTION_MODULES = ["os", "os.path", "sys", "math", "cmath", "json", "re", "ran
                      "zoneinfo", "graphlib", "ipaddress", "mimetypes", "getpass", "configparser", "sqlite3",
                      "importlib", "importlib.util", "pkgutil", "tokenize", "ast", "dis", "gc", "errno", "filecmp",
                      "colorsys", "webbrowser", "numbers", "reprlib", "atexit", "faulthandler", "tracemalloc"]
-_MAX_MEMBERS_PER_MODULE = 60
+_MAX_MEMBERS_PER_MODULE = 15
 _BUILTIN_TYPES = ["str", "bytes", "bytearray", "list", "tuple", "dict", "set", "frozenset", "int", "float",
                   "complex", "range", "memoryview", "object", "type", "slice"]
 
