@@ -213,7 +213,7 @@ def test_cli_flags():
     said.clear()
     cfg, reason = launcher.engine_config(launcher.build_parser().parse_args(["--device", "cpu"]), said.append)
     assert cfg.model == "tiny" and "no CUDA GPU" in reason
-    assert cfg.cache.size == launcher.CPU_DEMO_K and any("no CUDA GPU" in s and "k = 2" in s for s in said)
+    assert cfg.cache.size == launcher.CPU_DEMO_K and any("no CUDA GPU" in s and f"k = {launcher.CPU_DEMO_K}" in s for s in said)
 
 
 def test_bind_address_is_local_unless_asked():

@@ -42,7 +42,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def app_url():
     engine = Engine.load(EngineConfig(model="tiny", device="cpu", quant=QuantConfig.from_bits(4, 2),
-                                      cache=CacheConfig(size=2)))
+                                      cache=CacheConfig(size=3)))
     demo = build_ui(engine, max_new_tokens=96)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -168,5 +168,17 @@ def test_chat_streams_panel_moves_stop_and_screenshot(app_url):
             page.screenshot(path=str(shot), full_page=True)
             print(f"\nscreenshot: {shot}")
             assert shot.stat().st_size > 20_000
+
+            # 4. Retry answers the last question again (greedy: the same text); Clear empties the chat
+            answer = bot.last.inner_text()
+            page.locator("#mx-retry").click()
+            page.wait_for_function(
+                "() => document.querySelector('#mx-status').innerText.match(/^generating/)", timeout=30_000)
+            page.wait_for_function(
+                "() => document.querySelector('#mx-status').innerText.match(/^(finished|reached)/)", timeout=90_000)
+            assert bot_messages(page).count() == 2 and bot.last.inner_text() == answer
+            page.locator("#mx-clear").click()
+            page.wait_for_function(
+                "() => document.querySelectorAll('#mx-chat [data-testid=\"bot\"]').length === 0", timeout=30_000)
         finally:
             browser.close()

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 from ..config import ConfigError, EngineConfig
 
 DEFAULT_PORT = 7860
-CPU_DEMO_K = 2          # without a GPU memory does not limit k; a small cache lets the panel show the mechanism
+CPU_DEMO_K = 3          # without a GPU memory does not limit k; a small cache lets the panel show the mechanism
 
 
 def build_parser() -> argparse.ArgumentParser:
