@@ -84,8 +84,9 @@ class Mixtral:
         self.prefetcher: Optional[Prefetcher] = None
         self.record_weights = False
         L, nkv, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-        # Static KV cache, allocated once: [layer, k|v, position, kv_head, head_dim].
-        self.kv = torch.zeros((L, 2, max_seq, nkv, hd), dtype=dtype, device=self.device)
+        # Static KV cache, allocated once: [layer, k|v, kv_head, position, head_dim]; a head's keys are
+        # contiguous, which is what attention reads.
+        self.kv = torch.zeros((L, 2, nkv, max_seq, hd), dtype=dtype, device=self.device)
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
         t = torch.arange(max_seq, dtype=torch.float32)
         freqs = torch.outer(t, inv)
@@ -104,9 +105,10 @@ class Mixtral:
         x = F.embedding(ids, self.trunk.embed)                                      # [T, H]
         cos, sin = self.cos[pos:pos + T, None, :], self.sin[pos:pos + T, None, :]   # [T, 1, hd]
         mask = None
-        if T > 1 and pos > 0:
-            # Causal with an offset: query i sees keys 0..pos+i.
-            mask = torch.ones((T, pos + T), dtype=torch.bool, device=self.device).tril(diagonal=pos)
+        if T > 1:
+            # Causal with an offset (query i sees keys 0..pos+i), once per query head of a KV group.
+            g = cfg.num_heads // cfg.num_kv_heads
+            mask = torch.ones((T, pos + T), dtype=torch.bool, device=self.device).tril(diagonal=pos).repeat(g, 1)
         decode = T == 1
         if decode:
             self.cache.next_token()
@@ -127,18 +129,21 @@ class Mixtral:
     def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, pos: int, cos, sin, mask) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        g = nh // nkv
         q = linear(x, lw.wq).view(T, nh, hd)
         k = linear(x, lw.wk).view(T, nkv, hd)
         v = linear(x, lw.wv).view(T, nkv, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        self.kv[i, 0, pos:pos + T] = k
-        self.kv[i, 1, pos:pos + T] = v
-        K = self.kv[i, 0, :pos + T].transpose(0, 1)[None]                          # [1, nkv, S, hd]
-        V = self.kv[i, 1, :pos + T].transpose(0, 1)[None]
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K, V, attn_mask=mask,
-                                           is_causal=T > 1 and mask is None, enable_gqa=nkv != nh)
-        return linear(o[0].transpose(0, 1).reshape(T, nh * hd), lw.wo)
+        self.kv[i, 0, :, pos:pos + T] = k.transpose(0, 1)
+        self.kv[i, 1, :, pos:pos + T] = v.transpose(0, 1)
+        K = self.kv[i, 0, :, :pos + T]                                              # [nkv, S, hd]
+        V = self.kv[i, 1, :, :pos + T]
+        # Grouped-query attention without repeating K/V: the g query heads that share a KV head are
+        # stacked as g*T query rows against that head (query head h uses KV head h // g).
+        qg = q.transpose(0, 1).reshape(nkv, g * T, hd)                              # [nkv, g*T, hd]
+        o = F.scaled_dot_product_attention(qg[None], K[None], V[None], attn_mask=mask)[0]
+        return linear(o.view(nh, T, hd).transpose(0, 1).reshape(T, nh * hd), lw.wo)
 
     def _route(self, lw: LayerWeights, h: torch.Tensor):
         probs = torch.softmax(F.linear(h, lw.gate).float(), dim=-1)                 # [T, E]
