@@ -143,8 +143,9 @@ def _zero(q: QWeight, dtype: torch.dtype) -> torch.Tensor:
 
 def dequantize(q: QWeight, dtype: torch.dtype = FP) -> torch.Tensor:
     """Bit-identical to hqq's ``Quantizer.dequantize`` chain when ``dtype`` is hqq's compute dtype."""
-    W = unpack(q.W_q, q.bits, q.group_size, dtype)                               # [G, M]
-    return ((W - _zero(q, dtype)) * _scale(q, dtype)).reshape(q.shape)
+    W = unpack(q.W_q, q.bits, q.group_size, dtype)                               # [G, M], a fresh tensor
+    # In place: one pass and no extra [G, M] temporaries; each op still rounds to dtype as hqq's does.
+    return W.sub_(_zero(q, dtype)).mul_(_scale(q, dtype)).reshape(q.shape)
 
 
 def linear(x: torch.Tensor, w) -> torch.Tensor:
