@@ -157,10 +157,14 @@ class Mixtral:
         self.stats.on_route(i, tuple(experts))
         if tok_weights is not None:
             tok_weights[i] = tuple(w[0].tolist())
-        if self.prefetcher is not None:
-            self.prefetcher.guess(self, i, resid)
         outs: list[Optional[torch.Tensor]] = [None] * len(experts)
+        guess_pending = self.prefetcher is not None
         for e, ew, slot in self.cache.fetch(i, experts):
+            if guess_pending:
+                # fetch has queued this layer's own misses; the next layer's guesses go behind them on the
+                # copy stream, so a demand copy never waits for a speculative one.
+                self.prefetcher.guess(self, i, resid)
+                guess_pending = False
             outs[experts.index(e)] = expert_forward(h, ew)
             self.cache.release(i, slot)
         y = outs[0] * w[0, 0]
