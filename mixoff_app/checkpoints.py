@@ -406,3 +406,88 @@ def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike,
 
 def _spec_dict(s: QuantSpec) -> dict:
     return {"bits": s.bits, "group_size": s.group_size, "scale_group": s.scale_group, "quant_zero": s.quant_zero}
+
+
+# ---- placed loading (exclusive and disk placements) ----------------------------------------------
+
+def peek_checkpoint(folder: str | os.PathLike, quant: QuantConfig) -> tuple[ModelConfig, QuantConfig, str]:
+    """(config, the quantization that will be in memory, layout) without loading any weights, for planning."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    src = TensorSource(folder)
+    try:
+        layout = detect_layout(src.keys(), src.metadata)
+        if layout == "mixoff":
+            quant = _mixoff_quant(src)
+        elif layout == "seed":
+            quant = _seed_quant(src, cfg)
+    finally:
+        src.close()
+    return cfg, quant, layout
+
+
+def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device: str | torch.device,
+                           dtype: torch.dtype, make_store: Callable, progress: Progress = _noop,
+                           quant_device: Optional[str] = None) -> Loaded:
+    """``load_checkpoint`` with the expert store built by ``make_store(cfg, expert_layout, layout, folder)``.
+
+    The store says what to read and where (``store.load_targets()``: host rows or device slots); a
+    disk-backed store reads nothing now. Mixoff blobs are read with positioned reads straight into their
+    target, so loading adds no transient copy (and no mapped pages) to the host footprint."""
+    from .disk_store import expert_blob_offsets, _pread_into
+
+    folder = Path(folder)
+    cfg = read_config(folder)
+    src = TensorSource(folder)
+    layout = detect_layout(src.keys(), src.metadata)
+    device = torch.device(device)
+    qdev = quant_device or ("cuda" if device.type == "cuda" else "cpu")
+    progress(f"reading a {layout}-layout checkpoint from {folder}")
+    fds: dict[Path, int] = {}
+    try:
+        if layout == "mixoff":
+            quant = _mixoff_quant(src)
+        elif layout == "seed":
+            quant = _seed_quant(src, cfg)
+        _check_specs(cfg, quant)
+        elayout = ExpertLayout.for_model(cfg, quant.experts, dtype)
+        store = make_store(cfg, elayout, layout, folder)
+        trunk = _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress)
+        f, h = cfg.intermediate_size, cfg.hidden_size
+        blobs = expert_blob_offsets(folder, cfg, elayout.nbytes) if layout == "mixoff" else {}
+        bounce = None
+        n = 0
+        for i, e, target in store.load_targets():
+            p = f"model.layers.{i}.block_sparse_moe.experts.{e}"
+            if layout == "mixoff":
+                path, off = blobs[(i, e)]
+                if path not in fds:
+                    fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                if target.device.type == "cpu":
+                    _pread_into(fds[path], target, off)
+                else:
+                    if bounce is None:
+                        bounce = torch.empty(elayout.nbytes, dtype=torch.uint8)
+                    _pread_into(fds[path], bounce, off)
+                    target.copy_(bounce)
+            elif layout == "seed":
+                tensors = {}
+                for name, shape in (("w1", (f, h)), ("w3", (f, h)), ("w2", (h, f))):
+                    for k, v in seed_qweight(src, f"{p}.{name}", shape).tensors().items():
+                        tensors[f"{name}.{k}"] = v
+                elayout.fill(target, tensors)
+            else:
+                ws = []
+                for name, shape in (("w1", (f, h)), ("w3", (f, h)), ("w2", (h, f))):
+                    w = src.get(f"{p}.{name}.weight")
+                    if tuple(w.shape) != shape:
+                        raise CheckpointError(f"{p}.{name}.weight has shape {tuple(w.shape)}, config says {shape}")
+                    ws.append(w)
+                elayout.fill(target, expert_tensors_from_dense(*ws, quant.experts, qdev))
+            n += 1
+        progress(f"experts placed ({store.placement}): {n} read now, experts {quant.experts.describe()}")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        src.close()
+    return Loaded(cfg, trunk, store, quant, layout)

@@ -45,22 +45,46 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
     p.add_argument("--policy", choices=POLICIES, default="lru", help="eviction policy")
     p.add_argument("--prefetch", type=int, default=0, help="experts to prefetch per layer (0: off)")
     p.add_argument("--prefetch-layers", type=_positive_int, default=1, help="how many layers ahead to guess")
-    p.add_argument("--placement", choices=PLACEMENTS, default="inclusive", help="where experts live")
+    p.add_argument("--placement", choices=("auto",) + PLACEMENTS, default="auto",
+                   help="where experts live: inclusive (host holds all), exclusive (each in one place), disk "
+                        "(read from a mixoff-format checkpoint); default: planned on GPU or with a budget, "
+                        "else inclusive")
+    p.add_argument("--vram-budget", type=_gigabytes, default=None,
+                   help="GB (GiB) mixoff may allocate on the device; the planner fits k and placement under it")
+    p.add_argument("--ram-budget", type=_gigabytes, default=None,
+                   help="GB (GiB) loading the model may add to this process's RAM")
     p.add_argument("--max-context", type=_positive_int, default=4096, help="KV cache length in tokens")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--tokenizer", default=None, help="where the tokenizer/chat template come from (default: the checkpoint)")
 
 
+def _gigabytes(text: str) -> int:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return int(v * (1 << 30))
+
+
 def engine_config(args) -> EngineConfig:
     from .engine import resolve_device
     k = args.cache_size
-    if k is None and resolve_device(args.device).type == "cuda":
-        k = 2     # the paper's smallest useful k; the app's memory planner picks k from free memory instead
+    placement = getattr(args, "placement", "auto")
+    vram_budget, ram_budget = getattr(args, "vram_budget", None), getattr(args, "ram_budget", None)
+    planned = resolve_device(args.device).type == "cuda" or vram_budget is not None or ram_budget is not None
+    # On a GPU, or under a budget, the memory planner picks whatever was not given (k per layer, placement).
+    choose_k, choose_placement = planned and k is None, planned and placement == "auto"
+    auto = {(True, True): "full", (True, False): "sizes", (False, True): "placement"}.get(
+        (choose_k, choose_placement), "off")
     return EngineConfig(model=args.model, device=args.device,
                         quant=QuantConfig.from_bits(args.attn_bits, args.expert_bits),
                         cache=CacheConfig(size=k, policy=args.policy, prefetch=args.prefetch,
-                                          prefetch_layers=args.prefetch_layers, placement=args.placement),
-                        max_context=args.max_context, dtype=args.dtype, tokenizer=args.tokenizer)
+                                          prefetch_layers=args.prefetch_layers,
+                                          placement="inclusive" if placement == "auto" else placement),
+                        max_context=args.max_context, dtype=args.dtype, tokenizer=args.tokenizer,
+                        vram_budget=vram_budget, ram_budget=ram_budget, auto_plan=auto)
 
 
 def load_engine(args, progress=None):

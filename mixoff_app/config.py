@@ -224,3 +224,6 @@ class EngineConfig:
     max_context: int = 4096
     dtype: Optional[str] = None           # None: float16 on cuda, float32 on cpu
     tokenizer: Optional[str] = None       # overrides where the tokenizer and chat template come from
+    vram_budget: Optional[int] = None     # bytes mixoff may allocate on the device (torch peak allocated)
+    ram_budget: Optional[int] = None      # bytes loading may add to the process RSS
+    auto_plan: str = "off"                # what the memory planner picks: off | sizes (k) | placement | full

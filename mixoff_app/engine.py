@@ -98,23 +98,65 @@ class Engine:
         if dtype is None:
             raise ConfigError(f"unsupported dtype {config.dtype!r}: use float16, bfloat16 or float32")
         resolved = resolve(config.model, progress)
+        # Plan before allocating anything: a configuration that cannot fit is refused with what would fit.
+        from .checkpoints import load_checkpoint_placed, peek_checkpoint
+        from .disk_store import DiskStore
+        from .expert_store import ExclusiveStore, ExpertStore
+        from .plan import device_tensor_bytes, plan_for, rss_bytes
+        cfg, quant, ckpt_layout = peek_checkpoint(resolved.path, config.quant)
+        max_seq = min(config.max_context, cfg.max_position_embeddings)
+        placement = config.cache.placement
+        sizes = config.cache.layer_sizes(cfg.num_layers, cfg.num_experts)
+        budgets = config.vram_budget is not None or config.ram_budget is not None
+        memory_plan = None
+        if config.auto_plan != "off" or budgets or device.type == "cuda":
+            memory_plan = plan_for(cfg, quant, max_seq, device=device, dtype=dtype,
+                                   placement=None if config.auto_plan in ("placement", "full") else placement,
+                                   sizes=None if config.auto_plan in ("sizes", "full") else sizes,
+                                   vram_budget=config.vram_budget, ram_budget=config.ram_budget,
+                                   disk_ok=ckpt_layout == "mixoff", model_name=resolved.name)
+            if not memory_plan.feasible:
+                raise ConfigError(f"{resolved.name} does not fit: {memory_plan.reason}")
+            sizes, placement = memory_plan.sizes, memory_plan.placement
+            progress(f"memory plan: {memory_plan.summary()}")
+        if placement == "disk" and ckpt_layout != "mixoff":
+            raise ConfigError(f"--placement disk reads experts straight from a mixoff-format checkpoint, and "
+                              f"{resolved.path} is {ckpt_layout}-layout: convert it once with "
+                              f"`python -m mixoff_app quantize {config.model} OUT_FOLDER` and pass --model OUT_FOLDER")
+        pin = device.type == "cuda"
+
+        def make_store(mcfg, elayout, layout_name, folder):
+            if placement == "exclusive":
+                return ExclusiveStore(mcfg, elayout, sizes, device, pin=pin)
+            if placement == "disk":
+                return DiskStore(mcfg, elayout, folder, pin=pin)
+            return ExpertStore(mcfg, elayout, pin=pin)
+
+        rss0 = rss_bytes()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         try:
-            loaded = load_checkpoint(resolved.path, config.quant, device, dtype, pin=device.type == "cuda",
-                                     progress=progress)
+            loaded = load_checkpoint_placed(resolved.path, config.quant, device, dtype, make_store,
+                                            progress=progress)
         except torch.cuda.OutOfMemoryError:
             raise ConfigError("not enough GPU memory for the attention, embeddings and KV cache of this model: "
                               "use a smaller --max-context, free the GPU, or run on --device cpu") from None
         cfg = loaded.cfg
-        max_seq = min(config.max_context, cfg.max_position_embeddings)
-        sizes = config.cache.layer_sizes(cfg.num_layers, cfg.num_experts)
-        stats = Stats(cfg.num_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy,
-                      config.cache.placement)
+        stats = Stats(cfg.num_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
         try:
             cache = ExpertCache(loaded.store, sizes, config.cache.policy, device, stats)
             model = Mixtral(cfg, loaded.trunk, cache, stats, max_seq, device, dtype)
         except torch.cuda.OutOfMemoryError:
             raise ConfigError(f"not enough GPU memory for {sum(sizes)} expert slots "
                               f"({loaded.store.layout.nbytes / 2**20:.1f} MiB each): lower --cache-size") from None
+        measured = {"device_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                                     else device_tensor_bytes(model)),
+                    "rss_growth": rss_bytes() - rss0}
+        for key, budget, what in (("device_bytes", config.vram_budget, "--vram-budget"),
+                                  ("rss_growth", config.ram_budget, "--ram-budget")):
+            if budget is not None and measured[key] > budget:
+                progress(f"warning: loading used {measured[key] / 2**20:.1f} MiB against {what} "
+                         f"{budget / 2**20:.1f} MiB")
         if config.cache.prefetch:
             model.prefetcher = Prefetcher(config.cache.prefetch, config.cache.prefetch_layers)
         progress(f"device cache: {sizes[0] if len(set(sizes)) == 1 else sizes} experts per layer on {device} "
@@ -135,11 +177,16 @@ class Engine:
             dtype=str(dtype).replace("torch.", ""),
             quant=f"attention {q.attn.describe()}, experts {q.experts.describe()}", layout=loaded.layout,
             num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
-            cache=replace(config.cache, sizes=None if len(set(sizes)) == 1 else sizes, size=sizes[0]),
+            cache=replace(config.cache, sizes=None if len(set(sizes)) == 1 else sizes, size=sizes[0],
+                          placement=placement),
             gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             expert_bytes=loaded.store.layout.nbytes)
         progress(f"ready: {resolved.name} on {device}")
-        return cls(config, info, model, tokenizer, stats, eos)
+        config = replace(config, cache=replace(config.cache, placement=placement, size=sizes[0],
+                                               sizes=None if len(set(sizes)) == 1 else tuple(sizes)))
+        engine = cls(config, info, model, tokenizer, stats, eos)
+        engine.memory_plan, engine.memory_measured = memory_plan, measured
+        return engine
 
     # ---- chat -----------------------------------------------------------------------------------
     def prompt_ids(self, messages: list[dict]) -> list[int]:

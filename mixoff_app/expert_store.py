@@ -1,13 +1,19 @@
 """Host-side home of the experts: one contiguous (pinned, where CUDA exists) buffer per expert.
 
+Three placements share one interface (``buffer``, ``fill``, ``weights``, ``load_targets``, ``nbytes``,
+``pinned_bytes``, ``placement``): ``ExpertStore`` (inclusive: the host holds every expert),
+``ExclusiveStore`` (each expert in one place: host row or device slot) and ``disk_store.DiskStore``
+(experts read from the checkpoint file on demand).
+
 An expert's three matrices, with their packed codes, scales and zeros, sit back to back in one uint8
 buffer described by an ``ExpertLayout``, so moving an expert to a device slot is a single copy and the
 tensors the forward uses are views into the slot, made once.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -74,19 +80,38 @@ class ExpertLayout:
             v[name].copy_(t.to(v[name].dtype))
 
 
+def host_buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+    """A uint8 host tensor, page-locked when ``pin``.
+
+    Not ``torch.empty(pin_memory=True)``: torch's caching host allocator rounds every pinned block up to a
+    power of two, so a 531 MB layer of Mixtral experts would take 1 GiB (32 GiB for the model). Pageable
+    memory registered with ``cudaHostRegister`` is pinned at its exact size; it is unregistered when the
+    tensor is freed.
+    """
+    t = torch.zeros(shape, dtype=torch.uint8)       # zeroed: the alignment padding is deterministic
+    if pin and t.numel():
+        cudart = torch.cuda.cudart()
+        ptr = t.data_ptr()
+        err = int(cudart.cudaHostRegister(ptr, t.numel(), 0))
+        if err != 0:
+            raise RuntimeError(f"cudaHostRegister of {t.numel()} bytes failed (cudaError {err})")
+        weakref.finalize(t.untyped_storage(), cudart.cudaHostUnregister, ptr).atexit = False
+    return t
+
+
 class ExpertStore:
     """Every expert of every layer in host memory (inclusive placement), one buffer per expert.
 
     Buffers are allocated per layer as one [E, nbytes] block; pinned when ``pin`` so host->device
-    copies are truly asynchronous.
+    copies are truly asynchronous. Evicting a device copy is free: the host still holds the expert.
     """
+
+    placement = "inclusive"
 
     def __init__(self, cfg: ModelConfig, layout: ExpertLayout, pin: bool = False) -> None:
         self.cfg, self.layout = cfg, layout
         self.pinned = pin
-        # Zeroed, not empty: the alignment padding then never carries stale bytes into saved files.
-        self._layers = [torch.zeros((cfg.num_experts, layout.nbytes), dtype=torch.uint8, pin_memory=pin)
-                        for _ in range(cfg.num_layers)]
+        self._layers = [host_buffer((cfg.num_experts, layout.nbytes), pin) for _ in range(cfg.num_layers)]
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         return self._layers[layer][expert]
@@ -97,9 +122,104 @@ class ExpertStore:
     def weights(self, layer: int, expert: int) -> ExpertWeights:
         return self.layout.weights(self.buffer(layer, expert))
 
+    def load_targets(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(layer, expert, buffer) for every expert the loader must read now, in checkpoint order."""
+        for i in range(self.cfg.num_layers):
+            for e in range(self.cfg.num_experts):
+                yield i, e, self.buffer(i, e)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() for t in self._layers)
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.nbytes if self.pinned else 0
+
+
+class ExclusiveStore:
+    """Exclusive placement: each expert lives in exactly one place, a device slot or a host row.
+
+    Layer l keeps ``k_l`` experts in device slots and ``E - k_l`` in host rows; one spare host row lets a
+    swap write the evicted expert back while the needed one is still being read from its own row (the row
+    it vacates becomes the next spare). Host rows are separate allocations, so re-planning ``k`` can grow or
+    shrink the host share without a second copy of it.
+
+    The device slot blocks are made here (the loader writes the first ``k_l`` experts of each layer straight
+    into them) and handed to the ``ExpertCache``, which owns them from then on.
+    """
+
+    placement = "exclusive"
+
+    def __init__(self, cfg: ModelConfig, layout: ExpertLayout, sizes: Sequence[int], device: torch.device,
+                 pin: bool = False) -> None:
+        self.cfg, self.layout, self.pinned = cfg, layout, pin
+        E = cfg.num_experts
+        self.rows: list[Optional[torch.Tensor]] = []
+        self.free: list[int] = []
+        self.home: list[list[int]] = []            # layer -> expert -> host row (-1: on the device)
+        self.slots: Optional[list[torch.Tensor]] = [
+            torch.zeros((k, layout.nbytes), dtype=torch.uint8, device=device) for k in sizes]
+        self.initial = [list(range(k)) for k in sizes]   # slot -> expert, before the cache takes over
+        self._cache = None
+        for k in sizes:
+            self.home.append([-1] * k + [self.new_row() for _ in range(E - k)])
+        self.free.append(self.new_row())
+
+    # ---- rows -----------------------------------------------------------------------------------
+    def new_row(self) -> int:
+        self.rows.append(host_buffer((self.layout.nbytes,), self.pinned))
+        return len(self.rows) - 1
+
+    def drop_row(self, row: int) -> None:
+        self.rows[row] = None
+
+    def take_free(self) -> int:
+        return self.free.pop() if self.free else self.new_row()
+
+    def trim(self, spare: int = 1) -> None:
+        """Keep exactly ``spare`` unused host rows (after a re-plan moved experts between the tiers)."""
+        while len(self.free) > spare:
+            self.drop_row(self.free.pop())
+        while len(self.free) < spare:
+            self.free.append(self.new_row())
+
+    def take_slots(self, cache) -> tuple[list[torch.Tensor], list[list[int]]]:
+        """Hand the device slots and their residents to the cache (once)."""
+        slots, initial = self.slots, self.initial
+        if slots is None:
+            raise RuntimeError("the device slots were already handed to a cache")
+        self.slots, self._cache = None, cache
+        return slots, initial
+
+    # ---- the common store interface -------------------------------------------------------------
+    def buffer(self, layer: int, expert: int) -> torch.Tensor:
+        """Where the expert's bytes are now: its host row, or its device slot."""
+        row = self.home[layer][expert]
+        if row >= 0:
+            return self.rows[row]
+        if self.slots is not None:
+            return self.slots[layer][self.initial[layer].index(expert)]
+        return self._cache.slot_buffer(layer, expert)
+
+    def fill(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.layout.fill(self.buffer(layer, expert), tensors)
+
+    def weights(self, layer: int, expert: int) -> ExpertWeights:
+        return self.layout.weights(self.buffer(layer, expert))
+
+    def load_targets(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        for i in range(self.cfg.num_layers):
+            for e in range(self.cfg.num_experts):
+                yield i, e, self.buffer(i, e)
+
+    @property
+    def host_rows(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        return self.host_rows * self.layout.nbytes
 
     @property
     def pinned_bytes(self) -> int:

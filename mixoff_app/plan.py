@@ -1,0 +1,572 @@
+"""Memory planner: what goes where, how many experts per layer fit on the device, and which placement.
+
+Every size comes from the code the runtime allocates with (``ExpertLayout`` for an expert, ``weight_fields``
+for the attention projections, the model's KV cache and RoPE tables), so the planner's bytes are the bytes
+the engine will hold. Allowances (not computable from the model) are stated where they are defined.
+
+``plan_for(...)`` is what the app and the engine call; ``python -m mixoff_app plan`` prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .config import (PLACEMENTS, PRESETS, ConfigError, ModelConfig, QuantConfig, QuantSpec, parse_bits)
+from .expert_store import ExpertLayout
+from .quant import weight_fields
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+# Allowances (stated, not derived):
+CUDA_CONTEXT = 512 * MiB          # CUDA context + cuBLAS workspace; outside torch's allocator
+DEVICE_MARGIN = 0.02              # caching-allocator rounding and fragmentation (fraction of the device cap)
+DEVICE_MARGIN_MIN = 128 * MiB
+HOST_OVERHEAD_CUDA = 1536 * MiB   # CUDA runtime's host memory, tokenizer, Python objects made while loading
+HOST_OVERHEAD_CPU = 64 * MiB      # tokenizer, Python objects made while loading (measured: ~10-30 MiB)
+DISK_STAGING = 2                  # pinned staging buffers of the disk tier
+
+# Reference machines for the README table: (name, VRAM GiB, RAM GiB).
+MACHINES = (("free Colab T4", 15.0, 12.7), ("12 GB card, 32 GB RAM", 12.0, 32.0),
+            ("16 GB card, 32 GB RAM", 16.0, 32.0), ("24 GB card, 32 GB RAM", 24.0, 32.0))
+
+
+def _nbytes(fields) -> int:
+    return sum(f.nbytes for f in fields)
+
+
+def _elt(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Bytes of every part of the model for one configuration (dtype, quantization, context)."""
+    expert: int                 # one expert in its stored layout (one copy = one device slot or host row)
+    attention: int              # all layers' q/k/v/o projections
+    embed: int
+    lm_head: int                # 0 when tied to the embeddings
+    norms: int                  # 2 per layer + the final one
+    router: int                 # all layers' gates
+    kv: int                     # static KV cache for max_context tokens
+    rope: int                   # cos + sin tables for max_context positions
+    scratch: int                # dequantizing the largest matrix: codes, minus zero, times scale (+ meta)
+    activations: int            # a prefill of max_context tokens (upper estimate)
+    num_layers: int
+    num_experts: int
+
+    @property
+    def trunk(self) -> int:
+        return self.attention + self.embed + self.lm_head + self.norms + self.router
+
+    @property
+    def all_experts(self) -> int:
+        return self.expert * self.num_layers * self.num_experts
+
+
+def dequant_scratch(shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype) -> int:
+    """Peak bytes that ``quant.dequantize`` allocates for one matrix (measured on the tiny model's matrices in
+    tests/test_plan.py): the unpacked codes, N values in ``dtype``, which are then scaled in place, plus the
+    larger of two transients: unpacking's shifted and masked copies of the packed codes (2 x the W_q bytes;
+    none at 8 bits) or making the zero / scale row (two rows of M = N / group values alive at once, plus
+    up to four scalars). Dense: none."""
+    if not spec.enabled:
+        return 0
+    n = shape[0] * shape[1]
+    m = n // spec.group_size
+    b = _elt(dtype)
+    packed = weight_fields("w", shape, spec, dtype)[0].nbytes
+    return n * b + max(0 if spec.bits == 8 else 2 * packed, 2 * m * b + 4 * b)
+
+
+def prefill_activations(cfg: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
+    """An upper estimate of a prefill's live activations: the residual stream, the normed input, q/k/v and
+    RoPE temporaries and attention output (about 12 rows of H), one expert's gate/up/product rows (4 of F),
+    the float32 MoE accumulator and routing probabilities."""
+    b = _elt(dtype)
+    return tokens * (b * (12 * cfg.hidden_size + 4 * cfg.intermediate_size) + 4 * cfg.hidden_size
+                     + 8 * cfg.num_experts)
+
+
+def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: torch.dtype) -> Sizes:
+    h, hd, L = cfg.hidden_size, cfg.head_dim, cfg.num_layers
+    b = _elt(dtype)
+    attn_shapes = {"q_proj": (cfg.num_heads * hd, h), "k_proj": (cfg.num_kv_heads * hd, h),
+                   "v_proj": (cfg.num_kv_heads * hd, h), "o_proj": (h, cfg.num_heads * hd)}
+    attention = L * sum(_nbytes(weight_fields(n, s, quant.attn, dtype)) for n, s in attn_shapes.items())
+    layout = ExpertLayout.for_model(cfg, quant.experts, dtype)
+    scratch = max([dequant_scratch(s, quant.experts, dtype) for s in layout.shapes]
+                  + [dequant_scratch(s, quant.attn, dtype) for s in attn_shapes.values()])
+    return Sizes(
+        expert=layout.nbytes, attention=attention,
+        embed=cfg.vocab_size * h * b, lm_head=0 if cfg.tie_word_embeddings else cfg.vocab_size * h * b,
+        norms=(2 * L + 1) * h * b, router=L * cfg.num_experts * h * b,
+        kv=2 * L * max_context * cfg.num_kv_heads * hd * b, rope=2 * max_context * hd * b,
+        scratch=scratch, activations=prefill_activations(cfg, max_context, dtype),
+        num_layers=L, num_experts=cfg.num_experts)
+
+
+def host_experts(s: Sizes, placement: str, sizes: Sequence[int], staging: int = DISK_STAGING) -> int:
+    """Host bytes of the expert tier for a placement and per-layer k."""
+    if placement == "inclusive":
+        return s.all_experts
+    if placement == "exclusive":
+        return (s.num_layers * s.num_experts - sum(sizes) + 1) * s.expert     # + the swap's spare row
+    return staging * s.expert                                               # disk: staging buffers only
+
+
+def device_need(s: Sizes, placement: str, sizes: Sequence[int], cuda: bool) -> int:
+    """Bytes mixoff allocates on the device (what torch's peak allocated should stay under on CUDA; on the
+    CPU-as-device, the sum of trunk, slots, KV and RoPE tensors)."""
+    base = s.trunk + s.kv + s.rope + sum(sizes) * s.expert
+    if not cuda:
+        return base
+    swaps = placement == "exclusive" and sum(sizes) < s.num_layers * s.num_experts
+    stage = s.expert if swaps else 0
+    return base + stage + s.scratch + s.activations
+
+
+def host_need(s: Sizes, placement: str, sizes: Sequence[int], cuda: bool, overhead: int) -> int:
+    """RAM the load and generation add to the process: the host tier, the overhead allowance, and on the
+    CPU-as-device also the device tier and the compute scratch (they live in RAM there)."""
+    h = host_experts(s, placement, sizes) + overhead
+    if not cuda:
+        h += device_need(s, placement, sizes, cuda) + s.scratch + s.activations
+    return h
+
+
+def spread(total_slots: int, num_layers: int, num_experts: int) -> tuple[int, ...]:
+    """``total_slots`` over the layers as evenly as possible (extra slots spaced out, not bunched)."""
+    total_slots = min(total_slots, num_layers * num_experts)
+    k, extra = divmod(total_slots, num_layers)
+    sizes = [k] * num_layers
+    for j in range(extra):
+        sizes[(j * num_layers) // extra] += 1
+    return tuple(sizes)
+
+
+def expected_misses(sizes: Sequence[int], num_experts: int, top_k: int) -> float:
+    """Misses per decoded token if routing were uniform and independent between tokens: each of the top_k
+    experts of a layer is resident with probability k/E. Real routing repeats experts from token to token,
+    so measured misses are lower (``python -m mixoff_app trace`` measures them on real prompts)."""
+    return sum(top_k * (1 - min(k, num_experts) / num_experts) for k in sizes)
+
+
+@dataclass
+class Plan:
+    feasible: bool
+    placement: str
+    sizes: tuple[int, ...]
+    reason: str
+    model: str
+    device: str
+    max_context: int
+    quant: str
+    bytes: Sizes
+    device_cap: Optional[int]           # bytes mixoff may allocate on the device (after allowances)
+    host_cap: Optional[int]             # bytes the load may add to the process's RAM (after allowances)
+    device_total: int                   # device need of this plan (allocations)
+    host_total: int                     # host need of this plan (including the overhead allowance)
+    vram: Optional[int] = None          # the physical VRAM the plan was made for (None: a budget was given)
+    ram: Optional[int] = None
+    context_allowance: int = 0
+    host_overhead: int = 0
+    misses_per_token: float = 0.0
+    rows: list = field(default_factory=list)     # (where, what, bytes)
+    cuda: bool = True
+
+    @property
+    def k(self) -> int:
+        return min(self.sizes) if self.sizes else 0
+
+    def summary(self) -> str:
+        if not self.feasible:
+            return f"does not fit: {self.reason}"
+        ks = sorted(set(self.sizes))
+        kdesc = f"k={ks[0]}" if len(ks) == 1 else f"k={ks[0]}-{ks[-1]}"
+        on = sum(self.sizes)
+        tot = self.bytes.num_layers * self.bytes.num_experts
+        moved = self.misses_per_token * self.bytes.expert
+        return (f"{self.placement}, {kdesc} per layer ({on}/{tot} experts on the "
+                f"{'GPU' if self.cuda else 'device'}); expected misses/token ~{self.misses_per_token:.1f} "
+                f"(uniform routing), {moved / GiB:.2f} GiB moved per token")
+
+    def table(self, markdown: bool = False) -> str:
+        lines = [f"plan for {self.model} on {self.device}, context {self.max_context} tokens, {self.quant}"]
+        if not self.feasible:
+            return "\n".join(lines + [self.summary()])
+        hdr = ("where", "what", "GiB")
+        body = [(w, what, f"{n / GiB:.2f}") for w, what, n in self.rows]
+        dev = "GPU" if self.cuda else "device"
+        if self.device_cap is not None:
+            body.append((dev, "total / available", f"{(self.device_total + self.context_allowance) / GiB:.2f} / "
+                         f"{(self.device_cap + self.context_allowance) / GiB:.2f}"))
+        if self.host_cap is not None:
+            body.append(("RAM", "total / available", f"{self.host_total / GiB:.2f} / "
+                         f"{(self.host_cap + self.host_overhead) / GiB:.2f}"))
+        if markdown:
+            lines = [f"| {' | '.join(hdr)} |", "|---|---|---:|"] + [f"| {a} | {b} | {c} |" for a, b, c in body]
+        else:
+            w0 = max(len(r[0]) for r in body + [hdr])
+            w1 = max(len(r[1]) for r in body + [hdr])
+            lines.append(f"{hdr[0]:<{w0}}  {hdr[1]:<{w1}}  {hdr[2]:>12}")
+            lines += [f"{a:<{w0}}  {b:<{w1}}  {c:>12}" for a, b, c in body]
+        lines.append(("plan: " if self.feasible else "") + self.summary())
+        return "\n".join(lines)
+
+
+def _rows(p: Plan) -> list:
+    s, dev, cuda = p.bytes, ("GPU" if p.cuda else "device"), p.cuda
+    tot = s.num_layers * s.num_experts
+    ks = sorted(set(p.sizes))
+    kdesc = f"k={ks[0]}" if len(ks) == 1 else f"k={ks[0]}-{ks[-1]}"
+    rows = []
+    if cuda:
+        rows.append((dev, "CUDA context (allowance)", p.context_allowance))
+    rows += [(dev, f"attention ({p.quant.split(',')[0].replace('attention ', '')}), {s.num_layers} layers",
+              s.attention),
+             (dev, "embeddings + lm_head", s.embed + s.lm_head),
+             (dev, "norms + routers", s.norms + s.router),
+             (dev, f"KV cache + RoPE ({p.max_context} tokens)", s.kv + s.rope),
+             (dev, f"expert slots: {kdesc}, {sum(p.sizes)} x {s.expert / MiB:.1f} MiB", sum(p.sizes) * s.expert)]
+    if cuda:
+        if p.placement == "exclusive" and sum(p.sizes) < tot:
+            rows.append((dev, "swap staging (1 expert)", s.expert))
+        rows.append((dev, "dequant scratch + prefill activations", s.scratch + s.activations))
+    off = tot - sum(p.sizes)
+    if p.placement == "inclusive":
+        rows.append(("RAM", f"experts, inclusive: all {tot}", s.all_experts))
+    elif p.placement == "exclusive":
+        rows.append(("RAM", f"experts, exclusive: {off} + 1 spare", host_experts(s, "exclusive", p.sizes)))
+    else:
+        rows.append(("RAM", f"disk staging ({DISK_STAGING} buffers)", host_experts(s, "disk", p.sizes)))
+        rows.append(("disk", f"experts read on demand: {off} off the {dev}", off * s.expert))
+    if not p.cuda:
+        rows.append(("RAM", "device tier above (the CPU is the device)", p.device_total))
+        rows.append(("RAM", "dequant scratch + prefill activations", s.scratch + s.activations))
+    rows.append(("RAM", "runtime overhead (allowance)", p.host_overhead))
+    return rows
+
+
+def plan_for(model_cfg: ModelConfig, quant: QuantConfig, max_context: int, vram_bytes: Optional[int] = None,
+             ram_bytes: Optional[int] = None, device: str | torch.device = "cuda",
+             dtype: Optional[torch.dtype] = None, placement: Optional[str] = None,
+             sizes: Optional[Sequence[int]] = None, vram_budget: Optional[int] = None,
+             ram_budget: Optional[int] = None, disk_ok: bool = True, model_name: str = "model",
+             host_overhead: Optional[int] = None) -> Plan:
+    """Plan the expert placement and k per layer for a model on a machine.
+
+    ``vram_bytes``/``ram_bytes``: physical free VRAM / available RAM (measured with pynvml/torch and psutil
+    when None); the CUDA context and a runtime overhead are set aside from them. ``vram_budget``/
+    ``ram_budget``: caps on what mixoff may allocate on the device / add to the process RSS (no allowance
+    for the context is taken from a budget; the runtime overhead still is). ``placement``/``sizes``: fixed
+    by the caller (then the plan only checks them), else chosen: the largest k that fits the device, then
+    inclusive if the host can hold every expert, else exclusive, else disk (``disk_ok``: the checkpoint is in
+    the mixoff format, or not known yet).
+    """
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    dtype = dtype or (torch.float16 if cuda else torch.float32)
+    max_context = min(max_context, model_cfg.max_position_embeddings)
+    s = model_sizes(model_cfg, quant, max_context, dtype)
+    L, E = model_cfg.num_layers, model_cfg.num_experts
+    overhead = host_overhead if host_overhead is not None else (HOST_OVERHEAD_CUDA if cuda else HOST_OVERHEAD_CPU)
+    qdesc = f"attention {quant.attn.describe()}, experts {quant.experts.describe()}"
+
+    if cuda and vram_bytes is None and vram_budget is None:
+        from .memory import gpu_free_total
+        got = gpu_free_total(dev.index or 0) if torch.cuda.is_available() or _nvml_present() else None
+        vram_bytes = got[0] if got else None
+    if ram_bytes is None and ram_budget is None:
+        from .memory import ram_available_total
+        ram_bytes = ram_available_total()[0]
+
+    context = CUDA_CONTEXT if cuda and vram_bytes is not None else 0
+    device_cap = None
+    if vram_bytes is not None:
+        device_cap = vram_bytes - context
+    if vram_budget is not None:
+        device_cap = vram_budget if device_cap is None else min(device_cap, vram_budget)
+    if cuda and device_cap is not None:
+        device_cap -= max(DEVICE_MARGIN_MIN, int(DEVICE_MARGIN * device_cap))
+    host_cap = None
+    if ram_bytes is not None:
+        host_cap = ram_bytes - overhead
+    if ram_budget is not None:
+        host_cap = ram_budget - overhead if host_cap is None else min(host_cap, ram_budget - overhead)
+
+    def base_plan(ok: bool, pl: str, sz: tuple[int, ...], reason: str) -> Plan:
+        p = Plan(feasible=ok, placement=pl, sizes=sz, reason=reason, model=model_name, device=str(dev),
+                 max_context=max_context, quant=qdesc, bytes=s, device_cap=device_cap, host_cap=host_cap,
+                 device_total=device_need(s, pl, sz, cuda) if sz else 0,
+                 host_total=host_need(s, pl, sz, cuda, overhead) if sz else 0,
+                 vram=vram_bytes, ram=ram_bytes, context_allowance=context, host_overhead=overhead,
+                 misses_per_token=expected_misses(sz, E, model_cfg.top_k) if sz else 0.0, cuda=cuda)
+        if sz:
+            p.rows = _rows(p)
+        if ok:
+            p.reason = p.summary()
+        return p
+
+    if cuda and device_cap is None:
+        return base_plan(False, placement or "inclusive", (), "no CUDA GPU is visible to measure free VRAM: "
+                         "give --vram GB (the card's memory) or --vram-budget GB")
+
+    def fits(pl: str, sz: Sequence[int]) -> bool:
+        d = device_need(s, pl, sz, cuda)
+        h = host_need(s, pl, sz, cuda, 0)
+        return (device_cap is None or d <= device_cap) and (host_cap is None or h <= host_cap)
+
+    def order(sz: Sequence[int]) -> list[str]:
+        if placement:
+            return [placement]
+        if sum(sz) == L * E:       # everything on the device: the host needs no copies
+            return ["exclusive", "inclusive"] if cuda else ["inclusive", "exclusive"]
+        return ["inclusive", "exclusive"] + (["disk"] if disk_ok else [])
+
+    if placement is not None and placement not in PLACEMENTS:
+        raise ConfigError(f"unknown placement {placement!r}: choose one of {', '.join(PLACEMENTS)}")
+    if placement == "disk" and not disk_ok:
+        return base_plan(False, "disk", (), "--placement disk needs a mixoff-format checkpoint: convert it once "
+                         "with `python -m mixoff_app quantize SRC OUT` and load OUT")
+
+    # Each placement's most slots; a RAM tier beats the disk even at fewer slots (a disk read is far slower
+    # than a bus copy); between the RAM tiers the most slots wins, inclusive on a tie (evictions move nothing).
+    candidates = [tuple(sizes)] if sizes is not None else [spread(n, L, E) for n in range(L * E, L - 1, -1)]
+    best: dict[str, tuple[int, ...]] = {}
+    for sz in candidates:
+        for pl in order(sz):
+            if pl not in best and fits(pl, sz):
+                best[pl] = sz
+    for pl in ("exclusive", "inclusive") if best.get("exclusive") and sum(best["exclusive"]) == L * E else ():
+        return base_plan(True, pl, best[pl], "fits")
+    ram_tiers = [pl for pl in ("inclusive", "exclusive") if pl in best]
+    if ram_tiers:
+        pl = max(ram_tiers, key=lambda x: (sum(best[x]), x == "inclusive"))
+        return base_plan(True, pl, best[pl], "fits")
+    if "disk" in best:
+        return base_plan(True, "disk", best["disk"], "fits")
+    return base_plan(False, placement or "inclusive", tuple(sizes) if sizes is not None else (),
+                     _refusal(s, model_cfg, cuda, device_cap, host_cap, context, overhead, placement, sizes,
+                              disk_ok))
+
+
+def _nvml_present() -> bool:
+    from .memory import _nvml_handle
+    return _nvml_handle(0)[1] is not None
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def _refusal(s: Sizes, cfg: ModelConfig, cuda: bool, device_cap, host_cap, context: int, overhead: int,
+             placement: Optional[str], sizes, disk_ok: bool) -> str:
+    """Why nothing fits, and what would."""
+    L = cfg.num_layers
+    one = (1,) * L
+    want = tuple(sizes) if sizes is not None else one
+    parts = []
+    dev = "VRAM" if cuda else "device memory"
+    placements = [placement] if placement else ["exclusive"] + (["disk"] if disk_ok else [])
+    need_dev = min(device_need(s, pl, want, cuda) for pl in placements)
+    if device_cap is not None and need_dev > device_cap:
+        margin = max(DEVICE_MARGIN_MIN, int(DEVICE_MARGIN * need_dev)) if cuda else 0
+        total = need_dev + context + margin
+        parts.append(f"needs at least {_gib(total)} of {dev} with k={want[0]}"
+                     f"{' per layer' if sizes is None else ''} (trunk {_gib(s.trunk)}, KV cache {_gib(s.kv)}, "
+                     f"{sum(want)} expert slots of {s.expert / MiB:.1f} MiB"
+                     f"{', scratch and activations ' + _gib(s.scratch + s.activations) if cuda else ''}"
+                     f"{', CUDA context ' + _gib(context) if context else ''}); "
+                     f"{_gib(device_cap + context)} is available")
+    if host_cap is not None:
+        for pl in placements:
+            h = host_need(s, pl, want, cuda, 0)
+            if h > host_cap:
+                parts.append(f"{pl} placement needs {_gib(h + overhead)} of RAM "
+                             f"({_gib(host_cap + overhead)} available)")
+            else:
+                parts.append(f"{pl} placement would fit in RAM ({_gib(h + overhead)})")
+        if not disk_ok and not placement:
+            parts.append("--placement disk (experts read from the checkpoint file) needs "
+                         f"{_gib(host_experts(s, 'disk', want) + overhead)} of RAM and a mixoff-format checkpoint "
+                         "(python -m mixoff_app quantize SRC OUT)")
+    if s.kv > s.expert * L and cuda:
+        parts.append("a smaller --max-context frees KV cache")
+    return "; ".join(parts) or "nothing fits"
+
+
+# ---- measuring what the runtime holds ---------------------------------------------------------------
+
+def rss_bytes() -> int:
+    import psutil
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count from now (Linux: VmHWM via /proc/self/clear_refs); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak RSS since the last ``reset_peak_rss`` (Linux VmHWM), else since start (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def device_tensor_bytes(model) -> int:
+    """Bytes of the tensors the engine keeps on the device: trunk, expert slots (and swap staging), KV cache
+    and RoPE tables, each storage counted once (tied embeddings share one)."""
+    seen: dict[int, int] = {}
+
+    def add(t) -> None:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        elif hasattr(t, "tensors"):
+            for v in t.tensors().values():
+                add(v)
+
+    tr = model.trunk
+    for t in (tr.embed, tr.norm, tr.lm_head):
+        add(t)
+    for lw in tr.layers:
+        for t in (lw.attn_norm, lw.ffn_norm, lw.wq, lw.wk, lw.wv, lw.wo, lw.gate):
+            add(t)
+    for L in model.cache.layers:
+        add(L.slots)
+    add(getattr(model.cache, "_stage", None))
+    for t in (model.kv, model.cos, model.sin):
+        add(t)
+    return sum(seen.values())
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+def _gb(text: str) -> int:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return int(v * GiB)
+
+
+def model_for_planning(name: str, quant: QuantConfig) -> tuple[ModelConfig, QuantConfig, bool, str]:
+    """(config, quant, disk_ok, display name) from a preset name or a local checkpoint folder, offline."""
+    key = name.lower()
+    if key in PRESETS:
+        return PRESETS[key], quant, True, key
+    if os.path.isdir(name):
+        from .checkpoints import peek_checkpoint
+        cfg, q, layout = peek_checkpoint(name, quant)
+        return cfg, q, layout == "mixoff", name
+    if key == "tiny":
+        from .tiny import ensure_tiny
+        from .checkpoints import peek_checkpoint
+        cfg, q, layout = peek_checkpoint(ensure_tiny(), quant)
+        return cfg, q, False, "tiny"
+    raise ConfigError(f"cannot plan for {name!r} offline: give a preset ({', '.join(PRESETS)}) or a local "
+                      f"checkpoint folder")
+
+
+def choose_cache_size(model: str, device: Optional[str] = None, quant: Optional[QuantConfig] = None,
+                      max_context: int = 4096, vram_bytes: Optional[int] = None,
+                      ram_bytes: Optional[int] = None) -> Plan:
+    """The app's start-up plan from free VRAM/RAM (measured unless given): a ``Plan`` with ``.k`` (smallest k
+    per layer), ``.sizes``, ``.placement``, ``.reason``. Hub ids of Mixtral-8x7B/8x22B plan from the presets,
+    so this works before any download. Raises ConfigError when nothing fits (the message says what would)."""
+    quant = quant or QuantConfig()
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    low = model.lower()
+    if low in PRESETS or os.path.isdir(model) or low == "tiny":
+        cfg, quant, disk_ok, name = model_for_planning(model, quant)
+    elif "8x22b" in low:
+        cfg, disk_ok, name = PRESETS["mixtral-8x22b"], False, model
+    elif "8x7b" in low or "mixtral" in low:
+        cfg, disk_ok, name = PRESETS["mixtral-8x7b"], False, model
+    else:
+        raise ConfigError(f"cannot plan memory for {model!r} before it is downloaded; pass --cache-size")
+    p = plan_for(cfg, quant, max_context, vram_bytes=vram_bytes, ram_bytes=ram_bytes, device=dev,
+                 disk_ok=disk_ok, model_name=name)
+    if not p.feasible:
+        raise ConfigError(f"{name} does not fit: {p.reason}")
+    return p
+
+
+def reference_plans(cfg: ModelConfig, quant: QuantConfig, max_context: int = 4096, name: str = "model") -> list:
+    return [(m, plan_for(cfg, quant, max_context, vram_bytes=int(v * GiB), ram_bytes=int(r * GiB),
+                         device="cuda", model_name=name))
+            for m, v, r in MACHINES]
+
+
+def reference_markdown(cfg: ModelConfig, quant: QuantConfig, max_context: int = 4096, name: str = "model") -> str:
+    out = ["| machine | VRAM / RAM | placement | k per layer | experts on GPU | GPU use | RAM use | "
+           "misses/token (uniform) |", "|---|---|---|---|---|---|---|---|"]
+    for m, p in reference_plans(cfg, quant, max_context, name):
+        if not p.feasible:
+            out.append(f"| {m} | {p.vram / GiB:.1f} / {p.ram / GiB:.1f} GiB | does not fit | | | | | |")
+            continue
+        ks = sorted(set(p.sizes))
+        kd = str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]} ({', '.join(f'{p.sizes.count(k)}x{k}' for k in ks)})"
+        out.append(f"| {m} | {p.vram / GiB:.1f} / {p.ram / GiB:.1f} GiB | {p.placement} | {kd} | "
+                   f"{sum(p.sizes)}/{cfg.num_layers * cfg.num_experts} | "
+                   f"{(p.device_total + p.context_allowance) / GiB:.1f} GiB | {p.host_total / GiB:.1f} GiB | "
+                   f"{p.misses_per_token:.1f} |")
+    return "\n".join(out)
+
+
+def cmd_plan(args) -> int:
+    quant = QuantConfig.from_bits(args.attn_bits, args.expert_bits)
+    cfg, quant, disk_ok, name = model_for_planning(args.model, quant)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
+    if args.reference:
+        print(reference_markdown(cfg, quant, args.max_context, name))
+        return 0
+    p = plan_for(cfg, quant, args.max_context, vram_bytes=args.vram, ram_bytes=args.ram, device=args.device,
+                 dtype=dtype, placement=None if args.placement == "auto" else args.placement,
+                 vram_budget=args.vram_budget, ram_budget=args.ram_budget, disk_ok=disk_ok, model_name=name)
+    if not p.feasible:
+        raise ConfigError(f"{name} does not fit: {p.reason}")
+    print(p.table(markdown=args.markdown))
+    return 0
+
+
+def add_plan_parser(subparsers) -> None:
+    from .cli import _bits, _positive_int
+    p = subparsers.add_parser("plan", help="plan where the model's parts go for a GPU and RAM size (offline)")
+    p.add_argument("--model", default="mixtral-8x7b",
+                   help=f"a preset ({', '.join(PRESETS)}), a local checkpoint folder, or 'tiny'")
+    p.add_argument("--vram", type=_gb, default=None, help="the GPU's memory in GB (GiB); default: measured free VRAM")
+    p.add_argument("--ram", type=_gb, default=None, help="RAM for mixoff in GB (GiB); default: measured available RAM")
+    p.add_argument("--vram-budget", type=_gb, default=None, help="cap on mixoff's device allocations, GB")
+    p.add_argument("--ram-budget", type=_gb, default=None, help="cap on the RAM mixoff's load may add, GB")
+    p.add_argument("--device", default="cuda", help="plan for cuda (default) or cpu")
+    p.add_argument("--placement", choices=("auto",) + PLACEMENTS, default="auto")
+    p.add_argument("--max-context", type=_positive_int, default=4096)
+    p.add_argument("--attn-bits", type=_bits, default=4)
+    p.add_argument("--expert-bits", type=_bits, default=2)
+    p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--reference", action="store_true",
+                   help="print the plans for the README's four reference machines as one markdown table")
+    p.set_defaults(func=cmd_plan)

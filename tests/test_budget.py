@@ -1,0 +1,100 @@
+"""Budgets hold when measured: under a scaled-down RAM/device budget the planner picks a placement and k,
+and the process's real RSS growth and the engine's device tensors stay within it; an impossible budget is
+refused with the planner's message before anything is allocated.
+
+The model is a random Mixtral-shaped checkpoint (2 layers, H=1024, F=4096, 2-bit experts of 4.5 MiB) written
+straight into the mixoff format, big enough that its experts, not the libraries, dominate the RSS. Each
+measurement runs in a fresh process (bench/memory.py), after all imports, so freed memory from other tests
+cannot hide growth."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixoff_app.checkpoints import peek_checkpoint
+from mixoff_app.config import CacheConfig, ConfigError, EngineConfig, QuantConfig
+from mixoff_app.engine import Engine
+from mixoff_app.plan import MiB, plan_for
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTEXT = 256
+
+
+@pytest.fixture(scope="module")
+def synthetic(tiny_dir, tmp_path_factory):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from memory import make_synthetic
+    finally:
+        sys.path.pop(0)
+    return make_synthetic(tmp_path_factory.mktemp("syn") / "syn", tiny_dir, layers=2, hidden=1024, inter=4096)
+
+
+def run_bench(model, **kw) -> dict:
+    args = [sys.executable, str(ROOT / "bench" / "memory.py"), "--model", str(model), "--max-context", str(CONTEXT)]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def cpu_plan(model, **kw):
+    cfg, quant, layout = peek_checkpoint(model, QuantConfig())
+    return plan_for(cfg, quant, CONTEXT, device="cpu", disk_ok=layout == "mixoff", **kw)
+
+
+def test_ram_budget_too_small_for_a_host_copy_picks_the_disk_tier_and_holds(synthetic):
+    disk = cpu_plan(synthetic, placement="disk", sizes=(2, 2), ram_budget=1 << 40)
+    excl = cpu_plan(synthetic, placement="exclusive", sizes=(1, 1), ram_budget=1 << 40)
+    assert disk.host_total < excl.host_total
+    budget = disk.host_total + 2 * MiB                     # room for disk at k=2, for no host tier at any k
+    p = cpu_plan(synthetic, ram_budget=budget)
+    assert p.feasible and p.placement == "disk", p.table()
+    got = run_bench(synthetic, ram_budget=budget / (1 << 30), tokens=2)
+    assert got["placement"] == "disk" and got["sizes"] == list(p.sizes)
+    assert got["host_expert_bytes"] == 2 * got["expert_bytes"]
+    assert got["bytes_disk"] > 0
+    assert got["device_bytes"] == p.device_total            # the device tier, tensor by tensor
+    assert got["rss_peak_growth"] <= budget, got            # load + generation, measured
+    print("disk", budget, got)
+
+
+def test_ram_budget_that_fits_exclusive_but_not_inclusive(synthetic):
+    incl = cpu_plan(synthetic, placement="inclusive", sizes=(4, 4), ram_budget=1 << 40)
+    excl = cpu_plan(synthetic, placement="exclusive", sizes=(4, 4), ram_budget=1 << 40)
+    budget = (incl.host_total + excl.host_total) // 2
+    p = cpu_plan(synthetic, ram_budget=budget, vram_budget=excl.device_total)
+    assert p.feasible and p.placement == "exclusive" and p.sizes == (4, 4), p.table()
+    got = run_bench(synthetic, ram_budget=budget / (1 << 30), vram_budget=excl.device_total / (1 << 30), tokens=2)
+    assert got["placement"] == "exclusive" and got["sizes"] == [4, 4]
+    assert got["host_expert_bytes"] == (16 - 8 + 1) * got["expert_bytes"]
+    assert got["device_bytes"] <= excl.device_total
+    assert got["rss_peak_growth"] <= budget, got
+    assert got["bytes_d2h"] > 0
+    print("exclusive", budget, got)
+
+
+def test_impossible_budget_is_a_clear_refusal(synthetic):
+    with pytest.raises(ConfigError, match="does not fit.*needs"):
+        Engine.load(EngineConfig(model=str(synthetic), device="cpu", max_context=CONTEXT,
+                                 ram_budget=40 * MiB, auto_plan="full"))
+    with pytest.raises(ConfigError, match="needs at least .* device memory with k=1"):
+        Engine.load(EngineConfig(model=str(synthetic), device="cpu", max_context=CONTEXT,
+                                 vram_budget=4 * MiB, auto_plan="full"))
+
+
+def test_vram_budget_sets_k(synthetic):
+    p2 = cpu_plan(synthetic, placement="inclusive", sizes=(2, 2), ram_budget=1 << 40)
+    eng = Engine.load(EngineConfig(model=str(synthetic), device="cpu", max_context=CONTEXT,
+                                   cache=CacheConfig(placement="inclusive"), vram_budget=p2.device_total,
+                                   auto_plan="sizes"))
+    assert eng.model.cache.sizes == (2, 2)
+    assert eng.memory_measured["device_bytes"] == p2.device_total
