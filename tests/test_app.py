@@ -221,3 +221,17 @@ def test_bind_address_is_local_unless_asked():
     assert launcher.bind_address(None, {"GRADIO_SERVER_NAME": "0.0.0.0"}) == "127.0.0.1"
     assert launcher.bind_address("0.0.0.0", {}) == "0.0.0.0"
     assert launcher.bind_address(None, {"SPACE_ID": "u/s", "GRADIO_SERVER_NAME": "0.0.0.0"}) == "0.0.0.0"
+
+
+def test_auth_guards_the_page_and_the_api(engine):
+    demo = build_ui(engine, max_new_tokens=4)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                auth=launcher.parse_auth("ann:secret"))
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        with pytest.raises(Exception):
+            Client(url, verbose=False).predict(api_name="/info")
+        assert Client(url, auth=("ann", "secret"), verbose=False).predict(api_name="/info")["model"] == "tiny"
+    finally:
+        demo.close()

@@ -180,5 +180,16 @@ def test_chat_streams_panel_moves_stop_and_screenshot(app_url):
             page.locator("#mx-clear").click()
             page.wait_for_function(
                 "() => document.querySelectorAll('#mx-chat [data-testid=\"bot\"]').length === 0", timeout=30_000)
+
+            # 5. Clear in the middle of an answer: the answer stops and does not come back
+            set_number(page, "#mx-max-new", "1500")
+            send(page, "One more long answer, please.")
+            page.wait_for_function(
+                "() => { const b = document.querySelectorAll('#mx-chat [data-testid=\"bot\"]');"
+                " return b.length === 1 && b[0].innerText.length > 10; }", timeout=60_000)
+            page.locator("#mx-clear").click()
+            page.wait_for_timeout(1500)
+            assert page.locator("#mx-chat [data-testid='user']").count() == 0
+            assert bot_messages(page).count() == 0
         finally:
             browser.close()

@@ -11,7 +11,7 @@ import pytest
 from mixoff_app.config import CacheConfig
 from mixoff_app.stats import MemoryReading, Stats
 from mixoff_app.ui import panel
-from mixoff_app.ui.chat import content_text, normalise_history, sampling, strip_to_last_user, to_messages
+from mixoff_app.ui.chat import Canceller, content_text, normalise_history, sampling, strip_to_last_user, to_messages
 
 NO_GPU = MemoryReading(gpu_name=None, process_rss=512 << 20, system_ram_used=6 << 30,
                        system_ram_total=16 << 30, host_expert_bytes=300 << 20)
@@ -199,3 +199,17 @@ def test_history_normalisation():
         {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]
     assert strip_to_last_user(hist)[-1] == {"role": "user", "content": "more"}
     assert sampling(0, 1, 16).is_greedy and sampling(0.7, 0.9, "32").max_new_tokens == 32
+
+
+def test_canceller_turns():
+    c = Canceller()
+    ev1, t1 = c.begin("a")
+    assert c.current("a") == (ev1, t1) and not ev1.is_set()
+    ev2, t2 = c.begin("a")                     # a new question stops the running answer
+    assert ev1.is_set() and not ev2.is_set() and t2 == t1 + 1
+    other, _ = c.begin("b")                    # sessions are independent
+    assert c.cancel("a") and ev2.is_set() and not other.is_set()
+    assert c.turn("a") == t2                   # Stop keeps the turn: the stopped answer keeps its text
+    c.clear("a")
+    assert c.turn("a") == t2 + 1               # Clear ends the turn: a late token is not written back
+    assert not c.cancel("nobody")

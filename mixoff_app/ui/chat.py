@@ -129,20 +129,34 @@ def strip_to_last_user(history: Any) -> list[dict]:
 
 # ---- streaming ----------------------------------------------------------------------------------
 class Canceller:
-    """One cancel event per browser session. A new question re-arms it; Stop and Clear set it."""
+    """Per browser session: the cancel event of its current answer, and a turn counter.
+
+    A new question (or Retry) stops the session's running answer and starts a new turn; Clear does the
+    same; Stop only sets the event, so the stopped answer keeps what it wrote. An answer whose turn is
+    over stops writing into the chat, so a late token never brings back a cleared conversation.
+    """
 
     def __init__(self) -> None:
         self._events: dict[str, threading.Event] = {}
+        self._turns: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def arm(self, session: str) -> threading.Event:
+    def begin(self, session: str) -> tuple[threading.Event, int]:
         with self._lock:
+            old = self._events.get(session)
+            if old is not None:
+                old.set()
             ev = self._events[session] = threading.Event()
-            return ev
+            turn = self._turns[session] = self._turns.get(session, 0) + 1
+            return ev, turn
 
-    def get(self, session: str) -> threading.Event:
+    def current(self, session: str) -> tuple[threading.Event, int]:
         with self._lock:
-            return self._events.setdefault(session, threading.Event())
+            return self._events.setdefault(session, threading.Event()), self._turns.get(session, 0)
+
+    def turn(self, session: str) -> int:
+        with self._lock:
+            return self._turns.get(session, 0)
 
     def cancel(self, session: str) -> bool:
         with self._lock:
@@ -151,6 +165,13 @@ class Canceller:
             return False
         ev.set()
         return True
+
+    def clear(self, session: str) -> None:
+        with self._lock:
+            ev = self._events.get(session)
+            if ev is not None:
+                ev.set()
+            self._turns[session] = self._turns.get(session, 0) + 1
 
 
 def stream_answer(engine: Any, messages: list[dict], params: SamplingParams, cancel: threading.Event,

@@ -69,10 +69,10 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         if not text:
             raise gr.Error("Type a message first.")
         engine_or_error()                 # while loading, the message stays in the box
-        canceller.arm(_session(request))
-        return "", to_messages(history) + [{"role": "user", "content": text}]
+        _, turn = canceller.begin(_session(request))
+        return "", to_messages(history) + [{"role": "user", "content": text}], turn
 
-    def respond(history: list, system: str, temperature: float, top_p: float, max_new: float,
+    def respond(history: list, system: str, temperature: float, top_p: float, max_new: float, turn: int,
                 request: gr.Request) -> Iterator[tuple]:
         engine = engine_or_error()
         messages = to_messages(history, system)
@@ -89,10 +89,15 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
             notices.append(text)
             gr.Warning(text)
 
-        cancel = canceller.get(_session(request))
+        session = _session(request)
+        cancel, current = canceller.current(session)
+        if current != turn:
+            return                        # cleared, or a newer question came, while this one waited
         start = None
         try:
             for text, n, reason in stream_answer(engine, messages, params, cancel, on_notice=notice):
+                if canceller.turn(session) != turn:
+                    return                # Clear (or a new question) ended this turn: stop writing
                 start = start or time.perf_counter()
                 status = status_line(n, time.perf_counter() - start, reason)
                 if notices:
@@ -105,14 +110,17 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         msgs = strip_to_last_user(history)
         if not msgs:
             raise gr.Error("Nothing to retry yet.")
-        canceller.arm(_session(request))
-        return msgs
+        _, turn = canceller.begin(_session(request))
+        return msgs, turn
 
     def stop(request: gr.Request) -> None:
         canceller.cancel(_session(request))
 
+    def end_turn(request: gr.Request) -> None:
+        canceller.clear(_session(request))
+
     def clear(request: gr.Request):
-        canceller.cancel(_session(request))
+        canceller.clear(_session(request))
         return [], ""
 
     # ---- panel --------------------------------------------------------------------------------
@@ -122,10 +130,13 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         engine = slot.engine
         if engine is None:
             html = panel.render_loading(slot.lines, slot.error)
-            if html == seen.get("panel"):
+            info_html = (f'<div class="mx-info"><span class="mx-chip mx-chip-error">the model could not be loaded'
+                         f'</span></div>' if slot.error else seen.get("info"))
+            if html == seen.get("panel") and info_html == seen.get("info"):
                 return (gr.skip(),) * 6
-            seen["panel"] = html
-            return (html, gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen)
+            out_info = info_html if info_html != seen.get("info") else gr.skip()
+            seen["panel"], seen["info"] = html, info_html
+            return (html, out_info, gr.skip(), gr.skip(), gr.skip(), seen)
         html = panel.render_panel(engine.stats())
         out = [gr.skip()] * 5
         if html != seen.get("panel"):
@@ -166,7 +177,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
             params = sampling(temperature, top_p, max_new_tokens)
         except ConfigError as exc:
             raise gr.Error(str(exc)) from None
-        cancel = canceller.arm(_session(request))
+        cancel, _ = canceller.begin(_session(request))
         last = None
         try:
             for answer, _, _ in stream_answer(engine, messages, params, cancel):
@@ -233,6 +244,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
                     apply_btn = gr.Button("Apply", size="sm", elem_id="mx-apply")
                     cache_msg = gr.Markdown("")
         seen = gr.State({"controls": slot.engine is not None})
+        turn = gr.State(0)                 # which question of this session an answer belongs to
         timer = gr.Timer(panel_every)
 
         timer.tick(tick, [seen], [panel_html, info_html, k_slider, policy, prefetch, seen],
@@ -241,14 +253,15 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         gen_opts = dict(concurrency_limit=1, concurrency_id=GENERATE, api_visibility="private",
                         show_progress="minimal")
         fast = dict(concurrency_limit=None, show_progress="hidden", api_visibility="private")
-        inputs = [chatbot, system, temperature, top_p, max_new]
+        inputs = [chatbot, system, temperature, top_p, max_new, turn]
         for trigger in (textbox.submit, send_btn.click):
-            trigger(add_user, [textbox, chatbot], [textbox, chatbot], **fast).success(
+            trigger(add_user, [textbox, chatbot], [textbox, chatbot, turn], **fast).success(
                 respond, inputs, [chatbot, status], **gen_opts)
-        retry_btn.click(retry, [chatbot], [chatbot], **fast).success(respond, inputs, [chatbot, status], **gen_opts)
+        retry_btn.click(retry, [chatbot], [chatbot, turn], **fast).success(
+            respond, inputs, [chatbot, status], **gen_opts)
         stop_btn.click(stop, None, None, **fast)
         clear_btn.click(clear, None, [chatbot, status], **fast)
-        chatbot.clear(stop, None, None, **fast)          # the chatbot's own trash icon stops the answer too
+        chatbot.clear(end_turn, None, None, **fast)      # the chatbot's own trash icon
         apply_btn.click(set_cache, [k_slider, policy, prefetch], [info_html, cache_msg], api_name="set_cache",
                         concurrency_limit=1, concurrency_id=GENERATE)
 
