@@ -149,6 +149,8 @@ def test_routing_strip_encodes_tokens_by_layers(snap):
     assert rows[0] == bytes([1, 1]) and rows[1] == bytes([3, 5])   # layer 0: token0 (1,3), token1 (1,5)
     assert rows[3] == bytes([0, 0]) and rows[4] == bytes([2, 2])   # layer 1: (0,2) both tokens
     assert rows[6] == bytes([9, 9])              # layer 2 routed nothing: the "none" colour
+    trns = png.index(b"tRNS")
+    assert png[trns + 4 + 8] == 0                # the gap between layers is transparent (light and dark themes)
     html = panel.render_routing(snap)
     assert "data:image/png;base64," in html and "E7" in html
     src = re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1)

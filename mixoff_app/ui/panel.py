@@ -233,13 +233,15 @@ def expert_colors(num_experts: int) -> list[str]:
     return out
 
 
-def _png(width: int, height: int, palette: Sequence[tuple[int, int, int]], rows: Sequence[bytes]) -> bytes:
-    """An 8-bit palette PNG, written with the standard library only."""
+def _png(width: int, height: int, palette: Sequence[tuple[int, int, int]], rows: Sequence[bytes],
+         alpha: Sequence[int] = ()) -> bytes:
+    """An 8-bit palette PNG (``alpha``: opacity of the first palette entries), standard library only."""
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
     raw = b"".join(b"\x00" + r for r in rows)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0))
             + chunk(b"PLTE", b"".join(bytes(c) for c in palette))
+            + (chunk(b"tRNS", bytes(alpha)) if alpha else b"")
             + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
@@ -254,7 +256,8 @@ def routing_png(routing: Sequence[Sequence[Sequence[int]]], num_layers: int, num
     router's order), coloured by expert id, then one background row to separate layers."""
     colors = [_rgb(c) for c in expert_colors(num_experts)]
     bg, none = len(colors), len(colors) + 1
-    palette = colors + [(255, 255, 255), (226, 232, 240)]
+    palette = colors + [(255, 255, 255), (148, 163, 184)]
+    alpha = [255] * len(colors) + [0, 70]      # layer gaps show the card; "no routing" is a faint grey
     T = len(routing)
     rows = []
     for layer in range(num_layers):
@@ -263,7 +266,7 @@ def routing_png(routing: Sequence[Sequence[Sequence[int]]], num_layers: int, num
                 (tok[layer][j] if layer < len(tok) and j < len(tok[layer]) and 0 <= tok[layer][j] < num_experts
                  else none) for tok in routing))
         rows.append(bytes([bg]) * T)
-    return _png(T, len(rows), palette, rows)
+    return _png(T, len(rows), palette, rows, alpha)
 
 
 def render_routing(snap, max_tokens: int = ROUTING_TOKENS) -> str:
