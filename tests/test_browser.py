@@ -114,14 +114,18 @@ def test_chat_streams_panel_moves_stop_and_screenshot(app_url):
             set_number(page, "#mx-max-new", "1500")
             page.evaluate(RECORDER)
             send(page, "What is a tuple in Python?")
-            # watch it stream until the panel has moved at least three times, then press Stop
+            # watch it stream until the text has grown in three steps and the panel has moved three times
             page.wait_for_function(
-                "() => new Set(window.__mxRec.filter(r => r[1] > 0).map(r => r[2])).size >= 3", timeout=90_000)
+                "() => { const s = window.__mxRec.filter(r => r[1] > 0);"
+                " return new Set(s.map(r => r[1])).size >= 3 && new Set(s.map(r => r[2])).size >= 3; }",
+                timeout=90_000)
             clicked = time.time()
-            page.locator("#mx-stop").click()
+            page.locator("#mx-stop").click(force=True)    # no waiting for the streaming page to be still
+            click_s = time.time() - clicked
             page.wait_for_function("() => document.querySelector('#mx-status').innerText.startsWith('stopped')",
                                    timeout=30_000)
-            print(f"\nStop: {status(page)!r}, {time.time() - clicked:.2f} s after the click")
+            print(f"\nStop: {status(page)!r}, seen {time.time() - clicked:.2f} s after the click began "
+                  f"(the click itself took {click_s:.2f} s)")
             rec = page.evaluate("() => { clearInterval(window.__mxIv); return window.__mxRec; }")
             lengths = sorted({n for _, n, _ in rec if n > 0})
             assert len(lengths) >= 3, f"the answer streamed in steps: {lengths}"
@@ -187,7 +191,7 @@ def test_chat_streams_panel_moves_stop_and_screenshot(app_url):
             page.wait_for_function(
                 "() => { const b = document.querySelectorAll('#mx-chat [data-testid=\"bot\"]');"
                 " return b.length === 1 && b[0].innerText.length > 10; }", timeout=60_000)
-            page.locator("#mx-clear").click()
+            page.locator("#mx-clear").click(force=True)
             page.wait_for_timeout(1500)
             assert page.locator("#mx-chat [data-testid='user']").count() == 0
             assert bot_messages(page).count() == 0

@@ -212,6 +212,9 @@ def test_canceller_turns():
     other, _ = c.begin("b")                    # sessions are independent
     assert c.cancel("a") and ev2.is_set() and not other.is_set()
     assert c.turn("a") == t2                   # Stop keeps the turn: the stopped answer keeps its text
+    assert not c.cleared("a")
     c.clear("a")
-    assert c.turn("a") == t2 + 1               # Clear ends the turn: a late token is not written back
+    assert c.turn("a") == t2 + 1 and c.cleared("a")   # Clear ends the turn: a late token is not written back
+    c.begin("a")
+    assert not c.cleared("a")
     assert not c.cancel("nobody")

@@ -139,6 +139,7 @@ class Canceller:
     def __init__(self) -> None:
         self._events: dict[str, threading.Event] = {}
         self._turns: dict[str, int] = {}
+        self._cleared: dict[str, bool] = {}     # the current turn was started by Clear
         self._lock = threading.Lock()
 
     def begin(self, session: str) -> tuple[threading.Event, int]:
@@ -148,6 +149,7 @@ class Canceller:
                 old.set()
             ev = self._events[session] = threading.Event()
             turn = self._turns[session] = self._turns.get(session, 0) + 1
+            self._cleared[session] = False
             return ev, turn
 
     def current(self, session: str) -> tuple[threading.Event, int]:
@@ -172,6 +174,12 @@ class Canceller:
             if ev is not None:
                 ev.set()
             self._turns[session] = self._turns.get(session, 0) + 1
+            self._cleared[session] = True
+
+    def cleared(self, session: str) -> bool:
+        """Whether the session's latest turn was started by Clear (its chat should stay empty)."""
+        with self._lock:
+            return self._cleared.get(session, False)
 
 
 def stream_answer(engine: Any, messages: list[dict], params: SamplingParams, cancel: threading.Event,

@@ -97,7 +97,11 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         try:
             for text, n, reason in stream_answer(engine, messages, params, cancel, on_notice=notice):
                 if canceller.turn(session) != turn:
-                    return                # Clear (or a new question) ended this turn: stop writing
+                    # Clear or a new question ended this turn. After Clear this stream writes the empty chat
+                    # last, so no token still in flight can bring the old conversation back.
+                    if canceller.cleared(session):
+                        yield [], ""
+                    return
                 start = start or time.perf_counter()
                 status = status_line(n, time.perf_counter() - start, reason)
                 if notices:
@@ -259,7 +263,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
                 respond, inputs, [chatbot, status], **gen_opts)
         retry_btn.click(retry, [chatbot], [chatbot, turn], **fast).success(
             respond, inputs, [chatbot, status], **gen_opts)
-        stop_btn.click(stop, None, None, **fast)
+        stop_btn.click(stop, None, None, **fast)          # the answer ends at its next token and keeps its text
         clear_btn.click(clear, None, [chatbot, status], **fast)
         chatbot.clear(end_turn, None, None, **fast)      # the chatbot's own trash icon
         apply_btn.click(set_cache, [k_slider, policy, prefetch], [info_html, cache_msg], api_name="set_cache",
