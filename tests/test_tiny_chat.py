@@ -79,7 +79,7 @@ def test_heldout_loss_matches_report_and_card(shipped, report):
     assert card, "the model card states no held-out loss"
     assert loss == pytest.approx(float(card.group(1)), abs=2e-3)
     # and the model is trained: far below a uniform guess over the vocabulary
-    assert loss < 0.6 * math.log(model.config.vocab_size)
+    assert loss < 0.75 * math.log(model.config.vocab_size)
 
 
 def test_answers_a_builtin_question(shipped):
