@@ -28,8 +28,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return Engine.load(EngineConfig(model="tiny", device="cpu", quant=QuantConfig.from_bits(4, 2),
+def engine(tiny_dir):
+    """The random-weights tiny Mixtral (the lead's conftest): its answers run to max_new_tokens, so
+    streaming, queueing and cancelling have something to act on."""
+    return Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=QuantConfig.from_bits(4, 2),
                                     cache=CacheConfig(size=2)))
 
 
@@ -80,7 +82,7 @@ def test_multi_turn_and_system_prompt_reach_the_template(app, engine):
     assert stream(client, "Another one?")[-1] == engine_answer(engine, [{"role": "user", "content": "Another one?"}])
 
 
-def test_stats_snapshot_changes_with_each_answer(app):
+def test_stats_snapshot_changes_with_each_answer(app, engine):
     client = Client(app, verbose=False)
     seen = []
     for q in ("first question", "second question"):
@@ -96,7 +98,7 @@ def test_stats_snapshot_changes_with_each_answer(app):
         seen.append(after["seq"])
     assert seen[1] > seen[0]
     info = client.predict(api_name="/info")
-    assert info["model"] == "tiny" and info["device"] == "cpu" and info["num_experts"] == 8
+    assert info["model"] == engine.info.model and info["device"] == "cpu" and info["num_experts"] == 8
 
 
 def test_two_concurrent_clients_get_their_own_answers(app, engine):
@@ -232,6 +234,6 @@ def test_auth_guards_the_page_and_the_api(engine):
         url = f"http://127.0.0.1:{port}/"
         with pytest.raises(Exception):
             Client(url, verbose=False).predict(api_name="/info")
-        assert Client(url, auth=("ann", "secret"), verbose=False).predict(api_name="/info")["model"] == "tiny"
+        assert Client(url, auth=("ann", "secret"), verbose=False).predict(api_name="/info")["model"] == engine.info.model
     finally:
         demo.close()

@@ -29,8 +29,9 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
-pytestmark = pytest.mark.skipif(not (os.path.exists(CHROMIUM) or shutil.which("chromium")),
-                                reason=f"no chromium at {CHROMIUM} (apt-get install -y chromium)")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not (os.path.exists(CHROMIUM) or shutil.which("chromium")),
+                                 reason=f"no chromium at {CHROMIUM} (apt-get install -y chromium)")]
 
 
 def free_port() -> int:
@@ -39,16 +40,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url():
-    engine = Engine.load(EngineConfig(model="tiny", device="cpu", quant=QuantConfig.from_bits(4, 2),
+def serve(model: str, max_new_tokens: int):
+    engine = Engine.load(EngineConfig(model=model, device="cpu", quant=QuantConfig.from_bits(4, 2),
                                       cache=CacheConfig(size=3)))
-    demo = build_ui(engine, max_new_tokens=96)
+    demo = build_ui(engine, max_new_tokens=max_new_tokens)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 **launch_kwargs())
-    yield f"http://127.0.0.1:{port}/"
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_dir):
+    """The random-weights tiny model: its greedy answers run to the token limit, so there is time to watch
+    them stream and to press Stop in the middle."""
+    demo, url = serve(str(tiny_dir), 96)
+    yield url
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def chat_url():
+    """``--model tiny``: the trained demo model when it ships in assets/, else the random one."""
+    demo, url = serve("tiny", 128)
+    yield url
+    demo.close()
+
+
+def launch_browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
 
 
 def figures(page) -> dict:
@@ -98,7 +118,7 @@ def send(page, text: str) -> None:
 def test_chat_streams_panel_moves_stop_and_screenshot(app_url):
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = launch_browser(p)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1050})
             page.goto(app_url, wait_until="load")
@@ -168,7 +188,7 @@ def test_chat_streams_panel_moves_stop_and_screenshot(app_url):
             assert page.locator("#mx-panel img.mx-routing").count() == 1
 
             page.wait_for_timeout(800)
-            shot = ARTIFACTS / "browser.png"
+            shot = ARTIFACTS / "browser-stop.png"
             page.screenshot(path=str(shot), full_page=True)
             print(f"\nscreenshot: {shot}")
             assert shot.stat().st_size > 20_000
@@ -195,5 +215,38 @@ def test_chat_streams_panel_moves_stop_and_screenshot(app_url):
             page.wait_for_timeout(1500)
             assert page.locator("#mx-chat [data-testid='user']").count() == 0
             assert bot_messages(page).count() == 0
+        finally:
+            browser.close()
+
+
+def test_tiny_chat_answers_and_the_panel_fills(chat_url):
+    """The page as `python app.py --model tiny` serves it: a question, its streamed answer, the filled
+    panel; the screenshot is the one to look at."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright_api.sync_playwright() as p:
+        browser = launch_browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.goto(chat_url, wait_until="load")
+            page.wait_for_selector("#mx-panel .mx-grid", timeout=60_000)
+            page.evaluate(RECORDER)
+            for question in ("What does len do?", "What does sorted do?"):
+                n = bot_messages(page).count()
+                send(page, question)
+                page.wait_for_function(
+                    "(n) => document.querySelectorAll('#mx-chat [data-testid=\"bot\"]').length > n && "
+                    "document.querySelector('#mx-status').innerText.match(/^(finished|reached)/)",
+                    arg=n, timeout=90_000)
+            rec = page.evaluate("() => { clearInterval(window.__mxIv); return window.__mxRec; }")
+            assert len({n for _, n, _ in rec if n > 0}) >= 3, "the answers streamed"
+            assert bot_messages(page).count() == 2 and all(len(t) > 0 for t in bot_messages(page).all_inner_texts())
+            page.wait_for_timeout(1000)
+            end = figures(page)
+            assert end["events"] > 0 and re.search(r"\d+\.\d%", end["Hit rate"]) and "tok/s" in end["Speed"]
+            assert "No GPU" in end["Memory"]
+            assert "Why this model" in page.locator("#mx-info").inner_text()
+            shot = ARTIFACTS / "browser.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"\nscreenshot: {shot}")
         finally:
             browser.close()
