@@ -309,7 +309,8 @@ def render_info(info: Any) -> str:
              ("cache", cache_txt)]
     items = "".join(f'<span class="mx-chip"><small>{escape(k)}</small> {escape(str(v))}</span>'
                     for k, v in chips if v)
-    reason = f'<div class="mx-reason">{escape(info.reason)}</div>' if getattr(info, "reason", "") else ""
+    reason = (f'<div class="mx-reason"><b>Why this model:</b> {escape(info.reason)}</div>'
+              if getattr(info, "reason", "") else "")
     return f'<div class="mx-info">{items}{reason}</div>'
 
 
