@@ -97,12 +97,24 @@ class Engine:
                  None: torch.float16 if device.type == "cuda" else torch.float32}.get(config.dtype)
         if dtype is None:
             raise ConfigError(f"unsupported dtype {config.dtype!r}: use float16, bfloat16 or float32")
-        resolved = resolve(config.model, progress)
         # Plan before allocating anything: a configuration that cannot fit is refused with what would fit.
-        from .checkpoints import load_checkpoint_placed, peek_checkpoint
+        from .checkpoints import load_checkpoint_placed, peek_checkpoint, read_config
         from .disk_store import DiskStore
         from .expert_store import ExclusiveStore, ExpertStore
         from .plan import device_tensor_bytes, plan_for, rss_bytes
+
+        def precheck(folder: Path) -> None:
+            """From config.json alone, before any weight is downloaded or read: refuse what cannot fit."""
+            if device.type != "cuda" and config.vram_budget is None and config.ram_budget is None:
+                return
+            pre = read_config(folder)
+            p = plan_for(pre, config.quant, min(config.max_context, pre.max_position_embeddings), device=device,
+                         dtype=dtype, vram_budget=config.vram_budget, ram_budget=config.ram_budget,
+                         model_name=config.model)
+            if not p.feasible:
+                raise ConfigError(f"{config.model} does not fit: {p.reason}")
+
+        resolved = resolve(config.model, progress, precheck=precheck)
         cfg, quant, ckpt_layout = peek_checkpoint(resolved.path, config.quant)
         max_seq = min(config.max_context, cfg.max_position_embeddings)
         placement = config.cache.placement

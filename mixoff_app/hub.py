@@ -41,7 +41,10 @@ def tiny_path() -> Path:
     return ensure_tiny()
 
 
-def resolve(model: str, progress: Callable[[str], None] = print) -> ResolvedModel:
+def resolve(model: str, progress: Callable[[str], None] = print,
+            precheck: Optional[Callable[[Path], None]] = None) -> ResolvedModel:
+    """``precheck(folder)`` runs on a hub model's config.json before any weight is downloaded (and on a
+    local folder before it is read): it may refuse, e.g. when the model cannot fit this machine."""
     if model == "tiny":
         p = tiny_path()
         return ResolvedModel(p, "tiny-chat (embedded demo model)" if p.name == "tiny-chat" else "tiny (random weights)")
@@ -49,19 +52,24 @@ def resolve(model: str, progress: Callable[[str], None] = print) -> ResolvedMode
     if local.exists():
         if not local.is_dir():
             raise ModelNotAvailable(f"{local} is a file; pass the checkpoint folder that holds config.json")
+        if precheck is not None and (local / "config.json").exists():
+            precheck(local)
         return ResolvedModel(local, local.name)
     if model.count("/") != 1 or model.startswith((".", "/")):
         raise ModelNotAvailable(f"{model!r} is neither a local folder, 'tiny', nor a hub repo id (owner/name)")
+    if precheck is not None:
+        precheck(download(model, ["config.json"], progress, announce=False))
     return ResolvedModel(download(model, ALLOW, progress), model, repo_id=model)
 
 
-def download(repo_id: str, allow: list[str], progress: Callable[[str], None] = print) -> Path:
+def download(repo_id: str, allow: list[str], progress: Callable[[str], None] = print,
+             announce: bool = True) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
     token = os.environ.get("HF_TOKEN") or None
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if not offline:
+    if announce and not offline:
         size = remote_size(repo_id, allow, token)
         if size:
             progress(f"fetching {repo_id}: {size[0]} files, {size[1] / 1e9:.2f} GB (already cached files are skipped)")

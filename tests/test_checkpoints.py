@@ -110,3 +110,15 @@ def test_hub_id_offline_says_what_to_do(monkeypatch, tmp_path):
         resolve("someone/not-downloaded-model", lambda m: None)
     with pytest.raises(ModelNotAvailable, match="neither a local folder"):
         resolve("no-such-thing", lambda m: None)
+
+
+def test_a_model_that_cannot_fit_is_refused_before_its_weights_are_read(tiny_dir, tmp_path):
+    """The plan is made from config.json alone (for a hub id: before any weight is downloaded)."""
+    from mixoff_app.config import CacheConfig, EngineConfig
+    from mixoff_app.engine import Engine
+    folder = tmp_path / "noweights"
+    folder.mkdir()
+    shutil.copy2(tiny_dir / "config.json", folder / "config.json")     # no weights at all
+    with pytest.raises(ConfigError, match="does not fit"):
+        Engine.load(EngineConfig(model=str(folder), device="cpu", cache=CacheConfig(size=2),
+                                 vram_budget=1024, ram_budget=1024))
