@@ -227,27 +227,10 @@ def _qdevice(q: QWeight, device) -> QWeight:
 def load_checkpoint(folder: str | os.PathLike, quant: QuantConfig, device: str | torch.device,
                     dtype: torch.dtype, pin: bool = False, progress: Progress = _noop,
                     quant_device: Optional[str] = None) -> Loaded:
-    """Load any of the three layouts into device trunk weights and a host expert store."""
-    folder = Path(folder)
-    cfg = read_config(folder)
-    src = TensorSource(folder)
-    layout = detect_layout(src.keys(), src.metadata)
-    device = torch.device(device)
-    qdev = quant_device or ("cuda" if device.type == "cuda" else "cpu")
-    progress(f"reading a {layout}-layout checkpoint from {folder}")
-    try:
-        if layout == "mixoff":
-            quant = _mixoff_quant(src)
-        elif layout == "seed":
-            quant = _seed_quant(src, cfg)
-        _check_specs(cfg, quant)
-        trunk = _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress)
-        elayout = ExpertLayout.for_model(cfg, quant.experts, dtype)
-        store = ExpertStore(cfg, elayout, pin=pin)
-        _load_experts(src, cfg, layout, quant, store, qdev, progress)
-    finally:
-        src.close()
-    return Loaded(cfg, trunk, store, quant, layout)
+    """Load any of the three layouts into device trunk weights and an inclusive host expert store."""
+    return load_checkpoint_placed(folder, quant, device, dtype,
+                                  lambda cfg, elayout, layout, folder: ExpertStore(cfg, elayout, pin=pin),
+                                  progress=progress, quant_device=quant_device)
 
 
 def _check_specs(cfg: ModelConfig, quant: QuantConfig) -> None:
@@ -314,54 +297,59 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress) -> Trunk
                         lm_head=lm_head)
 
 
-def _load_experts(src, cfg, layout, quant, store: ExpertStore, qdev, progress) -> None:
-    f, h = cfg.intermediate_size, cfg.hidden_size
-    total = cfg.num_layers * cfg.num_experts
-    step = max(1, total // 10)
-    n = 0
-    for i in range(cfg.num_layers):
-        for e in range(cfg.num_experts):
-            p = f"model.layers.{i}.block_sparse_moe.experts.{e}"
-            if layout == "mixoff":
-                blob = src.get(p + ".packed")
-                if blob.numel() != store.layout.nbytes:
-                    raise CheckpointError(f"{p}.packed holds {blob.numel()} bytes, expected {store.layout.nbytes}: "
-                                          f"the file was written by a different mixoff layout; quantize again")
-                store.buffer(i, e).copy_(blob)
-            elif layout == "seed":
-                tensors = {}
-                for name, shape in (("w1", (f, h)), ("w3", (f, h)), ("w2", (h, f))):
-                    for k, v in seed_qweight(src, f"{p}.{name}", shape).tensors().items():
-                        tensors[f"{name}.{k}"] = v
-                store.fill(i, e, tensors)
-            else:
-                ws = []
-                for name, shape in (("w1", (f, h)), ("w3", (f, h)), ("w2", (h, f))):
-                    w = src.get(f"{p}.{name}.weight")
-                    if tuple(w.shape) != shape:
-                        raise CheckpointError(f"{p}.{name}.weight has shape {tuple(w.shape)}, config says {shape}")
-                    ws.append(w)
-                store.fill(i, e, expert_tensors_from_dense(*ws, quant.experts, qdev))
-            n += 1
-            if n % step == 0 or n == total:
-                progress(f"experts placed in host memory: {n}/{total} (experts {quant.experts.describe()})")
-
-
 # ---- writing our own format ----------------------------------------------------------------------
 
-def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike, quant: QuantConfig,
-                   progress: Progress = _noop, shard_bytes: int = 2 << 30) -> Path:
-    """Quantize any readable checkpoint into the mixoff format (tokenizer and config copied along)."""
+class _LayerWriter:
+    """A write-through expert "store" for ``save_quantized``: one layer of experts in memory at a time;
+    each layer is written to its own shard once its experts are filled, so converting Mixtral needs about
+    one layer (0.5 GB) of host memory beyond the trunk, not the whole 16 GB of experts."""
+
+    placement = "streamed to disk"
+
+    def __init__(self, cfg: ModelConfig, layout: ExpertLayout, out: Path, meta: dict, progress: Progress) -> None:
+        self.cfg, self.layout, self.out, self.meta, self.progress = cfg, layout, out, meta, progress
+        self.buf = torch.zeros((cfg.num_experts, layout.nbytes), dtype=torch.uint8)
+        self.weight_map: dict[str, str] = {}
+
+    def load_targets(self):
+        for i in range(self.cfg.num_layers):
+            self.buf.zero_()          # padding bytes stay zero: files are byte-for-byte reproducible
+            for e in range(self.cfg.num_experts):
+                yield i, e, self.buf[e]
+            name = f"experts-{i:05d}.safetensors"
+            _write_shard(self.out / name, {f"model.layers.{i}.block_sparse_moe.experts.{e}.packed": self.buf[e]
+                                          for e in range(self.cfg.num_experts)}, self.meta)
+            self.weight_map.update({f"model.layers.{i}.block_sparse_moe.experts.{e}.packed": name
+                                    for e in range(self.cfg.num_experts)})
+            self.progress(f"wrote {self.out / name}")
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write under a temporary name, then rename: a crash never leaves a half file behind."""
     from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path.with_name(path.name + ".part")),
+              metadata=meta)
+    os.replace(path.with_name(path.name + ".part"), path)
+
+
+def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike, quant: QuantConfig,
+                   progress: Progress = _noop) -> Path:
+    """Quantize any readable checkpoint into the mixoff format (tokenizer and config copied along)."""
     import shutil
 
     src_folder, out = Path(src_folder), Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_checkpoint(src_folder, quant, "cpu", torch.float16, progress=progress)
-    cfg, trunk, store = loaded.cfg, loaded.trunk, loaded.store
+    cfg, q, _layout = peek_checkpoint(src_folder, quant)
     meta = {"mixoff.format": MIXOFF_FORMAT, "format": "pt",
-            "mixoff.quant": json.dumps({"attn": _spec_dict(loaded.quant.attn),
-                                        "experts": _spec_dict(loaded.quant.experts)})}
+            "mixoff.quant": json.dumps({"attn": _spec_dict(q.attn), "experts": _spec_dict(q.experts)})}
+    writer: list[_LayerWriter] = []
+
+    def make_writer(mcfg, elayout, layout, folder):
+        writer.append(_LayerWriter(mcfg, elayout, out, meta, progress))
+        return writer[0]
+
+    loaded = load_checkpoint_placed(src_folder, quant, "cpu", torch.float16, make_writer, progress=progress)
+    trunk = loaded.trunk
     tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": trunk.embed,
                                         "model.norm.weight": trunk.norm, "lm_head.weight": trunk.lm_head}
     for i, lw in enumerate(trunk.layers):
@@ -375,25 +363,8 @@ def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike,
                     tensors[f"{p}self_attn.{name}.{k}"] = v
             else:
                 tensors[f"{p}self_attn.{name}.weight"] = w
-        for e in range(cfg.num_experts):
-            tensors[f"{p}block_sparse_moe.experts.{e}.packed"] = store.buffer(i, e)
-    # Shard by size; write each shard to a temporary name first so a crash never leaves a half file.
-    shards, cur, size = [], {}, 0
-    for k, v in tensors.items():
-        nb = v.numel() * v.element_size()
-        if cur and size + nb > shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = v.contiguous()
-        size += nb
-    shards.append(cur)
-    weight_map = {}
-    for n, shard in enumerate(shards):
-        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / (name + ".part")), metadata=meta)
-        os.replace(out / (name + ".part"), out / name)
-        weight_map.update({k: name for k in shard})
-        progress(f"wrote {out / name}")
+    _write_shard(out / "trunk.safetensors", tensors, meta)
+    weight_map = {k: "trunk.safetensors" for k in tensors} | writer[0].weight_map
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"mixoff.format": MIXOFF_FORMAT}, "weight_map": weight_map}, indent=1))
     hf = json.loads((src_folder / "config.json").read_text())
@@ -401,6 +372,7 @@ def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike,
     for name in os.listdir(src_folder):
         if name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
             shutil.copy2(src_folder / name, out / name)
+    progress(f"wrote {out / 'trunk.safetensors'} and the index")
     return out
 
 
