@@ -14,6 +14,7 @@ from typing import Optional
 
 from .config import (POLICIES, PLACEMENTS, CacheConfig, ConfigError, EngineConfig, QuantConfig,
                      SamplingParams, parse_bits)
+from .plan import parse_gib
 
 
 def _bits(text: str):
@@ -49,23 +50,13 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
                    help="where experts live: inclusive (host holds all), exclusive (each in one place), disk "
                         "(read from a mixoff-format checkpoint); default: planned on GPU or with a budget, "
                         "else inclusive")
-    p.add_argument("--vram-budget", type=_gigabytes, default=None,
+    p.add_argument("--vram-budget", type=parse_gib, default=None,
                    help="GB (GiB) mixoff may allocate on the device; the planner fits k and placement under it")
-    p.add_argument("--ram-budget", type=_gigabytes, default=None,
+    p.add_argument("--ram-budget", type=parse_gib, default=None,
                    help="GB (GiB) loading the model may add to this process's RAM")
     p.add_argument("--max-context", type=_positive_int, default=4096, help="KV cache length in tokens")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--tokenizer", default=None, help="where the tokenizer/chat template come from (default: the checkpoint)")
-
-
-def _gigabytes(text: str) -> int:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}")
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return int(v * (1 << 30))
 
 
 def engine_config(args) -> EngineConfig:

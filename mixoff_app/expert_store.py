@@ -99,7 +99,29 @@ def host_buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
     return t
 
 
-class ExpertStore:
+class _BufferStore:
+    """What every placement shares: fill, read and enumerate experts through ``buffer(layer, expert)``."""
+
+    cfg: ModelConfig
+    layout: ExpertLayout
+
+    def buffer(self, layer: int, expert: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fill(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.layout.fill(self.buffer(layer, expert), tensors)
+
+    def weights(self, layer: int, expert: int) -> ExpertWeights:
+        return self.layout.weights(self.buffer(layer, expert))
+
+    def load_targets(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(layer, expert, buffer) for every expert the loader must read now, in checkpoint order."""
+        for i in range(self.cfg.num_layers):
+            for e in range(self.cfg.num_experts):
+                yield i, e, self.buffer(i, e)
+
+
+class ExpertStore(_BufferStore):
     """Every expert of every layer in host memory (inclusive placement), one buffer per expert.
 
     Buffers are allocated per layer as one [E, nbytes] block; pinned when ``pin`` so host->device
@@ -116,17 +138,6 @@ class ExpertStore:
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         return self._layers[layer][expert]
 
-    def fill(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
-        self.layout.fill(self.buffer(layer, expert), tensors)
-
-    def weights(self, layer: int, expert: int) -> ExpertWeights:
-        return self.layout.weights(self.buffer(layer, expert))
-
-    def load_targets(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(layer, expert, buffer) for every expert the loader must read now, in checkpoint order."""
-        for i in range(self.cfg.num_layers):
-            for e in range(self.cfg.num_experts):
-                yield i, e, self.buffer(i, e)
 
     @property
     def nbytes(self) -> int:
@@ -137,7 +148,7 @@ class ExpertStore:
         return self.nbytes if self.pinned else 0
 
 
-class ExclusiveStore:
+class ExclusiveStore(_BufferStore):
     """Exclusive placement: each expert lives in exactly one place, a device slot or a host row.
 
     Layer l keeps ``k_l`` experts in device slots and ``E - k_l`` in host rows; one spare host row lets a
@@ -202,16 +213,6 @@ class ExclusiveStore:
             return self.slots[layer][self.initial[layer].index(expert)]
         return self._cache.slot_buffer(layer, expert)
 
-    def fill(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
-        self.layout.fill(self.buffer(layer, expert), tensors)
-
-    def weights(self, layer: int, expert: int) -> ExpertWeights:
-        return self.layout.weights(self.buffer(layer, expert))
-
-    def load_targets(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        for i in range(self.cfg.num_layers):
-            for e in range(self.cfg.num_experts):
-                yield i, e, self.buffer(i, e)
 
     @property
     def host_rows(self) -> int:

@@ -461,7 +461,8 @@ def device_tensor_bytes(model) -> int:
 
 # ---- command line --------------------------------------------------------------------------------
 
-def _gb(text: str) -> int:
+def parse_gib(text: str) -> int:
+    """A command-line size in GB (GiB) -> bytes."""
     try:
         v = float(text)
     except ValueError:
@@ -556,10 +557,10 @@ def add_plan_parser(subparsers) -> None:
     p = subparsers.add_parser("plan", help="plan where the model's parts go for a GPU and RAM size (offline)")
     p.add_argument("--model", default="mixtral-8x7b",
                    help=f"a preset ({', '.join(PRESETS)}), a local checkpoint folder, or 'tiny'")
-    p.add_argument("--vram", type=_gb, default=None, help="the GPU's memory in GB (GiB); default: measured free VRAM")
-    p.add_argument("--ram", type=_gb, default=None, help="RAM for mixoff in GB (GiB); default: measured available RAM")
-    p.add_argument("--vram-budget", type=_gb, default=None, help="cap on mixoff's device allocations, GB")
-    p.add_argument("--ram-budget", type=_gb, default=None, help="cap on the RAM mixoff's load may add, GB")
+    p.add_argument("--vram", type=parse_gib, default=None, help="the GPU's memory in GB (GiB); default: measured free VRAM")
+    p.add_argument("--ram", type=parse_gib, default=None, help="RAM for mixoff in GB (GiB); default: measured available RAM")
+    p.add_argument("--vram-budget", type=parse_gib, default=None, help="cap on mixoff's device allocations, GB")
+    p.add_argument("--ram-budget", type=parse_gib, default=None, help="cap on the RAM mixoff's load may add, GB")
     p.add_argument("--device", default="cuda", help="plan for cuda (default) or cpu")
     p.add_argument("--placement", choices=("auto",) + PLACEMENTS, default="auto")
     p.add_argument("--max-context", type=_positive_int, default=4096)
