@@ -482,9 +482,9 @@ def model_for_planning(name: str, quant: QuantConfig) -> tuple[ModelConfig, Quan
         cfg, q, layout = peek_checkpoint(name, quant)
         return cfg, q, layout == "mixoff", name
     if key == "tiny":
-        from .tiny import ensure_tiny
+        from .hub import tiny_path
         from .checkpoints import peek_checkpoint
-        cfg, q, layout = peek_checkpoint(ensure_tiny(), quant)
+        cfg, q, layout = peek_checkpoint(tiny_path(), quant)
         return cfg, q, False, "tiny"
     raise ConfigError(f"cannot plan for {name!r} offline: give a preset ({', '.join(PRESETS)}) or a local "
                       f"checkpoint folder")
