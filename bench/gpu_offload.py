@@ -25,10 +25,10 @@ Variants (same trace tokens for each; fresh cache and KV cache each time):
     lru_prefetch_k4  k = 4, LRU, prefetch 2 experts one layer ahead
     lrfu_prefetch_k4 k = 4, LRFU (the app's policy) + prefetch
     all_resident     k = 8: every expert on the device (loaded before the clock starts)
-    lrfu_late_prefetch_k4  not in the issue, an experiment: as lrfu_prefetch_k4, but the guesses for layer
-                     l+1 are issued after layer l's demand misses. The app (``Mixtral._moe_decode``) guesses
-                     first, so on the single copy stream layer l's misses queue behind l+1's prefetches;
-                     this variant measures whether reordering in the runtime would pay.
+    lrfu_early_prefetch_k4  not in the issue, an experiment: as lrfu_prefetch_k4, but the guesses for layer
+                     l+1 are issued before layer l's demand misses (the runtime issues them after, so a demand
+                     copy never queues behind a speculative one on the single copy stream); this variant
+                     measures what that ordering is worth.
 
 Each variant decodes ``--warmup`` tokens, then ``--tokens`` timed tokens (``torch.cuda.synchronize``
 around the timed region; one host sync per token for the next token id, as the app's generate loop).
@@ -74,7 +74,7 @@ import torch.nn.functional as F  # noqa: E402
 from mixoff_app.config import MIXTRAL_8X7B, ModelConfig, QuantSpec  # noqa: E402
 from mixoff_app.expert_cache import ExpertCache  # noqa: E402
 from mixoff_app.expert_store import ExpertLayout, ExpertStore  # noqa: E402
-from mixoff_app.model import LayerWeights, Mixtral, Prefetcher, TrunkWeights, expert_forward  # noqa: E402
+from mixoff_app.model import LayerWeights, Mixtral, Prefetcher, TrunkWeights  # noqa: E402
 from mixoff_app.quant import QWeight, qweight_from, weight_fields  # noqa: E402
 from mixoff_app.stats import Stats  # noqa: E402
 from mixoff_app.trace import simulate, synthetic_trace  # noqa: E402
@@ -86,19 +86,19 @@ TINY = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_l
                    num_kv_heads=2, head_dim=32, num_experts=8, top_k=2, max_position_embeddings=512)
 SHAPES = {"mixtral": MIXTRAL_8X7B, "tiny": TINY}
 
-# name -> (k (None: all experts), policy, prefetch, naive, late prefetch)
+# name -> (k (None: all experts), policy, prefetch, naive, early prefetch)
 VARIANTS = {
     "naive": (2, "lru", False, True, False),
     "lru_k4": (4, "lru", False, False, False),
     "lru_prefetch_k4": (4, "lru", True, False, False),
     "lrfu_prefetch_k4": (4, "lrfu", True, False, False),
     "all_resident": (None, "lru", False, False, False),
-    "lrfu_late_prefetch_k4": (4, "lrfu", True, False, True),
+    "lrfu_early_prefetch_k4": (4, "lrfu", True, False, True),
 }
 # all_resident first: every transfer-bound limit needs its time per token; naive next (every speedup needs
 # it); the extra experiment (not in the issue) last, so the budget cuts it first.
-RUN_ORDER = ("all_resident", "naive", "lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "lrfu_late_prefetch_k4")
-OFFLOAD = ("lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "lrfu_late_prefetch_k4")
+RUN_ORDER = ("all_resident", "naive", "lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "lrfu_early_prefetch_k4")
+OFFLOAD = ("lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "lrfu_early_prefetch_k4")
 GOAL_SPEEDUP, GOAL_FRACTION = 2.0, 0.7
 PREFETCH_NOTE = ("assumption, not a measurement: the prefetcher guesses layer l+1's experts from the trace, each "
                  "right with this probability (the paper reports the early-applied next gate is usually right); "
@@ -207,7 +207,7 @@ class TraceMixtral(Mixtral):
         self.idx, self.w = idx, weights                     # [T, L, K] each, on the device
         self.layer_of = {id(lw): i for i, lw in enumerate(self.trunk.layers)}
         self.token = 0
-        self.late_prefetch = False
+        self.early_prefetch = False
 
     def _route(self, lw: LayerWeights, h: torch.Tensor):
         if h.shape[0] != 1:
@@ -221,24 +221,15 @@ class TraceMixtral(Mixtral):
         return out
 
     def _moe_decode(self, i, lw, h, resid, tok_weights):
-        if not self.late_prefetch or self.prefetcher is None:
+        if not self.early_prefetch or self.prefetcher is None:
             return super()._moe_decode(i, lw, h, resid, tok_weights)
-        # Mixtral._moe_decode with one change: the guess comes after fetch has queued this layer's misses.
-        w, idx = self._route(lw, h)
-        experts = idx[0].tolist()
-        self.stats.on_route(i, tuple(experts))
-        guessed = False
-        outs: list[Optional[torch.Tensor]] = [None] * len(experts)
-        for e, ew, slot in self.cache.fetch(i, experts):
-            if not guessed:
-                self.prefetcher.guess(self, i, resid)
-                guessed = True
-            outs[experts.index(e)] = expert_forward(h, ew)
-            self.cache.release(i, slot)
-        y = outs[0] * w[0, 0]
-        for r in range(1, len(outs)):
-            y = y + outs[r] * w[0, r]
-        return y.to(h.dtype)
+        # The experiment's order: guess layer l+1 first, then let the runtime fetch layer l without guessing.
+        self.prefetcher.guess(self, i, resid)
+        prefetcher, self.prefetcher = self.prefetcher, None
+        try:
+            return super()._moe_decode(i, lw, h, resid, tok_weights)
+        finally:
+            self.prefetcher = prefetcher
 
 
 class TracePrefetcher(Prefetcher):
@@ -337,7 +328,7 @@ def counters(stats: Stats) -> dict[str, int]:
 
 
 def run_variant(name: str, ctx: dict, args: argparse.Namespace, deadline: float) -> dict:
-    k, policy, prefetch, naive, late = VARIANTS[name]
+    k, policy, prefetch, naive, early = VARIANTS[name]
     cfg, device, dtype, store = ctx["cfg"], ctx["device"], ctx["dtype"], ctx["store"]
     E, L, K = cfg.num_experts, cfg.num_layers, cfg.top_k
     k = E if k is None else k
@@ -355,7 +346,7 @@ def run_variant(name: str, ctx: dict, args: argparse.Namespace, deadline: float)
                          idx=ctx["idx"], weights=ctx["w"])
     if prefetch:
         model.prefetcher = TracePrefetcher(ctx["routing"], K, args.prefetch_accuracy, E, args.seed)
-        model.late_prefetch = late
+        model.early_prefetch = early
     if k == E:                            # all resident: load everything before the clock starts
         for i in range(L):
             cache.prefetch(i, list(range(E)))
@@ -399,7 +390,7 @@ def run_variant(name: str, ctx: dict, args: argparse.Namespace, deadline: float)
     acc = d["hits"] + d["misses"]
     out = {
         "ok": True, "k": k, "policy": policy, "prefetch": K if prefetch else 0, "naive": naive,
-        "late_prefetch": late,
+        "early_prefetch": early,
         "tokens_timed": n, "truncated": n < args.tokens, "timed_s": elapsed,
         "tokens_per_s": n / elapsed if elapsed > 0 else None,
         "s_per_token_median": statistics.median(times) if times else None,

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_offload.py"
-VARIANTS = ("naive", "lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "all_resident", "lrfu_late_prefetch_k4")
+VARIANTS = ("naive", "lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "all_resident", "lrfu_early_prefetch_k4")
 TOP_KEYS = {"benchmark", "ok", "shape", "device", "dtype", "model", "quant", "expert_bytes", "tokens", "warmup",
             "trace", "prefetch_accuracy", "prefetch_accuracy_note", "bandwidth", "memory", "variants", "summary",
             "goals", "phases_s", "errors", "skipped", "budget_s", "limit_formula"}
@@ -88,14 +88,14 @@ def check_result(r: dict, tokens: int) -> None:
     assert (sim["hits"], sim["misses"]) == (got["hits"], got["misses"])
     assert 0 < V["lru_k4"]["hit_rate"] < 1
     # Issuing the guesses after the demand misses changes when copies run, never which experts move.
-    assert V["lrfu_late_prefetch_k4"]["all_tokens"] == V["lrfu_prefetch_k4"]["all_tokens"]
+    assert V["lrfu_early_prefetch_k4"]["all_tokens"] == V["lrfu_prefetch_k4"]["all_tokens"]
     # The transfer-bound limit follows its formula.
     t_res = 1 / res["tokens_per_s"]
     for name in ("naive", "lru_k4", "lrfu_prefetch_k4"):
         v = V[name]
         lim = v["misses_per_token"] * eb / (bw["expert_copy_GBps"] * 1e9) + t_res
         assert v["limit_tokens_per_s"] == pytest.approx(1 / lim)
-    assert set(r["goals"]["variants"]) == {"lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "lrfu_late_prefetch_k4"}
+    assert set(r["goals"]["variants"]) == {"lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "lrfu_early_prefetch_k4"}
     assert r["goals"]["speedup_vs_naive_min"] == 2.0 and r["goals"]["fraction_of_limit_min"] == 0.7
     for key in ("alloc_pin", "fill", "trunk", "trace", "bandwidth", "total"):
         assert r["phases_s"][key] >= 0
