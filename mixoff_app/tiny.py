@@ -16,7 +16,9 @@ import torch
 
 from .config import ModelConfig
 
-# Mistral's template shape: the system prompt (if any) is put in front of the first user turn.
+# Mistral's template shape: the system prompt (if any) is put in front of the first user turn. An
+# assistant turn is trimmed, so an answer the model generated (which starts with its own space token)
+# renders back to exactly the tokens it generated, and the next turn reuses their KV cache.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% set sys = namespace(text='') %}"
@@ -25,7 +27,7 @@ CHAT_TEMPLATE = (
     "(message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
     "{% if message['role'] == 'system' %}{% set sys.text = content + '\\n\\n' %}"
     "{% elif message['role'] == 'user' %}{{ '[INST] ' + sys.text + content + ' [/INST]' }}{% set sys.text = '' %}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + content + eos_token }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + (content | trim) + eos_token }}"
     "{% endif %}{% endfor %}"
 )
 

@@ -143,3 +143,20 @@ def test_two_users_at_once_get_their_own_answers(tiny_dir, engine):
     for t in threads:
         t.join(timeout=120)
     assert results == expected
+
+
+def test_a_generated_answer_renders_back_to_its_own_tokens():
+    """On the shipped demo model the chat template re-tokenizes an answer exactly as generated, so the
+    next turn prefills only its new tokens."""
+    from mixoff_app.config import CacheConfig, EngineConfig
+    from mixoff_app.engine import Engine
+    eng = Engine.load(EngineConfig(model="tiny", device="cpu", cache=CacheConfig(size=3)))
+    conv = [{"role": "user", "content": "What does len do?"}]
+    answer, _, evs = run(eng, conv, max_new_tokens=60)
+    assert evs[-1].finish_reason == "eos"
+    cached = list(eng._kv_ids)
+    conv += [{"role": "assistant", "content": answer}, {"role": "user", "content": "What does sorted do?"}]
+    ids = eng.prompt_ids(conv)
+    assert ids[:len(cached)] == cached
+    run(eng, conv, max_new_tokens=4)
+    assert eng.stats().prefill_tokens == len(ids) - len(cached)
