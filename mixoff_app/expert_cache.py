@@ -31,6 +31,14 @@ from .policy import EvictionPolicy, make_policy
 from .stats import Stats
 
 
+def _event(events: dict, key: int) -> "torch.cuda.Event":
+    """The event kept for ``key``, made on first use only (setdefault would build one on every call)."""
+    ev = events.get(key)
+    if ev is None:
+        ev = events[key] = torch.cuda.Event()
+    return ev
+
+
 class _Layer:
     __slots__ = ("slots", "weights", "expert_in", "slot_of", "policy", "ready", "done", "prefetched",
                  "leaving")
@@ -303,14 +311,14 @@ class ExpertCache:
                     cs.wait_event(self._row_written[row])           # the row holds its expert by now
                 L.slots[slot].copy_(store.rows[row], non_blocking=True)
                 L.ready[slot].record(cs)
-                self._row_read.setdefault(row, torch.cuda.Event()).record(cs)
+                _event(self._row_read, row).record(cs)
             if victim >= 0:
                 with torch.cuda.stream(ds):
                     ds.wait_event(self._staged)
                     if dest in self._row_read:
                         ds.wait_event(self._row_read[dest])         # its last load has read it
                     store.rows[dest].copy_(self._stage, non_blocking=True)
-                    self._row_written.setdefault(dest, torch.cuda.Event()).record(ds)
+                    _event(self._row_written, dest).record(ds)
                     self._stage_free.record(ds)
         else:
             if victim >= 0:
