@@ -224,7 +224,9 @@ class TraceMixtral(Mixtral):
         if not self.early_prefetch or self.prefetcher is None:
             return super()._moe_decode(i, lw, h, resid, tok_weights)
         # The experiment's order: guess layer l+1 first, then let the runtime fetch layer l without guessing.
-        self.prefetcher.guess(self, i, resid)
+        proposal = self.prefetcher.propose(self, i, resid)
+        if proposal is not None:
+            self.prefetcher.issue(self, *proposal)
         prefetcher, self.prefetcher = self.prefetcher, None
         try:
             return super()._moe_decode(i, lw, h, resid, tok_weights)
@@ -245,10 +247,10 @@ class TracePrefetcher(Prefetcher):
         self.rng = random.Random(f"gpu-offload-prefetch-{seed}")
         self.guessed = self.right = 0
 
-    def guess(self, model: TraceMixtral, layer: int, h: torch.Tensor) -> None:
+    def propose(self, model: TraceMixtral, layer: int, h: torch.Tensor):
         target = layer + self.distance
         if target >= model.cfg.num_layers:
-            return
+            return None
         true = list(self.routing[model.token][target])
         chosen: list[int] = []
         for r in range(self.count):
@@ -261,8 +263,7 @@ class TracePrefetcher(Prefetcher):
                 chosen.append(self.rng.choice(wrong))
         self.guessed += len(chosen)
         self.right += sum(e in true for e in chosen)
-        model.cache.hint(target, chosen)
-        model.cache.prefetch(target, chosen)
+        return target, chosen
 
 
 class NoCache(ExpertCache):

@@ -59,18 +59,26 @@ def expert_forward(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
 
 class Prefetcher:
     """Guess the experts of layer l+d from layer l's hidden state (the residual stream changes slowly, so
-    the later router applied early is a good guess) and start their copies while layer l computes."""
+    the later router applied early is a good guess) and start their copies while layer l computes.
+
+    Two steps, so the guess costs no sync of its own: ``propose`` queues the guess on the device before the
+    router's ``tolist`` (which then brings both to the host), and ``issue`` starts the copies once the
+    layer's own misses are queued."""
 
     def __init__(self, count: int, distance: int = 1) -> None:
         self.count, self.distance = count, distance
 
-    def guess(self, model: "Mixtral", layer: int, h: torch.Tensor) -> None:
+    def propose(self, model: "Mixtral", layer: int, h: torch.Tensor):
+        """(target layer, guessed experts as a device tensor or a list), or None past the last layer."""
         target = layer + self.distance
         if target >= model.cfg.num_layers:
-            return
+            return None
         lw = model.trunk.layers[target]
         logits = F.linear(rms_norm(h[-1:], lw.ffn_norm, model.cfg.rms_norm_eps), lw.gate)   # [1, E]
-        guess = torch.topk(logits[0], self.count).indices.tolist()   # rides on the router's sync point
+        return target, torch.topk(logits[0], self.count).indices
+
+    def issue(self, model: "Mixtral", target: int, guess) -> None:
+        guess = guess.tolist() if isinstance(guess, torch.Tensor) else list(guess)
         model.cache.hint(target, guess)
         model.cache.prefetch(target, guess)
 
@@ -153,18 +161,18 @@ class Mixtral:
     def _moe_decode(self, i: int, lw: LayerWeights, h: torch.Tensor, resid: torch.Tensor,
                     tok_weights: Optional[list]) -> torch.Tensor:
         w, idx = self._route(lw, h)
+        proposal = self.prefetcher.propose(self, i, resid) if self.prefetcher is not None else None
         experts = idx[0].tolist()          # the one deliberate sync per layer: the host must know what to fetch
         self.stats.on_route(i, tuple(experts))
         if tok_weights is not None:
             tok_weights[i] = tuple(w[0].tolist())
         outs: list[Optional[torch.Tensor]] = [None] * len(experts)
-        guess_pending = self.prefetcher is not None
         for e, ew, slot in self.cache.fetch(i, experts):
-            if guess_pending:
+            if proposal is not None:
                 # fetch has queued this layer's own misses; the next layer's guesses go behind them on the
                 # copy stream, so a demand copy never waits for a speculative one.
-                self.prefetcher.guess(self, i, resid)
-                guess_pending = False
+                self.prefetcher.issue(self, *proposal)
+                proposal = None
             outs[experts.index(e)] = expert_forward(h, ew)
             self.cache.release(i, slot)
         y = outs[0] * w[0, 0]
