@@ -33,22 +33,30 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: Optional[torch.Generato
 
 class TextStream:
     """Incremental detokenization with stop strings: text is released only once no stop string can
-    still begin inside it, and never in the middle of a multi-byte character."""
+    still begin inside it, and never in the middle of a multi-byte character.
+
+    Each step decodes only a short window (the tokens since the last complete character, plus a few
+    before them as context, so tokenizers that strip a leading space decode the same text as a full
+    decode): constant work per token, however long the answer."""
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
         self.tok = tokenizer
         self.stop = tuple(s for s in stop if s)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
+        self.prefix = self.read = 0          # ids[prefix:read] is context already turned into text
         self.text = ""
         self.emitted = 0
 
     def push(self, token_id: int) -> tuple[str, bool]:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return "", False
-        self.text = text
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        now = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if now.endswith("\ufffd") or len(now) <= len(before):
+            return "", False                  # an incomplete character (or nothing visible) so far
+        self.text += now[len(before):]
+        self.prefix, self.read = max(self.read - 4, 0), len(self.ids)
+        text = self.text
         for s in self.stop:
             j = text.find(s, max(0, self.emitted - len(s)))
             if j >= 0:

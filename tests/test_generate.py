@@ -61,6 +61,22 @@ def test_stop_strings_hold_back_and_cut(tokenizer):
     assert "".join(s.push(t)[0] for t in ids) + s.flush() == "alpha beta STOP gamma"
 
 
+def test_streamed_text_equals_a_full_decode():
+    """Windowed incremental decoding gives exactly the full decode, multi-byte characters included."""
+    import random
+    from transformers import AutoTokenizer
+    from mixoff_app.hub import tiny_path
+    tok = AutoTokenizer.from_pretrained(str(tiny_path()))
+    rng = random.Random(0)
+    samples = [tok("héllo wörld — ✓ 日本語\n    return x")["input_ids"]]
+    samples += [[rng.randrange(len(tok)) for _ in range(rng.randrange(1, 80))] for _ in range(100)]
+    for ids in samples:
+        s = TextStream(tok)
+        out = "".join(s.push(i)[0] for i in ids) + s.flush()
+        full = tok.decode(ids, skip_special_tokens=True)
+        assert out == full or (full.endswith("\ufffd") and out == full.rstrip("\ufffd")), (out, full)
+
+
 def test_stop_string_ends_generation(engine):
     text, _, evs = run(engine, [{"role": "user", "content": "hello"}], max_new_tokens=20)
     assert len(text) > 3
