@@ -15,6 +15,13 @@ The router is trained with transformers' load-balancing loss. ``--locality-coef`
 temporal-consistency penalty (total variation between consecutive tokens' routing distributions); it is
 off by default: without it the shipped model already routes with clear locality (see the model card),
 and with 0.1 routing becomes far stickier than Mixtral's.
+
+``--multiturn-frac F`` (default 0, which is how the shipped model was trained) adds multi-turn chats so that they
+make up about F of the training sequences: each is 2-3 independent training turns (drawn with the seed, different
+subjects) rendered with the chat template in one sequence, the loss on every assistant turn (answer and ``</s>``);
+chats longer than the context are dropped. The held-out split and its single-turn loss are unchanged; the report
+adds a second-turn held-out loss (each held-out turn asked after a seeded training turn, loss on the second
+answer only). ``--transcripts`` also prints three two-turn chats.
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-chat"
 DEFAULTS = dict(seed=1234, vocab_size=4096, hidden=256, layers=4, heads=8, kv_heads=4, head_dim=32,
                 intermediate=384, experts=8, top_k=2, context=512, batch_tokens=4096, lr=2e-3,
                 min_lr_frac=0.1, warmup=100, weight_decay=0.05, aux_coef=0.01, locality_coef=0.0,
-                heldout_frac=0.05, steps=700)
+                heldout_frac=0.05, steps=700, multiturn_frac=0.0)
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -365,6 +372,78 @@ def encode_all(tok, examples: list[Example], context: int) -> list[tuple[list[in
     return out
 
 
+def encode_chat(tok, turns: list[Example], context: int, labelled: str = "all"):
+    """One chat of several question/answer turns: ``(ids, start, spans)``, where ``spans`` are the ``[a, b)``
+    token ranges of the assistant turns (answer tokens and ``</s>``) that carry the loss (``labelled``: "all"
+    or "last"), and ``start`` is where the first labelled span starts; None if it does not fit ``context``."""
+    msgs: list[dict] = []
+    spans = []
+    full: list[int] = []
+    for ex in turns:
+        msgs += chat_messages(ex)
+        prompt = tok.apply_chat_template(msgs[:-1], tokenize=True)["input_ids"]
+        full = tok.apply_chat_template(msgs, tokenize=True)["input_ids"]
+        if full[:len(prompt)] != prompt:
+            return None
+        if spans and prompt[:spans[-1][1]] != prev:
+            return None
+        spans.append((len(prompt), len(full)))
+        prev = full
+        if len(full) > context:
+            return None
+    if labelled == "last":
+        spans = spans[-1:]
+    return full, spans[0][0], spans
+
+
+def multiturn_chats(examples: list[Example], count: int, seed: int, turns=(2, 3)) -> list[list[Example]]:
+    """``count`` chats of 2-3 independent turns drawn (deterministically, by ``seed``) from ``examples``;
+    the turns of one chat are about different subjects."""
+    rng = random.Random(seed * 7919 + 17)
+    chats = []
+    for _ in range(count):
+        n = rng.choice(turns)
+        chat: list[Example] = []
+        while len(chat) < n:
+            ex = examples[rng.randrange(len(examples))]
+            if all(ex.key != c.key for c in chat):
+                chat.append(ex)
+        chats.append(chat)
+    return chats
+
+
+def encode_multiturn(tok, examples: list[Example], frac: float, seed: int, context: int):
+    """Multi-turn chats making up about ``frac`` of all training sequences (chats too long are dropped);
+    returns (encoded, chats drawn, turn count of the chats kept)."""
+    if frac <= 0:
+        return [], 0, 0
+    count = round(len(examples) * frac / (1 - frac))
+    out, kept_turns = [], 0
+    for chat in multiturn_chats(examples, count, seed):
+        enc = encode_chat(tok, chat, context)
+        if enc is not None:
+            out.append(enc)
+            kept_turns += len(chat)
+    return out, count, kept_turns
+
+
+def followup_heldout(tok, train_ex: list[Example], held_ex: list[Example], context: int, seed: int):
+    """Second-turn check: each held-out turn asked after one (deterministically drawn) training turn; the loss
+    is on the held-out (second) answer only."""
+    rng = random.Random(seed + 99)
+    out = []
+    for ex in held_ex:
+        first = train_ex[rng.randrange(len(train_ex))]
+        enc = encode_chat(tok, [first, ex], context, labelled="last")
+        if enc is not None:
+            out.append(enc)
+    return out
+
+
+def answer_tokens(encoded) -> int:
+    return sum(sum(b - a for a, b in e[2]) if len(e) == 3 else len(e[0]) - e[1] for e in encoded)
+
+
 def make_batches(encoded, batch_tokens: int, rng: random.Random, shuffle: bool = True):
     """Length-bucketed batches of about ``batch_tokens`` (padded) tokens; order shuffled by ``rng``."""
     order = list(range(len(encoded)))
@@ -395,11 +474,13 @@ def collate(encoded, idx: list[int], pad_id: int):
     labels = torch.full((len(idx), n), -100, dtype=torch.long)
     mask = torch.zeros((len(idx), n), dtype=torch.long)
     for r, i in enumerate(idx):
-        toks, start = encoded[i]
+        toks, start = encoded[i][:2]
         ids[r, :len(toks)] = torch.tensor(toks)
         mask[r, :len(toks)] = 1
         # label[t] is the token at t, predicted from t-1 (transformers shifts); answer tokens and </s> only
-        labels[r, start:len(toks)] = torch.tensor(toks[start:])
+        spans = encoded[i][2] if len(encoded[i]) == 3 else [(start, len(toks))]
+        for a, b in spans:
+            labels[r, a:b] = torch.tensor(toks[a:b])
     return ids, mask, labels
 
 
@@ -486,12 +567,17 @@ def train(args) -> dict:
     train_ex, held_ex = build_examples(args.seed, args.heldout_frac)
     tok = train_tokenizer([f"{e.question}\n{e.answer}" for e in train_ex], args.vocab_size)
     tok.model_max_length = args.context
-    train_enc = encode_all(tok, train_ex, args.context)
+    single_enc = encode_all(tok, train_ex, args.context)
     held_enc = encode_all(tok, held_ex, args.context)
-    n_train_tok = sum(len(t) for t, _ in train_enc)
-    n_ans_tok = sum(len(t) - s for t, s in train_enc)
-    log(f"data: {len(train_ex)} train turns ({len(train_enc)} fit, {n_train_tok} tokens, {n_ans_tok} answer "
-        f"tokens), {len(held_ex)} held-out turns ({len(held_enc)} fit); vocab {len(tok)}; "
+    multi_enc, multi_drawn, multi_turns = encode_multiturn(tok, train_ex, args.multiturn_frac,
+                                                           args.seed, args.context)
+    train_enc = single_enc + multi_enc
+    follow_enc = followup_heldout(tok, train_ex, held_ex, args.context, args.seed)
+    n_train_tok = sum(len(e[0]) for e in train_enc)
+    n_ans_tok = answer_tokens(train_enc)
+    log(f"data: {len(train_ex)} train turns ({len(single_enc)} fit) + {len(multi_enc)} multi-turn chats "
+        f"({multi_drawn} drawn, {multi_turns} turns), {n_train_tok} tokens, {n_ans_tok} answer tokens; "
+        f"{len(held_ex)} held-out turns ({len(held_enc)} fit, {len(follow_enc)} as second turns); vocab {len(tok)}; "
         f"prep {time.time() - t0:.0f}s")
 
     cfg = model_config(args, tok)
@@ -550,19 +636,28 @@ def train(args) -> dict:
     model.to(torch.float16).to(torch.float32)
     hl, n_held_tok = heldout_loss(model, held_enc, pad)
     tl, n_tl_tok = heldout_loss(model, train_enc[:len(held_enc)], pad)
-    log(f"final: train-subset loss {tl:.4f}, held-out loss {hl:.4f} over {n_held_tok} answer tokens")
+    fl, n_follow_tok = heldout_loss(model, follow_enc, pad)
+    log(f"final: train-subset loss {tl:.4f}, held-out loss {hl:.4f} over {n_held_tok} answer tokens, "
+        f"held-out second-turn loss {fl:.4f} over {n_follow_tok}")
     report = {
         "command": args.command, "seed": args.seed, "python": sys.version.split()[0],
         "torch": torch.__version__, "threads": args.threads, "steps": step, "epochs": epoch,
         "wall_seconds": round(time.time() - t0), "train_seconds": round(train_seconds),
         "parameters": n_params,
         "hyperparameters": {k: getattr(args, k) for k in DEFAULTS},
-        "data": {"train_turns": len(train_ex), "train_turns_fit": len(train_enc), "train_tokens": n_train_tok,
-                 "train_answer_tokens": n_ans_tok, "heldout_turns": len(held_ex), "heldout_turns_fit": len(held_enc),
-                 "heldout_answer_tokens": n_held_tok, "vocab_size": len(tok)},
+        "data": {"train_turns": len(train_ex), "train_turns_fit": len(single_enc), "train_tokens": n_train_tok,
+                 "train_answer_tokens": n_ans_tok, "train_single_turn_sequences": len(single_enc),
+                 "train_multiturn_sequences": len(multi_enc), "train_multiturn_drawn": multi_drawn,
+                 "train_multiturn_turns": multi_turns,
+                 "heldout_turns": len(held_ex), "heldout_turns_fit": len(held_enc),
+                 "heldout_answer_tokens": n_held_tok, "heldout_second_turn_fit": len(follow_enc),
+                 "heldout_second_turn_answer_tokens": n_follow_tok, "vocab_size": len(tok)},
         "train_loss_subset": round(tl, 4), "train_loss_ema": round(ema, 4), "heldout_loss": round(hl, 4),
         "heldout_loss_definition": "mean next-token cross-entropy (nats) over answer tokens incl. </s> of the "
                                    "held-out chat turns, fp16 weights evaluated in fp32",
+        "heldout_second_turn_loss": round(fl, 4),
+        "heldout_second_turn_loss_definition": "the same, over the held-out answers asked as the second turn of a "
+                                               "chat whose first turn is a (seeded) training turn",
         "history": history,
     }
     save_checkpoint(model, tok, cfg, out, {"mixoff_tiny_chat": {"seed": args.seed, "heldout_loss": round(hl, 4)}})
@@ -669,6 +764,30 @@ def generate_answer(model, tok, question: str, max_new_tokens: int = 160) -> tup
     return tok.decode(new, skip_special_tokens=True), prompt, new
 
 
+# Two-turn chats for --transcripts: the second question is asked after the model's own first answer.
+TRANSCRIPT_CHATS = [["What does len do?", "What does sorted do?"],
+                    ["What is the `zip` builtin?", "Explain the `with` statement."],
+                    ["What does str.split do?", "What does the built-in function enumerate do?"]]
+
+
+@torch.no_grad()
+def generate_chat(model, tok, questions: list[str], max_new_tokens: int = 160) -> list[str]:
+    """Greedy answers to ``questions`` asked one after the other in one chat (each answer stays in the history)."""
+    msgs: list[dict] = []
+    answers = []
+    for q in questions:
+        msgs.append({"role": "user", "content": q})
+        prompt = tok.apply_chat_template(msgs, tokenize=True)["input_ids"]
+        out = model.generate(input_ids=torch.tensor([prompt]),
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.eos_token_id)
+        text = tok.decode(out[0, len(prompt):].tolist(), skip_special_tokens=True)
+        answers.append(text)
+        msgs.append({"role": "assistant", "content": text})
+    return answers
+
+
 def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     model, tok = load_shipped(args.out)
@@ -694,6 +813,10 @@ def transcripts(args) -> None:
     for q in TRANSCRIPT_QUESTIONS:
         text, _, _ = generate_answer(model, tok, q)
         print(f"### User\n{q}\n\n### Assistant\n{text}\n")
+    for qs in TRANSCRIPT_CHATS:
+        print("---- two-turn chat\n")
+        for q, text in zip(qs, generate_chat(model, tok, qs)):
+            print(f"### User\n{q}\n\n### Assistant\n{text}\n")
 
 
 # ------------------------------------------------------------------------------------------------ cli
