@@ -129,3 +129,20 @@ def test_answer_loss_counts_only_answer_tokens():
     logits = torch.zeros(1, 6, 16)
     loss, n = answer_loss(logits, labels)
     assert n == 3 and float(loss) == pytest.approx(3 * math.log(16))
+
+
+def test_answers_a_follow_up_question(shipped):
+    """A chat asks several questions in a row: the second answer is on topic too."""
+    model, tok = shipped
+
+    def answer(messages):
+        prompt = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=40, do_sample=False, pad_token_id=tok.eos_token_id)
+        return tok.decode(out[0, len(prompt):], skip_special_tokens=True)
+
+    chat = [{"role": "user", "content": "What does len do?"}]
+    first = answer(chat)
+    assert "number of items" in first
+    chat += [{"role": "assistant", "content": first}, {"role": "user", "content": "What does sorted do?"}]
+    assert "new list" in answer(chat)
