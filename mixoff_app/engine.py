@@ -85,6 +85,8 @@ class Engine:
         self._stats, self.eos_ids = stats, eos_ids
         self._lock = threading.Lock()
         self._kv_ids: list[int] = []          # tokens whose K/V sit in the cache, from position 0
+        self.memory_plan = self.memory_measured = None    # set by load() when it planned memory
+        self.quant, self.dtype = config.quant, None
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
@@ -198,6 +200,7 @@ class Engine:
                                                sizes=None if len(set(sizes)) == 1 else tuple(sizes)))
         engine = cls(config, info, model, tokenizer, stats, eos)
         engine.memory_plan, engine.memory_measured = memory_plan, measured
+        engine.quant, engine.dtype = loaded.quant, dtype
         return engine
 
     # ---- chat -----------------------------------------------------------------------------------
@@ -291,6 +294,15 @@ class Engine:
         sizes = cache.layer_sizes(cfg.num_layers, cfg.num_experts)
         if cache.placement != self.config.cache.placement:
             raise ConfigError("changing the placement needs a reload; start the app with --placement")
+        if self.memory_plan is not None:
+            # The load was planned (a GPU, or budgets): the new k must fit the same way, before anything moves.
+            from .plan import plan_for
+            p = plan_for(cfg, self.quant, self.model.max_seq, device=self.model.device, dtype=self.dtype,
+                         placement=cache.placement, sizes=sizes, vram_budget=self.config.vram_budget,
+                         ram_budget=self.config.ram_budget, disk_ok=cache.placement == "disk",
+                         model_name=self.info.model_name)
+            if not p.feasible:
+                raise ConfigError(f"k = {sizes[0] if len(set(sizes)) == 1 else sizes} does not fit: {p.reason}")
         with self._lock:
             self.model.cache.resize(sizes, cache.policy)
             self.model.prefetcher = Prefetcher(cache.prefetch, cache.prefetch_layers) if cache.prefetch else None

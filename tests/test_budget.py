@@ -98,3 +98,26 @@ def test_vram_budget_sets_k(synthetic):
                                    auto_plan="sizes"))
     assert eng.model.cache.sizes == (2, 2)
     assert eng.memory_measured["device_bytes"] == p2.device_total
+
+
+def test_a_re_plan_that_breaks_the_budget_is_refused_before_anything_moves(tiny_dir):
+    """Changing k later (the app's cache settings) is held to the same budget as the load."""
+    import torch
+    from mixoff_app.checkpoints import peek_checkpoint
+    from mixoff_app.config import CacheConfig, ConfigError, EngineConfig, QuantConfig
+    from mixoff_app.engine import Engine
+    from mixoff_app.plan import plan_for
+
+    quant = QuantConfig.from_bits(4, 2)
+    cfg, q, _ = peek_checkpoint(tiny_dir, quant)
+    need = {k: plan_for(cfg, q, 256, device="cpu", dtype=torch.float32, placement="inclusive",
+                        sizes=[k] * cfg.num_layers, ram_bytes=1 << 34).device_total for k in (2, 8)}
+    assert need[2] < need[8]
+    budget = (need[2] + need[8]) // 2
+    eng = Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=quant, max_context=256,
+                                   cache=CacheConfig(size=2, placement="inclusive"), vram_budget=budget))
+    with pytest.raises(ConfigError, match="does not fit"):
+        eng.reconfigure_cache(CacheConfig(size=8, placement="inclusive"))
+    assert eng.model.cache.sizes == (2,) * cfg.num_layers          # nothing moved
+    eng.reconfigure_cache(CacheConfig(size=1, placement="inclusive"))
+    assert eng.model.cache.sizes == (1,) * cfg.num_layers
