@@ -78,16 +78,12 @@ def engine_config(args) -> EngineConfig:
                         vram_budget=vram_budget, ram_budget=ram_budget, auto_plan=auto)
 
 
-def load_engine(args, progress=None):
-    from .engine import Engine
-    return Engine.load(engine_config(args), progress=progress)
-
-
 # ---- generate ------------------------------------------------------------------------------------
 
 def cmd_generate(args) -> int:
     progress = (lambda m: print(m, file=sys.stderr)) if not args.quiet else None
-    engine = load_engine(args, progress)
+    from .engine import Engine
+    engine = Engine.load(engine_config(args), progress=progress)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, greedy=args.greedy, stop=tuple(args.stop or ()), seed=args.seed)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \

@@ -47,22 +47,25 @@ def test_missing_shard_names_the_file(tiny_dir, tmp_path):
         load_checkpoint(folder, NO_QUANT, "cpu", torch.float32)
 
 
-def test_missing_key_names_the_key(tiny_dir, tmp_path):
-    folder = tmp_path / "nokey"
+def edited_copy(tiny_dir, folder, edit):
+    """A copy of the tiny checkpoint whose state dict went through ``edit`` (in place)."""
     shutil.copytree(tiny_dir, folder)
     sd = load_file(str(folder / "model.safetensors"))
-    del sd["model.layers.2.block_sparse_moe.experts.3.w2.weight"]
+    edit(sd)
     save_file(sd, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_missing_key_names_the_key(tiny_dir, tmp_path):
+    folder = edited_copy(tiny_dir, tmp_path / "nokey",
+                         lambda sd: sd.pop("model.layers.2.block_sparse_moe.experts.3.w2.weight"))
     with pytest.raises(CheckpointError, match=r"model\.layers\.2\.block_sparse_moe\.experts\.3\.w2\.weight"):
         load_checkpoint(folder, NO_QUANT, "cpu", torch.float32)
 
 
 def test_wrong_shape_names_the_key(tiny_dir, tmp_path):
-    folder = tmp_path / "shape"
-    shutil.copytree(tiny_dir, folder)
-    sd = load_file(str(folder / "model.safetensors"))
-    sd["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
-    save_file(sd, str(folder / "model.safetensors"))
+    folder = edited_copy(tiny_dir, tmp_path / "shape",
+                         lambda sd: sd.update({"model.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3)}))
     with pytest.raises(CheckpointError, match=r"q_proj\.weight has shape \(3, 3\)"):
         load_checkpoint(folder, NO_QUANT, "cpu", torch.float32)
 
