@@ -276,6 +276,20 @@ class Engine:
         store = self.model.cache.store
         return self._stats.snapshot(read_memory(self.model.device, store.pinned_bytes, store.nbytes))
 
+    def answer_counters(self) -> dict[str, dict[str, int]]:
+        """The latest answer's cache counters, split into its prefill and its decode."""
+        return self._stats.answer_counters()
+
+    @property
+    def kv_tokens(self) -> tuple[int, ...]:
+        """The tokens whose K/V sit in the cache, from position 0: a prompt that extends them prefills only the rest."""
+        return tuple(self._kv_ids)
+
+    def forget_kv(self) -> None:
+        """Make the next answer prefill its whole prompt (a benchmark's cold start); waits for a running answer."""
+        with self._lock:
+            self._kv_ids = []
+
     @property
     def busy(self) -> bool:
         return self._lock.locked()

@@ -94,7 +94,7 @@ def test_decode_counters_add_up(tiny_dir, tokenizer):
     engine = load(tiny_dir, k=2)
     n = 20
     ids = greedy_ids(engine, chat_ids(tokenizer), n)
-    c = engine._stats.answer_counters()["decode"]
+    c = engine.answer_counters()["decode"]
     cfg = engine.model.cfg
     assert c["hits"] + c["misses"] == cfg.top_k * cfg.num_layers * len(ids)
     assert c["bytes_h2d"] == c["misses"] * engine.info.expert_bytes
@@ -121,7 +121,7 @@ def test_replaying_the_routing_through_a_reference_lru_gives_the_same_counts(tin
     engine = load(tiny_dir, k=3)
     ids = chat_ids(tokenizer)
     greedy_ids(engine, ids, 16)
-    c = engine._stats.answer_counters()["decode"]
+    c = engine.answer_counters()["decode"]
     # Rebuild the cache state after prefill from a fresh engine, then replay decode routing by hand.
     fresh = load(tiny_dir, k=3)
     fresh.model.forward(torch.tensor(ids), 0)
