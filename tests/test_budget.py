@@ -64,7 +64,6 @@ def test_ram_budget_too_small_for_a_host_copy_picks_the_disk_tier_and_holds(synt
     assert got["bytes_disk"] > 0
     assert got["device_bytes"] == p.device_total            # the device tier, tensor by tensor
     assert got["rss_peak_growth"] <= budget, got            # load + generation, measured
-    print("disk", budget, got)
 
 
 def test_ram_budget_that_fits_exclusive_but_not_inclusive(synthetic):
@@ -79,7 +78,6 @@ def test_ram_budget_that_fits_exclusive_but_not_inclusive(synthetic):
     assert got["device_bytes"] <= excl.device_total
     assert got["rss_peak_growth"] <= budget, got
     assert got["bytes_d2h"] > 0
-    print("exclusive", budget, got)
 
 
 def test_impossible_budget_is_a_clear_refusal(synthetic):
