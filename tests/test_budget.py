@@ -100,12 +100,6 @@ def test_vram_budget_sets_k(synthetic):
 
 def test_a_re_plan_that_breaks_the_budget_is_refused_before_anything_moves(tiny_dir):
     """Changing k later (the app's cache settings) is held to the same budget as the load."""
-    import torch
-    from mixoff_app.checkpoints import peek_checkpoint
-    from mixoff_app.config import CacheConfig, ConfigError, EngineConfig, QuantConfig
-    from mixoff_app.engine import Engine
-    from mixoff_app.plan import plan_for
-
     quant = QuantConfig.from_bits(4, 2)
     cfg, q, _ = peek_checkpoint(tiny_dir, quant)
     need = {k: plan_for(cfg, q, 256, device="cpu", dtype=torch.float32, placement="inclusive",
