@@ -20,7 +20,7 @@ from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, Samplin
 from .events import TokenEvent
 from .expert_cache import ExpertCache
 from .generate import generate
-from .hub import SEED_REPO, resolve, tokenizer_source
+from .hub import REFERENCE_REPO, resolve, tokenizer_source
 from .memory import read_memory
 from .model import Mixtral, Prefetcher
 from .stats import Stats, StatsSnapshot
@@ -50,7 +50,7 @@ class EngineInfo:
 def default_model() -> tuple[str, str]:
     """(model, reason) when the user names none."""
     if torch.cuda.is_available():
-        return SEED_REPO, f"CUDA GPU found ({torch.cuda.get_device_name(0)}): running the pre-quantized Mixtral-8x7B-Instruct"
+        return REFERENCE_REPO, f"CUDA GPU found ({torch.cuda.get_device_name(0)}): running the pre-quantized Mixtral-8x7B-Instruct"
     return "tiny", "no CUDA GPU found: running the embedded tiny demo model (Mixtral architecture, small)"
 
 
