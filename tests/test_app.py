@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
 from gradio_client import Client  # noqa: E402
-from gradio_client.exceptions import AuthenticationError  # noqa: E402
+from gradio_client.exceptions import AppError, AuthenticationError  # noqa: E402
 
 from mixoff_app.config import CacheConfig, ConfigError, EngineConfig, QuantConfig, SamplingParams  # noqa: E402
 from mixoff_app.engine import Engine  # noqa: E402
@@ -155,11 +155,11 @@ def test_cache_replan_through_the_api(app, engine):
 
 def test_errors_are_clear(app):
     client = Client(app, verbose=False)
-    with pytest.raises(Exception, match="empty"):
+    with pytest.raises(AppError, match="empty"):
         client.predict("   ", [], "", 0.0, 1.0, 4, api_name="/chat")
-    with pytest.raises(Exception, match="top_p"):
+    with pytest.raises(AppError, match="top_p"):
         client.predict("hi", [], "", 0.5, 1.5, 4, api_name="/chat")
-    with pytest.raises(Exception, match="greater than maximum"):
+    with pytest.raises(AppError, match="greater than maximum"):
         client.predict(9, "lru", 0, api_name="/set_cache")
 
 
@@ -179,7 +179,7 @@ def test_page_opens_while_the_model_loads(engine):
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        with pytest.raises(Exception, match="still loading"):
+        with pytest.raises(AppError, match="still loading"):
             client.predict(api_name="/stats")
         assert slot.lines == ["fetching nothing: the tiny model is local"]
         gate.set()

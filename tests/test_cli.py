@@ -38,7 +38,8 @@ def test_generate_json_matches_transformers_for_every_cache_size(tiny_dir, hf_mo
         assert all(len(tok) == L and all(len(set(es)) == top_k for es in tok) for tok in out["routing"])
         if k == 8:
             assert s["evictions"] == 0
-        assert isinstance(out["text"], str)
+        full = tokenizer.decode(out["token_ids"], skip_special_tokens=True)
+        assert out["text"] == full.removesuffix("\ufffd") and out["finish_reason"] == "length"
 
 
 def test_quantized_generation_runs(tiny_dir):
