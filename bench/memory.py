@@ -84,10 +84,11 @@ def measure(model: str, placement: str = "auto", cache_size=None, vram_budget=No
     import transformers  # noqa: F401  (imported before the baseline: libraries are not the model)
     from transformers import AutoTokenizer  # noqa: F401
 
-    from mixoff_app.cli import build_parser, engine_config
+    from mixoff_app.cli import build_parser
+    from mixoff_app.cli.args import engine_config
     from mixoff_app.config import SamplingParams
     from mixoff_app.engine import Engine
-    from mixoff_app.plan import device_tensor_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+    from mixoff_app.memory import device_tensor_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 
     argv = ["generate", "--model", model, "--prompt", "x", "--device", device, "--placement", placement,
             "--max-context", str(max_context)]
