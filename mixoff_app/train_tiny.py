@@ -36,6 +36,7 @@ import random
 import re
 import shlex
 import sys
+import sysconfig
 import time
 import warnings
 from collections import OrderedDict
@@ -114,12 +115,29 @@ def _doc_answer(doc: str | None) -> str | None:
     return text if len(text) >= 20 else None
 
 
+def _environment_defaults() -> dict[str, str]:
+    """Default values computed from how this Python was started rather than from Python itself (its path, its
+    prefix, a virtualenv's install scheme), as their repr here -> the text the data uses, so that one Python
+    version gives one dataset in a virtualenv or not, at any install prefix."""
+    out = {}
+    for attr in ("executable", "prefix", "exec_prefix", "base_prefix", "base_exec_prefix"):
+        value = getattr(sys, attr, None)
+        if value:
+            out.setdefault(repr(value), f"sys.{attr}")
+    scheme = sysconfig.get_default_scheme()
+    if scheme == "venv":        # what the same Python reports outside a virtualenv
+        out[repr(scheme)] = repr("posix_prefix" if os.name == "posix" else "nt")
+    return out
+
+
 def _signature(name: str, obj) -> str:
     try:
         sig = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return ""
     sig = re.sub(r" at 0x[0-9a-fA-F]+>", ">", sig)     # default values' reprs carry memory addresses
+    for here, canonical in _environment_defaults().items():
+        sig = sig.replace(f"={here}", f"={canonical}")
     return "" if len(sig) > 120 else f"{name}{sig}"
 
 

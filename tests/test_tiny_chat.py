@@ -100,6 +100,18 @@ def test_heldout_split_is_rebuilt_deterministically(report):
     assert held == read_heldout(ASSET_DIR)
 
 
+def test_training_data_does_not_depend_on_the_environment():
+    """Defaults computed from the interpreter's path or a virtualenv read the same everywhere."""
+    import platform
+    import sysconfig
+
+    from mixoff_app.train_tiny import _signature
+    arch = _signature("platform.architecture", platform.architecture)
+    assert arch.startswith("platform.architecture(executable=sys.executable,") and sys.executable not in arch
+    if sys.platform == "linux":
+        assert "scheme='posix_prefix'" in _signature("sysconfig.get_paths", sysconfig.get_paths)
+
+
 def test_locality_figures_in_card():
     loc = json.loads((ASSET_DIR / "locality.json").read_text())["heldout_teacher_forced"]
     text = CARD.read_text()
