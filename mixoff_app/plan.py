@@ -15,8 +15,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import (PLACEMENTS, PRESETS, ConfigError, ModelConfig, QuantConfig, QuantSpec, parse_bits)
+from .config import (PLACEMENTS, ConfigError, ModelConfig, QuantConfig, QuantSpec, parse_bits)
 from .expert_store import ExpertLayout
+from .presets import PRESETS, from_name, preset_name
 from .quant import weight_fields
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -400,19 +401,19 @@ def _refusal(s: Sizes, cfg: ModelConfig, cuda: bool, device_cap, host_cap, conte
 
 
 def model_for_planning(name: str, quant: QuantConfig) -> tuple[ModelConfig, QuantConfig, bool, str]:
-    """(config, quant, disk_ok, display name) from a preset name or a local checkpoint folder, offline."""
+    """(config, quant, disk_ok, display name) from 'tiny', a preset name or a local checkpoint folder, offline."""
     key = name.lower()
+    if key == "tiny":           # the model ``--model tiny`` runs, read from its checkpoint
+        from .checkpoints import peek_checkpoint
+        from .hub import tiny_path
+        cfg, q, layout = peek_checkpoint(tiny_path(), quant)
+        return cfg, q, False, "tiny"
     if key in PRESETS:
         return PRESETS[key], quant, True, key
     if os.path.isdir(name):
         from .checkpoints import peek_checkpoint
         cfg, q, layout = peek_checkpoint(name, quant)
         return cfg, q, layout == "mixoff", name
-    if key == "tiny":
-        from .hub import tiny_path
-        from .checkpoints import peek_checkpoint
-        cfg, q, layout = peek_checkpoint(tiny_path(), quant)
-        return cfg, q, False, "tiny"
     raise ConfigError(f"cannot plan for {name!r} offline: give a preset ({', '.join(PRESETS)}) or a local "
                       f"checkpoint folder")
 
@@ -421,17 +422,15 @@ def choose_cache_size(model: str, device: Optional[str] = None, quant: Optional[
                       max_context: int = 4096, vram_bytes: Optional[int] = None,
                       ram_bytes: Optional[int] = None) -> Plan:
     """The app's start-up plan from free VRAM/RAM (measured unless given): a ``Plan`` with ``.k`` (smallest k
-    per layer), ``.sizes``, ``.placement``, ``.reason``. Hub ids of Mixtral-8x7B/8x22B plan from the presets,
-    so this works before any download. Raises ConfigError when nothing fits (the message says what would)."""
+    per layer), ``.sizes``, ``.placement``, ``.reason``. Hub ids listed in ``presets.HUB_IDS`` plan from their
+    preset, so this works before any download. Raises ConfigError when nothing fits (the message says what would)."""
     quant = quant or QuantConfig()
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     low = model.lower()
     if low in PRESETS or os.path.isdir(model) or low == "tiny":
         cfg, quant, disk_ok, name = model_for_planning(model, quant)
-    elif "8x22b" in low:
-        cfg, disk_ok, name = PRESETS["mixtral-8x22b"], False, model
-    elif "8x7b" in low or "mixtral" in low:
-        cfg, disk_ok, name = PRESETS["mixtral-8x7b"], False, model
+    elif preset_name(model) is not None:
+        cfg, disk_ok, name = from_name(model), False, model
     else:
         raise ConfigError(f"cannot plan memory for {model!r} before it is downloaded; pass --cache-size")
     p = plan_for(cfg, quant, max_context, vram_bytes=vram_bytes, ram_bytes=ram_bytes, device=dev,

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import PLACEMENTS, PRESETS, ConfigError, QuantConfig
+from ..config import PLACEMENTS, ConfigError, QuantConfig
 from ..plan import model_for_planning, plan_for, reference_markdown
+from ..presets import PRESETS
 from .args import bits, parse_gib, positive_int
 
 
