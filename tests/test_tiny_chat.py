@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixoff_app.train_tiny import (ASSET_DIR, answer_loss, build_examples, collate, heldout_encoded,
-                                   heldout_loss, locality_stats, read_heldout)
+from tools.train_tiny.train import (ASSET_DIR, answer_loss, build_examples, collate, heldout_encoded,
+                                    heldout_loss, locality_stats, read_heldout)
 
 CARD = ASSET_DIR / "MODEL_CARD.md"
 
@@ -105,7 +105,7 @@ def test_training_data_does_not_depend_on_the_environment():
     import platform
     import sysconfig
 
-    from mixoff_app.train_tiny import _signature
+    from tools.train_tiny.train import _signature
     arch = _signature("platform.architecture", platform.architecture)
     assert arch.startswith("platform.architecture(executable=sys.executable,") and sys.executable not in arch
     if sys.platform == "linux":
