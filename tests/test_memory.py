@@ -8,7 +8,8 @@ import psutil
 import pytest
 import torch
 
-from mixoff_app.memory import gpu_free_total, ram_available_total, read_memory
+from mixoff_app.memory import (gpu_free_total, nvml_available, peak_rss_bytes, ram_available_total, read_memory,
+                               reset_peak_rss, rss_bytes)
 
 MiB = 1 << 20
 
@@ -52,3 +53,21 @@ def test_gpu_reading_matches_torch():
     assert m.torch_allocated >= 256 * MiB and m.torch_reserved >= m.torch_allocated
     assert m.torch_peak_allocated >= m.torch_allocated and 0 < m.vram_used <= m.vram_total
     del x
+
+
+def test_rss_and_its_peak_follow_an_allocation():
+    gc.collect()
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs: the peak cannot be restarted here")
+    base, peak0 = rss_bytes(), peak_rss_bytes()
+    assert peak0 >= base > 0
+    block = torch.ones(64 * MiB // 4, dtype=torch.float32)
+    assert rss_bytes() - base >= 48 * MiB
+    del block
+    gc.collect()
+    assert peak_rss_bytes() - base >= 48 * MiB          # the peak remembers what was freed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_no_driver_means_no_nvml():
+    assert nvml_available() is False
