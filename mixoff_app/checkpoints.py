@@ -341,7 +341,7 @@ def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     cfg, q, _layout = peek_checkpoint(src_folder, quant)
     meta = {"mixoff.format": MIXOFF_FORMAT, "format": "pt",
-            "mixoff.quant": json.dumps({"attn": _spec_dict(q.attn), "experts": _spec_dict(q.experts)})}
+            "mixoff.quant": json.dumps({"attn": spec_dict(q.attn), "experts": spec_dict(q.experts)})}
     writer: list[_LayerWriter] = []
 
     def make_writer(mcfg, elayout, layout, folder):
@@ -376,7 +376,8 @@ def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike,
     return out
 
 
-def _spec_dict(s: QuantSpec) -> dict:
+def spec_dict(s: QuantSpec) -> dict:
+    """A QuantSpec as stored in a mixoff checkpoint's ``mixoff.quant`` metadata."""
     return {"bits": s.bits, "group_size": s.group_size, "scale_group": s.scale_group, "quant_zero": s.quant_zero}
 
 
