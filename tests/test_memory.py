@@ -2,7 +2,7 @@
 against memory the test itself allocates."""
 from __future__ import annotations
 
-import gc
+import mmap
 
 import psutil
 import pytest
@@ -24,13 +24,21 @@ def test_cpu_reading_names_no_gpu_and_passes_the_expert_bytes_through():
     assert 0 < m.process_rss < m.system_ram_total
 
 
+def touched_block(nbytes: int) -> mmap.mmap:
+    """A fresh anonymous mapping with every page written: new resident memory, whatever the allocators
+    already hold from earlier tests."""
+    m = mmap.mmap(-1, nbytes)
+    m.write(b"\x01" * nbytes)
+    return m
+
+
 def test_process_rss_sees_memory_this_process_touches():
-    gc.collect()
     before = read_memory(torch.device("cpu")).process_rss
-    block = torch.ones(64 * MiB // 4, dtype=torch.float32)      # 64 MiB, every page written
+    block = touched_block(64 * MiB)
     grown = read_memory(torch.device("cpu")).process_rss - before
+    block.close()
     assert grown >= 48 * MiB, grown / MiB
-    del block
+    assert read_memory(torch.device("cpu")).process_rss - before < 48 * MiB      # unmapped: gone again
 
 
 def test_free_ram_is_within_the_total():
@@ -56,15 +64,14 @@ def test_gpu_reading_matches_torch():
 
 
 def test_rss_and_its_peak_follow_an_allocation():
-    gc.collect()
     if not reset_peak_rss():
         pytest.skip("no /proc/self/clear_refs: the peak cannot be restarted here")
     base, peak0 = rss_bytes(), peak_rss_bytes()
     assert peak0 >= base > 0
-    block = torch.ones(64 * MiB // 4, dtype=torch.float32)
+    block = touched_block(64 * MiB)
     assert rss_bytes() - base >= 48 * MiB
-    del block
-    gc.collect()
+    block.close()
+    assert rss_bytes() - base < 48 * MiB
     assert peak_rss_bytes() - base >= 48 * MiB          # the peak remembers what was freed
 
 
