@@ -31,7 +31,7 @@ def make_synthetic(out: str | os.PathLike, tokenizer_from: str | os.PathLike, la
 
     from mixoff_app.checkpoints import MIXOFF_FORMAT, _spec_dict
     from mixoff_app.config import ModelConfig, QuantConfig
-    from mixoff_app.expert_store import ExpertLayout
+    from mixoff_app.stores import ExpertLayout
     from mixoff_app.quant import weight_fields
 
     src, out = Path(tokenizer_from), Path(out)

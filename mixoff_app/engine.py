@@ -101,8 +101,7 @@ class Engine:
             raise ConfigError(f"unsupported dtype {config.dtype!r}: use float16, bfloat16 or float32")
         # Plan before allocating anything: a configuration that cannot fit is refused with what would fit.
         from .checkpoints import load_checkpoint_placed, peek_checkpoint, read_config
-        from .disk_store import DiskStore
-        from .expert_store import ExclusiveStore, ExpertStore
+        from .stores import make_store as new_store
         from .plan import device_tensor_bytes, plan_for, rss_bytes
 
         def precheck(folder: Path) -> None:
@@ -140,11 +139,7 @@ class Engine:
         pin = device.type == "cuda"
 
         def make_store(mcfg, elayout, layout_name, folder):
-            if placement == "exclusive":
-                return ExclusiveStore(mcfg, elayout, sizes, device, pin=pin)
-            if placement == "disk":
-                return DiskStore(mcfg, elayout, folder, pin=pin)
-            return ExpertStore(mcfg, elayout, pin=pin)
+            return new_store(placement, mcfg, elayout, sizes, device, folder, pin=pin)
 
         rss0 = rss_bytes()
         if device.type == "cuda":

@@ -75,7 +75,7 @@ def test_counters_count_both_directions(mixoff_dir):
 
 def test_exclusive_bytes_survive_many_swaps(mixoff_dir):
     """After a generation full of swaps, every expert's bytes (host row or slot) equal the file's."""
-    from mixoff_app.disk_store import DiskStore
+    from mixoff_app.stores import DiskStore
     eng = load(mixoff_dir, "exclusive", 1, prefetch=1)
     greedy(eng, 16)
     assert eng.stats().evictions > 20
