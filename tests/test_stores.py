@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixoff_app.config import ModelConfig, QuantSpec
-from mixoff_app.stores import DiskStore, ExclusiveStore, ExpertLayout, InclusiveStore, make_store
+from mixoff_app.stores import DiskStore, ExclusiveStore, ExpertLayout, ExpertStore, InclusiveStore, make_store
 
 CFG = ModelConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_layers=3, num_heads=2,
                   num_kv_heads=1, head_dim=8, num_experts=6, top_k=2)
@@ -131,5 +131,7 @@ def test_disk_store_is_read_only_and_needs_the_mixoff_format(blob_dir, tmp_path)
 
 
 def test_make_store_builds_each_placement(blob_dir):
-    kinds = {p: type(make_store(p, CFG, LAYOUT, SIZES, CPU, folder=blob_dir)) for p in PLACEMENTS}
+    stores = {p: make_store(p, CFG, LAYOUT, SIZES, CPU, folder=blob_dir) for p in PLACEMENTS}
+    assert all(isinstance(s, ExpertStore) for s in stores.values())     # each has every member of the protocol
+    kinds = {p: type(s) for p, s in stores.items()}
     assert kinds == {"inclusive": InclusiveStore, "exclusive": ExclusiveStore, "disk": DiskStore}

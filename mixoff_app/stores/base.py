@@ -14,7 +14,7 @@ On the CPU the events are None and copies are synchronous.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -25,6 +25,7 @@ Slots = list[torch.Tensor]          # per layer, one [k, nbytes] uint8 block of 
 Residents = list[list[int]]         # per layer, slot -> expert (-1: empty)
 
 
+@runtime_checkable
 class ExpertStore(Protocol):
     placement: str        # "inclusive" | "exclusive" | "disk"
     write_back: bool      # evicting an expert moves its bytes back to the host
