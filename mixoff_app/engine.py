@@ -147,7 +147,7 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     """Read the checkpoint into the trunk and the placement's store, then the cache and the model; measure
     what it took against the budgets. Returns (loaded, model, stats, measured)."""
     from .checkpoints import load_checkpoint_placed
-    from .plan import device_tensor_bytes, rss_bytes
+    from .memory import device_tensor_bytes, rss_bytes
     from .stores import make_store
     sizes, placement, pin = placed.sizes, placed.placement, device.type == "cuda"
     rss0 = rss_bytes()
