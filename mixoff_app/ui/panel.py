@@ -63,6 +63,12 @@ def fmt_secs(s: float) -> str:
     return f"{1000 * s:.0f} ms" if s < 1 else f"{s:.2f} s"
 
 
+def fmt_k(sizes: Sequence[int]) -> str:
+    """Experts per layer on the device: "4", or "5–6" when a plan gives layers different k."""
+    ks = sorted(set(sizes))
+    return "" if not ks else str(ks[0]) if len(ks) == 1 else f"{ks[0]}–{ks[-1]}"
+
+
 def fmt_tps(x: float) -> str:
     return "—" if x <= 0 else f"{x:.1f} tok/s" if x < 100 else f"{x:.0f} tok/s"
 
@@ -120,8 +126,7 @@ def render_grid(snap) -> str:
     legend = "".join(f'<span class="mx-key"><i class="mx-c mx-{s}"></i>{escape(text)}'
                      f'{"" if s in (EMPTY, RESIDENT) else f" <b>{counts[s]}</b>"}</span>'
                      for s, text in LEGEND)
-    sizes = sorted(set(snap.cache_sizes))
-    k = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+    k = fmt_k(snap.cache_sizes)
     head = (f'<div class="mx-card-h"><span>Expert cache</span>'
             f'<span class="mx-sub">k = {k} of {E} per layer · {escape(snap.policy)} · {escape(snap.placement)}'
             f' · layers →</span></div>')
@@ -302,7 +307,8 @@ def render_info(info: Any) -> str:
     cache = getattr(info, "cache", None)
     cache_txt = ""
     if cache is not None:
-        cache_txt = (f"k = {cache.sizes[0]} of {info.num_experts} experts per layer on the device · {cache.policy}"
+        k = fmt_k(cache.sizes) if cache.sizes else str(info.num_experts)
+        cache_txt = (f"k = {k} of {info.num_experts} experts per layer on the device · {cache.policy}"
                      + (f" · prefetch {cache.prefetch}" if cache.prefetch else ""))
     device = info.device + (f" ({info.gpu_name})" if info.gpu_name else "")
     chips = [("model", info.model_name), ("device", device), ("weights", f"{info.dtype} · {info.quant}"),
