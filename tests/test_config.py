@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from mixoff_app.config import (NO_QUANT, SUPPORTED_BITS, ConfigError, ModelConfig, QuantConfig, QuantSpec,
-                               SamplingParams, parse_bits)
+from mixoff_app.config import (NO_QUANT, SUPPORTED_BITS, CacheConfig, ConfigError, EngineConfig, ModelConfig,
+                               QuantConfig, QuantSpec, SamplingParams, parse_bits)
 
 SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
              head_dim=16, num_experts=8, top_k=2)
@@ -74,3 +74,17 @@ def test_sampling_greedy_and_frozen():
         SamplingParams(max_new_tokens=2.5)
     with pytest.raises(dataclasses.FrozenInstanceError):
         SamplingParams().temperature = 1.0
+
+
+def test_cache_config_refusals_and_who_plans():
+    assert CacheConfig().placement is None and CacheConfig().sizes is None       # None: the planner decides
+    with pytest.raises(ConfigError, match="unknown eviction policy 'fifo': choose one of lru, lfu, lrfu"):
+        CacheConfig(policy="fifo")
+    with pytest.raises(ConfigError, match="unknown placement 'gpu': choose one of inclusive, exclusive, disk"):
+        CacheConfig(placement="gpu")
+    with pytest.raises(ConfigError, match="prefetch must be >= 0"):
+        CacheConfig(prefetch=-1)
+    with pytest.raises(ConfigError, match="no cache sizes given"):
+        CacheConfig(sizes=())
+    assert EngineConfig().planned("cuda") and not EngineConfig().planned("cpu")
+    assert EngineConfig(ram_budget=1 << 30).planned("cpu") and EngineConfig(vram_budget=1 << 30).planned("cpu")
