@@ -1,4 +1,4 @@
-"""GPU decode benchmark of expert offloading at Mixtral-8x7B's real shapes (issue 4). Prints one JSON object.
+"""GPU decode benchmark of expert offloading at Mixtral-8x7B's real shapes. Prints one JSON object.
 
 A synthetic model is built straight from the runtime's pieces, no checkpoint: Mixtral-8x7B's shapes
 (hidden 4096, intermediate 14336, 8 experts, top-2, 32 layers, vocab 32000), experts 2-bit group-16 in
@@ -25,7 +25,7 @@ Variants (same trace tokens for each; fresh cache and KV cache each time):
     lru_prefetch_k4  k = 4, LRU, prefetch 2 experts one layer ahead
     lrfu_prefetch_k4 k = 4, LRFU (the app's policy) + prefetch
     all_resident     k = 8: every expert on the device (loaded before the clock starts)
-    lrfu_early_prefetch_k4  not in the issue, an experiment: as lrfu_prefetch_k4, but the guesses for layer
+    lrfu_early_prefetch_k4  an experiment: as lrfu_prefetch_k4, but the guesses for layer
                      l+1 are issued before layer l's demand misses (the runtime issues them after, so a demand
                      copy never queues behind a speculative one on the single copy stream); this variant
                      measures what that ordering is worth.
@@ -39,10 +39,10 @@ per variant the transfer-bound limit
     limit s/token = misses_per_token * expert_bytes / bandwidth + all-resident s/token
 
 (bandwidth: the expert-sized pinned copy), reported as ``fraction_of_limit`` = achieved / limit, with the
-issue's goals (>= 2x naive, >= 0.7 of the limit). ``limit_all_h2d`` does the same with every byte copied
+goals (>= 2x naive, >= 0.7 of the limit). ``limit_all_h2d`` does the same with every byte copied
 host->device (misses and prefetches). Phases are timed (``phases_s``); ``--budget-s`` stops early (the
 remaining variants are listed as skipped); each variant runs under try/except so one failure still prints
-the rest. Progress goes to stderr, the JSON to stdout and, when ``$OUT`` is set, to ``$OUT/gpu_offload.json``.
+the rest. Progress goes to stderr, the JSON to stdout and, when the environment variable ``OUT`` names a folder, to ``OUT/gpu_offload.json``.
 
     python bench/gpu_offload.py --device cuda --shape mixtral --tokens 32        # the H200 run (~1-2 min)
     python bench/gpu_offload.py --device cpu --shape tiny --tokens 8             # CPU validation (seconds)
@@ -95,7 +95,7 @@ VARIANTS = {
     "lrfu_early_prefetch_k4": (4, "lrfu", True, False, True),
 }
 # all_resident first: every transfer-bound limit needs its time per token; naive next (every speedup needs
-# it); the extra experiment (not in the issue) last, so the budget cuts it first.
+# it); the extra experiment last, so the budget cuts it first.
 RUN_ORDER = ("all_resident", "naive", "lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "lrfu_early_prefetch_k4")
 OFFLOAD = ("lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "lrfu_early_prefetch_k4")
 GOAL_SPEEDUP, GOAL_FRACTION = 2.0, 0.7
