@@ -26,6 +26,7 @@ from mixoff_app.config import NO_QUANT, CacheConfig, EngineConfig, SamplingParam
 from mixoff_app.engine import Engine
 from mixoff_app.tiny import make_tiny, write_synthetic
 
+
 def ours(path: Path, k, prompt: list[int], n: int) -> float:
     """Decode tokens/s of our runtime (prefill excluded): n tokens after the prompt, greedy."""
     eng = Engine.load(EngineConfig(model=str(path), device="cpu", quant=NO_QUANT, cache=CacheConfig(sizes=(k,)),

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
 
 from .config import ConfigError, ModelConfig, QuantConfig, QuantSpec
-from .stores import ExpertLayout, ExpertStore, InclusiveStore, expert_tensors_from_dense
 from .model import LayerWeights, TrunkWeights
-from .quant import QWeight, pack, qweight_from, quantize, unpack, weight_fields
+from .quant import QWeight, pack, quantize, qweight_from, unpack, weight_fields
+from .stores import ExpertLayout, ExpertStore, InclusiveStore, expert_tensors_from_dense
 
 Progress = Callable[[str], None]
 

@@ -5,8 +5,8 @@ Everything here is plain data. Validation raises ``ConfigError`` with a message 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Optional
 
 
 class ConfigError(ValueError):

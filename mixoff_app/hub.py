@@ -64,8 +64,8 @@ def resolve(model: str, progress: Callable[[str], None] = print,
 
 def download(repo_id: str, allow: list[str], progress: Callable[[str], None] = print,
              announce: bool = True) -> Path:
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
 
     token = os.environ.get("HF_TOKEN") or None
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

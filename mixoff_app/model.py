@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .expert_cache import ExpertCache
-from .stores import ExpertWeights
 from .quant import QWeight, linear
 from .stats import Stats
+from .stores import ExpertWeights
 
 Weight = torch.Tensor | QWeight
 

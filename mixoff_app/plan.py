@@ -8,17 +8,16 @@ the engine will hold. Allowances (not computable from the model) are stated wher
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
-from .config import (PLACEMENTS, ConfigError, ModelConfig, QuantConfig, QuantSpec, parse_bits)
-from .stores import ExpertLayout
+from .config import PLACEMENTS, ConfigError, ModelConfig, QuantConfig, QuantSpec
 from .presets import PRESETS, from_name, preset_name
 from .quant import weight_fields
+from .stores import ExpertLayout
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 

@@ -95,8 +95,8 @@ def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
 def packed_state_dict(cfg: ModelConfig, quant: QuantConfig, seed: int) -> dict[str, torch.Tensor]:
     """Random weights in mixoff's own format, written directly: packed codes are random bytes, scales and
     zeros small constants, so every weight is finite; the trunk is fp16."""
-    from .stores import ExpertLayout
     from .quant import weight_fields
+    from .stores import ExpertLayout
 
     g = torch.Generator().manual_seed(seed)
     consts = {"scale_s": 2e-3, "scale_z": 0.0, "zero_s": 0.01, "zero_z": 0.0, "scale": 0.01, "zero": 1.0}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixoff_app.checkpoints import CheckpointError, TensorSource, detect_layout, load_checkpoint
+from mixoff_app.checkpoints import CheckpointError, detect_layout, load_checkpoint
 from mixoff_app.config import NO_QUANT, ConfigError, QuantConfig
 from mixoff_app.hub import ModelNotAvailable, resolve
 

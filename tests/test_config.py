@@ -7,8 +7,18 @@ import json
 
 import pytest
 
-from mixoff_app.config import (NO_QUANT, SUPPORTED_BITS, CacheConfig, ConfigError, EngineConfig, ModelConfig,
-                               QuantConfig, QuantSpec, SamplingParams, parse_bits)
+from mixoff_app.config import (
+    NO_QUANT,
+    SUPPORTED_BITS,
+    CacheConfig,
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    QuantConfig,
+    QuantSpec,
+    SamplingParams,
+    parse_bits,
+)
 
 SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
              head_dim=16, num_experts=8, top_k=2)

@@ -8,8 +8,8 @@ import torch
 
 from mixoff_app.config import ModelConfig, QuantSpec
 from mixoff_app.expert_cache import ExpertCache
-from mixoff_app.stores import ExpertLayout, InclusiveStore
 from mixoff_app.stats import Stats
+from mixoff_app.stores import ExpertLayout, InclusiveStore
 
 from helpers import chat_ids, greedy_ids, load
 

@@ -9,7 +9,7 @@ import torch
 from mixoff_app.config import ConfigError, SamplingParams
 from mixoff_app.generate import TextStream, sample
 
-from helpers import chat_ids, greedy_ids, load
+from helpers import load
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,9 @@ def test_stop_strings_hold_back_and_cut(tokenizer):
 def test_streamed_text_equals_a_full_decode():
     """Windowed incremental decoding gives exactly the full decode, multi-byte characters included."""
     import random
+
     from transformers import AutoTokenizer
+
     from mixoff_app.hub import tiny_path
     tok = AutoTokenizer.from_pretrained(str(tiny_path()))
     rng = random.Random(0)

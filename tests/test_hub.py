@@ -8,8 +8,7 @@ import pytest
 from huggingface_hub import constants
 
 from mixoff_app.config import ConfigError
-from mixoff_app.hub import (ASSETS, BASE_INSTRUCT, TOKENIZER_FALLBACK, ModelNotAvailable, resolve,
-                            tokenizer_source)
+from mixoff_app.hub import ASSETS, BASE_INSTRUCT, TOKENIZER_FALLBACK, ModelNotAvailable, resolve, tokenizer_source
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -8,8 +8,15 @@ import psutil
 import pytest
 import torch
 
-from mixoff_app.memory import (gpu_free_total, nvml_available, peak_rss_bytes, ram_available_total, read_memory,
-                               reset_peak_rss, rss_bytes)
+from mixoff_app.memory import (
+    gpu_free_total,
+    nvml_available,
+    peak_rss_bytes,
+    ram_available_total,
+    read_memory,
+    reset_peak_rss,
+    rss_bytes,
+)
 
 MiB = 1 << 20
 

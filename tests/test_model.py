@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixoff_app.config import CacheConfig, QuantConfig
+from mixoff_app.config import QuantConfig
 from mixoff_app.quant import QWeight
 
 from helpers import chat_ids, greedy_ids, hf_greedy, load

@@ -7,13 +7,20 @@ import math
 import random
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tools.train_tiny.train import (ASSET_DIR, answer_loss, build_examples, collate, heldout_encoded,
-                                    heldout_loss, locality_stats, read_heldout)
+from tools.train_tiny.train import (
+    ASSET_DIR,
+    answer_loss,
+    build_examples,
+    collate,
+    heldout_encoded,
+    heldout_loss,
+    locality_stats,
+    read_heldout,
+)
 
 CARD = ASSET_DIR / "MODEL_CARD.md"
 

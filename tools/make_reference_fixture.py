@@ -32,12 +32,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 import hqq
+import torch
 from hqq.core import quantize as hq
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
+from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Union
 
-from ..config import POLICIES, PLACEMENTS, CacheConfig, ConfigError, EngineConfig, QuantConfig, parse_bits
+from ..config import PLACEMENTS, POLICIES, CacheConfig, ConfigError, EngineConfig, QuantConfig, parse_bits
 from ..plan import GiB
 
 

@@ -6,8 +6,18 @@ import json
 import sys
 from typing import Callable, Optional
 
-from ..trace import (POLICY_NAMES, ReplayResult, Trace, TraceError, compare, read_trace, records_from_routing,
-                     routing_stats, synthetic_trace, write_trace)
+from ..trace import (
+    POLICY_NAMES,
+    ReplayResult,
+    Trace,
+    TraceError,
+    compare,
+    read_trace,
+    records_from_routing,
+    routing_stats,
+    synthetic_trace,
+    write_trace,
+)
 from .args import parse_cache_size
 
 

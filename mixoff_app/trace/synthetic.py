@@ -15,7 +15,6 @@ from typing import Optional, Sequence, Union
 from .format import Routing, Trace
 from .replay import _routing
 
-
 # --------------------------------------------------------------------------------------------
 # routing statistics and the synthetic generator
 

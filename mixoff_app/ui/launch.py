@@ -17,7 +17,7 @@ CPU_DEMO_K = 3          # without a GPU memory does not limit k; a small cache l
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli.args import add_engine_args, positive_int     # the same engine flags as the headless CLI
+    from ..cli.args import add_engine_args, positive_int  # the same engine flags as the headless CLI
 
     p = argparse.ArgumentParser(
         prog="app.py", description="mixoff: chat with Mixtral-8x7B whose experts are offloaded to host RAM, "
@@ -68,7 +68,7 @@ def engine_config(args: argparse.Namespace, say: Callable[[str], None]) -> tuple
     checkpoint is read; without a GPU the CPU stands in for the device and k = CPU_DEMO_K.
     """
     from ..cli.args import engine_config as cli_engine_config
-    from ..engine import default_model, resolve_device      # torch lives behind the engine, not in the UI
+    from ..engine import default_model, resolve_device  # torch lives behind the engine, not in the UI
 
     args = argparse.Namespace(**vars(args))
     device = resolve_device(args.device)

@@ -7,8 +7,8 @@ wait in Gradio's queue with their place shown. The panel polls ``engine.stats()`
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -16,8 +16,7 @@ import gradio as gr
 
 from ..config import POLICIES, CacheConfig, ConfigError
 from . import panel
-from .chat import (Canceller, EngineSlot, sampling, status_line, strip_to_last_user, stream_answer,
-                   to_messages)
+from .chat import Canceller, EngineSlot, sampling, status_line, stream_answer, strip_to_last_user, to_messages
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 PANEL_EVERY = 0.3         # seconds between panel refreshes (over 3 a second)
@@ -134,8 +133,8 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         engine = slot.engine
         if engine is None:
             html = panel.render_loading(slot.lines, slot.error)
-            info_html = (f'<div class="mx-info"><span class="mx-chip mx-chip-error">the model could not be loaded'
-                         f'</span></div>' if slot.error else seen.get("info"))
+            info_html = ('<div class="mx-info"><span class="mx-chip mx-chip-error">the model could not be loaded'
+                         '</span></div>' if slot.error else seen.get("info"))
             if html == seen.get("panel") and info_html == seen.get("info"):
                 return (gr.skip(),) * 6
             out_info = info_html if info_html != seen.get("info") else gr.skip()
