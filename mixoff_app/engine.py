@@ -263,7 +263,6 @@ class Engine:
         while start < n and self._kv_ids[start] == ids[start]:
             start += 1
         self._kv_ids = self._kv_ids[:start]
-        self.model.routing_weights = []
         try:
             yield from generate(self.model, self.tokenizer, ids, start, params, self.eos_ids, self._stats,
                                 cancel, fed=self._kv_ids)
@@ -282,11 +281,11 @@ class Engine:
 
     @property
     def last_routing(self) -> list:
-        return list(self._stats.routing)
+        return self._stats.answer_routing()[0]
 
     @property
     def last_routing_weights(self) -> list:
-        return list(self.model.routing_weights)
+        return self._stats.answer_routing()[1]
 
     def reconfigure_cache(self, cache: CacheConfig) -> None:
         """Re-plan the device cache (k, policy, prefetch) without reloading the model; waits for a running answer."""
