@@ -11,6 +11,7 @@ freely (and which still makes a re-read of a hot expert fast).
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -85,8 +86,14 @@ def expert_blob_offsets(folder: str | os.PathLike, cfg: ModelConfig,
     return out
 
 
+def _host_view(buf: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous host uint8 tensor as a writable memoryview (no Tensor method: a disk read
+    is host work, and must not look like, or become, a device round trip)."""
+    return memoryview((ctypes.c_char * buf.numel()).from_address(buf.data_ptr())).cast("B")
+
+
 def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> int:
-    mv = memoryview(buf.numpy()).cast("B")
+    mv = _host_view(buf)
     done = 0
     while done < len(mv):
         if hasattr(os, "preadv"):
