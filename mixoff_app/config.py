@@ -97,6 +97,10 @@ PRESETS = {"mixtral-8x7b": MIXTRAL_8X7B, "mixtral-8x22b": MIXTRAL_8X22B}
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
+# Prompts are prefilled this many tokens at a time: activations (and the planner's allowance for them) are
+# bounded by the chunk, not by the prompt.
+PREFILL_CHUNK = 512
+
 
 @dataclass(frozen=True)
 class QuantSpec:

@@ -68,6 +68,22 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return dev
 
 
+def resolve_dtype(name: Optional[str], device: torch.device,
+                  capability: Optional[tuple[int, int]] = None) -> torch.dtype:
+    """The compute dtype: float16 on CUDA and float32 on the CPU unless asked; bfloat16 only on GPUs that
+    compute in it (compute capability 8.0+; older ones emulate it, slowly)."""
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+             None: torch.float16 if device.type == "cuda" else torch.float32}.get(name)
+    if dtype is None:
+        raise ConfigError(f"unsupported dtype {name!r}: use float16, bfloat16 or float32")
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        cap = capability or torch.cuda.get_device_capability(device)
+        if tuple(cap) < (8, 0):
+            raise ConfigError(f"--dtype bfloat16 needs a GPU of compute capability 8.0 or newer (this one is "
+                              f"{cap[0]}.{cap[1]}, where bfloat16 is emulated and slow): use --dtype float16")
+    return dtype
+
+
 def _text(content) -> str:
     if isinstance(content, str):
         return content
@@ -95,10 +111,7 @@ class Engine:
 
         progress = progress or (lambda msg: None)
         device = resolve_device(config.device)
-        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-                 None: torch.float16 if device.type == "cuda" else torch.float32}.get(config.dtype)
-        if dtype is None:
-            raise ConfigError(f"unsupported dtype {config.dtype!r}: use float16, bfloat16 or float32")
+        dtype = resolve_dtype(config.dtype, device)
         # Plan before allocating anything: a configuration that cannot fit is refused with what would fit.
         from .checkpoints import load_checkpoint_placed, peek_checkpoint, read_config
         from .disk_store import DiskStore

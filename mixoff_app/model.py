@@ -18,15 +18,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import PREFILL_CHUNK, ModelConfig
 from .expert_cache import ExpertCache
 from .expert_store import ExpertWeights
 from .quant import QWeight, linear
 from .stats import Stats
 
 Weight = torch.Tensor | QWeight
-
-PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -109,6 +107,12 @@ class Mixtral:
         # rotate_half(x) * sin == swap_halves(x) * (-sin | sin): the sign lives in the table, and the
         # rotation is one flip instead of a negation and a concatenation.
         self.sin = torch.cat((-freqs, freqs), dim=-1).sin().to(dtype=dtype, device=self.device)
+
+    def free_scratch(self) -> None:
+        """After a failed step (out of memory): hand the allocator's cached blocks back to the device."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int, last_only: bool = True) -> torch.Tensor:

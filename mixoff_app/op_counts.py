@@ -8,6 +8,7 @@ the tests hold the decode path to its budget without a GPU, and the benchmarks r
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import Counter
 from typing import Iterator
 
@@ -87,3 +88,43 @@ def count_ops() -> Iterator[OpCount]:
     mode = _OpCounter()
     with mode:
         yield OpCount(mode)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the storages that ops made inside the block and that are still alive; and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def _freed(self, key: int, n: int) -> None:
+        self._seen.discard(key)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            return out
+        inputs = {a.untyped_storage().data_ptr() for a in (*args, *(kwargs or {}).values())
+                  if isinstance(a, torch.Tensor)}
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                key = s.data_ptr()
+                if key and key not in self._seen and key not in inputs:
+                    self._seen.add(key)
+                    n = s.nbytes()
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(s, self._freed, key, n)
+        return out
+
+
+@contextlib.contextmanager
+def track_live_bytes() -> Iterator[_LiveBytes]:
+    """Peak bytes of tensors allocated inside the block (device-agnostic: what the CPU tests check the
+    planner's activation allowance against)."""
+    mode = _LiveBytes()
+    with mode:
+        yield mode

@@ -95,7 +95,9 @@ def test_mixtral_8x7b_sizes_by_hand():
 # Hand-computed plans: device cap = VRAM - 0.5 GiB context - 2% margin; fixed device bytes = trunk + KV + RoPE +
 # scratch + activations (+ one staging expert when exclusive swaps); slots = floor((cap - fixed) / expert).
 FIXED = 713_359_872 + 2 * 262_144_000 + 65 * 4096 * 2 + 32 * 8 * 4096 * 2 + 536_870_912 + 2 * 4096 * 128 * 2 \
-    + 14336 * 4096 * 2 + 2 * 4 * 3_670_016 + 4096 * (2 * (12 * 4096 + 4 * 14336) + 4 * 4096 + 64)
+    + 14336 * 4096 * 2 + 2 * 4 * 3_670_016 \
+    + 512 * (2 * (10 * 4096 + 4 * 14336 + 4 * 48 * 128) + 4 * 12) + 512 * 4096 * 3 \
+    + 4 * 32 * 512 * 4096 + 2 * 32 * 4096 * 128 * 2     # one 512-token prefill chunk's activations
 EXPERT = 66_404_736
 
 
