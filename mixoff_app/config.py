@@ -231,3 +231,4 @@ class EngineConfig:
     vram_budget: Optional[int] = None     # bytes mixoff may allocate on the device (torch peak allocated)
     ram_budget: Optional[int] = None      # bytes loading may add to the process RSS
     auto_plan: str = "off"                # what the memory planner picks: off | sizes (k) | placement | full
+    cuda_graphs: bool = False             # replay decode steps as CUDA graphs (GPU only; off until measured)

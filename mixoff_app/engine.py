@@ -186,6 +186,11 @@ class Engine:
                          f"{budget / 2**20:.1f} MiB")
         if config.cache.prefetch:
             model.prefetcher = Prefetcher(config.cache.prefetch, config.cache.prefetch_layers)
+        if config.cuda_graphs:
+            if device.type != "cuda":
+                raise ConfigError("--cuda-graphs needs a CUDA GPU (the CPU path has no graphs to replay)")
+            from .cuda_graphs import DecodeGraphs
+            model.graphs = DecodeGraphs(model)
         progress(f"device cache: {sizes[0] if len(set(sizes)) == 1 else sizes} experts per layer on {device} "
                  f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
         tok_dir = tokenizer_source(resolved.path, resolved.repo_id, config.tokenizer, progress)

@@ -97,6 +97,7 @@ class Mixtral:
         self.max_seq = max_seq
         self.prefill_chunk = prefill_chunk
         self.prefetcher: Optional[Prefetcher] = None
+        self.graphs = None       # cuda_graphs.DecodeGraphs when --cuda-graphs is on: decode steps replay graphs
         L, nkv, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
         # Static KV cache, allocated once: [layer, k|v, kv_head, position, head_dim]; a head's keys are
         # contiguous, which is what attention reads.
@@ -123,7 +124,10 @@ class Mixtral:
         c = self.prefill_chunk
         outs = []
         for s in range(0, T, c):
-            x = self._layers(ids[s:s + c], pos + s)
+            if T == 1 and self.graphs is not None:
+                x = self.graphs.step(ids, pos)
+            else:
+                x = self._layers(ids[s:s + c], pos + s)
             if not last_only:
                 outs.append(x)
         x = torch.cat(outs) if len(outs) > 1 else outs[0] if outs else x[-1:]
@@ -149,14 +153,19 @@ class Mixtral:
                 x = x + self._moe_prefill(i, lw, rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps))
         return x
 
-    def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, pos: int, cos, sin, mask) -> torch.Tensor:
+    def _qkv(self, lw: LayerWeights, x: torch.Tensor, cos, sin):
+        """x [T, H] (normed) -> q [T, nh, hd], k and v [T, nkv, hd], q and k rotated."""
         cfg, T = self.cfg, x.shape[0]
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # q and k side by side, so RoPE is one pass over both.
         qk = torch.cat((linear(x, lw.wq), linear(x, lw.wk)), dim=-1).view(T, nh + nkv, hd)
         qk = torch.addcmul(qk * cos, qk.view(T, nh + nkv, 2, hd // 2).flip(2).view(T, nh + nkv, hd), sin)
-        q, k = qk[:, :nh], qk[:, nh:]
-        v = linear(x, lw.wv).view(T, nkv, hd)
+        return qk[:, :nh], qk[:, nh:], linear(x, lw.wv).view(T, nkv, hd)
+
+    def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, pos: int, cos, sin, mask) -> torch.Tensor:
+        cfg, T = self.cfg, x.shape[0]
+        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = self._qkv(lw, x, cos, sin)
         self.kv[i, 0, :, pos:pos + T] = k.transpose(0, 1)
         self.kv[i, 1, :, pos:pos + T] = v.transpose(0, 1)
         K = self.kv[i, 0, :, :pos + T]                                              # [nkv, S, hd]
@@ -165,10 +174,14 @@ class Mixtral:
             # Grouped-query attention without repeating K/V: the g query heads that share a KV head are
             # the g query rows against that head (query head h uses KV head h // g).
             o = F.scaled_dot_product_attention(q.view(1, nkv, nh // nkv, hd), K[None], V[None])
-            return linear(o.reshape(1, nh * hd), lw.wo)
+            return self._attention_out(lw, o)
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None], V[None], attn_mask=mask,
                                            is_causal=mask is None, enable_gqa=True)[0]   # [nh, T, hd]
         return linear(o.transpose(0, 1).reshape(T, nh * hd), lw.wo)
+
+    def _attention_out(self, lw: LayerWeights, o: torch.Tensor) -> torch.Tensor:
+        """One decode token's attention output [1, nkv, g, hd] -> [1, H]."""
+        return linear(o.reshape(1, self.cfg.num_heads * self.cfg.head_dim), lw.wo)
 
     def _route(self, lw: LayerWeights, h: torch.Tensor):
         """Top-k experts and their weights, renormalised over the k (a softmax over the top-k logits is the
@@ -178,8 +191,14 @@ class Mixtral:
 
     def _moe_decode(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """x [1, H] (residual after attention) -> x plus the layer's experts' weighted outputs."""
-        cfg, K = self.cfg, self.cfg.top_k
-        n = unit_norm(x, cfg.rms_norm_eps)
+        h, wx, packed, target = self._router_decode(i, lw, x)
+        # The one deliberate sync per layer: the host must know what to fetch (and what to prefetch).
+        return self._experts_decode(i, x, h, wx, packed.tolist(), target, self._expert)
+
+    def _router_decode(self, i: int, lw: LayerWeights, x: torch.Tensor):
+        """The device side of a decode MoE step: (h [1, H], weights [k] in x's dtype, the packed transfer
+        [experts | weights | guess] float32, the prefetch target layer or None)."""
+        n = unit_norm(x, self.cfg.rms_norm_eps)
         h = lw.ffn_norm * n
         w, idx = self._route(lw, h)
         parts = [idx[0].float(), w[0]]
@@ -187,8 +206,13 @@ class Mixtral:
         target = pf.target(self, i) if pf is not None else None
         if target is not None:
             parts.append(pf.guess(self, target, n).float())
-        # The one deliberate sync per layer: the host must know what to fetch (and what to prefetch).
-        got = torch.cat(parts).tolist()
+        return h, w[0].to(x.dtype), torch.cat(parts), target
+
+    def _experts_decode(self, i: int, x: torch.Tensor, h: torch.Tensor, wx: torch.Tensor, got: list,
+                        target: Optional[int], run) -> torch.Tensor:
+        """The host side: record the routing, fetch (and prefetch), run each expert, add them to x in place
+        by routing rank (the sum does not depend on cache state)."""
+        K = self.cfg.top_k
         experts = [int(e) for e in got[:K]]
         self.stats.on_route(i, tuple(experts), tuple(got[K:2 * K]))
         guess = [int(e) for e in got[2 * K:]] if target is not None else None
@@ -197,14 +221,18 @@ class Mixtral:
             if guess is not None:
                 # fetch has queued this layer's own misses; the guesses go behind them on the copy stream,
                 # so a demand copy never waits for a speculative one.
-                pf.issue(self, target, guess)
+                self.prefetcher.issue(self, target, guess)
                 guess = None
-            outs[experts.index(e)] = expert_forward(h, ew)
+            r = experts.index(e)
+            outs[r] = run(i, slot, r, h, ew)
             self.cache.release(i, slot)
-        wx = w[0].to(x.dtype)
-        for r in range(K):                        # by routing rank: the sum does not depend on cache state
-            x = torch.addcmul(x, outs[r], wx[r])
+        for r in range(K):
+            x.addcmul_(outs[r], wx[r])
         return x
+
+    @staticmethod
+    def _expert(i: int, slot: int, r: int, h: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
+        return expert_forward(h, ew)
 
     def _moe_prefill(self, i: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         K, E = self.cfg.top_k, self.cfg.num_experts
