@@ -66,3 +66,28 @@ def test_counter_sees_what_it_patches():
         bool(t[0] > 0)
         t.sum().item()
     assert c.total == 4 and c.by_method["__int__"] == 1
+
+
+# Dispatched aten ops per decoded token and layer (tiny model, k = 2, prefetch 1, float32). Before issue 9's
+# work: 59 unquantized and 217 with 4-bit attention / 2-bit experts (dequantize + matmul); now 36 and 108.
+OPS_BOUND = {"none": 38, "quantized": 110}
+
+
+@pytest.mark.parametrize("quant", ["none", "quantized"])
+def test_dispatched_ops_per_decoded_token(tiny_dir, quant):
+    import torch
+
+    from mixoff_app.config import NO_QUANT
+    from mixoff_app.op_counts import count_ops
+
+    from helpers import load
+
+    eng = load(tiny_dir, k=2, prefetch=1, quant=NO_QUANT if quant == "none" else QuantConfig(), max_context=64)
+    m = eng.model
+    m.forward(torch.arange(10), 0)
+    m.forward(torch.tensor([1]), 10)                   # first-use buffers are made outside the count
+    with count_ops() as ops:
+        for p in range(11, 15):
+            m.forward(torch.tensor([p]), p)
+    per_layer = ops.total / 4 / m.cfg.num_layers
+    assert per_layer <= OPS_BOUND[quant], (per_layer, ops.by_op)
