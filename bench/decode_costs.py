@@ -22,7 +22,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from mixoff_app.config import NO_QUANT, CacheConfig, EngineConfig, QuantConfig, SamplingParams  # noqa: E402
+from mixoff_app.config import (  # noqa: E402
+    NO_QUANT,
+    CacheConfig,
+    EngineConfig,
+    QuantConfig,
+    SamplingParams,
+)
 from mixoff_app.engine import Engine  # noqa: E402
 from mixoff_app.op_counts import count_ops, count_syncs  # noqa: E402
 from mixoff_app.tiny import make_tiny  # noqa: E402
