@@ -70,17 +70,17 @@ class Sizes:
 
 def dequant_scratch(shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype) -> int:
     """Peak bytes that ``quant.dequantize`` allocates for one matrix (measured on the tiny model's matrices in
-    tests/test_plan.py): the unpacked codes, N values in ``dtype``, which are then scaled in place, plus the
-    larger of two transients: unpacking's shifted and masked copies of the packed codes (2 x the W_q bytes;
-    none at 8 bits) or making the zero / scale row (two rows of M = N / group values alive at once, plus
-    up to four scalars). Dense: none."""
+    tests/test_plan.py): the unpacked codes in ``dtype`` (N values; 3-bit packs unpack their padded rows),
+    which are then scaled in place, plus the larger of two transients: unpacking's integer codes (one byte
+    each, four at 3 bits; none at 8 bits, which converts directly) or making the zero / scale row (two rows
+    of M = N / group values alive at once, plus up to four scalars). Dense: none."""
     if not spec.enabled:
         return 0
-    n = shape[0] * shape[1]
-    m = n // spec.group_size
+    m = shape[0] * shape[1] // spec.group_size
+    rows = 10 * math.ceil(spec.group_size / 10) if spec.bits == 3 else spec.group_size
     b = _elt(dtype)
-    packed = weight_fields("w", shape, spec, dtype)[0].nbytes
-    return n * b + max(0 if spec.bits == 8 else 2 * packed, 2 * m * b + 4 * b)
+    codes = 0 if spec.bits == 8 else rows * m * (4 if spec.bits == 3 else 1)
+    return rows * m * b + max(codes, 2 * m * b + 4 * b)
 
 
 def prefill_activations(cfg: ModelConfig, max_context: int, dtype: torch.dtype, chunk: int = PREFILL_CHUNK) -> int:

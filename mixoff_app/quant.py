@@ -94,8 +94,8 @@ def unpack(P: torch.Tensor, bits: int, rows: int, dtype: torch.dtype) -> torch.T
     All row blocks in one broadcast shift: three kernels whatever the bit width."""
     if bits == 8:
         return P.to(dtype)
-    codes = ((P[None] >> _shifts(bits, P.device)) & ((1 << bits) - 1)).to(dtype)   # [per, s, M]
-    out = codes.view(-1, P.shape[1])
+    codes = P >> _shifts(bits, P.device)                                         # [per, s, M] by broadcasting
+    out = codes.bitwise_and_((1 << bits) - 1).to(dtype).view(-1, P.shape[1])
     return out[:rows] if out.shape[0] != rows else out
 
 
