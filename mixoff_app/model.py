@@ -121,16 +121,15 @@ class Mixtral:
         T = ids.shape[0]
         if pos + T > self.max_seq:
             raise ValueError(f"context of {pos + T} tokens exceeds the allocated {self.max_seq}")
-        c = self.prefill_chunk
-        outs = []
-        for s in range(0, T, c):
-            if T == 1 and self.graphs is not None:
-                x = self.graphs.step(ids, pos)
-            else:
+        if T == 1 and self.graphs is not None:
+            x = self.graphs.step(ids, pos)
+        else:
+            c, kept = self.prefill_chunk, []
+            for s in range(0, T, c):
                 x = self._layers(ids[s:s + c], pos + s)
-            if not last_only:
-                outs.append(x)
-        x = torch.cat(outs) if len(outs) > 1 else outs[0] if outs else x[-1:]
+                if not last_only:
+                    kept.append(x)
+            x = torch.cat(kept) if not last_only else x[-1:]
         return F.linear(rms_norm(x, self.trunk.norm, self.cfg.rms_norm_eps), self.trunk.lm_head).float()
 
     def _layers(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
