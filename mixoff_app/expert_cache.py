@@ -22,10 +22,12 @@ synchronous, so every line of the bookkeeping and its counters is exercised by t
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterator, Optional
 
 import torch
 
+from .disk_reader import DiskReader
 from .expert_store import ExpertLayout, ExpertStore, ExpertWeights
 from .policy import EvictionPolicy, make_policy
 from .stats import Stats
@@ -77,9 +79,8 @@ class ExpertCache:
             self._row_read: dict[int, torch.cuda.Event] = {}      # host row -> last load that read it
             self._row_written: dict[int, torch.cuda.Event] = {}   # host row -> last write-back into it
         if self.disk:
-            self._next_stage = 0
-            self._stage_done = ([torch.cuda.Event() for _ in range(store.staging.shape[0])]
-                                if self.cuda else None)
+            self._reader = DiskReader(store.read_into, store.staging, self.device, self.copy_stream)
+            weakref.finalize(self, self._reader.close)
         if self.exclusive:
             slots, initial = store.take_slots(self)
             if tuple(s.shape[0] for s in slots) != tuple(sizes):
@@ -112,6 +113,8 @@ class ExpertCache:
         Exclusive placement moves experts between the tiers, one layer at a time (so the extra memory at
         any moment is one layer's slots): experts that lose their slot go to new host rows, and a larger k
         pulls experts up from the host, whose rows are then freed."""
+        if self.disk:
+            self._reader.drain()
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.policy_name = policy
@@ -202,11 +205,13 @@ class ExpertCache:
             issued.append((e, s))
         for e, s in hits:
             pending.discard(e)
+            self._settle(L, s)
             if self.cuda:   # a hit may be a prefetch still in flight; waiting on a landed copy is free
                 torch.cuda.current_stream(self.device).wait_event(L.ready[s])
             yield e, L.weights[s], s
         for e, s in issued:
             pending.discard(e)
+            self._settle(L, s)
             if self.cuda:
                 torch.cuda.current_stream(self.device).wait_event(L.ready[s])
             L.policy.on_access(e, tick)
@@ -217,6 +222,7 @@ class ExpertCache:
             self._load(layer, e, s)
             st.on_miss(layer, e, self.expert_bytes)
             pending.discard(e)
+            self._settle(L, s)
             if self.cuda:
                 torch.cuda.current_stream(self.device).wait_event(L.ready[s])
             L.policy.on_access(e, tick)
@@ -330,20 +336,12 @@ class ExpertCache:
         store.free.append(row)
 
     def _read(self, layer: int, expert: int, slot: int) -> None:
-        """Disk: read the blob into the next staging buffer, then copy it to the slot."""
-        L, store = self.layers[layer], self.store
-        i = self._next_stage
-        self._next_stage = (i + 1) % store.staging.shape[0]
-        buf = store.staging[i]
-        if self.cuda:
-            self._stage_done[i].synchronize()      # the copy that last read this buffer has finished
-        n = store.read_into(layer, expert, buf)
-        self.stats.on_disk_read(n)
-        if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
-                self.copy_stream.wait_event(L.done[slot])
-                L.slots[slot].copy_(buf, non_blocking=True)
-                L.ready[slot].record(self.copy_stream)
-                self._stage_done[i].record(self.copy_stream)
-        else:
-            L.slots[slot].copy_(buf)
+        """Disk: the reader thread reads the blob and queues its copy; ``_settle`` waits for it before use."""
+        L = self.layers[layer]
+        self._reader.submit(layer, expert, L.slots[slot], L.ready[slot] if self.cuda else None,
+                            L.done[slot] if self.cuda else None)
+        self.stats.on_disk_read(self.expert_bytes)
+
+    def _settle(self, L: _Layer, slot: int) -> None:
+        if self.disk:
+            self._reader.settle(L.slots[slot])
