@@ -16,13 +16,16 @@ import json
 import os
 import re
 import struct
+import weakref
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import torch
 
-from .config import ConfigError, ModelConfig
-from .expert_store import ExpertLayout, ExpertWeights, host_buffer
+from ..config import ConfigError, ModelConfig
+from .base import SlotCopies
+from .disk_reader import DiskReader
+from .layout import ExpertLayout, host_buffer
 
 _BLOB = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.packed$")
 
@@ -107,12 +110,13 @@ def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> int:
     return done
 
 
-class DiskStore:
+class DiskStore(SlotCopies):
     """Experts served from the checkpoint file; the host holds only ``staging`` pinned buffers.
 
     Eviction is free (the file always has every expert); a miss reads the blob into a staging buffer and
-    copies it to the device slot. Staging buffers rotate so the read of one miss overlaps the device copy
-    of the previous one; the cache waits on a buffer's event before reading into it again.
+    copies it to the device slot, both on a reader thread (``disk_reader``), so the decode thread computes
+    meanwhile and settles the slot just before it reads it. Staging buffers rotate so the read of one miss
+    overlaps the device copy of the previous one.
     """
 
     placement = "disk"
@@ -123,8 +127,8 @@ class DiskStore:
             raise ConfigError("the disk tier needs at least one staging buffer")
         self.cfg, self.layout, self.pinned = cfg, layout, pin
         self.folder = Path(folder)
+        self._fds: dict[Path, int] = {}        # before anything can fail: __del__ closes them
         locs = expert_blob_offsets(self.folder, cfg, layout.nbytes)
-        self._fds: dict[Path, int] = {}
         self._loc: dict[tuple[int, int], tuple[int, int]] = {}
         for key, (path, off) in locs.items():
             if path not in self._fds:
@@ -132,6 +136,7 @@ class DiskStore:
             self._loc[key] = (self._fds[path], off)
         self.staging = host_buffer((staging, layout.nbytes), pin)
         self.bytes_read = 0
+        self._reader: Optional[DiskReader] = None      # made by attach: reads off the decode thread
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor) -> int:
         """Read one expert's blob into a contiguous host uint8 tensor of ``layout.nbytes``."""
@@ -149,21 +154,37 @@ class DiskStore:
     def fill(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
         raise ConfigError("the disk tier is read-only: experts come from the checkpoint file")
 
-    def weights(self, layer: int, expert: int) -> ExpertWeights:
-        return self.layout.weights(self.buffer(layer, expert))
-
     def load_targets(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         return iter(())          # nothing is read at load time: misses read on demand
+
+    def attach(self, device: torch.device) -> None:
+        super().attach(device)
+        if self._reader is None:
+            # The thread must not keep the store alive (closing the store stops the thread).
+            ref = weakref.ref(self)
+            self._reader = DiskReader(lambda layer, expert, buf: ref().read_into(layer, expert, buf), self.staging,
+                                      self.device, self.copy_stream)
+
+    def load_into(self, layer: int, expert: int, slot: torch.Tensor, victim: int,
+                  ready: Optional["torch.cuda.Event"], done: Optional["torch.cuda.Event"]) -> int:
+        """Hand the read (and the copy to the slot after it) to the reader thread; ``settle`` waits for it."""
+        self._reader.submit(layer, expert, slot, ready, done)
+        return self.layout.nbytes
+
+    def settle(self, slot: torch.Tensor) -> None:
+        self._reader.settle(slot)
+
+    def resize(self, slots, residents, sizes):
+        self._reader.drain()
+        return super().resize(slots, residents, sizes)
 
     @property
     def nbytes(self) -> int:
         return self.staging.numel()
 
-    @property
-    def pinned_bytes(self) -> int:
-        return self.nbytes if self.pinned else 0
-
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         for fd in self._fds.values():
             try:
                 os.close(fd)
