@@ -40,7 +40,7 @@ def costs(path: Path, quant, prefetch: int, device: str, dtype) -> dict:
     for n in (2, 10):
         # A fresh engine per run: the same prompt must be prefilled in full both times.
         eng = Engine.load(EngineConfig(model=str(path), device=device, quant=quant, dtype=dtype, max_context=128,
-                                       cache=CacheConfig(size=2, prefetch=prefetch)))
+                                       cache=CacheConfig(sizes=(2,), prefetch=prefetch)))
         with count_syncs() as s, count_ops() as o:
             evs = list(eng.stream_ids(ids, SamplingParams(max_new_tokens=n, greedy=True)))
         steps = sum(e.token_id is not None for e in evs if e.kind == "token")

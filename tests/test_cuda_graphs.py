@@ -14,7 +14,7 @@ from helpers import chat_ids
 
 def load(tiny_dir, device, graphs, prefetch=0, k=2, quant=QuantConfig()):
     return Engine.load(EngineConfig(model=str(tiny_dir), device=device, quant=quant, max_context=256,
-                                    cache=CacheConfig(size=k, prefetch=prefetch), cuda_graphs=graphs))
+                                    cache=CacheConfig(sizes=(k,), prefetch=prefetch), cuda_graphs=graphs))
 
 
 def test_cuda_graphs_on_the_cpu_is_refused(tiny_dir):

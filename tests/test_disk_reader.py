@@ -65,7 +65,7 @@ def test_disk_prefetch_does_not_block_decode(tiny_dir, tmp_path, monkeypatch):
 
     def load(prefetch):
         return Engine.load(EngineConfig(model=str(path), device="cpu", max_context=128,
-                                        cache=CacheConfig(size=2, placement="disk", prefetch=prefetch)))
+                                        cache=CacheConfig(sizes=(2,), placement="disk", prefetch=prefetch)))
 
     params = SamplingParams(max_new_tokens=6, greedy=True)
     ref = [e.token_id for e in load(0).stream_ids(list(range(5, 20)), params) if e.token_id is not None]

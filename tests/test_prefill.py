@@ -69,7 +69,7 @@ def test_expert_outputs_stay_in_the_activation_dtype(tiny_dir):
     from mixoff_app.engine import Engine
 
     eng = Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=NO_QUANT, dtype="bfloat16",
-                                   cache=CacheConfig(size=2), max_context=64))
+                                   cache=CacheConfig(sizes=(2,)), max_context=64))
     m, cfg = eng.model, eng.model.cfg
     wide = []
     aten = torch.ops.aten
