@@ -48,6 +48,7 @@ class ExpertCache:
         self.cuda = self.device.type == "cuda"
         self.expert_bytes = store.layout.nbytes
         self.placement = store.placement
+        self._deferred = store.deferred_loads      # loads finish off this thread: settle a slot before use
         self.policy_name = policy
         self.tick = 0
         self._build(sizes, policy, *store.open_slots(tuple(sizes), self.device))
@@ -149,7 +150,8 @@ class ExpertCache:
     def _use(self, L: _Layer, s: int) -> None:
         """Order the coming compute after the slot's copy: the store settles it (a disk read may still be on
         its reader thread), then the compute stream waits on its ``ready`` event."""
-        self.store.settle(L.slots[s])
+        if self._deferred:
+            self.store.settle(L.slots[s])
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(L.ready[s])
 

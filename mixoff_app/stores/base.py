@@ -28,6 +28,7 @@ Residents = list[list[int]]         # per layer, slot -> expert (-1: empty)
 @runtime_checkable
 class ExpertStore(Protocol):
     placement: str        # "inclusive" | "exclusive" | "disk"
+    deferred_loads: bool  # load_into returns before the copy is queued: settle() before reading the slot
     write_back: bool      # evicting an expert moves its bytes back to the host
     cfg: ModelConfig
     layout: ExpertLayout
@@ -78,6 +79,7 @@ class SlotCopies:
     layout: ExpertLayout
     pinned: bool
     write_back = False
+    deferred_loads = False
     device: Optional[torch.device] = None
     cuda = False
     copy_stream: Optional["torch.cuda.Stream"] = None

@@ -120,6 +120,7 @@ class DiskStore(SlotCopies):
     """
 
     placement = "disk"
+    deferred_loads = True
 
     def __init__(self, cfg: ModelConfig, layout: ExpertLayout, folder: str | os.PathLike, staging: int = 2,
                  pin: bool = False) -> None:
