@@ -128,6 +128,8 @@ def _decode(model: Mixtral, tokenizer, ids: list[int], start: int, params: Sampl
         is_eos = tok in eos_ids
         delta, stopped = ("", False) if is_eos else stream.push(tok)
         if not is_eos:
+            if i == 0:
+                stats.first_token_sent()
             yield TokenEvent("token", delta, tok, i, time.perf_counter() - t0)
         if pos >= model.max_seq:
             finish = "context"
@@ -139,6 +141,8 @@ def _decode(model: Mixtral, tokenizer, ids: list[int], start: int, params: Sampl
             fed.append(tok)
         stats.end_token()
         if is_eos:
+            if i == 0:
+                stats.first_token_sent()
             yield TokenEvent("token", "", tok, i, time.perf_counter() - t0)
             finish = "eos"
             break

@@ -134,6 +134,9 @@ def test_mixtral_plans_for_the_reference_machines(vram, ram, placement, slots):
 def test_colab_plan_k_and_misses():
     p = plan_for(MIXTRAL_8X7B, QuantConfig(), 4096, vram_bytes=15 * GiB, ram_bytes=int(12.7 * GiB), device="cuda")
     assert sum(p.sizes) == hand_slots(15.0, 1) and max(p.sizes) - min(p.sizes) <= 1
+    mixed = plan_for(MIXTRAL_8X7B, QuantConfig(), 4096, vram_bytes=12 * GiB, ram_bytes=32 * GiB, device="cuda")
+    assert sorted(set(mixed.sizes)) == [4, 5]
+    assert mixed.k == 4 and mixed.k_range == "4-5" and "k=4-5 per layer" in mixed.summary()   # a mixed plan says so
     assert p.misses_per_token == pytest.approx(sum(2 * (1 - k / 8) for k in p.sizes))
     md = reference_markdown(MIXTRAL_8X7B, QuantConfig(), 4096, "mixtral-8x7b")
     assert md.count("\n") == 5 and "does not fit" not in md
