@@ -74,12 +74,12 @@ import torch  # noqa: E402
 
 from mixoff_app.config import ModelConfig, QuantSpec  # noqa: E402
 from mixoff_app.expert_cache import ExpertCache  # noqa: E402
-from mixoff_app.stores import ExpertLayout, InclusiveStore  # noqa: E402
 from mixoff_app.model import LayerWeights, Mixtral, Prefetcher, TrunkWeights  # noqa: E402
 from mixoff_app.op_counts import count_ops, count_syncs  # noqa: E402
 from mixoff_app.presets import from_name  # noqa: E402
 from mixoff_app.quant import QWeight, qweight_from, weight_fields  # noqa: E402
 from mixoff_app.stats import Stats  # noqa: E402
+from mixoff_app.stores import ExpertLayout, InclusiveStore  # noqa: E402
 from mixoff_app.trace import simulate, synthetic_trace  # noqa: E402
 
 EXPERT_SPEC = QuantSpec(bits=2, group_size=16, scale_group=128)

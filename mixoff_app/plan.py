@@ -8,13 +8,14 @@ the engine will hold. Allowances (not computable from the model) are stated wher
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
-from .config import PLACEMENTS, PREFILL_CHUNK, ConfigError, ModelConfig, QuantConfig, QuantSpec, parse_bits
+from .config import PLACEMENTS, PREFILL_CHUNK, ConfigError, ModelConfig, QuantConfig, QuantSpec
 from .presets import PRESETS, from_name, preset_name
 from .quant import weight_fields
 from .stores import ExpertLayout

@@ -56,10 +56,10 @@ def test_a_failed_read_is_raised_where_the_slot_is_needed():
 
 def test_disk_prefetch_does_not_block_decode(tiny_dir, tmp_path, monkeypatch):
     """With reads slowed down, issuing a prefetch from disk returns at once; the tokens stay right."""
-    from mixoff_app.stores import disk as disk_store
     from mixoff_app.checkpoints import save_quantized
     from mixoff_app.config import CacheConfig, EngineConfig, QuantConfig, SamplingParams
     from mixoff_app.engine import Engine
+    from mixoff_app.stores import disk as disk_store
 
     path = save_quantized(tiny_dir, tmp_path / "q", QuantConfig())
 
