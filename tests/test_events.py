@@ -12,7 +12,7 @@ from mixoff_app.events import TokenEvent
 
 from helpers import load
 
-FINISH_REASONS = {"eos", "stop", "length", "cancelled", "context"}
+FINISH_REASONS = {"eos", "stop", "length", "cancelled", "context", "oom"}     # events.py
 
 
 @pytest.fixture(scope="module")
