@@ -70,8 +70,8 @@ def test_disk_prefetch_does_not_block_decode(tiny_dir, tmp_path, monkeypatch):
     params = SamplingParams(max_new_tokens=6, greedy=True)
     ref = [e.token_id for e in load(0).stream_ids(list(range(5, 20)), params) if e.token_id is not None]
     eng = load(2)
-    real = disk_store._pread_into
-    monkeypatch.setattr(disk_store, "_pread_into", lambda fd, buf, off: (time.sleep(0.05), real(fd, buf, off))[1])
+    real = disk_store.pread_into
+    monkeypatch.setattr(disk_store, "pread_into", lambda fd, buf, off: (time.sleep(0.05), real(fd, buf, off))[1])
     cache = eng.model.cache
     t = time.perf_counter()
     n = cache.prefetch(1, [5, 6])
