@@ -227,3 +227,4 @@ class EngineConfig:
     vram_budget: Optional[int] = None     # bytes mixoff may allocate on the device (torch peak allocated)
     ram_budget: Optional[int] = None      # bytes loading may add to the process RSS
     auto_plan: str = "off"                # what the memory planner picks: off | sizes (k) | placement | full
+    max_input_chars: Optional[int] = None  # message / system prompt character limit (None: from the context)

@@ -2,8 +2,8 @@
 
 The contract the UI and the CLI use: ``Engine.load(EngineConfig)``, ``stream_chat(messages, params)``
 yielding ``TokenEvent``s, ``stats()`` returning a ``StatsSnapshot``, ``reconfigure_cache(CacheConfig)``.
-One lock per model: one answer at a time; the KV cache is reused when a new prompt extends the tokens
-already in it (the usual multi-turn chat), whichever conversation that was.
+One lock per model: one answer at a time; the KV cache is reused when the same session's new prompt
+extends the tokens already in it (the usual multi-turn chat); another session's turn costs a re-prefill.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, Samplin
 from .events import TokenEvent
 from .expert_cache import ExpertCache
 from .generate import generate
+from .limits import InputLimits, check_chars, fit_conversation, template_overhead
 from .hub import SEED_REPO, resolve, tokenizer_source
 from .memory import read_memory
 from .model import Mixtral, Prefetcher
@@ -85,6 +86,9 @@ class Engine:
         self._stats, self.eos_ids = stats, eos_ids
         self._lock = threading.Lock()
         self._kv_ids: list[int] = []          # tokens whose K/V sit in the cache, from position 0
+        self._kv_owner: Optional[str] = None  # the session whose turn put them there
+        self._overhead: Optional[int] = None  # chat-template tokens per turn, measured once
+        self.limits = InputLimits.for_context(info.max_context, config.max_input_chars)
         self.memory_plan = self.memory_measured = None    # set by load() when it planned memory
         self.quant, self.dtype = config.quant, None
 
@@ -205,47 +209,69 @@ class Engine:
 
     # ---- chat -----------------------------------------------------------------------------------
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        try:
+            out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        except Exception as exc:      # jinja's raise_exception (roles must alternate, ...) and its kin
+            raise ValueError(f"the conversation does not fit the model's chat template: {exc}") from None
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
 
+    def _count_tokens(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def _template_overhead(self) -> int:
+        if self._overhead is None:
+            self._overhead = template_overhead(self.prompt_ids, self._count_tokens)
+        return self._overhead
+
     def _fit(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], list[str]]:
         """Render the conversation; drop the oldest turns (never the system prompt or the new message)
-        until prompt + answer fit the context."""
-        notices = []
+        until prompt + answer fit the context. Bounded work: characters are checked first, and each turn
+        is tokenized at most once (``limits.fit_conversation``)."""
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system):]
-        ids = self.prompt_ids(system + turns)
         limit = self.model.max_seq
-        dropped = 0
-        while len(ids) + params.max_new_tokens > limit and len(turns) > 1:
-            turns = turns[2:] if len(turns) > 2 and turns[0]["role"] == "user" else turns[1:]
-            dropped += 1
-            ids = self.prompt_ids(system + turns)
-        if dropped:
+        fitted = fit_conversation(system, turns[:-1], turns[-1], self.limits, limit,
+                                  min(params.max_new_tokens, limit // 2), self.prompt_ids, self._count_tokens,
+                                  self._template_overhead)
+        notices = []
+        if fitted.dropped_turns:
             notices.append(f"The conversation was longer than the model's context ({limit} tokens): "
-                           f"the {dropped} oldest exchange(s) were left out of this answer.")
-        if len(ids) >= limit:
-            raise ValueError(f"the message is too long: {len(ids)} tokens, and the context holds {limit}. "
-                             f"Shorten it or start the app with a larger --max-context.")
-        return ids, notices
+                           f"the {fitted.dropped_turns} oldest exchange(s) were left out of this answer.")
+        return fitted.ids, notices
 
     def stream_chat(self, messages: list[dict], params: SamplingParams,
-                    cancel: Optional[threading.Event] = None) -> Iterator[TokenEvent]:
-        msgs = [{"role": m["role"], "content": _text(m.get("content"))} for m in messages]
+                    cancel: Optional[threading.Event] = None, session: Optional[str] = None) -> Iterator[TokenEvent]:
+        """``session`` keys the KV reuse: a turn reuses the cache only after a turn of the same session
+        (None: the single-user CLI), so no conversation's tokens serve, or time, another's."""
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("the conversation must be a list of {role, content} messages")
+        msgs = []
+        for m in messages:
+            role = m.get("role")
+            if role not in ("system", "user", "assistant"):
+                raise ValueError(f"a message has role {str(role)[:40]!r}: use system, user or assistant")
+            msgs.append({"role": role, "content": _text(m.get("content"))})
         if not msgs or msgs[-1]["role"] != "user":
             raise ValueError("the conversation must end with a user message")
+        if any(m["role"] == "system" for m in msgs[1:]):
+            raise ValueError("only the first message may be a system prompt")
+        check_chars("message", msgs[-1]["content"], self.limits.message)     # before stripping a huge text
         if not msgs[-1]["content"].strip():
             raise ValueError("the message is empty: type something to ask")
+        if params.max_new_tokens > self.model.max_seq:      # the answer cap is bounded by the context
+            params = replace(params, max_new_tokens=self.model.max_seq)
         ids, notices = self._fit(msgs, params)      # tokenizing needs no lock; bad input fails right here
-        return self._stream(ids, notices, params, cancel)
+        return self._stream(ids, notices, params, cancel, session)
 
-    def _stream(self, ids, notices, params, cancel) -> Iterator[TokenEvent]:
+    def _stream(self, ids, notices, params, cancel, session=None) -> Iterator[TokenEvent]:
         with self._lock:
             for n in notices:
                 yield TokenEvent("notice", n)
-            yield from self._generate_locked(ids, params, cancel)
+            yield from self._generate_locked(ids, params, cancel, session)
 
     def stream_ids(self, ids: list[int], params: SamplingParams,
                    cancel: Optional[threading.Event] = None) -> Iterator[TokenEvent]:
@@ -257,7 +283,10 @@ class Engine:
         with self._lock:
             yield from self._generate_locked(list(ids), params, cancel)
 
-    def _generate_locked(self, ids, params, cancel) -> Iterator[TokenEvent]:
+    def _generate_locked(self, ids, params, cancel, session=None) -> Iterator[TokenEvent]:
+        if session != self._kv_owner:
+            self._kv_ids = []           # another conversation's tokens: never reused, whatever they hold
+        self._kv_owner = session
         start = 0
         n = min(len(ids) - 1, len(self._kv_ids))       # at least one token must be prefilled for logits
         while start < n and self._kv_ids[start] == ids[start]:
@@ -267,6 +296,10 @@ class Engine:
         try:
             yield from generate(self.model, self.tokenizer, ids, start, params, self.eos_ids, self._stats,
                                 cancel, fed=self._kv_ids)
+        except GeneratorExit:
+            # The caller stopped reading (it had the answer, or its client left) while generation waited at a
+            # yield: every token in _kv_ids went through the model whole, so the next turn may reuse them.
+            raise
         except BaseException:
             self._kv_ids = []      # the cache may hold a partial step: do not trust it for the next turn
             raise
