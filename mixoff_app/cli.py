@@ -57,6 +57,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
     p.add_argument("--max-context", type=_positive_int, default=4096, help="KV cache length in tokens")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--tokenizer", default=None, help="where the tokenizer/chat template come from (default: the checkpoint)")
+    p.add_argument("--max-input-chars", type=_positive_int, default=None,
+                   help="longest message or system prompt in characters, refused before tokenizing; history is "
+                        "cut at twice this (default: 8 per token of --max-context)")
 
 
 def engine_config(args) -> EngineConfig:
@@ -75,7 +78,8 @@ def engine_config(args) -> EngineConfig:
                                           prefetch_layers=args.prefetch_layers,
                                           placement="inclusive" if placement == "auto" else placement),
                         max_context=args.max_context, dtype=args.dtype, tokenizer=args.tokenizer,
-                        vram_budget=vram_budget, ram_budget=ram_budget, auto_plan=auto)
+                        vram_budget=vram_budget, ram_budget=ram_budget, auto_plan=auto,
+                        max_input_chars=getattr(args, "max_input_chars", None))
 
 
 # ---- generate ------------------------------------------------------------------------------------

@@ -79,6 +79,13 @@ def _text(content) -> str:
     return "" if content is None else str(content)
 
 
+def check_prefetch(cache: CacheConfig, num_experts: int) -> None:
+    """A prefetch wider than the experts would break every answer (top-k of more than there are)."""
+    if cache.prefetch > num_experts:
+        raise ConfigError(f"prefetch {cache.prefetch} is more than the {num_experts} experts per layer of this "
+                          f"model: use 0 to {num_experts}")
+
+
 class Engine:
     def __init__(self, config: EngineConfig, info: EngineInfo, model: Mixtral, tokenizer, stats: Stats,
                  eos_ids: set[int]) -> None:
@@ -122,6 +129,7 @@ class Engine:
 
         resolved = resolve(config.model, progress, precheck=precheck)
         cfg, quant, ckpt_layout = peek_checkpoint(resolved.path, config.quant)
+        check_prefetch(config.cache, cfg.num_experts)
         max_seq = min(config.max_context, cfg.max_position_embeddings)
         placement = config.cache.placement
         sizes = config.cache.layer_sizes(cfg.num_layers, cfg.num_experts)
@@ -211,7 +219,7 @@ class Engine:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         try:
             out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        except Exception as exc:      # jinja's raise_exception (roles must alternate, ...) and its kin
+        except Exception as exc:  # noqa: BLE001 - jinja's raise_exception (roles must alternate, ...) and its kin
             raise ValueError(f"the conversation does not fit the model's chat template: {exc}") from None
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
@@ -314,6 +322,11 @@ class Engine:
         return self._lock.locked()
 
     @property
+    def answer_session(self) -> Optional[str]:
+        """The session whose answer the stats' per-answer figures (routing, prompt size, timings) describe."""
+        return self._kv_owner
+
+    @property
     def last_routing(self) -> list:
         return list(self._stats.routing)
 
@@ -325,6 +338,7 @@ class Engine:
         """Re-plan the device cache (k, policy, prefetch) without reloading the model; waits for a running answer."""
         cfg = self.model.cfg
         sizes = cache.layer_sizes(cfg.num_layers, cfg.num_experts)
+        check_prefetch(cache, cfg.num_experts)
         if cache.placement != self.config.cache.placement:
             raise ConfigError("changing the placement needs a reload; start the app with --placement")
         if self.memory_plan is not None:

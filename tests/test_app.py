@@ -98,7 +98,8 @@ def test_stats_snapshot_changes_with_each_answer(app, engine):
         seen.append(after["seq"])
     assert seen[1] > seen[0]
     info = client.predict(api_name="/info")
-    assert info["model"] == engine.info.model and info["device"] == "cpu" and info["num_experts"] == 8
+    assert info["model"] == engine.info.model_name and info["device"] == "cpu" and info["num_experts"] == 8
+    assert "model_path" not in info and engine.info.model_path not in str(info)     # no server paths
 
 
 def test_two_concurrent_clients_get_their_own_answers(app, engine):
@@ -234,6 +235,6 @@ def test_auth_guards_the_page_and_the_api(engine):
         url = f"http://127.0.0.1:{port}/"
         with pytest.raises(Exception):
             Client(url, verbose=False).predict(api_name="/info")
-        assert Client(url, auth=("ann", "secret"), verbose=False).predict(api_name="/info")["model"] == engine.info.model
+        assert Client(url, auth=("ann", "secret"), verbose=False).predict(api_name="/info")["model"] == engine.info.model_name
     finally:
         demo.close()

@@ -86,7 +86,7 @@ def test_system_prompt_over_the_context_in_tokens_is_named(engine):
 
 def test_ten_thousand_turns_are_fitted_with_few_renders(engine, counting):
     conv = conversation(10_000)
-    text, evs = run(engine, conv)
+    _, evs = run(engine, conv)
     assert evs[0].kind == "notice" and "left out" in evs[0].text and evs[-1].kind == "done"
     # Characters bound the work first: only the newest turns within the history budget are ever tokenized,
     # and the template is rendered a handful of times, not once per dropped turn.
