@@ -137,7 +137,8 @@ def cmd_quantize(args) -> int:
     from .checkpoints import save_quantized
     from .hub import resolve
     src = resolve(args.src, print).path
-    out = save_quantized(src, args.out, QuantConfig.from_bits(args.attn_bits, args.expert_bits), progress=print)
+    out = save_quantized(src, args.out, QuantConfig.from_bits(args.attn_bits, args.expert_bits), progress=print,
+                         force=args.force)
     print(f"wrote {out}")
     return 0
 
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out", help="output folder")
     q.add_argument("--attn-bits", type=_bits, default=4)
     q.add_argument("--expert-bits", type=_bits, default=2)
+    q.add_argument("--force", action="store_true", help="replace the contents of a non-empty output folder")
     q.set_defaults(func=cmd_quantize)
 
     t = sub.add_parser("make-tiny", help="write the deterministic random tiny Mixtral checkpoint")
@@ -200,6 +202,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return args.func(args) or 0
     except (ConfigError, CheckpointError, ModelNotAvailable, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:       # an unwritable or unreadable path the user gave: say which, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e} — check the path and its permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -189,6 +189,8 @@ class Engine:
                  f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
         tok_dir = tokenizer_source(resolved.path, resolved.repo_id, config.tokenizer, progress)
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))     # never trust_remote_code
+        from .validation import check_vocab
+        check_vocab(len(tokenizer), cfg.vocab_size, str(tok_dir))
         if tokenizer.chat_template is None:
             raise ConfigError(f"the tokenizer in {tok_dir} has no chat template; pass --tokenizer with one that does")
         eos = {i for i in (tokenizer.eos_token_id, cfg.eos_token_id) if i is not None}

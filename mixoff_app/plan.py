@@ -461,12 +461,17 @@ def device_tensor_bytes(model) -> int:
 
 # ---- command line --------------------------------------------------------------------------------
 
+MAX_GIB = 1 << 20          # a pebibyte: beyond any machine, and still a whole number of bytes
+
+
 def parse_gib(text: str) -> int:
     """A command-line size in GB (GiB) -> bytes."""
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}")
+    if not math.isfinite(v) or v > MAX_GIB:
+        raise argparse.ArgumentTypeError(f"expected a number of GB up to {MAX_GIB}, got {text!r}")
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {v}")
     return int(v * GiB)
