@@ -154,7 +154,7 @@ def test_errors_are_clear(app):
         client.predict("   ", [], "", 0.0, 1.0, 4, api_name="/chat")
     with pytest.raises(Exception, match="top_p"):
         client.predict("hi", [], "", 0.5, 1.5, 4, api_name="/chat")
-    with pytest.raises(Exception, match="greater than maximum"):
+    with pytest.raises(Exception, match="between 1 and 8"):
         client.predict(9, "lru", 0, api_name="/set_cache")
 
 

@@ -211,6 +211,11 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         return panel.render_info(engine.info), f"Cache re-planned: k = {k}, {policy}, prefetch {prefetch}."
 
     # ---- API-only endpoints ------------------------------------------------------------------
+    def set_cache_api(k: int, policy: str, prefetch: int = 0, request: gr.Request = None) -> tuple[str, str]:
+        """Operator only: re-plan the device cache (k experts per layer, eviction policy, prefetch); returns the
+        model line's HTML and a message. Values are checked here against the loaded model, not by a widget."""
+        return set_cache(k, policy, prefetch, request)
+
     def chat(message: str, history: list[dict] | None = None, system_prompt: str = "",
              temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 128,
              request: gr.Request = None) -> Iterator[str]:
@@ -314,9 +319,11 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         stop_btn.click(stop, None, None, **fast)          # the answer ends at its next token and keeps its text
         clear_btn.click(clear, None, [chatbot, status], **fast)
         chatbot.clear(end_turn, None, None, **fast)      # the chatbot's own trash icon
-        apply_btn.click(set_cache, [k_slider, policy, prefetch], [info_html, cache_msg], api_name="set_cache",
+        apply_btn.click(set_cache, [k_slider, policy, prefetch], [info_html, cache_msg], api_name="apply_cache",
+                        api_visibility="private",
                         concurrency_limit=1, concurrency_id=GENERATE)
 
+        gr.api(set_cache_api, api_name="set_cache", concurrency_limit=1, concurrency_id=GENERATE)
         gr.api(chat, api_name="chat", concurrency_limit=1, concurrency_id=GENERATE)
         gr.api(stats, api_name="stats", concurrency_limit=None)
         gr.api(info, api_name="info", concurrency_limit=None)
