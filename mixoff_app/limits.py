@@ -17,6 +17,7 @@ from .config import ConfigError
 # A token of a Llama/Mistral-style BPE covers about 4 characters of English; 8 leaves room for code and
 # other languages, so a message refused by characters would never have fitted the context in tokens.
 CHARS_PER_TOKEN = 8
+MAX_RENDERS = 4               # chat-template renders the token fit may take to refine its estimate
 MESSAGE_OVERHEAD_CHARS = 16   # what a turn costs in the history budget beyond its text (so 10,000 empty turns count)
 
 
@@ -89,26 +90,53 @@ def fit_conversation(system: list[dict], prior: list[dict], last: dict, limits: 
     ids = render(system + prior[start:] + [last])
     if len(ids) + reserve <= context or start == len(prior):
         return _done(ids, system, last, prior, start, cuts, context, renders, count_tokens)
-    # 2. Tokens: each kept turn tokenized once; drop from the oldest with running sums.
+    # 2. Tokens: each kept turn tokenized once; the cut found with running sums, then checked by a render.
     kept = prior[start:]
-    per_turn = overhead()
-    cost = [n + per_turn for n in count_tokens([m["content"] for m in kept])]
-    suffix = [0] * (len(kept) + 1)          # suffix[j]: estimated tokens of kept[j:]
-    for j in range(len(kept) - 1, -1, -1):
-        suffix[j] = suffix[j + 1] + cost[j]
-    base = len(ids) - suffix[0]             # the template's tokens outside the earlier turns
-    local_cuts = [i - start for i in cuts if i >= start] + [len(kept)]
-    c = 0
-    while True:
-        # the earliest cut whose estimate fits; then check it with one render, and move on by the overshoot
-        while c < len(local_cuts) - 1 and base + suffix[local_cuts[c]] + reserve > context:
-            c += 1
-        ids = render(system + kept[local_cuts[c]:] + [last])
+    n = len(kept)
+    raw = count_tokens([m["content"] for m in kept])
+    suffix = [0] * (n + 1)                  # suffix[j]: tokens of the texts of kept[j:]
+    for j in range(n - 1, -1, -1):
+        suffix[j] = suffix[j + 1] + raw[j]
+    per_turn = float(overhead())            # the template's tokens around one turn, refined by each render
+    base = len(ids) - suffix[0] - per_turn * n       # tokens outside the earlier turns (exact: from the render)
+    cut_at = [i - start for i in cuts if i >= start] + [n]
+
+    def estimate(c: int) -> float:
+        return base + suffix[c] + per_turn * (n - c)
+
+    best: Optional[tuple[int, list[int]]] = None     # the longest window a render showed to fit
+    tried: dict[int, int] = {0: len(ids)}
+    for _ in range(MAX_RENDERS):
+        c = next((c for c in cut_at if estimate(c) + reserve <= context), n)
+        if c in tried:
+            break
+        got = render(system + kept[c:] + [last])
         renders += 1
-        over = len(ids) + reserve - context
-        if over <= 0 or local_cuts[c] == len(kept):
-            return _done(ids, system, last, prior, start + local_cuts[c], cuts, context, renders, count_tokens)
-        base += over        # the estimate was short by this much: correct it and go on from here
+        tried[c] = len(got)
+        if len(got) + reserve <= context and (best is None or c < best[0]):
+            best = (c, got)
+        if n - c == 0 or len(got) == round(estimate(c)):
+            break
+        per_turn += (len(got) - estimate(c)) / (n - c)     # the estimate's error, spread over the turns kept
+    if best is None:
+        # Still over after the bounded refinement: drop further, each render moving on by its overshoot.
+        c = max((c for c in tried if c in cut_at), default=0)
+        while True:
+            over = tried[c] + reserve - context
+            if over <= 0 or c == n:
+                got = render(system + kept[c:] + [last])
+                renders += 1
+                best = (c, got)
+                break
+            need, nxt = over, c
+            while nxt < n and need > 0:
+                nxt = next(x for x in cut_at if x > nxt)
+                need = over - (estimate(c) - estimate(nxt))
+            c = nxt
+            tried[c] = len(render(system + kept[c:] + [last]))
+            renders += 1
+    c, got = best
+    return _done(got, system, last, prior, start + c, cuts, context, renders, count_tokens)
 
 
 def _done(ids, system, last, prior, start, cuts, context, renders, count_tokens) -> Fitted:

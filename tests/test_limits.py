@@ -164,3 +164,24 @@ def test_closing_the_stream_after_done_keeps_the_kv(engine):
     conv += [{"role": "assistant", "content": text}, {"role": "user", "content": "More?"}]
     run(engine, conv, session="s")
     assert engine.stats().prefill_tokens < len(engine.prompt_ids(conv)) - len(engine.prompt_ids(conv[:1])) + 1
+
+
+def test_the_fit_on_random_conversations_fits_and_keeps_nearly_all_it_can(engine):
+    """Seeded conversations with turns of random lengths: the prompt always fits with the answer's room, and
+    the window is the reference's longest one, or at most one exchange shorter."""
+    import random
+    rng = random.Random(0)
+    words = "list dict set tuple len sorted zip map filter open print range enumerate iterator".split()
+    for _ in range(12):
+        conv = []
+        for i in range(rng.randrange(5, 40)):
+            conv += [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randrange(1, 30)))},
+                     {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randrange(0, 40)))}]
+        conv.append({"role": "user", "content": "and then?"})
+        reserve = rng.choice((8, 32, 100))
+        ids, _ = engine._fit(conv, SamplingParams(max_new_tokens=reserve))
+        assert len(ids) + reserve <= CONTEXT
+        turns = conv
+        while len(engine.prompt_ids(turns)) + reserve > CONTEXT and len(turns) > 1:
+            turns = turns[2:]
+        assert ids in (engine.prompt_ids(turns), engine.prompt_ids(turns[2:])), "at most one exchange fewer"
