@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -130,8 +131,17 @@ def public_info(info: Any) -> dict:
     reason = str(d.get("reason", ""))
     for p in sorted(hidden, key=len, reverse=True):
         reason = reason.replace(str(p), name)
-    d["reason"] = reason
+    d["reason"] = redact_paths(reason)
     return d
+
+
+_PATH = re.compile(r"(?<![\w:/.])(?:[A-Za-z]:\\|~?/)(?:[^\s/\\:'\"]+[/\\])+([^\s/\\:'\"]*)")
+
+
+def redact_paths(text: str) -> str:
+    """Server paths in a progress line or an error, cut to their last component (``/home/me/m/x.json`` ->
+    ``x.json``), for people who are not the operator."""
+    return _PATH.sub(lambda m: m.group(1) or "…", text)
 
 
 def _looks_like_path(text: Any) -> bool:

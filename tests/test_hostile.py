@@ -480,3 +480,12 @@ def test_cli_inputs_get_one_sentence(tmp_path, tiny_dir, capsys):
 def test_public_info_hides_paths(engine):
     d = public_info(engine.info)
     assert "model_path" not in d and engine.info.model_path not in json.dumps(d)
+
+
+def test_paths_are_cut_from_what_users_see():
+    from mixoff_app.access import redact_paths
+    assert redact_paths("reading a hf-layout checkpoint from /srv/models/mixtral") == \
+        "reading a hf-layout checkpoint from mixtral"
+    assert redact_paths("loading failed: CheckpointError: /home/op/m/config.json: bad") == \
+        "loading failed: CheckpointError: config.json: bad"
+    assert redact_paths("see https://huggingface.co/a/b and a/b") == "see https://huggingface.co/a/b and a/b"

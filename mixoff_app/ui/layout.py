@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import gradio as gr
 
-from ..access import OPERATOR_ONLY, Access, choice, public_info, user_snapshot, whole
+from ..access import OPERATOR_ONLY, Access, choice, public_info, redact_paths, user_snapshot, whole
 from ..config import POLICIES, CacheConfig, ConfigError
 from . import panel
 from .chat import (Canceller, EngineSlot, api_history, api_text, refuse, sampling, status_line,
@@ -81,7 +81,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         try:
             return slot.get()
         except RuntimeError as exc:
-            raise refuse(where, str(exc)) from None
+            raise refuse(where, redact_paths(str(exc))) from None
 
     def operator(request: Optional[gr.Request]) -> bool:
         return access.is_operator(getattr(request, "username", None), getattr(demo, "server_name", None),
@@ -164,7 +164,11 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         seen = dict(seen or {})
         engine = slot.engine
         if engine is None:
-            html = panel.render_loading(slot.lines, slot.error)
+            lines, error = slot.lines, slot.error
+            if not operator(request):        # progress lines and errors name server paths
+                lines = [redact_paths(x) for x in lines]
+                error = redact_paths(error) if error else error
+            html = panel.render_loading(lines, error)
             info_html = (f'<div class="mx-info"><span class="mx-chip mx-chip-error">the model could not be loaded'
                          f'</span></div>' if slot.error else seen.get("info"))
             if html == seen.get("panel") and info_html == seen.get("info"):
@@ -284,7 +288,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
                         max_new = gr.Slider(1, max(2048, max_new_tokens), value=max_new_tokens, step=1,
                                             label="Max new tokens", elem_id="mx-max-new")
             with gr.Column(scale=6, min_width=440):
-                panel_html = gr.HTML(panel.render_loading(slot.lines) if slot.engine is None else
+                panel_html = gr.HTML(panel.render_loading([redact_paths(x) for x in slot.lines]) if slot.engine is None else
                                      panel.render_panel(slot.engine.stats()), elem_id="mx-panel")
                 with gr.Accordion("Cache settings (re-plans the device cache without reloading)", open=False):
                     with gr.Row():
