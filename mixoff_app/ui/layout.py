@@ -98,7 +98,10 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         text = (message if isinstance(message, str) else "").strip()
         if not text:
             raise refuse("send", "Type a message first.")
-        engine_or_error("send")           # while loading, the message stays in the box
+        engine = engine_or_error("send")  # while loading, the message stays in the box
+        if len(text) > engine.limits.message:     # refused before it reaches the chat (it stays in the box)
+            raise refuse("send", f"the message is too long: {len(text):,} characters, and this server takes at "
+                                 f"most {engine.limits.message:,}; shorten it")
         _, turn = canceller.begin(_session(request))
         return "", to_messages(history) + [{"role": "user", "content": text}], turn
 
