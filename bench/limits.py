@@ -33,7 +33,7 @@ def main() -> None:
     from mixoff_app.config import CacheConfig, EngineConfig, SamplingParams
     from mixoff_app.engine import Engine
     from mixoff_app.limits import InputTooLong
-    from mixoff_app.plan import rss_bytes
+    from mixoff_app.memory import rss_bytes
 
     torch.set_num_threads(args.threads)
     eng = Engine.load(EngineConfig(model=args.model, device="cpu", cache=CacheConfig(size=3)))

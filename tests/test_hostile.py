@@ -32,7 +32,7 @@ from mixoff_app.checkpoints import CheckpointError, save_quantized  # noqa: E402
 from mixoff_app.config import (CacheConfig, ConfigError, EngineConfig, QuantConfig,  # noqa: E402
                                SamplingParams)
 from mixoff_app.engine import Engine  # noqa: E402
-from mixoff_app.plan import rss_bytes  # noqa: E402
+from mixoff_app.memory import rss_bytes  # noqa: E402
 from mixoff_app.ui import build_ui, launch_kwargs  # noqa: E402
 from mixoff_app.ui import launch as launcher  # noqa: E402
 
