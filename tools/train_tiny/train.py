@@ -28,6 +28,9 @@ answer only). ``--transcripts`` also prints three two-turn chats.
 that says it is a small demo model of Python's documentation and suggests what to ask; they are repeated N
 times in the training set (and drawn into the multi-turn chats like any turn). Whole question forms are held
 out (``heldout_scope.jsonl``); the report adds their loss. ``--transcripts`` also prints such answers.
+
+``--init-from DIR`` continues training from a trained checkpoint (its tokenizer and weights) instead of a new
+tokenizer and random weights: how the shipped model learned its scope answers without a full retrain.
 """
 from __future__ import annotations
 
@@ -63,7 +66,7 @@ DEFAULTS = dict(seed=1234, vocab_size=SHAPE.vocab_size, hidden=SHAPE.hidden_size
                 intermediate=SHAPE.intermediate_size, experts=SHAPE.num_experts, top_k=SHAPE.top_k,
                 context=SHAPE.max_position_embeddings, batch_tokens=4096, lr=2e-3,
                 min_lr_frac=0.1, warmup=100, weight_decay=0.05, aux_coef=0.01, locality_coef=0.0,
-                heldout_frac=0.05, steps=700, multiturn_frac=0.0, scope_repeat=0)
+                heldout_frac=0.05, steps=700, multiturn_frac=0.0, scope_repeat=0, init_from="")
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -654,7 +657,10 @@ def train(args) -> dict:
     train_ex, held_ex = build_examples(args.seed, args.heldout_frac)
     scope_train, scope_held = build_scope_examples() if args.scope_repeat > 0 else ([], [])
     train_all = train_ex + scope_train * args.scope_repeat
-    tok = train_tokenizer([f"{e.question}\n{e.answer}" for e in train_all], args.vocab_size)
+    if args.init_from:          # continue from a trained checkpoint: its tokenizer and weights
+        base, tok = load_shipped(args.init_from)
+    else:
+        base, tok = None, train_tokenizer([f"{e.question}\n{e.answer}" for e in train_all], args.vocab_size)
     tok.model_max_length = args.context
     single_enc = encode_all(tok, train_all, args.context)
     held_enc = encode_all(tok, held_ex, args.context)
@@ -671,7 +677,11 @@ def train(args) -> dict:
         f"prep {time.time() - t0:.0f}s")
 
     cfg = model_config(args, tok)
-    model = build_model(cfg, args.aux_coef)
+    if base is not None:
+        model = base
+        model.config.router_aux_loss_coef, model.config.output_router_logits = args.aux_coef, False
+    else:
+        model = build_model(cfg, args.aux_coef)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -792,10 +802,10 @@ def read_heldout(path: Path | str = ASSET_DIR, name: str = HELDOUT_FILE) -> list
     return [Example(**json.loads(r)) for r in rows if r.strip()]
 
 
-def heldout_encoded(path: Path | str = ASSET_DIR, tok=None, limit: int | None = None):
+def heldout_encoded(path: Path | str = ASSET_DIR, tok=None, limit: int | None = None, name: str = HELDOUT_FILE):
     """The shipped held-out split, tokenized as training did, and the training report."""
     rep = json.loads((Path(path) / "train_report.json").read_text())
-    enc = encode_all(tok, read_heldout(path), rep["hyperparameters"]["context"])
+    enc = encode_all(tok, read_heldout(path, name), rep["hyperparameters"]["context"])
     return enc[:limit] if limit else enc, rep
 
 
@@ -843,6 +853,14 @@ TRANSCRIPT_QUESTIONS = ["What does the built-in function len do?", "What is the 
 # Outside the documentation (the first two are the app's general examples; none is a training question).
 SCOPE_QUESTIONS = ["Hello there", "Write a short poem about a GPU that is running out of memory.",
                    "What is the capital of Italy?", "Good morning! What can you tell me?"]
+# Twenty more questions outside the documentation, none of them in training: --transcripts counts how many get
+# the scope sentence.
+SCOPE_PROBES = ["Hi, nice to see you!", "Good night", "Hey, what's up?", "Who made you?", "Can you speak German?",
+                "What is the capital of Italy?", "Who is the president of France?", "Tell me a joke.",
+                "What's the weather today?", "Write me a song about summer.", "How tall is Mount Everest?",
+                "What is 12 times 7?", "Explain quantum computing.", "Recommend a podcast.", "How do I fix my bike?",
+                "What is the best pizza topping?", "Summarize the plot of Hamlet.", "Who painted the Mona Lisa?",
+                "Write a haiku about rain.", "What should I eat for dinner?"]
 
 
 @torch.no_grad()
@@ -912,6 +930,13 @@ def transcripts(args) -> None:
     for q in SCOPE_QUESTIONS:
         text, _, _ = generate_answer(model, tok, q)
         print(f"### User\n{q}\n\n### Assistant\n{text}\n")
+    missed = [q for q in SCOPE_PROBES if not _says_scope(generate_answer(model, tok, q, max_new_tokens=60)[0])]
+    print(f"---- {len(SCOPE_PROBES) - len(missed)} of {len(SCOPE_PROBES)} unseen out-of-scope questions get the "
+          f"scope sentence; not: {missed}\n")
+
+
+def _says_scope(answer: str) -> bool:
+    return "demo model" in answer and "Python" in answer
 
 
 # ------------------------------------------------------------------------------------------------ cli
