@@ -36,7 +36,7 @@ def main() -> None:
     from mixoff_app.memory import rss_bytes
 
     torch.set_num_threads(args.threads)
-    eng = Engine.load(EngineConfig(model=args.model, device="cpu", cache=CacheConfig(size=3)))
+    eng = Engine.load(EngineConfig(model=args.model, device="cpu", cache=CacheConfig(sizes=(3,))))
     params = SamplingParams(max_new_tokens=256, temperature=0)
     out: dict = {"model": eng.info.model_name, "context": eng.info.max_context,
                  "limits": {"message_chars": eng.limits.message, "system_chars": eng.limits.system,

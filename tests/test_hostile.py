@@ -52,7 +52,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
     return Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=QuantConfig.from_bits(4, 2),
-                                    cache=CacheConfig(size=2), max_context=CONTEXT))
+                                    cache=CacheConfig(sizes=(2,)), max_context=CONTEXT))
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +138,9 @@ def test_cache_settings_are_the_operators(url, engine):
     ann, boss = client(url), client(url, "boss")
     with pytest.raises(Exception, match="belong to the operator"):
         ann.predict(3, "lfu", 1, api_name="/set_cache")
-    assert engine.info.cache.size == 2 and engine.info.cache.policy == "lru"
+    assert engine.info.cache.sizes == (2,) and engine.info.cache.policy == "lru"
     _, msg = boss.predict(3, "lfu", 1, api_name="/set_cache")
-    assert "re-planned" in msg and engine.info.cache.size == 3 and engine.info.cache.prefetch == 1
+    assert "re-planned" in msg and engine.info.cache.sizes == (3,) and engine.info.cache.prefetch == 1
     # Bounds come from the loaded model, for the operator too; bad types get a sentence, not Python.
     for args, msg in (((2, "lru", 9), "prefetch must be between 0 and 8"),
                       ((2, "nope", 0), "eviction policy must be one of"),
@@ -148,13 +148,13 @@ def test_cache_settings_are_the_operators(url, engine):
         with pytest.raises(Exception, match=msg):
             boss.predict(*args, api_name="/set_cache")
     boss.predict(2, "lru", 0, api_name="/set_cache")
-    assert engine.info.cache.size == 2 and engine.info.cache.prefetch == 0
+    assert engine.info.cache.sizes == (2,) and engine.info.cache.prefetch == 0
     assert chat(ann, "still answering?")
 
 
 def test_prefetch_wider_than_the_experts_is_refused_everywhere(engine, tiny_dir):
     with pytest.raises(ConfigError, match="prefetch 9 is more than the 8 experts"):
-        engine.reconfigure_cache(CacheConfig(size=2, prefetch=9))
+        engine.reconfigure_cache(CacheConfig(sizes=(2,), prefetch=9))
     p = cli("generate", "--model", tiny_dir, "--device", "cpu", "--prompt", "hi", "--prefetch", "9", check=False)
     assert p.returncode == 2 and "prefetch 9 is more than the 8 experts" in p.stderr
     assert "Traceback" not in p.stderr
@@ -288,7 +288,7 @@ def test_concurrent_users_with_one_hostile(url, engine):
     stop.set()
     h.join(timeout=120)
     assert [got.get(i) for i in range(len(questions))] == expected
-    assert hostile_refusals and engine.info.cache.size == 2 and engine.info.cache.policy == "lru"
+    assert hostile_refusals and engine.info.cache.sizes == (2,) and engine.info.cache.policy == "lru"
 
 
 def test_cancel_and_disconnect_free_the_engine(url, engine):
@@ -454,7 +454,7 @@ def test_broken_checkpoints_are_refused_naming_file_and_tensor(tiny_dir, tmp_pat
     folder = edited_copy(tiny_dir, tmp_path / name, **kwargs)
     for quant in (QuantConfig.from_bits(None, None), QuantConfig.from_bits(4, 2)):
         with pytest.raises(CheckpointError, match=msg):
-            Engine.load(EngineConfig(model=str(folder), device="cpu", quant=quant, cache=CacheConfig(size=2)))
+            Engine.load(EngineConfig(model=str(folder), device="cpu", quant=quant, cache=CacheConfig(sizes=(2,))))
 
 
 def test_broken_checkpoint_through_the_cli(tiny_dir, tmp_path):

@@ -192,7 +192,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
             # The controls take the loaded model's ranges and values once it is there, and are editable
             # only for the operator (the server checks again on Apply).
             seen["controls"] = may
-            out[2] = gr.update(value=info.cache.size, minimum=1, maximum=info.num_experts, interactive=may)
+            out[2] = gr.update(value=info.cache.sizes[0], minimum=1, maximum=info.num_experts, interactive=may)
             out[3] = gr.update(value=info.cache.policy, interactive=may)
             out[4] = gr.update(value=info.cache.prefetch, maximum=info.num_experts, interactive=may)
             out[5] = gr.update(interactive=may, value="Apply" if may else "Apply (operator only)")
@@ -211,7 +211,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
             prefetch = whole(prefetch, "prefetch", 0, info.num_experts)
             policy = choice(policy, "the eviction policy", POLICIES)
             # keep what the UI does not set (placement, prefetch depth) as the engine has it
-            cfg = replace(info.cache, size=k, sizes=None, policy=policy, prefetch=prefetch)
+            cfg = replace(info.cache, sizes=(k,), policy=policy, prefetch=prefetch)
             engine.reconfigure_cache(cfg)
         except (ConfigError, ValueError) as exc:
             raise refuse("set_cache", str(exc)) from None
@@ -298,8 +298,9 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
                         cache = slot.engine.info.cache if slot.engine else CacheConfig()
                         n_exp = slot.engine.info.num_experts if slot.engine else 8
                         # Read-only until the first panel tick says who is looking (and the model is loaded).
-                        k_slider = gr.Slider(1, n_exp, value=cache.size, step=1, label="k: experts per layer on device",
-                                             elem_id="mx-k", interactive=False)
+                        top_k = slot.engine.info.top_k if slot.engine else 2
+                        k_slider = gr.Slider(1, n_exp, value=cache.sizes[0] if cache.sizes else top_k, step=1,
+                                             label="k: experts per layer on device", elem_id="mx-k", interactive=False)
                         policy = gr.Dropdown(list(POLICIES), value=cache.policy, label="Eviction policy",
                                              elem_id="mx-policy", interactive=False)
                         prefetch = gr.Slider(0, n_exp, value=cache.prefetch, step=1,
