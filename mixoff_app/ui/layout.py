@@ -7,7 +7,7 @@ wait in Gradio's queue with their place shown. The panel polls ``engine.stats()`
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
