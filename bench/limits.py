@@ -1,12 +1,14 @@
 """What bounded work per request costs, on the shipped demo model (CPU); prints JSON.
 
-    python bench/limits.py [--threads 1]
+    python bench/limits.py [--threads 1] [--http]
 
 - a 10 MB (and a 50 MB) message: how long until it is refused, and how much the process RSS grew;
 - histories of 1,000 / 2,000 / 10,000 messages: how long fitting them to the context takes (tokenizing and
   trimming, before any prefill), and how many chat-template renders it took;
 - KV reuse: prefill tokens of a session's second turn, against the full prompt, and after another
-  session's turn in between.
+  session's turn in between;
+- with ``--http``: the same 10 / 50 MB messages sent to the app's ``/chat`` with gradio_client (client and
+  server in this process, so the RSS growth counts the client's JSON copies too).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", default="tiny")
+    p.add_argument("--http", action="store_true", help="also send the huge messages through the app over HTTP")
     args = p.parse_args()
 
     import torch
@@ -105,7 +108,41 @@ def main() -> None:
     out["kv_reuse"] = {"turn1_prefill": p1, "turn2_prefill": p2, "turn2_prompt": full2,
                        "other_session_prefill": pb, "turn3_after_other_session_prefill": p3,
                        "turn3_prompt": len(eng.prompt_ids(conv))}
+    if args.http:
+        out["huge_message_http"] = over_http(eng)
     print(json.dumps(out, indent=1))
+
+
+def over_http(eng) -> dict:
+    import socket
+
+    from gradio_client import Client
+
+    from mixoff_app.memory import rss_bytes
+    from mixoff_app.ui import build_ui, launch_kwargs
+
+    demo = build_ui(eng, max_new_tokens=8, examples=[])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    c.predict("warm up", [], "", 0.0, 1.0, 4, api_name="/chat")
+    res = {}
+    for mb in (10, 50):
+        msg = "x" * (mb * 2**20)
+        rss0, t0 = rss_bytes(), time.perf_counter()
+        try:
+            c.predict(msg, [], "", 0.0, 1.0, 8, api_name="/chat")
+            got = "answered"
+        except Exception as exc:          # noqa: BLE001 - the refusal is what is measured
+            got = str(exc)
+        dt = time.perf_counter() - t0
+        del msg
+        res[f"{mb}MB"] = {"round_trip_s": round(dt, 2), "rss_growth_mib": round((rss_bytes() - rss0) / 2**20),
+                          "message": got}
+    demo.close()
+    return res
 
 
 if __name__ == "__main__":
