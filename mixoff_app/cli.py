@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Optional
 
-from .config import (POLICIES, PLACEMENTS, CacheConfig, ConfigError, EngineConfig, QuantConfig,
+from .config import (KERNELS, POLICIES, PLACEMENTS, CacheConfig, ConfigError, EngineConfig, QuantConfig,
                      SamplingParams, parse_bits)
 from .plan import parse_gib
 
@@ -57,6 +57,10 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
     p.add_argument("--max-context", type=_positive_int, default=4096, help="KV cache length in tokens")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--tokenizer", default=None, help="where the tokenizer/chat template come from (default: the checkpoint)")
+    p.add_argument("--kernel", choices=KERNELS, default="auto",
+                   help="quantized matmul: triton (fused kernels reading the packed codes; on a CPU they run in "
+                        "Triton's interpreter, slowly, for tests), torch (dequantize, then matmul), or auto "
+                        "(triton on a CUDA GPU, torch elsewhere; the default)")
 
 
 def engine_config(args) -> EngineConfig:
@@ -75,7 +79,8 @@ def engine_config(args) -> EngineConfig:
                                           prefetch_layers=args.prefetch_layers,
                                           placement="inclusive" if placement == "auto" else placement),
                         max_context=args.max_context, dtype=args.dtype, tokenizer=args.tokenizer,
-                        vram_budget=vram_budget, ram_budget=ram_budget, auto_plan=auto)
+                        vram_budget=vram_budget, ram_budget=ram_budget, auto_plan=auto,
+                        kernel=getattr(args, "kernel", "auto"))
 
 
 # ---- generate ------------------------------------------------------------------------------------
@@ -110,7 +115,7 @@ def cmd_generate(args) -> int:
         out = {
             "text": "".join(text), "token_ids": ids, "finish_reason": finish,
             "model": engine.info.model_name, "device": engine.info.device, "quant": engine.info.quant,
-            "cache_size": engine.info.cache.size, "policy": engine.info.cache.policy,
+            "cache_size": engine.info.cache.size, "policy": engine.info.cache.policy, "kernel": engine.info.kernel,
             "stats": {"hits": dec["hits"], "misses": dec["misses"], "evictions": dec["evictions"],
                       "hit_rate": dec["hits"] / looked if looked else 0.0, "bytes_h2d": dec["bytes_h2d"],
                       "tokens_per_s": snap.avg_tokens_per_s, "prefill_s": snap.prefill_s, "decode_s": snap.decode_s,

@@ -154,6 +154,7 @@ def parse_bits(text: str | int | None) -> Optional[int]:
 
 
 POLICIES = ("lru", "lfu", "lrfu")
+KERNELS = ("auto", "triton", "torch")     # quantized matmul: see mixoff_app/kernels
 PLACEMENTS = ("inclusive", "exclusive", "disk")
 
 
@@ -227,3 +228,4 @@ class EngineConfig:
     vram_budget: Optional[int] = None     # bytes mixoff may allocate on the device (torch peak allocated)
     ram_budget: Optional[int] = None      # bytes loading may add to the process RSS
     auto_plan: str = "off"                # what the memory planner picks: off | sizes (k) | placement | full
+    kernel: str = "auto"                  # quantized matmul: auto (triton on CUDA, torch elsewhere) | triton | torch

@@ -45,6 +45,7 @@ class EngineInfo:
     cache: CacheConfig
     gpu_name: Optional[str]
     expert_bytes: int          # one expert in its stored (quantized) form
+    kernel: str = "torch"      # the quantized matmul in use: "triton" (fused kernels) or "torch"
 
 
 def default_model() -> tuple[str, str]:
@@ -99,6 +100,8 @@ class Engine:
                  None: torch.float16 if device.type == "cuda" else torch.float32}.get(config.dtype)
         if dtype is None:
             raise ConfigError(f"unsupported dtype {config.dtype!r}: use float16, bfloat16 or float32")
+        from .kernels import resolve_kernel
+        kernel = resolve_kernel(config.kernel, device)       # before any download: a bad --kernel fails at once
         # Plan before allocating anything: a configuration that cannot fit is refused with what would fit.
         from .checkpoints import load_checkpoint_placed, peek_checkpoint, read_config
         from .disk_store import DiskStore
@@ -159,7 +162,7 @@ class Engine:
         stats = Stats(cfg.num_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
         try:
             cache = ExpertCache(loaded.store, sizes, config.cache.policy, device, stats)
-            model = Mixtral(cfg, loaded.trunk, cache, stats, max_seq, device, dtype)
+            model = Mixtral(cfg, loaded.trunk, cache, stats, max_seq, device, dtype, kernel=kernel)
         except torch.cuda.OutOfMemoryError:
             raise ConfigError(f"not enough GPU memory for {sum(sizes)} expert slots "
                               f"({loaded.store.layout.nbytes / 2**20:.1f} MiB each): lower --cache-size") from None
@@ -194,7 +197,7 @@ class Engine:
             cache=replace(config.cache, sizes=None if len(set(sizes)) == 1 else sizes, size=sizes[0],
                           placement=placement),
             gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            expert_bytes=loaded.store.layout.nbytes)
+            expert_bytes=loaded.store.layout.nbytes, kernel=kernel)
         progress(f"ready: {resolved.name} on {device}")
         config = replace(config, cache=replace(config.cache, placement=placement, size=sizes[0],
                                                sizes=None if len(set(sizes)) == 1 else tuple(sizes)))

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .expert_cache import ExpertCache
 from .expert_store import ExpertWeights
-from .quant import QWeight, linear
+from .kernels import qlinear
+from .quant import QWeight
 from .stats import Stats
 
 Weight = torch.Tensor | QWeight
@@ -53,8 +54,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
-def expert_forward(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-    return linear(F.silu(linear(x, w.w1)) * linear(x, w.w3), w.w2)
+def expert_forward(x: torch.Tensor, w: ExpertWeights, kernel: str = "torch") -> torch.Tensor:
+    return qlinear(F.silu(qlinear(x, w.w1, kernel)) * qlinear(x, w.w3, kernel), w.w2, kernel)
 
 
 class Prefetcher:
@@ -85,8 +86,9 @@ class Prefetcher:
 
 class Mixtral:
     def __init__(self, cfg: ModelConfig, trunk: TrunkWeights, cache: ExpertCache, stats: Stats,
-                 max_seq: int, device: torch.device, dtype: torch.dtype) -> None:
+                 max_seq: int, device: torch.device, dtype: torch.dtype, kernel: str = "torch") -> None:
         self.cfg, self.trunk, self.cache, self.stats = cfg, trunk, cache, stats
+        self.kernel = kernel              # "torch" | "triton", as kernels.resolve_kernel decided
         self.device, self.dtype = torch.device(device), dtype
         self.max_seq = max_seq
         self.prefetcher: Optional[Prefetcher] = None
@@ -138,9 +140,9 @@ class Mixtral:
         cfg, T = self.cfg, x.shape[0]
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         g = nh // nkv
-        q = linear(x, lw.wq).view(T, nh, hd)
-        k = linear(x, lw.wk).view(T, nkv, hd)
-        v = linear(x, lw.wv).view(T, nkv, hd)
+        q = qlinear(x, lw.wq, self.kernel).view(T, nh, hd)
+        k = qlinear(x, lw.wk, self.kernel).view(T, nkv, hd)
+        v = qlinear(x, lw.wv, self.kernel).view(T, nkv, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         self.kv[i, 0, :, pos:pos + T] = k.transpose(0, 1)
@@ -151,7 +153,7 @@ class Mixtral:
         # stacked as g*T query rows against that head (query head h uses KV head h // g).
         qg = q.transpose(0, 1).reshape(nkv, g * T, hd)                              # [nkv, g*T, hd]
         o = F.scaled_dot_product_attention(qg[None], K[None], V[None], attn_mask=mask)[0]
-        return linear(o.view(nh, T, hd).transpose(0, 1).reshape(T, nh * hd), lw.wo)
+        return qlinear(o.view(nh, T, hd).transpose(0, 1).reshape(T, nh * hd), lw.wo, self.kernel)
 
     def _route(self, lw: LayerWeights, h: torch.Tensor):
         probs = torch.softmax(F.linear(h, lw.gate).float(), dim=-1)                 # [T, E]
@@ -173,7 +175,7 @@ class Mixtral:
                 # copy stream, so a demand copy never waits for a speculative one.
                 self.prefetcher.issue(self, *proposal)
                 proposal = None
-            outs[experts.index(e)] = expert_forward(h, ew)
+            outs[experts.index(e)] = expert_forward(h, ew, self.kernel)
             self.cache.release(i, slot)
         y = outs[0] * w[0, 0]
         for r in range(1, len(outs)):
@@ -186,7 +188,7 @@ class Mixtral:
         parts: dict[int, tuple] = {}
         for e, ew, slot in self.cache.fetch(i, experts):
             tok, rank = torch.where(idx == e)
-            parts[e] = (tok, expert_forward(h[tok], ew) * w[tok, rank, None])
+            parts[e] = (tok, expert_forward(h[tok], ew, self.kernel) * w[tok, rank, None])
             self.cache.release(i, slot)
         y = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         for e in experts:                      # fixed order: the sum does not depend on cache state

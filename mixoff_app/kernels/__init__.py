@@ -1,0 +1,118 @@
+"""Quantized matmul behind one seam: ``qlinear(x, w, kernel)``.
+
+``kernel`` is what ``resolve_kernel`` made of ``--kernel auto|triton|torch`` for the model's device:
+``"torch"`` dequantizes the whole weight and multiplies (the reference, and the CPU default);
+``"triton"`` reads the packed codes inside fused Triton kernels (``qmatmul``). On a CPU the Triton kernels
+run in Triton's interpreter, which is slow and there for tests.
+
+Triton decides between compiling and interpreting when a kernel is decorated, from ``TRITON_INTERPRET``.
+So the kernels' source is loaded as two modules: ``qmatmul`` as the environment says, and, for a CPU, a
+second copy loaded with ``TRITON_INTERPRET=1``; a process can then run both (the GPU tests next to the CPU
+ones) without anyone setting the variable before importing triton.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from ..config import KERNELS, ConfigError
+from ..quant import QWeight, dequantize
+
+MIN_CAPABILITY = (7, 0)      # Triton's NVIDIA backend starts at Volta
+
+def _load(interpret: bool) -> ModuleType:
+    """The kernels module, interpreted or compiled; ImportError when triton is missing."""
+    if interpret == (os.environ.get("TRITON_INTERPRET") == "1"):
+        from . import qmatmul
+        return qmatmul
+    name = f"{__name__}.qmatmul_{'interpreted' if interpret else 'compiled'}"
+    if name in sys.modules:
+        return sys.modules[name]
+    import triton.language  # noqa: F401  triton itself in the process's mode: only our kernels switch
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "qmatmul.py"))
+    mod = importlib.util.module_from_spec(spec)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    sys.modules[name] = mod          # dataclasses look their module up while it executes
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return mod
+
+
+@functools.cache
+def backend(device_type: str) -> ModuleType:
+    """The Triton kernels for tensors on ``device_type``; ConfigError with the reason when there are none."""
+    try:
+        return _load(interpret=device_type != "cuda")
+    except ImportError as e:
+        raise ConfigError(f"--kernel triton needs the triton package, which is not importable here ({e}): "
+                          f"install it with `pip install triton` (the CUDA build of torch ships it), "
+                          f"or use --kernel torch") from None
+
+
+def resolve_kernel(kernel: str, device: torch.device | str) -> str:
+    """``auto`` | ``triton`` | ``torch`` on ``device`` -> ``"triton"`` or ``"torch"``.
+
+    auto: triton on a CUDA GPU that Triton supports and where triton imports, torch elsewhere. An explicit
+    ``triton`` that cannot work is a ConfigError with one sentence saying why."""
+    if kernel not in KERNELS:
+        raise ConfigError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    dev = torch.device(device)
+    if kernel == "torch" or (kernel == "auto" and dev.type != "cuda"):
+        return "torch"
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < MIN_CAPABILITY:
+        if kernel == "auto":
+            return "torch"
+        cap = ".".join(map(str, torch.cuda.get_device_capability(dev)))
+        raise ConfigError(f"--kernel triton needs a GPU of compute capability 7.0 or newer, and this one is {cap}: "
+                          f"use --kernel torch")
+    try:
+        backend(dev.type)
+    except ConfigError:
+        if kernel == "auto":
+            return "torch"
+        raise
+    return "triton"
+
+
+@functools.lru_cache(maxsize=None)
+def _geometry(mod: ModuleType, shape: tuple[int, int], bits: int, group_size: int):
+    return mod.geometry(QWeight(shape=shape, bits=bits, group_size=group_size, W_q=None))
+
+
+def fused(w, device_type: str = "cpu") -> bool:
+    """Whether ``qlinear(..., "triton")`` runs ``w`` in a fused kernel (else: dequantize + matmul)."""
+    return isinstance(w, QWeight) and _geometry(backend(device_type), tuple(w.shape), w.bits,
+                                                w.group_size) is not None
+
+
+def qlinear(x: torch.Tensor, w: torch.Tensor | QWeight, kernel: str = "torch") -> torch.Tensor:
+    """x [..., in] @ W.T -> [..., out] in x's dtype, for a dense weight or a QWeight.
+
+    With ``kernel="triton"`` a QWeight is read by the fused kernels; the one shape they do not take (a
+    group that straddles output rows: out not a multiple of the group size, which only toy models have)
+    falls back to dequantize + matmul."""
+    if not isinstance(w, QWeight):
+        return F.linear(x, w)
+    if kernel == "triton":
+        mod = backend(x.device.type)
+        g = _geometry(mod, tuple(w.shape), w.bits, w.group_size)
+        if g is not None and x.numel():
+            lead = x.shape[:-1]
+            y = mod.qmatmul(x.reshape(-1, x.shape[-1]).contiguous(), w, g)
+            return y.view(*lead, g.out)
+    return F.linear(x, dequantize(w, x.dtype))
