@@ -288,9 +288,16 @@ def _tuned(key, candidates, launch):
     return launch(cfg)
 
 
-def chosen_configs() -> dict:
+def chosen_configs() -> list[dict]:
     """What the tuner picked so far (for the benchmark's report)."""
-    return {str(k): v.__dict__ for k, v in _best.items()}
+    out = []
+    for key, cfg in _best.items():
+        kind, g = key[0], key[1]
+        row = {"kernel": kind, "bits": g.bits, "out": g.out, "in": g.K, "dtype": str(key[-2]).replace("torch.", "")}
+        if kind == "gemm":
+            row["tokens_bucket"] = key[2]
+        out.append(row | {"config": dict(cfg.__dict__)})
+    return out
 
 
 def qgemv(x: torch.Tensor, w: QWeight, g: Geometry, cfg: Optional[GemvConfig] = None) -> torch.Tensor:
