@@ -71,9 +71,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mixoff_app.config import MIXTRAL_8X7B, ModelConfig, QuantSpec  # noqa: E402
+from mixoff_app.config import KERNELS, MIXTRAL_8X7B, ModelConfig, QuantSpec  # noqa: E402
 from mixoff_app.expert_cache import ExpertCache  # noqa: E402
 from mixoff_app.expert_store import ExpertLayout, ExpertStore  # noqa: E402
+from mixoff_app.kernels import resolve_kernel  # noqa: E402
 from mixoff_app.model import LayerWeights, Mixtral, Prefetcher, TrunkWeights  # noqa: E402
 from mixoff_app.quant import QWeight, qweight_from, weight_fields  # noqa: E402
 from mixoff_app.stats import Stats  # noqa: E402
@@ -344,7 +345,7 @@ def run_variant(name: str, ctx: dict, args: argparse.Namespace, deadline: float)
     cache = (NoCache if naive else ExpertCache)(store, sizes, policy, device, stats)
     n_total = args.warmup + args.tokens
     model = TraceMixtral(cfg, ctx["trunk"], cache, stats, n_total + 1, device, dtype,
-                         idx=ctx["idx"], weights=ctx["w"])
+                         kernel=resolve_kernel(args.kernel, device), idx=ctx["idx"], weights=ctx["w"])
     if prefetch:
         model.prefetcher = TracePrefetcher(ctx["routing"], K, args.prefetch_accuracy, E, args.seed)
         model.early_prefetch = early
@@ -490,6 +491,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="compute dtype (auto: float16 on cuda, float32 on cpu)")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="stop starting variants (and cut the timed loop) after this many seconds from start")
+    ap.add_argument("--kernel", choices=KERNELS, default="auto",
+                    help="quantized matmul: auto (triton on cuda, torch on cpu), triton or torch")
     ap.add_argument("--fail", default=None, help=argparse.SUPPRESS)   # tests: make this variant raise
     args = ap.parse_args(argv)
     bad = [v for v in args.variants.split(",") if v and v not in VARIANTS]

@@ -93,6 +93,36 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
     return 2 * nbytes / t
 
 
+def bench_weight(w: QWeight, mod, kernel: str, device: torch.device, dtype: torch.dtype, bw: float, args) -> dict:
+    out, inp = w.shape
+    x = torch.randn((1, inp), device=device).to(dtype)
+    ref = F.linear(x, dequantize(w, dtype))
+    err = (qlinear(x, w, kernel).float() - ref.float()).abs().max().item()
+    tol = (2e-6 if dtype == torch.float32 else 4e-3) * ref.float().abs().max().item()
+    graph = device.type == "cuda"
+    c = {"fused": kernel == "triton" and fused(w, device.type), "packed_bytes": w.nbytes,
+         "max_abs_err": err, "tolerance": tol,
+         "fused_s": timed(lambda: qlinear(x, w, kernel), device, args.repeats, graph=graph),
+         "torch_s": timed(lambda: qlinear(x, w, "torch"), device, args.repeats, graph=graph)}
+    c["speedup"] = c["torch_s"] / c["fused_s"]
+    c["packed_GBps"] = w.nbytes / c["fused_s"] / 1e9
+    c["fraction_of_copy_bw"] = w.nbytes / c["fused_s"] / bw
+    if device.type == "cuda":
+        c["fused_eager_s"] = timed(lambda: qlinear(x, w, kernel), device, args.repeats)
+        if mod is not None and c["fused"]:
+            g = mod.geometry(w)
+            c["gemv_candidates"] = []
+            for cfg in mod.gemv_candidates(g, device):
+                s = timed(lambda cfg=cfg: mod.qgemv(x[0], w, g, cfg), device, args.repeats, graph=True)
+                c["gemv_candidates"].append(dict(cfg.__dict__, s=s, packed_GBps=w.nbytes / s / 1e9))
+    if args.prefill:
+        xp = torch.randn((args.prefill, inp), device=device).to(dtype)
+        c["prefill_tokens"] = args.prefill
+        c["prefill_fused_s"] = timed(lambda: qlinear(xp, w, kernel), device, args.repeats)
+        c["prefill_torch_s"] = timed(lambda: qlinear(xp, w, "torch"), device, args.repeats)
+    return c
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -118,38 +148,11 @@ def main() -> None:
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "tiny": args.tiny, "torch": torch.__version__, "copy_GBps": bw / 1e9, "copy_MiB": copy_mib, "cases": []}
     mod = backend(device.type) if kernel == "triton" else None
-    for name, (out, inp), bits, group, sg in CASES:
-        if args.tiny:
-            out, inp = out // 16, inp // 16
+    for name, shape, bits, group, sg in CASES:
+        out, inp = (shape[0] // 16, shape[1] // 16) if args.tiny else shape
         w = random_qweight((out, inp), bits, group, sg, device)
-        x = torch.randn((1, inp), device=device).to(dtype)
-        ref = F.linear(x, dequantize(w, dtype))
-        y = qlinear(x, w, kernel)
-        err = (y.float() - ref.float()).abs().max().item()
-        tol = (2e-6 if dtype == torch.float32 else 4e-3) * ref.float().abs().max().item()
-        c = {"name": name, "shape": [out, inp], "bits": bits, "group": group, "scale_group": sg,
-             "fused": kernel == "triton" and fused(w, device.type), "packed_bytes": w.nbytes,
-             "max_abs_err": err, "tolerance": tol}
-        c["fused_s"] = timed(lambda: qlinear(x, w, kernel), device, args.repeats, graph=device.type == "cuda")
-        c["torch_s"] = timed(lambda: qlinear(x, w, "torch"), device, args.repeats, graph=device.type == "cuda")
-        c["speedup"] = c["torch_s"] / c["fused_s"]
-        c["packed_GBps"] = w.nbytes / c["fused_s"] / 1e9
-        c["fraction_of_copy_bw"] = w.nbytes / c["fused_s"] / bw
-        if device.type == "cuda":
-            c["fused_eager_s"] = timed(lambda: qlinear(x, w, kernel), device, args.repeats)
-            if mod is not None and c["fused"]:
-                g = mod.geometry(w)
-                c["gemv_candidates"] = [
-                    dict(cfg.__dict__, s=(s := timed(lambda: mod.qgemv(x[0], w, g, cfg), device, args.repeats,
-                                                     graph=True)), packed_GBps=w.nbytes / s / 1e9)
-                    for cfg in mod.gemv_candidates(g, device)]
-        if args.prefill:
-            xp = torch.randn((args.prefill, inp), device=device).to(dtype)
-            c["prefill_tokens"] = args.prefill
-            c["prefill_fused_s"] = timed(lambda: qlinear(xp, w, kernel), device, args.repeats)
-            c["prefill_torch_s"] = timed(lambda: qlinear(xp, w, "torch"), device, args.repeats)
-        result["cases"].append(c)
-        del w
+        c = {"name": name, "shape": [out, inp], "bits": bits, "group": group, "scale_group": sg}
+        result["cases"].append(c | bench_weight(w, mod, kernel, device, dtype, bw, args))
     if mod is not None:
         result["tuned_configs"] = mod.chosen_configs()
     print(json.dumps(result, indent=1))

@@ -6,7 +6,6 @@ On the CPU the Triton kernels run in Triton's interpreter (shapes are small: it 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from mixoff_app.config import ConfigError, EngineConfig, QuantSpec
 from mixoff_app.engine import Engine
 from mixoff_app.kernels import backend, fused, qlinear, resolve_kernel
 from mixoff_app.quant import QWeight, dequantize, pack, quantize
+
+pytest.importorskip("triton", reason="the kernel tests need triton (.ci/run installs it)")
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = Path(__file__).parent / "fixtures" / "seed_tiny"
@@ -125,7 +126,7 @@ def test_resolving_the_kernel_flag(monkeypatch):
     assert resolve_kernel("triton", "cpu") == "triton"
     with pytest.raises(ConfigError, match="unknown kernel 'cuda'"):
         resolve_kernel("cuda", "cpu")
-    import mixoff_app.kernels as kernels
+    from mixoff_app import kernels
 
     def missing(interpret):
         raise ImportError("No module named 'triton'")
@@ -188,7 +189,7 @@ def test_cli_kernel_flag_end_to_end(capsys, monkeypatch):
         runs[kernel] = json.loads(capsys.readouterr().out)
     assert runs["triton"]["kernel"] == "triton" and runs["torch"]["kernel"] == "torch"
     assert runs["triton"]["token_ids"] == runs["torch"]["token_ids"] and len(runs["torch"]["token_ids"]) == 4
-    import mixoff_app.kernels as kernels
+    from mixoff_app import kernels
     monkeypatch.setattr(kernels, "_load", lambda interpret: (_ for _ in ()).throw(ImportError("no triton")))
     kernels.backend.cache_clear()
     try:
@@ -201,7 +202,7 @@ def test_cli_kernel_flag_end_to_end(capsys, monkeypatch):
 
 
 def test_kernel_benchmark_runs_on_the_cpu():
-    p = subprocess.run([sys.executable, "bench/kernels.py", "--tiny", "--repeats", "2"], cwd=ROOT,
+    p = subprocess.run([sys.executable, "bench/kernels.py", "--tiny", "--repeats", "2"], check=False, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)

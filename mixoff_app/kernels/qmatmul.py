@@ -235,8 +235,8 @@ def gemv_candidates(g: Geometry, device: torch.device) -> list[GemvConfig]:
     sms = _sm_count(device)
     # (rows of r per program, packed bytes per program per step, warps): 2-4 KiB a step keeps 16 B a thread
     # in flight with 4-8 warps; the split makes at least ~4 programs per SM where R alone is too small.
-    for BR, step_bytes, warps in ((1, 2048, 4), (2, 4096, 4), (1, 8192, 8)):
-        BR = min(BR, triton.next_power_of_2(g.R))
+    for want_br, step_bytes, warps in ((1, 2048, 4), (2, 4096, 4), (1, 8192, 8)):
+        BR = min(want_br, triton.next_power_of_2(g.R))
         BK = max(16, min(triton.next_power_of_2(g.K), _pow2_floor(step_bytes // (g.s_p * BR))))
         progs = triton.cdiv(g.R, BR)
         split = 1
