@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from mixoff_app.kernels import backend, fused, qlinear, resolve_kernel
+from mixoff_app.kernels.geometry import geometry
 from mixoff_app.quant import QWeight, dequantize, pack
 
 # name, (out, in), bits, group, scale group: the reference checkpoint's formats.
@@ -100,7 +101,7 @@ def bench_weight(w: QWeight, mod, kernel: str, device: torch.device, dtype: torc
     err = (qlinear(x, w, kernel).float() - ref.float()).abs().max().item()
     tol = (2e-6 if dtype == torch.float32 else 4e-3) * ref.float().abs().max().item()
     graph = device.type == "cuda"
-    c = {"fused": kernel == "triton" and fused(w, device.type), "packed_bytes": w.nbytes,
+    c = {"fused": kernel == "triton" and fused(w), "packed_bytes": w.nbytes,
          "max_abs_err": err, "tolerance": tol,
          "fused_s": timed(lambda: qlinear(x, w, kernel), device, args.repeats, graph=graph),
          "torch_s": timed(lambda: qlinear(x, w, "torch"), device, args.repeats, graph=graph)}
@@ -110,7 +111,7 @@ def bench_weight(w: QWeight, mod, kernel: str, device: torch.device, dtype: torc
     if device.type == "cuda":
         c["fused_eager_s"] = timed(lambda: qlinear(x, w, kernel), device, args.repeats)
         if mod is not None and c["fused"]:
-            g = mod.geometry(w)
+            g = geometry(tuple(w.shape), w.bits, w.group_size)
             c["gemv_candidates"] = []
             for cfg in mod.gemv_candidates(g, device):
                 s = timed(lambda cfg=cfg: mod.qgemv(x[0], w, g, cfg), device, args.repeats, graph=True)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from mixoff_app.config import ConfigError, EngineConfig, QuantSpec
 from mixoff_app.engine import Engine
 from mixoff_app.kernels import backend, fused, qlinear, resolve_kernel
+from mixoff_app.kernels.geometry import geometry
 from mixoff_app.quant import QWeight, dequantize, pack, quantize
 
 pytest.importorskip("triton", reason="the kernel tests need triton (.ci/run installs it)")
@@ -98,7 +99,7 @@ def test_split_k_and_multi_tile_launches():
     several token tiles."""
     mod = backend("cpu")
     w = random_qweight((96, 200), 2, 16, 48, True, seed=7)      # R = 6, K = 200
-    g = mod.geometry(w)
+    g = geometry(tuple(w.shape), w.bits, w.group_size)
     x = torch.randn(40, 200)
     ref = F.linear(x, dequantize(w, x.dtype))
     for cfg in (mod.GemvConfig(BR=4, BK=16, split=3), mod.GemvConfig(BR=2, BK=64, split=1)):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..config import KERNELS, ConfigError
 from ..quant import QWeight, dequantize
+from .geometry import geometry
 
 MIN_CAPABILITY = (7, 0)      # Triton's NVIDIA backend starts at Volta
 
@@ -89,15 +90,12 @@ def resolve_kernel(kernel: str, device: torch.device | str) -> str:
     return "triton"
 
 
-@functools.lru_cache(maxsize=None)
-def _geometry(mod: ModuleType, shape: tuple[int, int], bits: int, group_size: int):
-    return mod.geometry(QWeight(shape=shape, bits=bits, group_size=group_size, W_q=None))
+_geometry = functools.cache(geometry)
 
 
-def fused(w, device_type: str = "cpu") -> bool:
+def fused(w) -> bool:
     """Whether ``qlinear(..., "triton")`` runs ``w`` in a fused kernel (else: dequantize + matmul)."""
-    return isinstance(w, QWeight) and _geometry(backend(device_type), tuple(w.shape), w.bits,
-                                                w.group_size) is not None
+    return isinstance(w, QWeight) and _geometry(tuple(w.shape), w.bits, w.group_size) is not None
 
 
 def qlinear(x: torch.Tensor, w: torch.Tensor | QWeight, kernel: str = "torch") -> torch.Tensor:
@@ -109,10 +107,9 @@ def qlinear(x: torch.Tensor, w: torch.Tensor | QWeight, kernel: str = "torch") -
     if not isinstance(w, QWeight):
         return F.linear(x, w)
     if kernel == "triton":
-        mod = backend(x.device.type)
-        g = _geometry(mod, tuple(w.shape), w.bits, w.group_size)
+        g = _geometry(tuple(w.shape), w.bits, w.group_size)
         if g is not None and x.numel():
             lead = x.shape[:-1]
-            y = mod.qmatmul(x.reshape(-1, x.shape[-1]).contiguous(), w, g)
+            y = backend(x.device.type).qmatmul(x.reshape(-1, x.shape[-1]).contiguous(), w, g)
             return y.view(*lead, g.out)
     return F.linear(x, dequantize(w, x.dtype))

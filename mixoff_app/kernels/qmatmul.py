@@ -1,13 +1,7 @@
 """Triton kernels that multiply by an HQQ axis-0 weight straight from its packed codes.
 
-Where a code lives. A weight (out, in) is viewed as (G, M), M = out*in/G, and groups are the M columns. When
-G divides out, write R = out/G: the view's column m = r*in + k holds rows r, r + R, r + 2R, ... of input
-column k, so a group is G weights of ONE input column, R rows apart, and its scale/zero sit at [r, k] of an
-(R, in) matrix. Packing puts PER codes in a byte (a 3-bit int32 holds 10), code i of packed row j being
-group row g = i*S + j (S = packed rows = G/PER). Read as an (S*R, in) matrix, the packed tensor's row
-j*R + r holds output rows (i*S + j)*R + r for every i. Our checkpoints and the reference ones store these
-same bytes.
-
+``geometry.py`` says where codes live: packed row j*R + r of the (S*R, in) view holds output rows
+(i*S + j)*R + r for every code i, and all G of those rows share the scale/zero at [r, k] of an (R, in) matrix.
 So one program owns BR values of r and every g: it reads S*BR contiguous runs of packed bytes along k (the
 coalesced axis) and one [BR, BK] tile of scale/zero codes, which all G rows share, so every byte of the
 weight is read once. Its outputs are the G*BR rows g*R + r.
@@ -29,7 +23,6 @@ rounding and summation order.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -39,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..quant import QWeight
+from .geometry import Geometry
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"     # fixed when this module was loaded
 
@@ -150,39 +144,6 @@ def qgemm_kernel(x_ptr, y_ptr, wq_ptr, s_ptr, ss_ptr, sz_ptr, z_ptr, zs_ptr, zz_
 
 
 # ---- host side ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Geometry:
-    """How a QWeight's packed codes map to output rows (see the module docstring)."""
-    bits: int
-    per: int          # codes per packed element
-    S: int            # packed rows per group column
-    R: int            # out / group_size
-    K: int            # in features
-    out: int
-    top: int          # shift of the first code
-
-    @property
-    def per_p(self) -> int:
-        return triton.next_power_of_2(self.per)
-
-    @property
-    def s_p(self) -> int:
-        return triton.next_power_of_2(self.S)
-
-
-def geometry(w: QWeight) -> Optional[Geometry]:
-    """The kernel's view of ``w``, or None when the fused kernels cannot read it (groups straddle rows)."""
-    out, inp = w.shape
-    G, bits = w.group_size, w.bits
-    if bits not in (2, 3, 4, 8) or out % G:
-        return None
-    per = 10 if bits == 3 else 8 // bits
-    if bits != 3 and G % per:
-        return None
-    S = math.ceil(G / 10) if bits == 3 else G // per
-    return Geometry(bits, per, S, out // G, inp, out, 27 if bits == 3 else 8 - bits)
-
 
 def _operands(w: QWeight):
     """Pointers for the scale/zero arguments; unused slots get any tensor (never read)."""
