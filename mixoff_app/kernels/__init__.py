@@ -6,9 +6,11 @@
 run in Triton's interpreter, which is slow and there for tests.
 
 Triton decides between compiling and interpreting when a kernel is decorated, from ``TRITON_INTERPRET``.
-So the kernels' source is loaded as two modules: ``qmatmul`` as the environment says, and, for a CPU, a
-second copy loaded with ``TRITON_INTERPRET=1``; a process can then run both (the GPU tests next to the CPU
-ones) without anyone setting the variable before importing triton.
+So the kernels' source is loaded as two modules: ``qmatmul`` as the environment says, and, for CPU tensors,
+a second copy decorated under ``TRITON_INTERPRET=1``. A process can then run both (the GPU tests next to the
+CPU ones), and nobody has to set the variable before triton is first imported (hqq imports it). The kernels
+call only triton.language builtins, so they run in the interpreter even though triton's own @jit library
+was decorated in compiled mode.
 """
 from __future__ import annotations
 
@@ -27,19 +29,19 @@ from .geometry import geometry
 
 MIN_CAPABILITY = (7, 0)      # Triton's NVIDIA backend starts at Volta
 
+
 def _load(interpret: bool) -> ModuleType:
     """The kernels module, interpreted or compiled; ImportError when triton is missing."""
-    if interpret == (os.environ.get("TRITON_INTERPRET") == "1"):
-        from . import qmatmul
+    if not interpret or os.environ.get("TRITON_INTERPRET") == "1":
+        from . import qmatmul          # as the environment says (TRITON_INTERPRET=1: interpreted everywhere)
         return qmatmul
-    name = f"{__name__}.qmatmul_{'interpreted' if interpret else 'compiled'}"
+    name = f"{__name__}.qmatmul_interpreted"
     if name in sys.modules:
         return sys.modules[name]
-    import triton.language  # noqa: F401  triton itself in the process's mode: only our kernels switch
+    import triton.language  # noqa: F401  triton's own library stays compiled-mode: only our kernels switch
     spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "qmatmul.py"))
     mod = importlib.util.module_from_spec(spec)
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    os.environ["TRITON_INTERPRET"] = "1"
     sys.modules[name] = mod          # dataclasses look their module up while it executes
     try:
         spec.loader.exec_module(mod)
@@ -47,10 +49,7 @@ def _load(interpret: bool) -> ModuleType:
         del sys.modules[name]
         raise
     finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+        del os.environ["TRITON_INTERPRET"]
     return mod
 
 
