@@ -94,6 +94,16 @@ def test_prefill_sized_batch_and_hqq_quantized_weights():
         check(qlinear(x[:1], w, "triton"), x[:1], w)
 
 
+def test_bfloat16_activations():
+    w = random_qweight((48, 40), 2, 16, 24, True)
+    for T in (1, 5):
+        x = torch.randn(T, 40).to(torch.bfloat16)
+        y = qlinear(x, w, "triton")
+        ref = F.linear(x.float(), dequantize(w, torch.float32))
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
 def test_split_k_and_multi_tile_launches():
     """The GPU's launch shapes, forced on the CPU: K split across programs, several r tiles and K steps,
     several token tiles."""
