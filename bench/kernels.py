@@ -113,7 +113,7 @@ def bench_weight(w: QWeight, mod, kernel: str, device: torch.device, dtype: torc
         if mod is not None and c["fused"]:
             g = geometry(tuple(w.shape), w.bits, w.group_size)
             c["gemv_candidates"] = []
-            for cfg in mod.gemv_candidates(g, device):
+            for cfg in mod.gemv_candidates(g, mod.sm_count(device)):
                 s = timed(lambda cfg=cfg: mod.qgemv(x[0], w, g, cfg), device, args.repeats, graph=True)
                 c["gemv_candidates"].append(dict(cfg.__dict__, s=s, packed_GBps=w.nbytes / s / 1e9))
     if args.prefill:

@@ -224,6 +224,22 @@ def test_kernel_benchmark_runs_on_the_cpu():
         assert c["fused_s"] > 0 and c["torch_s"] > 0 and c["packed_bytes"] > 0
 
 
+def test_every_gpu_launch_config_compiles_for_turing_and_hopper():
+    """No GPU needed: triton's ptxas compiles each GEMV candidate and the GEMM's for one token and a prefill
+    chunk at Mixtral's shapes, for sm_75 (T4) and sm_90 (H100/H200), without spilling registers."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted")
+    tools = pytest.importorskip("tools.compile_kernels")
+    import triton
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton has no NVIDIA ptxas")
+    rows = [tools.compile_one(kind, g, c, arch) for kind, _, g, c, arch in tools.configs((75, 90), gemm_tokens=(1, 512))]
+    assert {r["kernel"] for r in rows} == {"gemv", "gemm"} and {r["arch"] for r in rows} == {75, 90}
+    for r in rows:
+        assert r["local_bytes"] == 0 and r["regs"] <= 255, r
+
+
 # ---- on a GPU: the compiled kernels at Mixtral-8x7B's shapes ----------------------------------------
 
 MIXTRAL = [("expert_w1", (14336, 4096), 2, 16, 128), ("expert_w2", (4096, 14336), 2, 16, 128),

@@ -182,18 +182,19 @@ def _pow2_floor(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def sm_count(device: torch.device) -> Optional[int]:
+    """Streaming multiprocessors of a CUDA device; None for the CPU (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
-def gemv_candidates(g: Geometry, device: torch.device) -> list[GemvConfig]:
+def gemv_candidates(g: Geometry, sms: Optional[int]) -> list[GemvConfig]:
+    """Launch configurations worth timing on a GPU with ``sms`` SMs (None: the interpreter's one)."""
     rows = g.per_p * g.s_p
-    if device.type != "cuda":
+    if sms is None:
         BK = min(triton.next_power_of_2(g.K), max(16, _pow2_floor(65536 // (rows * 8))))
         BR = min(triton.next_power_of_2(g.R), max(1, _pow2_floor(65536 // (rows * BK))))
         return [GemvConfig(BR, BK, 1)]
     out = []
-    sms = _sm_count(device)
     # (rows of r per program, packed bytes per program per step, warps): 2-4 KiB a step keeps 16 B a thread
     # in flight with 4-8 warps; the split makes at least ~4 programs per SM where R alone is too small.
     for want_br, step_bytes, warps in ((1, 2048, 4), (2, 4096, 4), (1, 8192, 8)):
@@ -209,19 +210,20 @@ def gemv_candidates(g: Geometry, device: torch.device) -> list[GemvConfig]:
     return out
 
 
-def gemm_candidates(g: Geometry, T: int, device: torch.device) -> list[GemmConfig]:
+def gemm_candidates(g: Geometry, T: int, gpu: bool) -> list[GemmConfig]:
     rows = g.per_p * g.s_p
-    if device.type != "cuda":
+    if not gpu:
         BT = max(16, min(64, triton.next_power_of_2(T)))
         BR = max(1, min(triton.next_power_of_2(g.R), _pow2_floor(128 // rows)))
         BK = max(16, min(triton.next_power_of_2(g.K), _pow2_floor(32768 // (rows * BR))))
         return [GemmConfig(BT, BR, BK)]
     BT = 16 if T <= 16 else 32 if T <= 32 else 64
     BR = max(1, _pow2_floor(64 // rows))        # N = G*BR output rows per tile: 64 (or G when G > 64)
-    out = [GemmConfig(BT, BR, BK, w) for BK, w in ((32, 4), (64, 4))]
-    if BT == 64:
-        out.append(GemmConfig(BT, BR * 2 if rows * BR < 128 else BR, 32, 8))
-    return out
+    if BT == 16:
+        return [GemmConfig(BT, BR, 32), GemmConfig(BT, BR, 64)]
+    # Bigger token tiles: BK 64 would need ~250 registers a thread (tools/compile_kernels.py), so wider N
+    # with 8 warps instead.
+    return [GemmConfig(BT, BR, 32), GemmConfig(BT, BR * 2 if rows * BR < 128 else BR, 32, 8)]
 
 
 _best: dict = {}
@@ -278,7 +280,7 @@ def qgemv(x: torch.Tensor, w: QWeight, g: Geometry, cfg: Optional[GemvConfig] = 
     if cfg is not None:
         return launch(cfg)
     key = ("gemv", g, smeta, zmeta, x.dtype, x.device)
-    return _tuned(key, gemv_candidates(g, x.device), launch)
+    return _tuned(key, gemv_candidates(g, sm_count(x.device)), launch)
 
 
 def qgemm(x: torch.Tensor, w: QWeight, g: Geometry, cfg: Optional[GemmConfig] = None) -> torch.Tensor:
@@ -297,7 +299,7 @@ def qgemm(x: torch.Tensor, w: QWeight, g: Geometry, cfg: Optional[GemmConfig] = 
     if cfg is not None:
         return launch(cfg)
     key = ("gemm", g, min(triton.next_power_of_2(T), 64), smeta, zmeta, x.dtype, x.device)
-    return _tuned(key, gemm_candidates(g, T, x.device), launch)
+    return _tuned(key, gemm_candidates(g, T, x.device.type == "cuda"), launch)
 
 
 def qmatmul(x: torch.Tensor, w: QWeight, g: Geometry) -> torch.Tensor:
