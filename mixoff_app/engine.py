@@ -79,6 +79,18 @@ def _text(content) -> str:
     return "" if content is None else str(content)
 
 
+def _warm_up_kernels(model: Mixtral, layout, device: torch.device, dtype: torch.dtype) -> int:
+    """Compile and tune the fused kernels for this model's weight formats: attention from the first layer,
+    experts from a zero-filled expert in the store's layout (no cache traffic, no stats)."""
+    from .kernels import warm_up
+    from .quant import QWeight
+    lw = model.trunk.layers[0]
+    weights = [w for w in (lw.wq, lw.wk, lw.wv, lw.wo) if isinstance(w, QWeight)]
+    if layout.spec.enabled:
+        weights += list(layout.weights(torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)))
+    return warm_up(weights, dtype)
+
+
 class Engine:
     def __init__(self, config: EngineConfig, info: EngineInfo, model: Mixtral, tokenizer, stats: Stats,
                  eos_ids: set[int]) -> None:
@@ -167,6 +179,9 @@ class Engine:
         except torch.cuda.OutOfMemoryError:
             raise ConfigError(f"not enough GPU memory for {sum(sizes)} expert slots "
                               f"({loaded.store.layout.nbytes / 2**20:.1f} MiB each): lower --cache-size") from None
+        if kernel == "triton" and device.type == "cuda":
+            progress("preparing the fused kernels (compiled once, then cached by Triton)")
+            _warm_up_kernels(model, loaded.store.layout, device, dtype)
         measured = {"device_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                                      else device_tensor_bytes(model)),
                     "rss_growth": rss_bytes() - rss0}

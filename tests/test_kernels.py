@@ -182,6 +182,13 @@ def test_whole_model_parity_on_the_reference_layout():
     assert all(fused(w) for w in (lw.wq, lw.wk, lw.wv, lw.wo, ew.w1, ew.w2, ew.w3))
 
 
+def test_load_time_warm_up_covers_each_weight_format_once():
+    from mixoff_app.engine import _warm_up_kernels
+    eng = _engine(SEED, "triton")
+    # q/o (256x256) and k/v (64x256) at 4-bit, w1/w3 (64x256) and w2 (256x64) at 2-bit: 4 formats x 4 token tiles.
+    assert _warm_up_kernels(eng.model, eng.model.cache.store.layout, torch.device("cpu"), torch.float32) == 16
+
+
 def test_whole_model_parity_on_our_format(tiny_dir, tmp_path):
     from mixoff_app.cli import main
     out = tmp_path / "q"

@@ -19,6 +19,7 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,22 @@ _geometry = functools.cache(geometry)
 def fused(w) -> bool:
     """Whether ``qlinear(..., "triton")`` runs ``w`` in a fused kernel (else: dequantize + matmul)."""
     return isinstance(w, QWeight) and _geometry(tuple(w.shape), w.bits, w.group_size) is not None
+
+
+def warm_up(weights: Iterable[QWeight], dtype: torch.dtype, tokens: Iterable[int] = (1, 16, 32, 64)) -> int:
+    """Run the fused kernels once per distinct weight format and token tile, so Triton compiles them and the
+    tuner times its candidates now (at load, and before any CUDA graph is captured) rather than inside the
+    first answer. Returns how many calls it made."""
+    seen, calls = set(), 0
+    for w in weights:
+        key = (tuple(w.shape), w.bits, w.group_size, w.scale is None, w.zero is None, w.W_q.device)
+        if key in seen or not fused(w):
+            continue
+        seen.add(key)
+        for T in tokens:
+            qlinear(torch.zeros((T, w.shape[1]), dtype=dtype, device=w.W_q.device), w, "triton")
+            calls += 1
+    return calls
 
 
 def qlinear(x: torch.Tensor, w: torch.Tensor | QWeight, kernel: str = "torch") -> torch.Tensor:

@@ -210,6 +210,11 @@ def gemv_candidates(g: Geometry, sms: Optional[int]) -> list[GemvConfig]:
     return out
 
 
+def token_tile(T: int) -> int:
+    """The GEMM's token tile on a GPU; configurations are tuned once per tile size."""
+    return 16 if T <= 16 else 32 if T <= 32 else 64
+
+
 def gemm_candidates(g: Geometry, T: int, gpu: bool) -> list[GemmConfig]:
     rows = g.per_p * g.s_p
     if not gpu:
@@ -217,7 +222,7 @@ def gemm_candidates(g: Geometry, T: int, gpu: bool) -> list[GemmConfig]:
         BR = max(1, min(triton.next_power_of_2(g.R), _pow2_floor(128 // rows)))
         BK = max(16, min(triton.next_power_of_2(g.K), _pow2_floor(32768 // (rows * BR))))
         return [GemmConfig(BT, BR, BK)]
-    BT = 16 if T <= 16 else 32 if T <= 32 else 64
+    BT = token_tile(T)
     BR = max(1, _pow2_floor(64 // rows))        # N = G*BR output rows per tile: 64 (or G when G > 64)
     if BT == 16:
         return [GemmConfig(BT, BR, 32), GemmConfig(BT, BR, 64)]
@@ -258,7 +263,7 @@ def chosen_configs() -> list[dict]:
         kind, g = key[0], key[1]
         row = {"kernel": kind, "bits": g.bits, "out": g.out, "in": g.K, "dtype": str(key[-2]).replace("torch.", "")}
         if kind == "gemm":
-            row["tokens_bucket"] = key[2]
+            row["token_tile"] = key[2]
         out.append(row | {"config": dict(cfg.__dict__)})
     return out
 
@@ -298,7 +303,7 @@ def qgemm(x: torch.Tensor, w: QWeight, g: Geometry, cfg: Optional[GemmConfig] = 
 
     if cfg is not None:
         return launch(cfg)
-    key = ("gemm", g, min(triton.next_power_of_2(T), 64), smeta, zmeta, x.dtype, x.device)
+    key = ("gemm", g, token_tile(T), smeta, zmeta, x.dtype, x.device)
     return _tuned(key, gemm_candidates(g, T, x.device.type == "cuda"), launch)
 
 
