@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .expert_cache import ExpertCache
-from .expert_store import ExpertWeights
 from .kernels import qlinear
 from .quant import QWeight
+from .stores import ExpertWeights
 from .stats import Stats
 
 Weight = torch.Tensor | QWeight
