@@ -23,7 +23,7 @@ from mixoff_app.quant import QWeight, dequantize, pack, quantize
 pytest.importorskip("triton", reason="the kernel tests need triton (.ci/run installs it)")
 
 ROOT = Path(__file__).resolve().parent.parent
-SEED = Path(__file__).parent / "fixtures" / "seed_tiny"
+REFERENCE = Path(__file__).parent / "fixtures" / "reference_tiny"
 
 
 def random_qweight(shape, bits, group, scale_group=None, quant_zero=True, device="cpu", seed=0) -> QWeight:
@@ -175,7 +175,7 @@ def _parity(model, prompt_len=7, new=5):
 
 
 def test_whole_model_parity_on_the_reference_layout():
-    eng = _parity(SEED)
+    eng = _parity(REFERENCE)
     lw = eng.model.trunk.layers[0]
     ew = eng.model.cache.store.weights(0, 0)
     # Every quantized linear of the reference layout takes the fused path.
@@ -184,7 +184,7 @@ def test_whole_model_parity_on_the_reference_layout():
 
 def test_load_time_warm_up_covers_each_weight_format_once():
     from mixoff_app.engine import _warm_up_kernels
-    eng = _engine(SEED, "triton")
+    eng = _engine(REFERENCE, "triton")
     # q/o (256x256) and k/v (64x256) at 4-bit, w1/w3 (64x256) and w2 (256x64) at 2-bit: 4 formats x 4 token tiles.
     assert _warm_up_kernels(eng.model, eng.model.cache.store.layout, torch.device("cpu"), torch.float32) == 16
 
@@ -202,7 +202,7 @@ def test_cli_kernel_flag_end_to_end(capsys, monkeypatch):
     from mixoff_app.cli import main
     runs = {}
     for kernel in ("torch", "triton"):
-        assert main(["generate", "--model", str(SEED), "--prompt", "hello", "--greedy", "--max-new-tokens", "4",
+        assert main(["generate", "--model", str(REFERENCE), "--prompt", "hello", "--greedy", "--max-new-tokens", "4",
                      "--json", "--quiet", "--device", "cpu", "--kernel", kernel]) == 0
         runs[kernel] = json.loads(capsys.readouterr().out)
     assert runs["triton"]["kernel"] == "triton" and runs["torch"]["kernel"] == "torch"
@@ -211,7 +211,7 @@ def test_cli_kernel_flag_end_to_end(capsys, monkeypatch):
     monkeypatch.setattr(kernels, "_load", lambda interpret: (_ for _ in ()).throw(ImportError("no triton")))
     kernels.backend.cache_clear()
     try:
-        assert main(["generate", "--model", str(SEED), "--prompt", "hello", "--device", "cpu", "--kernel",
+        assert main(["generate", "--model", str(REFERENCE), "--prompt", "hello", "--device", "cpu", "--kernel",
                      "triton"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --kernel triton needs the triton package") and "Traceback" not in err
@@ -273,7 +273,7 @@ def test_cuda_kernels_match_torch_at_mixtral_shapes(name, shape, bits, group, sg
 def test_cuda_whole_model_greedy_parity_on_the_reference_layout():
     runs = []
     for kernel in ("torch", "triton"):
-        eng = Engine.load(EngineConfig(model=str(SEED), device="cuda", kernel=kernel, dtype="float32",
+        eng = Engine.load(EngineConfig(model=str(REFERENCE), device="cuda", kernel=kernel, dtype="float32",
                                        max_context=128))
         assert eng.info.kernel == kernel
         from helpers import greedy_ids
