@@ -88,6 +88,10 @@ class ModelConfig:
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
+# Prompts are prefilled this many tokens at a time: activations (and the planner's allowance for them) are
+# bounded by the chunk, not by the prompt.
+PREFILL_CHUNK = 512
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -227,6 +231,7 @@ class EngineConfig:
     vram_budget: Optional[int] = None     # bytes mixoff may allocate on the device (torch peak allocated)
     ram_budget: Optional[int] = None      # bytes loading may add to the process RSS
     kernel: str = "auto"                  # quantized matmul: auto (triton on CUDA, torch elsewhere) | triton | torch
+    cuda_graphs: bool = False             # replay decode steps as CUDA graphs (GPU only; off until measured)
 
     def planned(self, device_type: str) -> bool:
         """The memory planner sizes the load on a GPU and under a budget; elsewhere memory does not limit it."""
