@@ -46,6 +46,7 @@ class EngineInfo:
     cache: CacheConfig
     gpu_name: Optional[str]
     expert_bytes: int          # one expert in its stored (quantized) form
+    kernel: str = "torch"      # the quantized matmul in use: "triton" (fused kernels) or "torch"
 
 
 def default_model() -> tuple[str, str]:
@@ -69,6 +70,22 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return dev
 
 
+def resolve_dtype(name: Optional[str], device: torch.device,
+                  capability: Optional[tuple[int, int]] = None) -> torch.dtype:
+    """The compute dtype: float16 on CUDA and float32 on the CPU unless asked; bfloat16 only on GPUs that
+    compute in it (compute capability 8.0+; older ones emulate it, slowly)."""
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+             None: torch.float16 if device.type == "cuda" else torch.float32}.get(name)
+    if dtype is None:
+        raise ConfigError(f"unsupported dtype {name!r}: use float16, bfloat16 or float32")
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        cap = capability or torch.cuda.get_device_capability(device)
+        if tuple(cap) < (8, 0):
+            raise ConfigError(f"--dtype bfloat16 needs a GPU of compute capability 8.0 or newer (this one is "
+                              f"{cap[0]}.{cap[1]}, where bfloat16 is emulated and slow): use --dtype float16")
+    return dtype
+
+
 def _text(content) -> str:
     if isinstance(content, str):
         return content
@@ -84,14 +101,6 @@ def check_prefetch(cache: CacheConfig, num_experts: int) -> None:
     if cache.prefetch > num_experts:
         raise ConfigError(f"prefetch {cache.prefetch} is more than the {num_experts} experts per layer of this "
                           f"model: use 0 to {num_experts}")
-
-
-def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-             None: torch.float16 if device.type == "cuda" else torch.float32}.get(name)
-    if dtype is None:
-        raise ConfigError(f"unsupported dtype {name!r}: use float16, bfloat16 or float32")
-    return dtype
 
 
 def _k(sizes: tuple[int, ...]) -> object:
@@ -151,7 +160,7 @@ def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dty
 
 
 def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.device, dtype: torch.dtype,
-           progress: Progress) -> tuple:
+           kernel: str, progress: Progress) -> tuple:
     """Read the checkpoint into the trunk and the placement's store, then the cache and the model; measure
     what it took against the budgets. Returns (loaded, model, stats, measured)."""
     from .checkpoints import load_checkpoint_placed
@@ -173,7 +182,7 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     stats = Stats(cfg.num_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
     try:
         cache = ExpertCache(loaded.store, sizes, config.cache.policy, device, stats)
-        model = Mixtral(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype)
+        model = Mixtral(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype, kernel=kernel)
     except torch.cuda.OutOfMemoryError:
         raise ConfigError(f"not enough GPU memory for {sum(sizes)} expert slots "
                           f"({loaded.store.layout.nbytes / 2**20:.1f} MiB each): lower --cache-size") from None
@@ -185,11 +194,31 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
         if budget is not None and measured[key] > budget:
             progress(f"warning: loading used {measured[key] / 2**20:.1f} MiB against {what} "
                      f"{budget / 2**20:.1f} MiB")
+    if kernel == "triton" and device.type == "cuda":
+        progress("preparing the fused kernels (compiled once, then cached by Triton)")
+        _warm_up_kernels(model, loaded.store.layout, device, dtype)
     if config.cache.prefetch:
         model.prefetcher = Prefetcher(config.cache.prefetch, config.cache.prefetch_layers)
+    if config.cuda_graphs:
+        if device.type != "cuda":
+            raise ConfigError("--cuda-graphs needs a CUDA GPU (the CPU path has no graphs to replay)")
+        from .cuda_graphs import DecodeGraphs
+        model.graphs = DecodeGraphs(model)
     progress(f"device cache: {_k(sizes)} experts per layer on {device} "
              f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
     return loaded, model, stats, measured
+
+
+def _warm_up_kernels(model: Mixtral, layout, device: torch.device, dtype: torch.dtype) -> int:
+    """Compile and tune the fused kernels for this model's weight formats: attention from the first layer,
+    experts from a zero-filled expert in the store's layout (no cache traffic, no stats)."""
+    from .kernels import warm_up
+    from .quant import QWeight
+    lw = model.trunk.layers[0]
+    weights = [w for w in (lw.wq, lw.wk, lw.wv, lw.wo) if isinstance(w, QWeight)]
+    if layout.spec.enabled:
+        weights += list(layout.weights(torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)))
+    return warm_up(weights, dtype)
 
 
 def _tokenizer(config: EngineConfig, resolved, cfg: ModelConfig, progress: Progress) -> tuple:
@@ -210,7 +239,7 @@ def _tokenizer(config: EngineConfig, resolved, cfg: ModelConfig, progress: Progr
 
 
 def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: int, device: torch.device,
-          dtype: torch.dtype, reason: str) -> EngineInfo:
+          dtype: torch.dtype, reason: str, kernel: str) -> EngineInfo:
     cfg, q = loaded.cfg, loaded.quant
     return EngineInfo(
         model=config.model, model_path=str(resolved.path), model_name=resolved.name,
@@ -219,7 +248,7 @@ def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: i
         quant=f"attention {q.attn.describe()}, experts {q.experts.describe()}", layout=loaded.layout,
         num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
         cache=cache, gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        expert_bytes=loaded.store.layout.nbytes)
+        expert_bytes=loaded.store.layout.nbytes, kernel=kernel)
 
 
 class Engine:
@@ -243,13 +272,15 @@ class Engine:
         progress = progress or (lambda msg: None)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        from .kernels import resolve_kernel
+        kernel = resolve_kernel(config.kernel, device)       # before any download: a bad --kernel fails at once
         resolved = resolve(config.model, progress, precheck=partial(_precheck, config, device, dtype))
         placed = _plan(config, resolved, device, dtype, progress)
         check_prefetch(config.cache, placed.cfg.num_experts)     # before any weight is read
-        loaded, model, stats, measured = _build(config, resolved.path, placed, device, dtype, progress)
+        loaded, model, stats, measured = _build(config, resolved.path, placed, device, dtype, kernel, progress)
         tokenizer, eos = _tokenizer(config, resolved, loaded.cfg, progress)
         cache = replace(config.cache, sizes=placed.sizes, placement=placed.placement)
-        info = _info(config, resolved, loaded, cache, placed.max_seq, device, dtype, reason)
+        info = _info(config, resolved, loaded, cache, placed.max_seq, device, dtype, reason, kernel)
         progress(f"ready: {resolved.name} on {device}")
         engine = cls(replace(config, cache=cache), info, model, tokenizer, stats, eos)
         engine.memory_plan, engine.memory_measured = placed.plan, measured
@@ -341,7 +372,6 @@ class Engine:
         while start < n and self._kv_ids[start] == ids[start]:
             start += 1
         self._kv_ids = self._kv_ids[:start]
-        self.model.routing_weights = []
         try:
             yield from generate(self.model, self.tokenizer, ids, start, params, self.eos_ids, self._stats,
                                 cancel, fed=self._kv_ids)
@@ -383,11 +413,11 @@ class Engine:
 
     @property
     def last_routing(self) -> list:
-        return list(self._stats.routing)
+        return self._stats.answer_routing()[0]
 
     @property
     def last_routing_weights(self) -> list:
-        return list(self.model.routing_weights)
+        return self._stats.answer_routing()[1]
 
     def reconfigure_cache(self, cache: CacheConfig) -> None:
         """Re-plan the device cache (k, policy, prefetch) without reloading the model; waits for a running answer.
