@@ -38,13 +38,17 @@ class EngineInfo:
     dtype: str
     quant: str
     layout: str
-    num_layers: int
+    num_layers: int            # expert layers: what the cache, stats, panel and traces count
     num_experts: int
     top_k: int
     max_context: int
     cache: CacheConfig
     gpu_name: Optional[str]
     expert_bytes: int          # one expert in its stored (quantized) form
+    family: str = "mixtral"
+    expert_layers: tuple[int, ...] = ()   # decoder layer of each expert layer (labels)
+    decoder_layers: int = 0               # all decoder layers, dense ones included
+    shared_expert: bool = False
 
 
 def default_model() -> tuple[str, str]:
@@ -120,7 +124,7 @@ class Engine:
         cfg, quant, ckpt_layout = peek_checkpoint(resolved.path, config.quant)
         max_seq = min(config.max_context, cfg.max_position_embeddings)
         placement = config.cache.placement
-        sizes = config.cache.layer_sizes(cfg.num_layers, cfg.num_experts)
+        sizes = config.cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
         budgets = config.vram_budget is not None or config.ram_budget is not None
         memory_plan = None
         if config.auto_plan != "off" or budgets or device.type == "cuda":
@@ -156,7 +160,7 @@ class Engine:
             raise ConfigError("not enough GPU memory for the attention, embeddings and KV cache of this model: "
                               "use a smaller --max-context, free the GPU, or run on --device cpu") from None
         cfg = loaded.cfg
-        stats = Stats(cfg.num_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
+        stats = Stats(cfg.num_moe_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
         try:
             cache = ExpertCache(loaded.store, sizes, config.cache.policy, device, stats)
             model = Mixtral(cfg, loaded.trunk, cache, stats, max_seq, device, dtype)
@@ -190,7 +194,9 @@ class Engine:
             reason=reason or f"model {config.model!r} as asked", device=str(device),
             dtype=str(dtype).replace("torch.", ""),
             quant=f"attention {q.attn.describe()}, experts {q.experts.describe()}", layout=loaded.layout,
-            num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
+            num_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
+            family=cfg.family, expert_layers=cfg.moe_layers, decoder_layers=cfg.num_layers,
+            shared_expert=bool(cfg.shared_intermediate_size),
             cache=replace(config.cache, sizes=None if len(set(sizes)) == 1 else sizes, size=sizes[0],
                           placement=placement),
             gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -291,7 +297,7 @@ class Engine:
     def reconfigure_cache(self, cache: CacheConfig) -> None:
         """Re-plan the device cache (k, policy, prefetch) without reloading the model; waits for a running answer."""
         cfg = self.model.cfg
-        sizes = cache.layer_sizes(cfg.num_layers, cfg.num_experts)
+        sizes = cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
         if cache.placement != self.config.cache.placement:
             raise ConfigError("changing the placement needs a reload; start the app with --placement")
         if self.memory_plan is not None:

@@ -115,14 +115,15 @@ class _BufferStore:
         return self.layout.weights(self.buffer(layer, expert))
 
     def load_targets(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(layer, expert, buffer) for every expert the loader must read now, in checkpoint order."""
-        for i in range(self.cfg.num_layers):
+        """(expert layer, expert, buffer) for every expert the loader must read now, in checkpoint order."""
+        for i in range(self.cfg.num_moe_layers):
             for e in range(self.cfg.num_experts):
                 yield i, e, self.buffer(i, e)
 
 
 class ExpertStore(_BufferStore):
-    """Every expert of every layer in host memory (inclusive placement), one buffer per expert.
+    """Every expert of every expert layer in host memory (inclusive placement), one buffer per expert. Layers
+    here are expert layers (``cfg.moe_layers``): a dense layer has no experts to store.
 
     Buffers are allocated per layer as one [E, nbytes] block; pinned when ``pin`` so host->device
     copies are truly asynchronous. Evicting a device copy is free: the host still holds the expert.
@@ -133,7 +134,7 @@ class ExpertStore(_BufferStore):
     def __init__(self, cfg: ModelConfig, layout: ExpertLayout, pin: bool = False) -> None:
         self.cfg, self.layout = cfg, layout
         self.pinned = pin
-        self._layers = [host_buffer((cfg.num_experts, layout.nbytes), pin) for _ in range(cfg.num_layers)]
+        self._layers = [host_buffer((cfg.num_experts, layout.nbytes), pin) for _ in range(cfg.num_moe_layers)]
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         return self._layers[layer][expert]

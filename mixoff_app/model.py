@@ -1,4 +1,8 @@
-"""Compact Mixtral forward: RMSNorm, RoPE, GQA attention over a static KV cache, sparse MoE over the cache.
+"""Compact MoE forward: RMSNorm, RoPE, GQA attention over a static KV cache, sparse MoE over the cache.
+
+One forward for every family in ``families.py``; what differs (attention biases, q/k norms, qkv clipping,
+top-k renormalisation, a shared expert, dense layers) is a field of ``LayerWeights`` or ``ModelConfig`` read
+at one place each. Dense layers' MLPs and shared experts are trunk: always on the device, never cached.
 
 Batch size is one (a chat). Attention, norms, router, embeddings and lm_head stay on the device; the
 experts come from ``ExpertCache`` one layer at a time. Expert outputs are summed in a fixed order (by
@@ -30,7 +34,16 @@ class LayerWeights:
     wk: Weight                  # [nkv*hd, H]
     wv: Weight                  # [nkv*hd, H]
     wo: Weight                  # [H, nh*hd]
-    gate: torch.Tensor          # [E, H]
+    gate: Optional[torch.Tensor]        # [E, H] router; None in a dense layer
+    bq: Optional[torch.Tensor] = None   # attention biases (Qwen2-MoE: q/k/v; attention_bias: also o)
+    bk: Optional[torch.Tensor] = None
+    bv: Optional[torch.Tensor] = None
+    bo: Optional[torch.Tensor] = None
+    q_norm: Optional[torch.Tensor] = None   # [hd] per head (Qwen3-MoE) or [nh*hd] whole projection (OLMoE)
+    k_norm: Optional[torch.Tensor] = None
+    mlp: Optional[ExpertWeights] = None     # a dense layer's MLP (resident)
+    shared: Optional[ExpertWeights] = None  # the shared expert (resident), scaled by sigmoid(shared_gate x)
+    shared_gate: Optional[torch.Tensor] = None   # [1, H]
 
 
 @dataclass
@@ -57,6 +70,11 @@ def expert_forward(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
     return linear(F.silu(linear(x, w.w1)) * linear(x, w.w3), w.w2)
 
 
+def _proj(x: torch.Tensor, w: Weight, b: Optional[torch.Tensor]) -> torch.Tensor:
+    y = linear(x, w)
+    return y if b is None else y + b
+
+
 class Prefetcher:
     """Guess the experts of layer l+d from layer l's hidden state (the residual stream changes slowly, so
     the later router applied early is a good guess) and start their copies while layer l computes.
@@ -69,11 +87,12 @@ class Prefetcher:
         self.count, self.distance = count, distance
 
     def propose(self, model: "Mixtral", layer: int, h: torch.Tensor):
-        """(target layer, guessed experts as a device tensor or a list), or None past the last layer."""
+        """(target expert layer, guessed experts as a device tensor or a list), or None past the last one.
+        Layers count expert layers (dense layers have nothing to fetch)."""
         target = layer + self.distance
-        if target >= model.cfg.num_layers:
+        if target >= model.cfg.num_moe_layers:
             return None
-        lw = model.trunk.layers[target]
+        lw = model.trunk.layers[model.cfg.moe_layers[target]]
         logits = F.linear(rms_norm(h[-1:], lw.ffn_norm, model.cfg.rms_norm_eps), lw.gate)   # [1, E]
         return target, torch.topk(logits[0], self.count).indices
 
@@ -102,6 +121,9 @@ class Mixtral:
         self.cos = emb.cos().to(dtype=dtype, device=self.device)
         self.sin = emb.sin().to(dtype=dtype, device=self.device)
         self.routing_weights: list = []   # per decoded token, per layer (filled only when record_weights)
+        self.expert_layer = [-1] * L      # decoder layer -> expert layer (-1: dense)
+        for j, i in enumerate(cfg.moe_layers):
+            self.expert_layer[i] = j
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int, last_only: bool = True) -> torch.Tensor:
@@ -120,14 +142,21 @@ class Mixtral:
         decode = T == 1
         if decode:
             self.cache.next_token()
-            tok_weights = [None] * cfg.num_layers if self.record_weights else None
+            tok_weights = [None] * cfg.num_moe_layers if self.record_weights else None
         for i, lw in enumerate(self.trunk.layers):
             x = x + self._attention(i, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), pos, cos, sin, mask)
             h = rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps)
+            j = self.expert_layer[i]
+            if j < 0:
+                x = x + expert_forward(h, lw.mlp)
+                continue
             if decode:
-                x = x + self._moe_decode(i, lw, h, x, tok_weights)
+                y = self._moe_decode(j, lw, h, x, tok_weights)
             else:
-                x = x + self._moe_prefill(i, lw, h)
+                y = self._moe_prefill(j, lw, h)
+            if lw.shared is not None:
+                y = y + torch.sigmoid(F.linear(h, lw.shared_gate)) * expert_forward(h, lw.shared)
+            x = x + y
         if decode and tok_weights is not None:
             self.routing_weights.append(tok_weights)
         if last_only:
@@ -138,9 +167,16 @@ class Mixtral:
         cfg, T = self.cfg, x.shape[0]
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         g = nh // nkv
-        q = linear(x, lw.wq).view(T, nh, hd)
-        k = linear(x, lw.wk).view(T, nkv, hd)
-        v = linear(x, lw.wv).view(T, nkv, hd)
+        q, k, v = _proj(x, lw.wq, lw.bq), _proj(x, lw.wk, lw.bk), _proj(x, lw.wv, lw.bv)
+        qk_norm, eps = cfg.spec.qk_norm, cfg.rms_norm_eps
+        if qk_norm == "proj":          # OLMoE: over the whole projection, before the heads are split
+            q, k = rms_norm(q, lw.q_norm, eps), rms_norm(k, lw.k_norm, eps)
+        if cfg.clip_qkv is not None:
+            c = cfg.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q, k, v = q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd)
+        if qk_norm == "head":          # Qwen3-MoE: per head, over head_dim
+            q, k = rms_norm(q, lw.q_norm, eps), rms_norm(k, lw.k_norm, eps)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         self.kv[i, 0, :, pos:pos + T] = k.transpose(0, 1)
@@ -151,12 +187,12 @@ class Mixtral:
         # stacked as g*T query rows against that head (query head h uses KV head h // g).
         qg = q.transpose(0, 1).reshape(nkv, g * T, hd)                              # [nkv, g*T, hd]
         o = F.scaled_dot_product_attention(qg[None], K[None], V[None], attn_mask=mask)[0]
-        return linear(o.view(nh, T, hd).transpose(0, 1).reshape(T, nh * hd), lw.wo)
+        return _proj(o.view(nh, T, hd).transpose(0, 1).reshape(T, nh * hd), lw.wo, lw.bo)
 
     def _route(self, lw: LayerWeights, h: torch.Tensor):
         probs = torch.softmax(F.linear(h, lw.gate).float(), dim=-1)                 # [T, E]
-        w, idx = torch.topk(probs, self.cfg.top_k, dim=-1)
-        return w / w.sum(dim=-1, keepdim=True), idx                                  # [T, k] each
+        w, idx = torch.topk(probs, self.cfg.top_k, dim=-1)                          # [T, k] each
+        return (w / w.sum(dim=-1, keepdim=True) if self.cfg.norm_topk_prob else w), idx
 
     def _moe_decode(self, i: int, lw: LayerWeights, h: torch.Tensor, resid: torch.Tensor,
                     tok_weights: Optional[list]) -> torch.Tensor:

@@ -56,12 +56,13 @@ class Sizes:
     rope: int                   # cos + sin tables for max_context positions
     scratch: int                # dequantizing the largest matrix: codes, minus zero, times scale (+ meta)
     activations: int            # a prefill of max_context tokens (upper estimate)
-    num_layers: int
+    num_layers: int             # expert layers (dense layers have no experts)
     num_experts: int
+    mlp: int = 0                # resident MLPs (dense layers', shared experts; quantized like attention), biases, q/k norms
 
     @property
     def trunk(self) -> int:
-        return self.attention + self.embed + self.lm_head + self.norms + self.router
+        return self.attention + self.embed + self.lm_head + self.norms + self.router + self.mlp
 
     @property
     def all_experts(self) -> int:
@@ -88,26 +89,39 @@ def prefill_activations(cfg: ModelConfig, tokens: int, dtype: torch.dtype) -> in
     RoPE temporaries and attention output (about 12 rows of H), one expert's gate/up/product rows (4 of F),
     the float32 MoE accumulator and routing probabilities."""
     b = _elt(dtype)
-    return tokens * (b * (12 * cfg.hidden_size + 4 * cfg.intermediate_size) + 4 * cfg.hidden_size
-                     + 8 * cfg.num_experts)
+    f = max(cfg.intermediate_size, cfg.dense_intermediate_size, cfg.shared_intermediate_size)
+    return tokens * (b * (12 * cfg.hidden_size + 4 * f) + 4 * cfg.hidden_size + 8 * cfg.num_experts)
 
 
 def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: torch.dtype) -> Sizes:
-    h, hd, L = cfg.hidden_size, cfg.head_dim, cfg.num_layers
+    h, hd, L, Lm = cfg.hidden_size, cfg.head_dim, cfg.num_layers, cfg.num_moe_layers
     b = _elt(dtype)
     attn_shapes = {"q_proj": (cfg.num_heads * hd, h), "k_proj": (cfg.num_kv_heads * hd, h),
                    "v_proj": (cfg.num_kv_heads * hd, h), "o_proj": (h, cfg.num_heads * hd)}
     attention = L * sum(_nbytes(weight_fields(n, s, quant.attn, dtype)) for n, s in attn_shapes.items())
+    # Biases and q/k norms: small, but counted (they are on the device).
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    extra = L * b * ((q + 2 * kv + (h if cfg.spec.bias_o else 0)) if cfg.attn_bias else 0)
+    extra += L * b * {"none": 0, "head": 2 * hd, "proj": q + kv}[cfg.spec.qk_norm]
+    mlp_shapes = []
+    for size, count in ((cfg.dense_intermediate_size, len(cfg.dense_layers)),
+                        (cfg.shared_intermediate_size, Lm)):
+        if size and count:
+            shapes = ((size, h), (size, h), (h, size))
+            mlp_shapes += shapes
+            mlp = count * sum(_nbytes(weight_fields("w", s, quant.attn, dtype)) for s in shapes)
+            extra += mlp
+    gate = Lm * h * b if cfg.shared_intermediate_size else 0
     layout = ExpertLayout.for_model(cfg, quant.experts, dtype)
     scratch = max([dequant_scratch(s, quant.experts, dtype) for s in layout.shapes]
-                  + [dequant_scratch(s, quant.attn, dtype) for s in attn_shapes.values()])
+                  + [dequant_scratch(s, quant.attn, dtype) for s in list(attn_shapes.values()) + mlp_shapes])
     return Sizes(
         expert=layout.nbytes, attention=attention,
         embed=cfg.vocab_size * h * b, lm_head=0 if cfg.tie_word_embeddings else cfg.vocab_size * h * b,
-        norms=(2 * L + 1) * h * b, router=L * cfg.num_experts * h * b,
+        norms=(2 * L + 1) * h * b, router=Lm * cfg.num_experts * h * b + gate,
         kv=2 * L * max_context * cfg.num_kv_heads * hd * b, rope=2 * max_context * hd * b,
         scratch=scratch, activations=prefill_activations(cfg, max_context, dtype),
-        num_layers=L, num_experts=cfg.num_experts)
+        num_layers=Lm, num_experts=cfg.num_experts, mlp=extra)
 
 
 def host_experts(s: Sizes, placement: str, sizes: Sequence[int], staging: int = DISK_STAGING) -> int:
@@ -227,10 +241,10 @@ def _rows(p: Plan) -> list:
     rows = []
     if cuda:
         rows.append((dev, "CUDA context (allowance)", p.context_allowance))
-    rows += [(dev, f"attention ({p.quant.split(',')[0].replace('attention ', '')}), {s.num_layers} layers",
-              s.attention),
+    rows += [(dev, f"attention ({p.quant.split(',')[0].replace('attention ', '')})", s.attention),
              (dev, "embeddings + lm_head", s.embed + s.lm_head),
              (dev, "norms + routers", s.norms + s.router),
+             *([(dev, "dense MLPs / shared experts, biases, q/k norms", s.mlp)] if s.mlp else []),
              (dev, f"KV cache + RoPE ({p.max_context} tokens)", s.kv + s.rope),
              (dev, f"expert slots: {kdesc}, {sum(p.sizes)} x {s.expert / MiB:.1f} MiB", sum(p.sizes) * s.expert)]
     if cuda:
@@ -273,7 +287,7 @@ def plan_for(model_cfg: ModelConfig, quant: QuantConfig, max_context: int, vram_
     dtype = dtype or (torch.float16 if cuda else torch.float32)
     max_context = min(max_context, model_cfg.max_position_embeddings)
     s = model_sizes(model_cfg, quant, max_context, dtype)
-    L, E = model_cfg.num_layers, model_cfg.num_experts
+    L, E = model_cfg.num_moe_layers, model_cfg.num_experts
     overhead = host_overhead if host_overhead is not None else (HOST_OVERHEAD_CUDA if cuda else HOST_OVERHEAD_CPU)
     qdesc = f"attention {quant.attn.describe()}, experts {quant.experts.describe()}"
 
@@ -367,7 +381,7 @@ def _gib(n: int) -> str:
 def _refusal(s: Sizes, cfg: ModelConfig, cuda: bool, device_cap, host_cap, context: int, overhead: int,
              placement: Optional[str], sizes, disk_ok: bool) -> str:
     """Why nothing fits, and what would."""
-    L = cfg.num_layers
+    L = cfg.num_moe_layers
     one = (1,) * L
     want = tuple(sizes) if sizes is not None else one
     parts = []
@@ -530,7 +544,7 @@ def reference_markdown(cfg: ModelConfig, quant: QuantConfig, max_context: int = 
         ks = sorted(set(p.sizes))
         kd = str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]} ({', '.join(f'{p.sizes.count(k)}x{k}' for k in ks)})"
         out.append(f"| {m} | {p.vram / GiB:.1f} / {p.ram / GiB:.1f} GiB | {p.placement} | {kd} | "
-                   f"{sum(p.sizes)}/{cfg.num_layers * cfg.num_experts} | "
+                   f"{sum(p.sizes)}/{cfg.num_moe_layers * cfg.num_experts} | "
                    f"{(p.device_total + p.context_allowance) / GiB:.1f} GiB | {p.host_total / GiB:.1f} GiB | "
                    f"{p.misses_per_token:.1f} |")
     return "\n".join(out)
