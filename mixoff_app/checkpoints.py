@@ -23,8 +23,8 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .config import ConfigError, ModelConfig, QuantConfig, QuantSpec
-from .families import DENSE_NAMES
 from .expert_store import ExpertLayout, ExpertStore, ExpertWeights, expert_tensors_from_dense
+from .families import DENSE_NAMES
 from .model import LayerWeights, TrunkWeights
 from .quant import QWeight, pack, qweight_from, quantize, unpack, weight_fields
 

@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import (PLACEMENTS, PRESETS, ConfigError, ModelConfig, QuantConfig, QuantSpec, parse_bits)
+from .config import (PLACEMENTS, PRESETS, ConfigError, ModelConfig, QuantConfig, QuantSpec, parse_bits,
+                     preset_for)
 from .expert_store import ExpertLayout
 from .quant import weight_fields
 
@@ -495,6 +496,8 @@ def model_for_planning(name: str, quant: QuantConfig) -> tuple[ModelConfig, Quan
         from .checkpoints import peek_checkpoint
         cfg, q, layout = peek_checkpoint(name, quant)
         return cfg, q, layout == "mixoff", name
+    if preset_for(name):
+        return PRESETS[preset_for(name)], quant, True, name
     if key == "tiny":
         from .hub import tiny_path
         from .checkpoints import peek_checkpoint
@@ -508,17 +511,15 @@ def choose_cache_size(model: str, device: Optional[str] = None, quant: Optional[
                       max_context: int = 4096, vram_bytes: Optional[int] = None,
                       ram_bytes: Optional[int] = None) -> Plan:
     """The app's start-up plan from free VRAM/RAM (measured unless given): a ``Plan`` with ``.k`` (smallest k
-    per layer), ``.sizes``, ``.placement``, ``.reason``. Hub ids of Mixtral-8x7B/8x22B plan from the presets,
+    per layer), ``.sizes``, ``.placement``, ``.reason``. Hub ids of the preset models plan from the presets,
     so this works before any download. Raises ConfigError when nothing fits (the message says what would)."""
     quant = quant or QuantConfig()
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     low = model.lower()
     if low in PRESETS or os.path.isdir(model) or low == "tiny":
         cfg, quant, disk_ok, name = model_for_planning(model, quant)
-    elif "8x22b" in low:
-        cfg, disk_ok, name = PRESETS["mixtral-8x22b"], False, model
-    elif "8x7b" in low or "mixtral" in low:
-        cfg, disk_ok, name = PRESETS["mixtral-8x7b"], False, model
+    elif preset_for(model):
+        cfg, disk_ok, name = PRESETS[preset_for(model)], False, model
     else:
         raise ConfigError(f"cannot plan memory for {model!r} before it is downloaded; pass --cache-size")
     p = plan_for(cfg, quant, max_context, vram_bytes=vram_bytes, ram_bytes=ram_bytes, device=dev,

@@ -44,7 +44,10 @@ def launch_kwargs() -> dict:
     theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate",
                            font=["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "sans-serif"],
                            font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
-    return {"theme": theme, "css": css_path.read_text(encoding="utf-8") if css_path.exists() else None}
+    js_path = ASSETS / "panel.js"       # the many-expert panel's hover (one listener, no per-cell elements)
+    head = f"<script>{js_path.read_text(encoding='utf-8')}</script>" if js_path.exists() else None
+    return {"theme": theme, "css": css_path.read_text(encoding="utf-8") if css_path.exists() else None,
+            "head": head}
 
 
 def _session(request: Optional[gr.Request]) -> str:
@@ -141,7 +144,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
             out_info = info_html if info_html != seen.get("info") else gr.skip()
             seen["panel"], seen["info"] = html, info_html
             return (html, out_info, gr.skip(), gr.skip(), gr.skip(), seen)
-        html = panel.render_panel(engine.stats())
+        html = panel.render_panel(engine.stats(), engine.info)
         out = [gr.skip()] * 5
         if html != seen.get("panel"):
             out[0] = seen["panel"] = html
@@ -233,7 +236,8 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
                                             label="Max new tokens", elem_id="mx-max-new")
             with gr.Column(scale=6, min_width=440):
                 panel_html = gr.HTML(panel.render_loading(slot.lines) if slot.engine is None else
-                                     panel.render_panel(slot.engine.stats()), elem_id="mx-panel")
+                                     panel.render_panel(slot.engine.stats(), slot.engine.info),
+                                     elem_id="mx-panel")
                 with gr.Accordion("Cache settings (re-plans the device cache without reloading)", open=False):
                     with gr.Row():
                         cache = slot.engine.info.cache if slot.engine else CacheConfig()
