@@ -121,7 +121,7 @@ class ModelConfig:
             shared_intermediate_size=cfg.get("shared_expert_intermediate_size", 0) if fam.shared_expert else 0,
             dense_layers=dense,
             dense_intermediate_size=cfg.get("intermediate_size", 0) if dense else 0,
-            attn_bias=bool(cfg.get(fam.bias_key, False)) if fam.bias_key else False,
+            attn_bias=bool(cfg.get(fam.bias_key, fam.bias_default)) if fam.bias_key else False,
             clip_qkv=cfg.get("clip_qkv") if fam.clip_qkv else None,
         )
 

@@ -30,6 +30,7 @@ class Family:
     shared_expert: bool               # a sigmoid-gated shared expert beside the routed ones
     renorm: Optional[bool]            # top-k weights renormalised: True/False fixed, None = config's norm_topk_prob
     bias_key: Optional[str]           # config key that turns on attention biases
+    bias_default: bool                # its value when config.json leaves it out (Qwen1.5-MoE's hub config does)
     bias_o: bool                      # whether that bias covers o_proj too (not only q/k/v)
     dense_layers: bool                # reads mlp_only_layers / decoder_sparse_step
     experts_key: tuple[str, ...]      # config keys for the number of routed experts (first found wins)
@@ -46,18 +47,18 @@ class Family:
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("mixtral", "block_sparse_moe", ("w1", "w3", "w2"), qk_norm="none", shared_expert=False, renorm=True,
-           bias_key=None, bias_o=False, dense_layers=False, experts_key=("num_local_experts", "num_experts"),
+           bias_key=None, bias_default=False, bias_o=False, dense_layers=False, experts_key=("num_local_experts", "num_experts"),
            expert_size_key="intermediate_size", clip_qkv=False, example="mistralai/Mixtral-8x7B-Instruct-v0.1"),
     Family("qwen2_moe", "mlp", ("gate_proj", "up_proj", "down_proj"), qk_norm="none", shared_expert=True,
-           renorm=None, bias_key="qkv_bias", bias_o=False, dense_layers=True,
+           renorm=None, bias_key="qkv_bias", bias_default=True, bias_o=False, dense_layers=True,
            experts_key=("num_experts", "num_local_experts"), expert_size_key="moe_intermediate_size",
            clip_qkv=False, example="Qwen/Qwen1.5-MoE-A2.7B-Chat"),
     Family("qwen3_moe", "mlp", ("gate_proj", "up_proj", "down_proj"), qk_norm="head", shared_expert=False,
-           renorm=None, bias_key="attention_bias", bias_o=True, dense_layers=True,
+           renorm=None, bias_key="attention_bias", bias_default=False, bias_o=True, dense_layers=True,
            experts_key=("num_experts", "num_local_experts"), expert_size_key="moe_intermediate_size",
            clip_qkv=False, example="Qwen/Qwen3-30B-A3B-Instruct-2507"),
     Family("olmoe", "mlp", ("gate_proj", "up_proj", "down_proj"), qk_norm="proj", shared_expert=False,
-           renorm=None, bias_key="attention_bias", bias_o=True, dense_layers=False,
+           renorm=None, bias_key="attention_bias", bias_default=False, bias_o=True, dense_layers=False,
            experts_key=("num_experts", "num_local_experts"), expert_size_key="intermediate_size",
            clip_qkv=True, example="allenai/OLMoE-1B-7B-0924-Instruct"),
 )}

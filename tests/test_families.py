@@ -167,3 +167,51 @@ def test_own_format_records_the_family_and_reloads_identically(family, quantized
 def test_other_model_types_are_refused_with_the_supported_list():
     with pytest.raises(ConfigError, match=r"'deepseek_v2'.*mixtral, qwen2_moe, qwen3_moe, olmoe"):
         ModelConfig.from_hf({"model_type": "deepseek_v2", "hidden_size": 8})
+
+
+HUB_CONFIGS = {"Qwen3-30B-A3B-Instruct-2507": "qwen3-30b-a3b", "Qwen1.5-MoE-A2.7B-Chat": "qwen1.5-moe-a2.7b",
+               "OLMoE-1B-7B-0924-Instruct": "olmoe-1b-7b", "Mixtral-8x22B-Instruct-v0.1": "mixtral-8x22b",
+               "Mixtral-8x7B-Instruct-v0.1": "mixtral-8x7b"}
+
+
+@pytest.mark.parametrize("repo", list(HUB_CONFIGS))
+def test_hub_configs_read_as_the_presets(repo):
+    from pathlib import Path
+    from mixoff_app.config import PRESETS, preset_for
+    hf = json.loads((Path(__file__).parent / "fixtures" / "hub_configs" / f"{repo}.json").read_text())
+    cfg = ModelConfig.from_hf(hf)
+    preset = PRESETS[HUB_CONFIGS[repo]]
+    # The runtime's shapes equal the preset's (token ids and the context length are not shapes).
+    same = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "num_experts", "top_k", "family", "norm_topk_prob", "shared_intermediate_size", "dense_layers",
+            "attn_bias", "clip_qkv", "rope_theta", "rms_norm_eps")
+    assert {k: getattr(cfg, k) for k in same} == {k: getattr(preset, k) for k in same}
+    assert preset_for(f"someone/{repo}") == HUB_CONFIGS[repo]
+
+
+def test_a_hub_family_model_is_planned_from_its_config_before_any_weight(tmp_path):
+    """The hub path: config.json alone is read (here from a folder that has nothing else) and a model that
+    cannot fit the budget is refused before a weight is fetched or read."""
+    import shutil
+    from pathlib import Path
+    from mixoff_app.config import CacheConfig, EngineConfig
+    from mixoff_app.engine import Engine
+    shutil.copy2(Path(__file__).parent / "fixtures" / "hub_configs" / "Qwen3-30B-A3B-Instruct-2507.json",
+                 tmp_path / "config.json")
+    with pytest.raises(ConfigError, match="does not fit"):
+        Engine.load(EngineConfig(model=str(tmp_path), device="cpu", vram_budget=2 << 30, ram_budget=4 << 30,
+                                 cache=CacheConfig(size=None), auto_plan="full"))
+
+
+def test_a_family_checkpoint_without_tokenizer_asks_for_its_family_base(family, tmp_path, monkeypatch):
+    import shutil
+    from mixoff_app.hub import ModelNotAvailable, tokenizer_source
+    name, folder, _ = family
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy2(folder / "config.json", bare / "config.json")
+    from mixoff_app.families import FAMILIES
+    with pytest.raises(ModelNotAvailable, match=FAMILIES[name].example):
+        tokenizer_source(bare, None, None, lambda m: None)
