@@ -215,3 +215,16 @@ def test_a_family_checkpoint_without_tokenizer_asks_for_its_family_base(family, 
     from mixoff_app.families import FAMILIES
     with pytest.raises(ModelNotAvailable, match=FAMILIES[name].example):
         tokenizer_source(bare, None, None, lambda m: None)
+
+
+def test_prefetch_guesses_k_experts_across_dense_layers_without_changing_outputs(family, prompt):
+    """The prefetcher guesses ``top_k`` experts of the next expert layer (dense layers in between have none),
+    and its copies never change what is computed."""
+    name, folder, _ = family
+    k = CASES[name]["num_experts_per_tok"]
+    plain, fetching = load(folder, k=k + 1), load(folder, k=k + 1, prefetch=k)
+    assert greedy_ids(plain, prompt, 8) == greedy_ids(fetching, prompt, 8)
+    s = fetching.stats()
+    if fetching.model.cfg.num_moe_layers > 1:
+        assert s.prefetch_issued > 0
+    assert s.num_layers == fetching.model.cfg.num_moe_layers == len(s.layer_hits)
