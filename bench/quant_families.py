@@ -75,6 +75,7 @@ def reconstruction(families, quick: bool) -> dict:
                 Wd = quantize(W, spec).dequantize(torch.float32)
                 row.setdefault(name, {})[dist] = round(float((W - Wd).norm() / W.norm()), 4)
         out[fam] = {"shape": [f, h], "relative_error": row}
+        print(json.dumps({fam: out[fam]}), file=sys.stderr, flush=True)      # progress
     return out
 
 
@@ -104,6 +105,7 @@ def logits_divergence(families, tmp: Path, quick: bool) -> dict:
                          "top1_agree": round(float((lp.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
                          "load_s": round(time.perf_counter() - t, 1)}
             del eng
+        print(json.dumps({fam: row}), file=sys.stderr, flush=True)           # progress
         out[fam] = {"tiny_shape": {"hidden": H, "expert_width": cfg.get("moe_intermediate_size",
                                                                         cfg["intermediate_size"]),
                                    "experts": cfg.get("num_experts", cfg.get("num_local_experts")),

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Optional
 
-from .config import (POLICIES, PLACEMENTS, CacheConfig, ConfigError, EngineConfig, QuantConfig,
+from .config import (FAMILY, POLICIES, PLACEMENTS, CacheConfig, ConfigError, EngineConfig, QuantConfig,
                      SamplingParams, parse_bits)
 from .plan import parse_gib
 
@@ -40,7 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
                    help="hub repo id, local checkpoint folder, or 'tiny' (the embedded demo model)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
     p.add_argument("--attn-bits", type=_bits, default=4, help="attention bits: 2, 3, 4, 8 or none (default 4)")
-    p.add_argument("--expert-bits", type=_bits, default=2, help="expert bits: 2, 3, 4, 8 or none (default 2)")
+    p.add_argument("--expert-bits", type=_bits, default=FAMILY,
+                   help="expert bits: 2, 3, 4, 8 or none (default: the family's, 2 for Mixtral, 4 for Qwen-MoE and "
+                        "OLMoE; see docs/BENCHMARKS.md)")
     p.add_argument("--cache-size", type=_positive_int, default=None,
                    help="experts per layer kept on the device (k); default: all experts on CPU, planned on GPU")
     p.add_argument("--policy", choices=POLICIES, default="lru", help="eviction policy")

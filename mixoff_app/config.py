@@ -186,6 +186,7 @@ def preset_for(model: str) -> Optional[str]:
     return next((key for part, key in PRESET_NAMES if part in name), None)
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+FAMILY = "family"       # bits left to the model family (EXPERT_QUANT)
 
 
 @dataclass(frozen=True)
@@ -217,20 +218,48 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """``family_default``: the experts' spec is the model family's (``EXPERT_QUANT``), decided once the
+    config is read; ``experts`` then only stands for Mixtral's."""
     attn: QuantSpec = QuantSpec(bits=4, group_size=64, scale_group=256)
     experts: QuantSpec = QuantSpec(bits=2, group_size=16, scale_group=128)
+    family_default: bool = False
 
     @classmethod
-    def from_bits(cls, attn_bits: Optional[int], expert_bits: Optional[int]) -> "QuantConfig":
+    def from_bits(cls, attn_bits: Optional[int], expert_bits: "Optional[int] | str") -> "QuantConfig":
+        """``expert_bits`` may be ``FAMILY`` ("family"): the model family's expert spec."""
         d = cls()
+        if expert_bits == FAMILY:
+            return cls(attn=replace(d.attn, bits=attn_bits), family_default=True)
         return cls(attn=replace(d.attn, bits=attn_bits), experts=replace(d.experts, bits=expert_bits))
+
+    def for_family(self, family: str) -> "QuantConfig":
+        """The quantization for a model of ``family``: the family's expert spec when asked for."""
+        if not self.family_default:
+            return self
+        return replace(self, experts=EXPERT_QUANT.get(family, self.experts), family_default=False)
+
+
+# Expert quantization per family. Mixtral keeps the reference's 2-bit g16 (3 bits a weight with its 8-bit
+# scales and zeros), which is what fits its 47B parameters on small cards. The fine-grained families' experts
+# are small (768-1408 wide) and a token sums 4-8 of them; measured on tiny checkpoints of each family
+# (bench/quant_families.py, docs/BENCHMARKS.md), 2-bit g16 moves their logits several times more than 4-bit
+# g64 does, and at 4.25 bits a weight their experts still fit host RAM (Qwen3-30B-A3B: 15.5 GiB).
+EXPERT_QUANT = {
+    "mixtral": QuantSpec(bits=2, group_size=16, scale_group=128),
+    "qwen2_moe": QuantSpec(bits=4, group_size=64, scale_group=128),
+    "qwen3_moe": QuantSpec(bits=4, group_size=64, scale_group=128),
+    "olmoe": QuantSpec(bits=4, group_size=64, scale_group=128),
+}
+FAMILY_QUANT = QuantConfig(family_default=True)     # what the CLI and the app use unless bits are given
 
 
 NO_QUANT = QuantConfig(attn=QuantSpec(bits=None), experts=QuantSpec(bits=None))
 
 
-def parse_bits(text: str | int | None) -> Optional[int]:
-    """'none' | '2' | 4 -> bits; anything else is a clear ConfigError."""
+def parse_bits(text: str | int | None) -> "Optional[int] | str":
+    """'none' | '2' | 4 -> bits, 'family' -> FAMILY (the family's default); anything else is a clear ConfigError."""
+    if text == FAMILY:
+        return FAMILY
     if text is None or (isinstance(text, str) and text.strip().lower() in ("none", "off", "fp", "16")):
         return None
     try:
@@ -309,7 +338,7 @@ class EngineConfig:
     """What to load and how. ``model`` is a hub id, a local folder, ``tiny`` or a preset name."""
     model: str = "tiny"
     device: Optional[str] = None          # None: cuda where available, else cpu
-    quant: QuantConfig = QuantConfig()
+    quant: QuantConfig = FAMILY_QUANT     # experts by family unless given (QuantConfig.for_family)
     cache: CacheConfig = CacheConfig()
     max_context: int = 4096
     dtype: Optional[str] = None           # None: float16 on cuda, float32 on cpu

@@ -114,14 +114,15 @@ class Engine:
             if device.type != "cuda" and config.vram_budget is None and config.ram_budget is None:
                 return
             pre = read_config(folder)
-            p = plan_for(pre, config.quant, min(config.max_context, pre.max_position_embeddings), device=device,
+            p = plan_for(pre, config.quant.for_family(pre.family), min(config.max_context, pre.max_position_embeddings), device=device,
                          dtype=dtype, vram_budget=config.vram_budget, ram_budget=config.ram_budget,
                          model_name=config.model)
             if not p.feasible:
                 raise ConfigError(f"{config.model} does not fit: {p.reason}")
 
         resolved = resolve(config.model, progress, precheck=precheck)
-        cfg, quant, ckpt_layout = peek_checkpoint(resolved.path, config.quant)
+        asked = config.quant.for_family(read_config(resolved.path).family)
+        cfg, quant, ckpt_layout = peek_checkpoint(resolved.path, asked)
         max_seq = min(config.max_context, cfg.max_position_embeddings)
         placement = config.cache.placement
         sizes = config.cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
@@ -154,7 +155,7 @@ class Engine:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            loaded = load_checkpoint_placed(resolved.path, config.quant, device, dtype, make_store,
+            loaded = load_checkpoint_placed(resolved.path, asked, device, dtype, make_store,
                                             progress=progress)
         except torch.cuda.OutOfMemoryError:
             raise ConfigError("not enough GPU memory for the attention, embeddings and KV cache of this model: "

@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import (PLACEMENTS, PRESETS, ConfigError, ModelConfig, QuantConfig, QuantSpec, parse_bits,
-                     preset_for)
+from .config import (FAMILY, FAMILY_QUANT, PLACEMENTS, PRESETS, ConfigError, ModelConfig, QuantConfig, QuantSpec,
+                     parse_bits, preset_for)
 from .expert_store import ExpertLayout
 from .quant import weight_fields
 
@@ -286,6 +286,7 @@ def plan_for(model_cfg: ModelConfig, quant: QuantConfig, max_context: int, vram_
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     dtype = dtype or (torch.float16 if cuda else torch.float32)
+    quant = quant.for_family(model_cfg.family)
     max_context = min(max_context, model_cfg.max_position_embeddings)
     s = model_sizes(model_cfg, quant, max_context, dtype)
     L, E = model_cfg.num_moe_layers, model_cfg.num_experts
@@ -513,7 +514,7 @@ def choose_cache_size(model: str, device: Optional[str] = None, quant: Optional[
     """The app's start-up plan from free VRAM/RAM (measured unless given): a ``Plan`` with ``.k`` (smallest k
     per layer), ``.sizes``, ``.placement``, ``.reason``. Hub ids of the preset models plan from the presets,
     so this works before any download. Raises ConfigError when nothing fits (the message says what would)."""
-    quant = quant or QuantConfig()
+    quant = quant or FAMILY_QUANT
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     low = model.lower()
     if low in PRESETS or os.path.isdir(model) or low == "tiny":
@@ -554,6 +555,7 @@ def reference_markdown(cfg: ModelConfig, quant: QuantConfig, max_context: int = 
 def cmd_plan(args) -> int:
     quant = QuantConfig.from_bits(args.attn_bits, args.expert_bits)
     cfg, quant, disk_ok, name = model_for_planning(args.model, quant)
+    quant = quant.for_family(cfg.family)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
     if args.reference:
         print(reference_markdown(cfg, quant, args.max_context, name))
@@ -580,7 +582,7 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--placement", choices=("auto",) + PLACEMENTS, default="auto")
     p.add_argument("--max-context", type=_positive_int, default=4096)
     p.add_argument("--attn-bits", type=_bits, default=4)
-    p.add_argument("--expert-bits", type=_bits, default=2)
+    p.add_argument("--expert-bits", type=_bits, default=FAMILY, help="default: the model family's")
     p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--reference", action="store_true",

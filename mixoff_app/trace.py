@@ -734,7 +734,7 @@ def add_trace_parser(subparsers, generate_fn: Optional[GenerateFn] = None) -> ar
     c.add_argument("--greedy", action="store_true")
     c.add_argument("--device", default=None)
     c.add_argument("--attn-bits", default="4")
-    c.add_argument("--expert-bits", default="2")
+    c.add_argument("--expert-bits", default="family", help="default: the model family's")
     c.add_argument("out", metavar="OUT", help="output JSONL path")
     gen = engine_generate if generate_fn is None else generate_fn
     c.set_defaults(func=lambda a: record_main(a, gen))
