@@ -20,7 +20,7 @@ from collections import OrderedDict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mixoff_app.config import PRESETS  # noqa: E402
+from mixoff_app.presets import PRESETS  # noqa: E402
 from mixoff_app.stats import MemoryReading, Stats  # noqa: E402
 from mixoff_app.trace import synthetic_trace  # noqa: E402
 from mixoff_app.ui import panel  # noqa: E402
@@ -73,6 +73,8 @@ def main() -> None:
     args = ap.parse_args()
     out = {}
     for name, cfg in PRESETS.items():
+        if name.startswith(("tiny", "mid", "memory")):
+            continue
         L, E = cfg.num_moe_layers, cfg.num_experts
         k = max(cfg.top_k, E // 8)
         s = filled_stats(L, E, cfg.top_k, k, args.tokens)

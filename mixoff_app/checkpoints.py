@@ -444,6 +444,7 @@ def peek_checkpoint(folder: str | os.PathLike, quant: QuantConfig) -> tuple[Mode
     """(config, the quantization that will be in memory, layout) without loading any weights, for planning."""
     folder = Path(folder)
     cfg = read_config(folder)
+    quant = quant.for_family(cfg.family)
     src = TensorSource(folder)
     try:
         layout = detect_layout(src.keys(), src.metadata)
@@ -468,6 +469,7 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
 
     folder = Path(folder)
     cfg = read_config(folder)
+    quant = quant.for_family(cfg.family)
     src = TensorSource(folder)
     layout = detect_layout(src.keys(), src.metadata)
     device = torch.device(device)

@@ -144,47 +144,6 @@ class ModelConfig:
         }
 
 
-# Presets let the planner and tests work before (or without) any download.
-MIXTRAL_8X7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                           num_heads=32, num_kv_heads=8, head_dim=128, num_experts=8, top_k=2,
-                           rope_theta=1e6, max_position_embeddings=32768)
-MIXTRAL_8X22B = ModelConfig(vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_layers=56,
-                            num_heads=48, num_kv_heads=8, head_dim=128, num_experts=8, top_k=2,
-                            rope_theta=1e6, max_position_embeddings=65536)
-# The shapes below are those of each model's config.json on the hub (mistralai/Mixtral-8x7B-Instruct-v0.1,
-# mistralai/Mixtral-8x22B-Instruct-v0.1, Qwen/Qwen3-30B-A3B-Instruct-2507, Qwen/Qwen1.5-MoE-A2.7B-Chat,
-# allenai/OLMoE-1B-7B-0924-Instruct); transformers' Qwen2MoeConfig / Qwen3MoeConfig / OlmoeConfig defaults
-# are the same models' shapes and were checked against them.
-QWEN3_30B_A3B = ModelConfig(vocab_size=151936, hidden_size=2048, intermediate_size=768, num_layers=48,
-                            num_heads=32, num_kv_heads=4, head_dim=128, num_experts=128, top_k=8,
-                            rms_norm_eps=1e-6, rope_theta=1e7, max_position_embeddings=262144,
-                            bos_token_id=151643, eos_token_id=151645, family="qwen3_moe", norm_topk_prob=True)
-QWEN15_MOE_A27B = ModelConfig(vocab_size=151936, hidden_size=2048, intermediate_size=1408, num_layers=24,
-                              num_heads=16, num_kv_heads=16, head_dim=128, num_experts=60, top_k=4,
-                              rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=8192,
-                              bos_token_id=151643, eos_token_id=151645, family="qwen2_moe", norm_topk_prob=False,
-                              shared_intermediate_size=5632, attn_bias=True)
-OLMOE_1B_7B = ModelConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_layers=16,
-                          num_heads=16, num_kv_heads=16, head_dim=128, num_experts=64, top_k=8,
-                          rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=4096,
-                          bos_token_id=None, eos_token_id=50279, family="olmoe", norm_topk_prob=False)
-PRESETS = {"mixtral-8x7b": MIXTRAL_8X7B, "mixtral-8x22b": MIXTRAL_8X22B, "qwen3-30b-a3b": QWEN3_30B_A3B,
-           "qwen1.5-moe-a2.7b": QWEN15_MOE_A27B, "olmoe-1b-7b": OLMOE_1B_7B}
-# Hub ids whose shapes a preset holds, so the planner can answer before a download (matched on the id's
-# lower-cased name, without the owner; fine-tunes that keep the base's name plan like it).
-PRESET_NAMES = (("8x22b", "mixtral-8x22b"), ("8x7b", "mixtral-8x7b"), ("qwen3-30b-a3b", "qwen3-30b-a3b"),
-                ("qwen1.5-moe-a2.7b", "qwen1.5-moe-a2.7b"), ("olmoe-1b-7b", "olmoe-1b-7b"),
-                ("mixtral", "mixtral-8x7b"))
-
-
-def preset_for(model: str) -> Optional[str]:
-    """The preset whose shapes a hub id or name has, or None."""
-    low = model.lower()
-    if low in PRESETS:
-        return low
-    name = low.rsplit("/", 1)[-1]
-    return next((key for part, key in PRESET_NAMES if part in name), None)
-
 SUPPORTED_BITS = (2, 3, 4, 8)
 FAMILY = "family"       # bits left to the model family (EXPERT_QUANT)
 
