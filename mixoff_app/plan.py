@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -465,13 +466,34 @@ def reference_markdown(cfg: ModelConfig, quant: QuantConfig, max_context: int = 
     out = ["| machine | VRAM / RAM | placement | k per layer | experts on GPU | GPU use | RAM use | "
            "misses/token (uniform) |", "|---|---|---|---|---|---|---|---|"]
     for m, p in reference_plans(cfg, quant, max_context, name):
-        if not p.feasible:
-            out.append(f"| {m} | {p.vram / GiB:.1f} / {p.ram / GiB:.1f} GiB | does not fit | | | | | |")
-            continue
-        ks = sorted(set(p.sizes))
-        kd = str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]} ({', '.join(f'{p.sizes.count(k)}x{k}' for k in ks)})"
-        out.append(f"| {m} | {p.vram / GiB:.1f} / {p.ram / GiB:.1f} GiB | {p.placement} | {kd} | "
-                   f"{sum(p.sizes)}/{cfg.num_moe_layers * cfg.num_experts} | "
-                   f"{(p.device_total + p.context_allowance) / GiB:.1f} GiB | {p.host_total / GiB:.1f} GiB | "
-                   f"{p.misses_per_token:.1f} |")
+        out.append(f"| {m} | {p.vram / GiB:.1f} / {p.ram / GiB:.1f} GiB | " + _plan_cells(p, cfg))
+    return "\n".join(out)
+
+
+def _plan_cells(p: Plan, cfg: ModelConfig) -> str:
+    """placement | k per layer | experts on GPU | GPU use | RAM use | misses/token |"""
+    if not p.feasible:
+        return "does not fit | | | | | |"
+    ks = sorted(set(p.sizes))
+    kd = str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]} ({', '.join(f'{p.sizes.count(k)}x{k}' for k in ks)})"
+    return (f"{p.placement} | {kd} | {sum(p.sizes)}/{cfg.num_moe_layers * cfg.num_experts} | "
+            f"{(p.device_total + p.context_allowance) / GiB:.1f} GiB | {p.host_total / GiB:.1f} GiB | "
+            f"{p.misses_per_token:.1f} |")
+
+
+def presets_markdown(quant: QuantConfig, vram_gib: float, ram_gib: float, max_context: int = 4096,
+                     names: Optional[Sequence[str]] = None) -> str:
+    """One row per preset model for one machine (each with its family's quantization unless bits are given):
+    the README's table of what runs where."""
+    out = ["| model | family | experts | placement | k per layer | experts on GPU | GPU use | RAM use | "
+           "misses/token (uniform) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in names or [n for n, c in PRESETS.items() if not n.startswith(("tiny", "mid", "memory"))]:
+        cfg = PRESETS[name]
+        q = quant.for_family(cfg.family)
+        p = plan_for(cfg, q, max_context, vram_bytes=int(vram_gib * GiB), ram_bytes=int(ram_gib * GiB),
+                     device="cuda", model_name=name)
+        short = re.search(r"needs at least [\d.]+ GiB of VRAM with k=1", p.reason or "")
+        why = "" if p.feasible else f" ({short.group(0) if short else p.reason.split(';')[0]})"
+        out.append(f"| {name}{why} | {cfg.family} | {q.experts.describe()}, {p.bytes.expert / MiB:.2f} MiB each | "
+                   + _plan_cells(p, cfg))
     return "\n".join(out)

@@ -229,3 +229,13 @@ def test_prefetch_guesses_k_experts_across_dense_layers_without_changing_outputs
     if fetching.model.cfg.num_moe_layers > 1:
         assert s.prefetch_issued > 0
     assert s.num_layers == fetching.model.cfg.num_moe_layers == len(s.layer_hits)
+
+
+def test_plan_presets_table_has_a_row_per_model_with_its_family_quantization():
+    from mixoff_app.config import FAMILY_QUANT
+    from mixoff_app.plan import presets_markdown
+    table = presets_markdown(FAMILY_QUANT, 12, 32)
+    rows = {line.split(" | ")[0].lstrip("| ").split(" (")[0]: line for line in table.splitlines()[2:]}
+    assert set(rows) == {"mixtral-8x7b", "mixtral-8x22b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b"}
+    assert "2-bit g16" in rows["mixtral-8x7b"] and "4-bit g64" in rows["qwen3-30b-a3b"]
+    assert "/6144 |" in rows["qwen3-30b-a3b"] and "1440/1440" in rows["qwen1.5-moe-a2.7b"]
