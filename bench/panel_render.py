@@ -85,7 +85,7 @@ def main() -> None:
                "render_ms": median_ms(lambda: panel.render_panel(snap), args.repeats),
                "html_kb": round(len(html) / 1024, 1),
                "grid": "image" if 'data-mx="grid"' in html else "dom",
-               "html_elements": html.count("<") - 2 * html.count("</")}
+               "html_elements": html.count("<") - 2 * html.count("</") + html.count("</")}
         row["refresh_ms"] = round(row["snapshot_ms"] + row["render_ms"], 2)
         out[name] = row
     print(json.dumps({"repeats": args.repeats, "routing_tokens": args.tokens, "presets": out}, indent=1))
