@@ -239,3 +239,15 @@ def test_plan_presets_table_has_a_row_per_model_with_its_family_quantization():
     assert set(rows) == {"mixtral-8x7b", "mixtral-8x22b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b"}
     assert "2-bit g16" in rows["mixtral-8x7b"] and "4-bit g64" in rows["qwen3-30b-a3b"]
     assert "/6144 |" in rows["qwen3-30b-a3b"] and "1440/1440" in rows["qwen1.5-moe-a2.7b"]
+
+
+def test_planner_sizes_are_the_family_models_bytes(family, quantized):
+    """The planner's device bytes (trunk with biases, q/k norms, dense MLPs and shared experts; slots; KV)
+    equal what the loaded engine holds, tensor by tensor."""
+    from mixoff_app.memory import device_tensor_bytes
+    from mixoff_app.plan import device_need, model_sizes
+    m = quantized.model
+    s = model_sizes(m.cfg, quantized.quant, m.max_seq, torch.float32)
+    assert s.num_layers == m.cfg.num_moe_layers and s.expert == m.cache.store.layout.nbytes
+    assert s.all_experts == m.cache.store.nbytes
+    assert device_tensor_bytes(m) == device_need(s, "inclusive", m.cache.sizes, cuda=False)
