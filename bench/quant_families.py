@@ -11,7 +11,8 @@ Two measurements, for expert specs 2-bit g16 (the Mixtral default), 3-bit g64 an
    expert count, top-k, and expert width relative to the hidden size, so the number of experts a token sums
    and their width are the family's), run by our runtime with experts at each spec (attention 4-bit g64)
    against the same model unquantized: KL(fp || quantized) per position and top-1 agreement, over 96
-   positions of real text.
+   positions of real text. "experts fp" (attention 4-bit, experts unquantized) is the floor the expert
+   quantization adds to.
 
     python bench/quant_families.py [--families mixtral,qwen2_moe,qwen3_moe,olmoe] [--quick]
 """
@@ -97,7 +98,8 @@ def logits_divergence(families, tmp: Path, quick: bool) -> dict:
                                         cache=CacheConfig(size=None), max_context=512))
         ref = torch.log_softmax(base.model.forward(ids, 0, last_only=False), -1)
         row = {}
-        for name, spec in SPECS.items():
+        # "experts fp": attention 4-bit only, the floor the expert specs add to
+        for name, spec in [("experts fp", QuantSpec(bits=None))] + list(SPECS.items()):
             t = time.perf_counter()
             eng = Engine.load(EngineConfig(model=str(folder), device="cpu", cache=CacheConfig(size=None),
                                            quant=QuantConfig(attn=QuantSpec(bits=4, group_size=64, scale_group=256),
