@@ -200,7 +200,7 @@ HF_CONFIGS = {"mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_
 
 
 def make_family_checkpoint(out_dir: str | os.PathLike, model_type: str, tokenizer_dir: str | os.PathLike,
-                           seed: int = 0, **config) -> Path:
+                           seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> Path:
     """A tiny random checkpoint of ``model_type`` saved by transformers' own ``save_pretrained`` (so the file
     holds the hub's per-expert tensor names), with the tokenizer of ``tokenizer_dir`` copied beside it.
 
@@ -233,7 +233,7 @@ def make_family_checkpoint(out_dir: str | os.PathLike, model_type: str, tokenize
                 p.copy_(torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-    model.save_pretrained(str(out))
+    model.to(dtype).save_pretrained(str(out))
     for f in tok_files:
         shutil.copy2(f, out / f.name)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
