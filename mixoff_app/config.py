@@ -198,11 +198,12 @@ class QuantConfig:
         return replace(self, experts=EXPERT_QUANT.get(family, self.experts), family_default=False)
 
 
-# Expert quantization per family. Mixtral keeps the reference's 2-bit g16 (3 bits a weight with its 8-bit
-# scales and zeros), which is what fits its 47B parameters on small cards. The fine-grained families' experts
-# are small (768-1408 wide) and a token sums 4-8 of them; measured on tiny checkpoints of each family
-# (bench/quant_families.py, docs/BENCHMARKS.md), 2-bit g16 moves their logits several times more than 4-bit
-# g64 does, and at 4.25 bits a weight their experts still fit host RAM (Qwen3-30B-A3B: 15.5 GiB).
+# Expert quantization per family (measured in bench/quant_families.py, docs/BENCHMARKS.md). On tiny
+# checkpoints of every family, 2-bit g16 experts add about 8x the logits divergence 4-bit g64 experts add
+# (3-bit g64 halves 2-bit's at 3.75 bits a weight, dominated by 4-bit's 4.25). Mixtral keeps the reference's
+# 2-bit g16 (3.02 bits a weight): it is what fits 47B parameters on small cards. The other families are small
+# enough that 4-bit still fits the reference machines (Qwen3-30B-A3B: 15.9 GiB of experts in host RAM and
+# 80 of 128 per layer on a 12 GB card), so they get it.
 EXPERT_QUANT = {
     "mixtral": QuantSpec(bits=2, group_size=16, scale_group=128),
     "qwen2_moe": QuantSpec(bits=4, group_size=64, scale_group=128),
