@@ -128,9 +128,8 @@ def device_tensor_bytes(model) -> int:
     for lw in tr.layers:                    # every field: attention, norms, router, biases, resident MLPs
         for f in dataclasses.fields(lw):
             add(getattr(lw, f.name))
-    for L in model.cache.layers:
-        add(L.slots)
-    add(getattr(model.cache, "_stage", None))
+    for t in model.cache.device_buffers():
+        add(t)
     for t in (model.kv, model.cos, model.sin):
         add(t)
     return sum(seen.values())

@@ -42,7 +42,7 @@ def free_port() -> int:
 
 def serve(model: str, max_new_tokens: int):
     engine = Engine.load(EngineConfig(model=model, device="cpu", quant=QuantConfig.from_bits(4, 2),
-                                      cache=CacheConfig(size=3)))
+                                      cache=CacheConfig(sizes=(3,))))
     demo = build_ui(engine, max_new_tokens=max_new_tokens)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -262,7 +262,7 @@ def many_url(tiny_dir, tmp_path_factory):
         num_experts_per_tok=8, moe_intermediate_size=16, intermediate_size=32, norm_topk_prob=True,
         max_position_embeddings=512)
     engine = Engine.load(EngineConfig(model=str(folder), device="cpu", quant=QuantConfig.from_bits(None, None),
-                                      cache=CacheConfig(size=16)))
+                                      cache=CacheConfig(sizes=(16,))))
     demo = build_ui(engine, max_new_tokens=24)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,

@@ -201,7 +201,7 @@ def test_a_hub_family_model_is_planned_from_its_config_before_any_weight(tmp_pat
                  tmp_path / "config.json")
     with pytest.raises(ConfigError, match="does not fit"):
         Engine.load(EngineConfig(model=str(tmp_path), device="cpu", vram_budget=2 << 30, ram_budget=4 << 30,
-                                 cache=CacheConfig(size=None), auto_plan="full"))
+                                 cache=CacheConfig()))
 
 
 def test_a_family_checkpoint_without_tokenizer_asks_for_its_family_base(family, tmp_path, monkeypatch):
