@@ -147,6 +147,10 @@ class ModelConfig:
 SUPPORTED_BITS = (2, 3, 4, 8)
 FAMILY = "family"       # bits left to the model family (EXPERT_QUANT)
 
+# Prompts are prefilled this many tokens at a time: activations (and the planner's allowance for them) are
+# bounded by the chunk, not by the prompt.
+PREFILL_CHUNK = 512
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -313,6 +317,7 @@ class EngineConfig:
     tokenizer: Optional[str] = None       # overrides where the tokenizer and chat template come from
     vram_budget: Optional[int] = None     # bytes mixoff may allocate on the device (torch peak allocated)
     ram_budget: Optional[int] = None      # bytes loading may add to the process RSS
+    cuda_graphs: bool = False             # replay decode steps as CUDA graphs (GPU only; off until measured)
 
     def planned(self, device_type: str) -> bool:
         """The memory planner sizes the load on a GPU and under a budget; elsewhere memory does not limit it."""

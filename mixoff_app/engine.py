@@ -72,6 +72,22 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return dev
 
 
+def resolve_dtype(name: Optional[str], device: torch.device,
+                  capability: Optional[tuple[int, int]] = None) -> torch.dtype:
+    """The compute dtype: float16 on CUDA and float32 on the CPU unless asked; bfloat16 only on GPUs that
+    compute in it (compute capability 8.0+; older ones emulate it, slowly)."""
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+             None: torch.float16 if device.type == "cuda" else torch.float32}.get(name)
+    if dtype is None:
+        raise ConfigError(f"unsupported dtype {name!r}: use float16, bfloat16 or float32")
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        cap = capability or torch.cuda.get_device_capability(device)
+        if tuple(cap) < (8, 0):
+            raise ConfigError(f"--dtype bfloat16 needs a GPU of compute capability 8.0 or newer (this one is "
+                              f"{cap[0]}.{cap[1]}, where bfloat16 is emulated and slow): use --dtype float16")
+    return dtype
+
+
 def _text(content) -> str:
     if isinstance(content, str):
         return content
@@ -80,14 +96,6 @@ def _text(content) -> str:
     if isinstance(content, dict):
         return str(content.get("text", ""))
     return "" if content is None else str(content)
-
-
-def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-             None: torch.float16 if device.type == "cuda" else torch.float32}.get(name)
-    if dtype is None:
-        raise ConfigError(f"unsupported dtype {name!r}: use float16, bfloat16 or float32")
-    return dtype
 
 
 def _k(sizes: tuple[int, ...]) -> object:
@@ -183,6 +191,14 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
                      f"{budget / 2**20:.1f} MiB")
     if config.cache.prefetch:
         model.prefetcher = Prefetcher(config.cache.prefetch, config.cache.prefetch_layers)
+    if config.cuda_graphs:
+        if device.type != "cuda":
+            raise ConfigError("--cuda-graphs needs a CUDA GPU (the CPU path has no graphs to replay)")
+        if loaded.cfg.family != "mixtral":
+            # The captured decode step is Mixtral's layer; the other families' hooks are not in it yet.
+            raise ConfigError(f"--cuda-graphs runs Mixtral only for now, not {loaded.cfg.family}; drop the flag")
+        from .cuda_graphs import DecodeGraphs
+        model.graphs = DecodeGraphs(model)
     progress(f"device cache: {_k(sizes)} experts per layer on {device} "
              f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
     return loaded, model, stats, measured
@@ -307,7 +323,6 @@ class Engine:
         while start < n and self._kv_ids[start] == ids[start]:
             start += 1
         self._kv_ids = self._kv_ids[:start]
-        self.model.routing_weights = []
         try:
             yield from generate(self.model, self.tokenizer, ids, start, params, self.eos_ids, self._stats,
                                 cancel, fed=self._kv_ids)
@@ -340,11 +355,11 @@ class Engine:
 
     @property
     def last_routing(self) -> list:
-        return list(self._stats.routing)
+        return self._stats.answer_routing()[0]
 
     @property
     def last_routing_weights(self) -> list:
-        return list(self.model.routing_weights)
+        return self._stats.answer_routing()[1]
 
     def reconfigure_cache(self, cache: CacheConfig) -> None:
         """Re-plan the device cache (k, policy, prefetch) without reloading the model; waits for a running answer.

@@ -11,7 +11,7 @@ class TokenEvent:
 
     kind: "token" (``text`` is the new text, possibly empty while a multi-byte character is incomplete),
     "notice" (``text`` is a message for the user, e.g. older turns were dropped), or "done"
-    (``finish_reason`` is one of "eos", "stop", "length", "cancelled", "context").
+    (``finish_reason`` is one of "eos", "stop", "length", "cancelled", "context", "oom" — the device ran out of memory; a notice before it says so).
     """
     kind: str
     text: str = ""

@@ -71,6 +71,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
                    help="GB (GiB) loading the model may add to this process's RAM")
     p.add_argument("--max-context", type=positive_int, default=4096, help="KV cache length in tokens")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode by replaying CUDA graphs of each layer's attention/router and each expert slot "
+                        "(GPU only; experimental, off by default)")
     p.add_argument("--tokenizer", default=None, help="where the tokenizer/chat template come from (default: the checkpoint)")
 
 
@@ -84,4 +87,5 @@ def engine_config(args) -> EngineConfig:
                                           prefetch_layers=args.prefetch_layers,
                                           placement=None if placement == "auto" else placement),
                         max_context=args.max_context, dtype=args.dtype, tokenizer=args.tokenizer,
-                        vram_budget=getattr(args, "vram_budget", None), ram_budget=getattr(args, "ram_budget", None))
+                        vram_budget=getattr(args, "vram_budget", None), ram_budget=getattr(args, "ram_budget", None),
+                        cuda_graphs=getattr(args, "cuda_graphs", False))

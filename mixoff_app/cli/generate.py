@@ -16,7 +16,6 @@ def run(args) -> int:
                             top_k=args.top_k, greedy=args.greedy, stop=tuple(args.stop or ()), seed=args.seed)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": args.prompt}]
-    engine.model.record_weights = args.json
     text, ids, finish, notices = [], [], None, []
     for ev in engine.stream_chat(messages, params):
         if ev.kind == "token":

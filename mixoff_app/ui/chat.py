@@ -19,6 +19,7 @@ FINISH_TEXT = {
     "length": "reached max new tokens",
     "cancelled": "stopped",
     "context": "context window full",
+    "oom": "out of GPU memory",
 }
 
 
