@@ -207,7 +207,7 @@ class QuantConfig:
 # (3-bit g64 halves 2-bit's at 3.75 bits a weight, dominated by 4-bit's 4.25). Mixtral keeps the reference's
 # 2-bit g16 (3.02 bits a weight): it is what fits 47B parameters on small cards. The other families are small
 # enough that 4-bit still fits the reference machines (Qwen3-30B-A3B: 15.9 GiB of experts in host RAM and
-# 80 of 128 per layer on a 12 GB card), so they get it.
+# 78-79 of 128 per layer on a 12 GB card), so they get it.
 EXPERT_QUANT = {
     "mixtral": QuantSpec(bits=2, group_size=16, scale_group=128),
     "qwen2_moe": QuantSpec(bits=4, group_size=64, scale_group=128),
