@@ -237,6 +237,7 @@ def parse_bits(text: str | int | None) -> "Optional[int] | str":
 
 
 POLICIES = ("lru", "lfu", "lrfu")
+KERNELS = ("auto", "triton", "torch")     # quantized matmul: see mixoff_app/kernels
 PLACEMENTS = ("inclusive", "exclusive", "disk")
 
 
@@ -317,6 +318,7 @@ class EngineConfig:
     tokenizer: Optional[str] = None       # overrides where the tokenizer and chat template come from
     vram_budget: Optional[int] = None     # bytes mixoff may allocate on the device (torch peak allocated)
     ram_budget: Optional[int] = None      # bytes loading may add to the process RSS
+    kernel: str = "auto"                  # quantized matmul: auto (triton on CUDA, torch elsewhere) | triton | torch
     cuda_graphs: bool = False             # replay decode steps as CUDA graphs (GPU only; off until measured)
 
     def planned(self, device_type: str) -> bool:

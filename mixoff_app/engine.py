@@ -49,6 +49,7 @@ class EngineInfo:
     expert_layers: tuple[int, ...] = ()   # decoder layer of each expert layer (labels)
     decoder_layers: int = 0               # all decoder layers, dense ones included
     shared_expert: bool = False
+    kernel: str = "torch"      # the quantized matmul in use: "triton" (fused kernels) or "torch"
 
 
 def default_model() -> tuple[str, str]:
@@ -155,7 +156,7 @@ def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dty
 
 
 def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.device, dtype: torch.dtype,
-           progress: Progress) -> tuple:
+           kernel: str, progress: Progress) -> tuple:
     """Read the checkpoint into the trunk and the placement's store, then the cache and the model; measure
     what it took against the budgets. Returns (loaded, model, stats, measured)."""
     from .checkpoints import load_checkpoint_placed
@@ -177,7 +178,7 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     stats = Stats(cfg.num_moe_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
     try:
         cache = ExpertCache(loaded.store, sizes, config.cache.policy, device, stats)
-        model = Mixtral(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype)
+        model = Mixtral(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype, kernel=kernel)
     except torch.cuda.OutOfMemoryError:
         raise ConfigError(f"not enough GPU memory for {sum(sizes)} expert slots "
                           f"({loaded.store.layout.nbytes / 2**20:.1f} MiB each): lower --cache-size") from None
@@ -189,6 +190,9 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
         if budget is not None and measured[key] > budget:
             progress(f"warning: loading used {measured[key] / 2**20:.1f} MiB against {what} "
                      f"{budget / 2**20:.1f} MiB")
+    if kernel == "triton" and device.type == "cuda":
+        progress("preparing the fused kernels (compiled once, then cached by Triton)")
+        _warm_up_kernels(model, loaded.store.layout, device, dtype)
     if config.cache.prefetch:
         model.prefetcher = Prefetcher(config.cache.prefetch, config.cache.prefetch_layers)
     if config.cuda_graphs:
@@ -202,6 +206,18 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     progress(f"device cache: {_k(sizes)} experts per layer on {device} "
              f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
     return loaded, model, stats, measured
+
+
+def _warm_up_kernels(model: Mixtral, layout, device: torch.device, dtype: torch.dtype) -> int:
+    """Compile and tune the fused kernels for this model's weight formats: attention from the first layer,
+    experts from a zero-filled expert in the store's layout (no cache traffic, no stats)."""
+    from .kernels import warm_up
+    from .quant import QWeight
+    lw = model.trunk.layers[0]
+    weights = [w for w in (lw.wq, lw.wk, lw.wv, lw.wo) if isinstance(w, QWeight)]
+    if layout.spec.enabled:
+        weights += list(layout.weights(torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)))
+    return warm_up(weights, dtype)
 
 
 def _tokenizer(config: EngineConfig, resolved, cfg: ModelConfig, progress: Progress) -> tuple:
@@ -220,7 +236,7 @@ def _tokenizer(config: EngineConfig, resolved, cfg: ModelConfig, progress: Progr
 
 
 def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: int, device: torch.device,
-          dtype: torch.dtype, reason: str) -> EngineInfo:
+          dtype: torch.dtype, reason: str, kernel: str) -> EngineInfo:
     cfg, q = loaded.cfg, loaded.quant
     return EngineInfo(
         model=config.model, model_path=str(resolved.path), model_name=resolved.name,
@@ -229,8 +245,9 @@ def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: i
         quant=f"attention {q.attn.describe()}, experts {q.experts.describe()}", layout=loaded.layout,
         num_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
         family=cfg.family, expert_layers=cfg.moe_layers, decoder_layers=cfg.num_layers,
-        shared_expert=bool(cfg.shared_intermediate_size), cache=cache, gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        expert_bytes=loaded.store.layout.nbytes)
+        shared_expert=bool(cfg.shared_intermediate_size), cache=cache,
+        gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        expert_bytes=loaded.store.layout.nbytes, kernel=kernel)
 
 
 class Engine:
@@ -251,12 +268,14 @@ class Engine:
         progress = progress or (lambda msg: None)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        from .kernels import resolve_kernel
+        kernel = resolve_kernel(config.kernel, device)       # before any download: a bad --kernel fails at once
         resolved = resolve(config.model, progress, precheck=partial(_precheck, config, device, dtype))
         placed = _plan(config, resolved, device, dtype, progress)
-        loaded, model, stats, measured = _build(config, resolved.path, placed, device, dtype, progress)
+        loaded, model, stats, measured = _build(config, resolved.path, placed, device, dtype, kernel, progress)
         tokenizer, eos = _tokenizer(config, resolved, loaded.cfg, progress)
         cache = replace(config.cache, sizes=placed.sizes, placement=placed.placement)
-        info = _info(config, resolved, loaded, cache, placed.max_seq, device, dtype, reason)
+        info = _info(config, resolved, loaded, cache, placed.max_seq, device, dtype, reason, kernel)
         progress(f"ready: {resolved.name} on {device}")
         engine = cls(replace(config, cache=cache), info, model, tokenizer, stats, eos)
         engine.memory_plan, engine.memory_measured = placed.plan, measured

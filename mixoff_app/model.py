@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from .config import PREFILL_CHUNK, ModelConfig
 from .expert_cache import ExpertCache
 from .stores import ExpertWeights
-from .quant import QWeight, linear
+from .kernels import qlinear
+from .quant import QWeight
 from .stats import Stats
 
 Weight = torch.Tensor | QWeight
@@ -73,12 +74,12 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * unit_norm(x, eps)
 
 
-def expert_forward(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-    return linear(F.silu(linear(x, w.w1)) * linear(x, w.w3), w.w2)
+def expert_forward(x: torch.Tensor, w: ExpertWeights, kernel: str = "torch") -> torch.Tensor:
+    return qlinear(F.silu(qlinear(x, w.w1, kernel)) * qlinear(x, w.w3, kernel), w.w2, kernel)
 
 
-def _proj(x: torch.Tensor, w: Weight, b: Optional[torch.Tensor]) -> torch.Tensor:
-    y = linear(x, w)
+def _proj(x: torch.Tensor, w: Weight, b: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
+    y = qlinear(x, w, kernel)
     return y if b is None else y + b
 
 
@@ -114,8 +115,9 @@ class Prefetcher:
 class Mixtral:
     def __init__(self, cfg: ModelConfig, trunk: TrunkWeights, cache: ExpertCache, stats: Stats,
                  max_seq: int, device: torch.device, dtype: torch.dtype,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, kernel: str = "torch") -> None:
         self.cfg, self.trunk, self.cache, self.stats = cfg, trunk, cache, stats
+        self.kernel = kernel              # "torch" | "triton", as kernels.resolve_kernel decided
         self.device, self.dtype = torch.device(device), dtype
         self.max_seq = max_seq
         self.prefill_chunk = prefill_chunk
@@ -174,7 +176,7 @@ class Mixtral:
             x = x + self._attention(i, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), pos, cos, sin, mask)
             j = self.expert_layer[i]
             if j < 0:                      # a dense layer: its MLP is trunk
-                x = x + expert_forward(rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps), lw.mlp)
+                x = x + expert_forward(rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps), lw.mlp, self.kernel)
                 continue
             shared = self._shared(lw, x) if lw.shared is not None else None     # before x is added to
             if decode:
@@ -188,13 +190,14 @@ class Mixtral:
     def _shared(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """The shared expert (Qwen2-MoE): every token, scaled by sigmoid(shared_gate h)."""
         h = rms_norm(x, lw.ffn_norm, self.cfg.rms_norm_eps)
-        return torch.sigmoid(F.linear(h, lw.shared_gate)) * expert_forward(h, lw.shared)
+        return torch.sigmoid(F.linear(h, lw.shared_gate)) * expert_forward(h, lw.shared, self.kernel)
 
     def _qkv(self, lw: LayerWeights, x: torch.Tensor, cos, sin):
         """x [T, H] (normed) -> q [T, nh, hd], k and v [T, nkv, hd], q and k rotated."""
         cfg, T = self.cfg, x.shape[0]
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q, k, v = _proj(x, lw.wq, lw.bq), _proj(x, lw.wk, lw.bk), _proj(x, lw.wv, lw.bv)
+        kn = self.kernel
+        q, k, v = _proj(x, lw.wq, lw.bq, kn), _proj(x, lw.wk, lw.bk, kn), _proj(x, lw.wv, lw.bv, kn)
         qk_norm, eps = cfg.spec.qk_norm, cfg.rms_norm_eps
         if qk_norm == "proj":          # OLMoE: over the whole projection, before the heads are split
             q, k = rms_norm(q, lw.q_norm, eps), rms_norm(k, lw.k_norm, eps)
@@ -224,11 +227,11 @@ class Mixtral:
             return self._attention_out(lw, o)
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None], V[None], attn_mask=mask,
                                            is_causal=mask is None, enable_gqa=True)[0]   # [nh, T, hd]
-        return _proj(o.transpose(0, 1).reshape(T, nh * hd), lw.wo, lw.bo)
+        return _proj(o.transpose(0, 1).reshape(T, nh * hd), lw.wo, lw.bo, self.kernel)
 
     def _attention_out(self, lw: LayerWeights, o: torch.Tensor) -> torch.Tensor:
         """One decode token's attention output [1, nkv, g, hd] -> [1, H]."""
-        return _proj(o.reshape(1, self.cfg.num_heads * self.cfg.head_dim), lw.wo, lw.bo)
+        return _proj(o.reshape(1, self.cfg.num_heads * self.cfg.head_dim), lw.wo, lw.bo, self.kernel)
 
     def _route(self, lw: LayerWeights, h: torch.Tensor):
         """Top-k experts and their weights: idx [T, k], w [T, k] float32. Renormalised over the k (a softmax
@@ -281,9 +284,8 @@ class Mixtral:
             x.addcmul_(outs[r], wx[r])
         return x
 
-    @staticmethod
-    def _expert(i: int, slot: int, r: int, h: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
-        return expert_forward(h, ew)
+    def _expert(self, i: int, slot: int, r: int, h: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
+        return expert_forward(h, ew, self.kernel)
 
     def _moe_prefill(self, i: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         K, E = self.cfg.top_k, self.cfg.num_experts
@@ -298,7 +300,7 @@ class Mixtral:
         for e, ew, slot in self.cache.fetch(i, experts):
             rows = order[starts[e]:starts[e] + counts[e]]
             tok = rows // K
-            parts[e] = (tok, expert_forward(h[tok], ew) * wf[rows, None])
+            parts[e] = (tok, expert_forward(h[tok], ew, self.kernel) * wf[rows, None])
             self.cache.release(i, slot)
         y = torch.zeros_like(h)
         for e in experts:                      # fixed order: the sum does not depend on cache state

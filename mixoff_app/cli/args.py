@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Union
 
-from ..config import FAMILY, POLICIES, PLACEMENTS, CacheConfig, ConfigError, EngineConfig, QuantConfig, parse_bits
+from ..config import FAMILY, KERNELS, POLICIES, PLACEMENTS, CacheConfig, ConfigError, EngineConfig, QuantConfig, parse_bits
 from ..plan import GiB
 
 
@@ -75,6 +75,10 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
                    help="decode by replaying CUDA graphs of each layer's attention/router and each expert slot "
                         "(GPU only; experimental, off by default)")
     p.add_argument("--tokenizer", default=None, help="where the tokenizer/chat template come from (default: the checkpoint)")
+    p.add_argument("--kernel", choices=KERNELS, default="auto",
+                   help="quantized matmul: triton (fused kernels reading the packed codes; on a CPU they run in "
+                        "Triton's interpreter, slowly, for tests), torch (dequantize, then matmul), or auto "
+                        "(triton on a CUDA GPU, torch elsewhere; the default)")
 
 
 def engine_config(args) -> EngineConfig:
@@ -88,4 +92,4 @@ def engine_config(args) -> EngineConfig:
                                           placement=None if placement == "auto" else placement),
                         max_context=args.max_context, dtype=args.dtype, tokenizer=args.tokenizer,
                         vram_budget=getattr(args, "vram_budget", None), ram_budget=getattr(args, "ram_budget", None),
-                        cuda_graphs=getattr(args, "cuda_graphs", False))
+                        kernel=getattr(args, "kernel", "auto"), cuda_graphs=getattr(args, "cuda_graphs", False))
