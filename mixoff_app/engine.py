@@ -39,13 +39,17 @@ class EngineInfo:
     dtype: str
     quant: str
     layout: str
-    num_layers: int
+    num_layers: int            # expert layers: what the cache, stats, panel and traces count
     num_experts: int
     top_k: int
     max_context: int
     cache: CacheConfig
     gpu_name: Optional[str]
     expert_bytes: int          # one expert in its stored (quantized) form
+    family: str = "mixtral"
+    expert_layers: tuple[int, ...] = ()   # decoder layer of each expert layer (labels)
+    decoder_layers: int = 0               # all decoder layers, dense ones included
+    shared_expert: bool = False
     kernel: str = "torch"      # the quantized matmul in use: "triton" (fused kernels) or "torch"
 
 
@@ -140,7 +144,7 @@ def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dty
     cfg, quant, layout = peek_checkpoint(resolved.path, config.quant)
     max_seq = min(config.max_context, cfg.max_position_embeddings)
     cache = config.cache
-    fixed = None if cache.sizes is None else cache.layer_sizes(cfg.num_layers, cfg.num_experts)
+    fixed = None if cache.sizes is None else cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
     memory_plan = None
     if config.planned(device.type):
         memory_plan = plan_for(cfg, quant, max_seq, device=device, dtype=dtype, placement=cache.placement,
@@ -151,7 +155,7 @@ def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dty
         sizes, placement = memory_plan.sizes, memory_plan.placement
         progress(f"memory plan: {memory_plan.summary()}")
     else:
-        sizes, placement = cache.layer_sizes(cfg.num_layers, cfg.num_experts), cache.placement or "inclusive"
+        sizes, placement = cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts), cache.placement or "inclusive"
     if placement == "disk" and layout != "mixoff":
         raise ConfigError(f"--placement disk reads experts straight from a mixoff-format checkpoint, and "
                           f"{resolved.path} is {layout}-layout: convert it once with "
@@ -179,7 +183,7 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
         raise ConfigError("not enough GPU memory for the attention, embeddings and KV cache of this model: "
                           "use a smaller --max-context, free the GPU, or run on --device cpu") from None
     cfg = loaded.cfg
-    stats = Stats(cfg.num_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
+    stats = Stats(cfg.num_moe_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
     try:
         cache = ExpertCache(loaded.store, sizes, config.cache.policy, device, stats)
         model = Mixtral(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype, kernel=kernel)
@@ -202,6 +206,9 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     if config.cuda_graphs:
         if device.type != "cuda":
             raise ConfigError("--cuda-graphs needs a CUDA GPU (the CPU path has no graphs to replay)")
+        if loaded.cfg.family != "mixtral":
+            # The captured decode step is Mixtral's layer; the other families' hooks are not in it yet.
+            raise ConfigError(f"--cuda-graphs runs Mixtral only for now, not {loaded.cfg.family}; drop the flag")
         from .cuda_graphs import DecodeGraphs
         model.graphs = DecodeGraphs(model)
     progress(f"device cache: {_k(sizes)} experts per layer on {device} "
@@ -246,8 +253,10 @@ def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: i
         reason=reason or f"model {config.model!r} as asked", device=str(device),
         dtype=str(dtype).replace("torch.", ""),
         quant=f"attention {q.attn.describe()}, experts {q.experts.describe()}", layout=loaded.layout,
-        num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
-        cache=cache, gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        num_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
+        family=cfg.family, expert_layers=cfg.moe_layers, decoder_layers=cfg.num_layers,
+        shared_expert=bool(cfg.shared_intermediate_size), cache=cache,
+        gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         expert_bytes=loaded.store.layout.nbytes, kernel=kernel)
 
 
@@ -427,7 +436,7 @@ class Engine:
         placement = cache.placement or self.config.cache.placement
         if placement != self.config.cache.placement:
             raise ConfigError("changing the placement needs a reload; start the app with --placement")
-        sizes = None if cache.sizes is None else cache.layer_sizes(cfg.num_layers, cfg.num_experts)
+        sizes = None if cache.sizes is None else cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
         if self.memory_plan is not None:
             # The load was planned (a GPU, or budgets): the new k must fit the same way, before anything moves.
             from .plan import plan_for
@@ -439,7 +448,7 @@ class Engine:
                 raise ConfigError(f"k = {_k(sizes) if sizes else 'any'} does not fit: {p.reason}")
             sizes = p.sizes
         elif sizes is None:
-            sizes = cache.layer_sizes(cfg.num_layers, cfg.num_experts)
+            sizes = cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
         cache = replace(cache, sizes=sizes, placement=placement)
         with self._lock:
             self.model.cache.resize(sizes, cache.policy)

@@ -5,7 +5,7 @@ import argparse
 import math
 from typing import Optional, Union
 
-from ..config import KERNELS, POLICIES, PLACEMENTS, CacheConfig, ConfigError, EngineConfig, QuantConfig, parse_bits
+from ..config import FAMILY, KERNELS, POLICIES, PLACEMENTS, CacheConfig, ConfigError, EngineConfig, QuantConfig, parse_bits
 from ..plan import GiB
 
 
@@ -59,7 +59,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
                    help="hub repo id, local checkpoint folder, or 'tiny' (the embedded demo model)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
     p.add_argument("--attn-bits", type=bits, default=4, help="attention bits: 2, 3, 4, 8 or none (default 4)")
-    p.add_argument("--expert-bits", type=bits, default=2, help="expert bits: 2, 3, 4, 8 or none (default 2)")
+    p.add_argument("--expert-bits", type=bits, default=FAMILY,
+                   help="expert bits: 2, 3, 4, 8 or none (default: the model family's: 2 for Mixtral, 4 for "
+                        "Qwen-MoE and OLMoE; see docs/BENCHMARKS.md)")
     p.add_argument("--cache-size", type=positive_int, default=None,
                    help="experts per layer kept on the device (k); default: all experts on CPU, planned on GPU")
     p.add_argument("--policy", choices=POLICIES, default="lru", help="eviction policy")

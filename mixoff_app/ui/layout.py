@@ -54,8 +54,10 @@ def launch_kwargs() -> dict:
                            font=["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "sans-serif"],
                            font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
     # max_file_size 0: the app takes no uploads, so gradio's upload route refuses every file (HTTP 413).
+    js_path = ASSETS / "panel.js"       # the many-expert panel's hover (one listener, no per-cell elements)
+    head = f"<script>{js_path.read_text(encoding='utf-8')}</script>" if js_path.exists() else None
     return {"theme": theme, "css": css_path.read_text(encoding="utf-8") if css_path.exists() else None,
-            "max_file_size": 0}
+            "head": head, "max_file_size": 0}
 
 
 def _shown_info(info: Any) -> Any:
@@ -179,7 +181,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
             out_info = info_html if info_html != seen.get("info") else gr.skip()
             seen["panel"], seen["info"] = html, info_html
             return (html, out_info, *(gr.skip(),) * 5, seen)
-        html = panel.render_panel(visible_stats(engine, request))
+        html = panel.render_panel(visible_stats(engine, request), engine.info)
         out = [gr.skip()] * 7
         if html != seen.get("panel"):
             out[0] = seen["panel"] = html
@@ -291,8 +293,10 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
                         max_new = gr.Slider(1, max(2048, max_new_tokens), value=max_new_tokens, step=1,
                                             label="Max new tokens", elem_id="mx-max-new")
             with gr.Column(scale=6, min_width=440):
-                panel_html = gr.HTML(panel.render_loading([redact_paths(x) for x in slot.lines]) if slot.engine is None else
-                                     panel.render_panel(slot.engine.stats()), elem_id="mx-panel")
+                panel_html = gr.HTML(panel.render_loading([redact_paths(x) for x in slot.lines])
+                                     if slot.engine is None else
+                                     panel.render_panel(slot.engine.stats(), slot.engine.info),
+                                     elem_id="mx-panel")
                 with gr.Accordion("Cache settings (re-plans the device cache without reloading)", open=False):
                     with gr.Row():
                         cache = slot.engine.info.cache if slot.engine else CacheConfig()
