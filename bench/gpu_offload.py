@@ -72,8 +72,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mixoff_app.config import ModelConfig, QuantSpec  # noqa: E402
+from mixoff_app.config import KERNELS, ModelConfig, QuantSpec  # noqa: E402
 from mixoff_app.expert_cache import ExpertCache  # noqa: E402
+from mixoff_app.kernels import resolve_kernel  # noqa: E402
 from mixoff_app.model import LayerWeights, Mixtral, Prefetcher, TrunkWeights  # noqa: E402
 from mixoff_app.op_counts import count_ops, count_syncs  # noqa: E402
 from mixoff_app.presets import from_name  # noqa: E402
@@ -368,7 +369,7 @@ def run_variant(name: str, ctx: dict, args: argparse.Namespace, deadline: float)
     n_timed_end = args.warmup + args.tokens
     n_total = n_timed_end + COUNTED_TOKENS
     model = TraceMixtral(cfg, ctx["trunk"], cache, stats, n_total + 1, device, dtype,
-                         idx=ctx["idx"], weights=ctx["w"])
+                         kernel=resolve_kernel(args.kernel, device), idx=ctx["idx"], weights=ctx["w"])
     if prefetch:
         model.prefetcher = TracePrefetcher(ctx["routing"], K, args.prefetch_accuracy, E, args.seed, device)
     if graphs:
@@ -537,6 +538,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="compute dtype (auto: float16 on cuda, float32 on cpu)")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="stop starting variants (and cut the timed loop) after this many seconds from start")
+    ap.add_argument("--kernel", choices=KERNELS, default="auto",
+                    help="quantized matmul: auto (triton on cuda, torch on cpu), triton or torch")
     ap.add_argument("--kernels-args", default="", help="arguments for bench/kernels.py (run when it exists)")
     ap.add_argument("--kernels-timeout-s", type=int, default=150)
     ap.add_argument("--fail", default=None, help=argparse.SUPPRESS)   # tests: make this variant raise

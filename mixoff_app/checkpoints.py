@@ -1,12 +1,16 @@
-"""Read Mixtral checkpoints in three layouts and write our own.
+"""Read MoE checkpoints in three layouts and write our own.
 
 Layouts, told apart by the keys found:
-- ``hf``: Hugging Face fp16/bf16/fp32 weights with the hub's per-expert names
-  (``model.layers.L.block_sparse_moe.experts.E.w1.weight``), quantized while loading, tensor by tensor,
+- ``hf``: Hugging Face fp16/bf16/fp32 weights with the hub's per-expert names of the family
+  (``model.layers.L.block_sparse_moe.experts.E.w1.weight`` for Mixtral, ``model.layers.L.mlp.experts.E.
+  gate_proj.weight`` for Qwen-MoE and OLMoE; see families.py), quantized while loading, tensor by tensor,
   so peak host memory stays near the quantized size.
 - ``reference``: the reference project's pre-quantized checkpoint (hqq 0.1.x, ``P.W_q`` + ``P.meta.*``).
 - ``mixoff``: ours (``python -m mixoff_app quantize``): trunk tensors by field name, each expert as one
-  ``...experts.E.packed`` blob in the store's layout, so loading an expert is one copy.
+  ``...experts.E.packed`` blob in the store's layout, so loading an expert is one copy. The metadata records
+  the family (``mixoff.family``) beside the quantization.
+
+Experts are addressed by expert layer (``cfg.moe_layers``); names in files use the decoder layer.
 """
 from __future__ import annotations
 
@@ -19,9 +23,10 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .config import ConfigError, ModelConfig, QuantConfig, QuantSpec
+from .families import DENSE_NAMES
 from .model import LayerWeights, TrunkWeights
 from .quant import QWeight, pack, quantize, qweight_from, unpack, weight_fields
-from .stores import ExpertLayout, ExpertStore, InclusiveStore, expert_tensors_from_dense
+from .stores import ExpertLayout, ExpertStore, ExpertWeights, InclusiveStore, expert_tensors_from_dense
 
 Progress = Callable[[str], None]
 
@@ -33,8 +38,7 @@ REFERENCE_FIELDS = {"W_q": "W_q", "meta.scale": "scale", "meta.zero": "zero", "m
                "meta.meta_zero.scale": "zero_s", "meta.meta_zero.zero": "zero_z"}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read: the message names the file or key and what to do."""
+from .validation import CheckpointError, check_config_object, check_config_values, check_tensors, sample_experts  # noqa: E402
 
 
 def _noop(msg: str) -> None:
@@ -118,6 +122,11 @@ class TensorSource:
     def shard_of(self, key: str) -> Path:
         return self.folder / self.weight_map[key]
 
+    def where(self, key: str) -> Path:
+        """The file a tensor comes from (the folder when the name is not in the index)."""
+        shard = self.weight_map.get(key)
+        return self.folder / shard if shard else self.folder
+
     def close(self) -> None:
         self._handles.clear()
         self._shard_keys.clear()
@@ -129,13 +138,14 @@ def detect_layout(keys: Iterable[str], metadata: Optional[dict] = None) -> str:
     ks = set(keys)
     if any(k.endswith("experts.0.w1.W_q") for k in ks):
         return "reference"
-    if any(k.endswith("experts.0.w1.weight") for k in ks):
+    if any(k.endswith(("experts.0.w1.weight", "experts.0.gate_proj.weight")) for k in ks):
         return "hf"
     if any("experts.gate_up_proj" in k for k in ks):
         raise CheckpointError("this checkpoint stores experts fused (experts.gate_up_proj); save it with "
                               "transformers' save_pretrained, which writes the hub's per-expert names")
-    raise CheckpointError("not a Mixtral checkpoint: found no expert weights "
-                          "(expected keys like model.layers.0.block_sparse_moe.experts.0.w1.weight)")
+    raise CheckpointError("not a supported MoE checkpoint: found no expert weights (expected keys like "
+                          "model.layers.0.block_sparse_moe.experts.0.w1.weight or "
+                          "model.layers.0.mlp.experts.0.gate_proj.weight)")
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -143,9 +153,31 @@ def read_config(folder: Path) -> ModelConfig:
     if not path.exists():
         raise CheckpointError(f"{path} not found: a checkpoint folder needs its config.json")
     try:
-        return ModelConfig.from_hf(json.loads(path.read_text()))
-    except (ValueError, KeyError) as e:
+        data = check_config_object(json.loads(path.read_text(encoding="utf-8")), path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    check_config_values(_raw_fields(data), path)      # wrong types and ranges, named as config.json spells them
+    try:
+        cfg = ModelConfig.from_hf(data)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: the setting {e.args[0]!r} is missing") from None
+    except (ValueError, TypeError, ZeroDivisionError, AttributeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+    check_config_values(vars(cfg), path)
+    return cfg
+
+
+def _raw_fields(data: dict) -> dict:
+    """config.json values under ModelConfig's field names, unconverted, so a wrong type is named as given."""
+    from .validation import POSITIVE_FLOATS, SIZE_FIELDS, TOKEN_IDS
+    out = {}
+    for table in (SIZE_FIELDS, POSITIVE_FLOATS, TOKEN_IDS):
+        for name, key in table.items():
+            if data.get(key) is not None and not (key == "eos_token_id" and isinstance(data[key], list)):
+                out[name] = data[key]
+    return out
 
 
 # ---- reference layout conversion -----------------------------------------------------------------
@@ -235,14 +267,21 @@ def load_checkpoint(folder: str | os.PathLike, quant: QuantConfig, device: str |
 
 def _check_specs(cfg: ModelConfig, quant: QuantConfig) -> None:
     h, f = cfg.hidden_size, cfg.intermediate_size
-    for spec, what, numel in ((quant.attn, "attention", cfg.num_kv_heads * cfg.head_dim * h),
-                              (quant.experts, "expert", f * h)):
+    checks = [(quant.attn, "attention", cfg.num_kv_heads * cfg.head_dim * h), (quant.experts, "expert", f * h)]
+    for size in (cfg.shared_intermediate_size, cfg.dense_intermediate_size):
+        if size:     # dense MLPs and shared experts are trunk: quantized like attention
+            checks.append((quant.attn, "attention", size * h))
+    for spec, what, numel in checks:
         if spec.enabled and numel % spec.group_size:
             raise ConfigError(f"{what} group size {spec.group_size} does not divide the {what} weights of this "
                               f"model ({numel} values); pick a divisor")
 
 
-def _mixoff_quant(src: TensorSource) -> QuantConfig:
+def _mixoff_quant(src: TensorSource, cfg: Optional[ModelConfig] = None) -> QuantConfig:
+    fam = src.metadata.get("mixoff.family", "mixtral")    # format 1 files before families were Mixtral
+    if cfg is not None and fam != cfg.family:
+        raise CheckpointError(f"{src.folder}: the weights were quantized from a {fam} model but config.json says "
+                              f"{cfg.family}; quantize the checkpoint again")
     try:
         q = json.loads(src.metadata["mixoff.quant"])
         return QuantConfig(attn=QuantSpec(**q["attn"]), experts=QuantSpec(**q["experts"]))
@@ -263,38 +302,93 @@ def _attn_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
             "v_proj": (cfg.num_kv_heads * hd, h), "o_proj": (h, cfg.num_heads * hd)}
 
 
+def _trunk_linear(src, layout, prefix, shape, spec, device, dtype, qdev):
+    """One always-resident linear (attention, a dense MLP, a shared expert) in any layout, quantized with
+    ``spec`` (the attention spec) when it is enabled."""
+    if layout == "reference":
+        return _qdevice(reference_qweight(src, prefix, shape), device)
+    if layout == "mixoff" and spec.enabled:
+        fields = weight_fields(prefix, shape, spec, dtype)
+        got = {f.name: src.get(f.name) for f in fields}
+        check_tensors(((f.name, got[f.name], f.shape) for f in fields), src.where, finite=False)
+        return qweight_from({k: v.to(device) for k, v in got.items()}, prefix, shape, spec)
+    dense = src.get(prefix + ".weight")
+    if tuple(dense.shape) != shape:
+        raise CheckpointError(f"{prefix}.weight has shape {tuple(dense.shape)}, config says {shape}")
+    return _qdevice(quantize(dense, spec, qdev), device) if spec.enabled else _dense(dense, device, dtype)
+
+
+def _resident_mlp(src, layout, prefix, size, h, spec, device, dtype, qdev) -> ExpertWeights:
+    shapes = ((size, h), (size, h), (h, size))
+    return ExpertWeights(*(_trunk_linear(src, layout, f"{prefix}.{n}", s, spec, device, dtype, qdev)
+                           for n, s in zip(DENSE_NAMES, shapes)))
+
+
 def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress) -> TrunkWeights:
     shapes = _attn_shapes(cfg)
+    fam, h = cfg.spec, cfg.hidden_size
     layers = []
+
+    def opt(key):
+        return _dense(src.get(key), device, dtype) if key in src else None
+
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        attn = {}
-        for name in ATTN:
-            prefix = f"{p}self_attn.{name}"
-            if layout == "reference":
-                w = _qdevice(reference_qweight(src, prefix, shapes[name]), device)
-            elif layout == "mixoff" and quant.attn.enabled:
-                fields = weight_fields(prefix, shapes[name], quant.attn, dtype)
-                w = qweight_from({f.name: src.get(f.name).to(device) for f in fields}, prefix, shapes[name], quant.attn)
-            else:
-                dense = src.get(prefix + ".weight")
-                if tuple(dense.shape) != shapes[name]:
-                    raise CheckpointError(f"{prefix}.weight has shape {tuple(dense.shape)}, config says {shapes[name]}")
-                w = (_qdevice(quantize(dense, quant.attn, qdev), device) if quant.attn.enabled
-                     else _dense(dense, device, dtype))
-            attn[name] = w
-        layers.append(LayerWeights(
+        attn = {name: _trunk_linear(src, layout, f"{p}self_attn.{name}", shapes[name], quant.attn, device, dtype,
+                                    qdev) for name in ATTN}
+        bias = {n: opt(f"{p}self_attn.{n}_proj.bias") if cfg.attn_bias else None for n in "qkvo"}
+        if cfg.attn_bias and any(bias[n] is None for n in "qkv"):
+            raise CheckpointError(f"config.json says the attention has biases, but {src.folder} has no "
+                                  f"{p}self_attn.q_proj.bias")
+        moe = i not in cfg.dense_layers
+        lw = LayerWeights(
             attn_norm=_dense(src.get(p + "input_layernorm.weight"), device, dtype),
             ffn_norm=_dense(src.get(p + "post_attention_layernorm.weight"), device, dtype),
             wq=attn["q_proj"], wk=attn["k_proj"], wv=attn["v_proj"], wo=attn["o_proj"],
-            gate=_dense(src.get(p + "block_sparse_moe.gate.weight"), device, dtype)))
+            gate=_dense(src.get(fam.router_key(i)), device, dtype) if moe else None,
+            bq=bias["q"], bk=bias["k"], bv=bias["v"], bo=bias["o"] if fam.bias_o else None)
+        if fam.qk_norm != "none":
+            lw.q_norm = _dense(src.get(p + "self_attn.q_norm.weight"), device, dtype)
+            lw.k_norm = _dense(src.get(p + "self_attn.k_norm.weight"), device, dtype)
+        if not moe:
+            lw.mlp = _resident_mlp(src, layout, f"{p}mlp", cfg.dense_intermediate_size, h, quant.attn, device,
+                                   dtype, qdev)
+        elif cfg.shared_intermediate_size:
+            lw.shared = _resident_mlp(src, layout, f"{p}mlp.shared_expert", cfg.shared_intermediate_size, h,
+                                      quant.attn, device, dtype, qdev)
+            lw.shared_gate = _dense(src.get(f"{p}mlp.shared_expert_gate.weight"), device, dtype)
+        layers.append(lw)
     embed = _dense(src.get("model.embed_tokens.weight"), device, dtype)
     lm_head = (_dense(src.get("lm_head.weight"), device, dtype) if "lm_head.weight" in src
                else embed if cfg.tie_word_embeddings else _dense(src.get("lm_head.weight"), device, dtype))
-    progress(f"attention, router and embeddings placed on {device} "
+    trunk = TrunkWeights(embed=embed, layers=layers, norm=_dense(src.get("model.norm.weight"), device, dtype),
+                         lm_head=lm_head)
+    check_tensors(_trunk_rows(trunk, cfg), src.where)
+    extra = (", dense MLPs" if cfg.dense_layers else "") + (", shared experts" if cfg.shared_intermediate_size else "")
+    progress(f"attention, router{extra} and embeddings placed on {device} "
              f"(attention {quant.attn.describe()})")
-    return TrunkWeights(embed=embed, layers=layers, norm=_dense(src.get("model.norm.weight"), device, dtype),
-                        lm_head=lm_head)
+    return trunk
+
+
+def _trunk_rows(trunk: TrunkWeights, cfg: ModelConfig):
+    """(name, tensor, expected shape) for every trunk tensor, in checkpoint names."""
+    V, H, E = cfg.vocab_size, cfg.hidden_size, cfg.num_experts
+    yield "model.embed_tokens.weight", trunk.embed, (V, H)
+    yield "model.norm.weight", trunk.norm, (H,)
+    yield "lm_head.weight", trunk.lm_head, (V, H)
+    shapes = _attn_shapes(cfg)
+    for i, lw in enumerate(trunk.layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", lw.attn_norm, (H,)
+        yield p + "post_attention_layernorm.weight", lw.ffn_norm, (H,)
+        if lw.gate is not None:
+            yield cfg.spec.router_key(i), lw.gate, (E, H)
+        for name, w in zip(ATTN, (lw.wq, lw.wk, lw.wv, lw.wo)):
+            if isinstance(w, QWeight):
+                for k, v in w.tensors().items():
+                    yield f"{p}self_attn.{name}.{k}", v, None
+            else:
+                yield f"{p}self_attn.{name}.weight", w, shapes[name]
 
 
 # ---- writing our own format ----------------------------------------------------------------------
@@ -312,15 +406,15 @@ class _LayerWriter:
         self.weight_map: dict[str, str] = {}
 
     def load_targets(self):
-        for i in range(self.cfg.num_layers):
+        fam = self.cfg.spec
+        for j, i in enumerate(self.cfg.moe_layers):
             self.buf.zero_()          # padding bytes stay zero: files are byte-for-byte reproducible
             for e in range(self.cfg.num_experts):
-                yield i, e, self.buf[e]
+                yield j, e, self.buf[e]
             name = f"experts-{i:05d}.safetensors"
-            _write_shard(self.out / name, {f"model.layers.{i}.block_sparse_moe.experts.{e}.packed": self.buf[e]
-                                          for e in range(self.cfg.num_experts)}, self.meta)
-            self.weight_map.update({f"model.layers.{i}.block_sparse_moe.experts.{e}.packed": name
-                                    for e in range(self.cfg.num_experts)})
+            keys = {f"{fam.expert_prefix(i, e)}.packed": self.buf[e] for e in range(self.cfg.num_experts)}
+            _write_shard(self.out / name, keys, self.meta)
+            self.weight_map.update({k: name for k in keys})
             self.progress(f"wrote {self.out / name}")
 
 
@@ -332,15 +426,70 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
     os.replace(path.with_name(path.name + ".part"), path)
 
 
+def _check_output(src: Path, out: Path, force: bool) -> None:
+    """Refuse an output that would overwrite the source or files the user already has."""
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise CheckpointError(f"the output folder {out} is (or is inside, or contains) the source {src}: "
+                              f"choose a separate output folder")
+    if o.exists() and not o.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder: choose another output folder")
+    if o.is_dir() and any(o.iterdir()) and not force:
+        raise CheckpointError(f"the output folder {out} is not empty: choose a new folder, or pass --force to "
+                              f"replace its contents")
+
+
 def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike, quant: QuantConfig,
-                   progress: Progress = _noop) -> Path:
-    """Quantize any readable checkpoint into the mixoff format (tokenizer and config copied along)."""
+                   progress: Progress = _noop, force: bool = False) -> Path:
+    """Quantize any readable checkpoint into the mixoff format (tokenizer and config copied along).
+
+    Nothing the user has is clobbered: a non-empty output folder is refused unless ``force``; the source is
+    never written to; everything is written into a temporary sibling folder that is renamed into place
+    only once complete, so a crash or Ctrl-C leaves no half-written output (and, with ``force``, the old
+    contents until the new ones are whole)."""
     import shutil
 
     src_folder, out = Path(src_folder), Path(out_folder)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_output(src_folder, out, force)
     cfg, q, _layout = peek_checkpoint(src_folder, quant)
-    meta = {"mixoff.format": MIXOFF_FORMAT, "format": "pt",
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"cannot write the output folder {out}: {e.strerror or e} — choose a folder you "
+                              f"can write to") from None
+    try:
+        _write_quantized(src_folder, tmp, cfg, quant, q, progress)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:
+                os.replace(old, out)        # put the old contents back
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the output folder {out}: {e.strerror or e} — nothing was written "
+                              f"(check free disk space and permissions)") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"wrote {out}")
+    return out
+
+
+def _write_quantized(src_folder: Path, out: Path, cfg: ModelConfig, quant: QuantConfig, q: QuantConfig,
+                     progress: Progress) -> None:
+    import shutil
+
+    meta = {"mixoff.format": MIXOFF_FORMAT, "format": "pt", "mixoff.family": cfg.family,
             "mixoff.quant": json.dumps({"attn": spec_dict(q.attn), "experts": spec_dict(q.experts)})}
     writer: list[_LayerWriter] = []
 
@@ -352,17 +501,32 @@ def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike,
     trunk = loaded.trunk
     tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": trunk.embed,
                                         "model.norm.weight": trunk.norm, "lm_head.weight": trunk.lm_head}
+    def put(prefix: str, w) -> None:
+        if isinstance(w, QWeight):
+            for k, v in w.tensors().items():
+                tensors[f"{prefix}.{k}"] = v
+        else:
+            tensors[f"{prefix}.weight"] = w
+
     for i, lw in enumerate(trunk.layers):
         p = f"model.layers.{i}."
         tensors[p + "input_layernorm.weight"] = lw.attn_norm
         tensors[p + "post_attention_layernorm.weight"] = lw.ffn_norm
-        tensors[p + "block_sparse_moe.gate.weight"] = lw.gate
+        if lw.gate is not None:
+            tensors[cfg.spec.router_key(i)] = lw.gate
         for name, w in zip(ATTN, (lw.wq, lw.wk, lw.wv, lw.wo)):
-            if isinstance(w, QWeight):
-                for k, v in w.tensors().items():
-                    tensors[f"{p}self_attn.{name}.{k}"] = v
-            else:
-                tensors[f"{p}self_attn.{name}.weight"] = w
+            put(f"{p}self_attn.{name}", w)
+        for n, b in zip("qkvo", (lw.bq, lw.bk, lw.bv, lw.bo)):
+            if b is not None:
+                tensors[f"{p}self_attn.{n}_proj.bias"] = b
+        if lw.q_norm is not None:
+            tensors[p + "self_attn.q_norm.weight"], tensors[p + "self_attn.k_norm.weight"] = lw.q_norm, lw.k_norm
+        for prefix, mlp in ((f"{p}mlp", lw.mlp), (f"{p}mlp.shared_expert", lw.shared)):
+            if mlp is not None:
+                for n, w in zip(DENSE_NAMES, mlp):
+                    put(f"{prefix}.{n}", w)
+        if lw.shared_gate is not None:
+            tensors[f"{p}mlp.shared_expert_gate.weight"] = lw.shared_gate
     _write_shard(out / "trunk.safetensors", tensors, meta)
     weight_map = {k: "trunk.safetensors" for k in tensors} | writer[0].weight_map
     (out / "model.safetensors.index.json").write_text(json.dumps(
@@ -373,7 +537,6 @@ def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike,
         if name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
             shutil.copy2(src_folder / name, out / name)
     progress(f"wrote {out / 'trunk.safetensors'} and the index")
-    return out
 
 
 def spec_dict(s: QuantSpec) -> dict:
@@ -387,11 +550,12 @@ def peek_checkpoint(folder: str | os.PathLike, quant: QuantConfig) -> tuple[Mode
     """(config, the quantization that will be in memory, layout) without loading any weights, for planning."""
     folder = Path(folder)
     cfg = read_config(folder)
+    quant = quant.for_family(cfg.family)
     src = TensorSource(folder)
     try:
         layout = detect_layout(src.keys(), src.metadata)
         if layout == "mixoff":
-            quant = _mixoff_quant(src)
+            quant = _mixoff_quant(src, cfg)
         elif layout == "reference":
             quant = _reference_quant(src, cfg)
     finally:
@@ -411,6 +575,7 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
 
     folder = Path(folder)
     cfg = read_config(folder)
+    quant = quant.for_family(cfg.family)
     src = TensorSource(folder)
     layout = detect_layout(src.keys(), src.metadata)
     device = torch.device(device)
@@ -419,7 +584,7 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
     fds: dict[Path, int] = {}
     try:
         if layout == "mixoff":
-            quant = _mixoff_quant(src)
+            quant = _mixoff_quant(src, cfg)
         elif layout == "reference":
             quant = _reference_quant(src, cfg)
         _check_specs(cfg, quant)
@@ -427,13 +592,16 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
         store = make_store(cfg, elayout, layout, folder)
         trunk = _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress)
         f, h = cfg.intermediate_size, cfg.hidden_size
+        names = cfg.spec.expert_names
         blobs = expert_blob_offsets(folder, cfg, elayout.nbytes) if layout == "mixoff" else {}
         bounce = None
         n = 0
-        for i, e, target in store.load_targets():
-            p = f"model.layers.{i}.block_sparse_moe.experts.{e}"
+        sample = sample_experts(len(cfg.moe_layers), cfg.num_experts)
+        for j, e, target in store.load_targets():
+            i = cfg.moe_layers[j]
+            p = cfg.spec.expert_prefix(i, e)
             if layout == "mixoff":
-                path, off = blobs[(i, e)]
+                path, off = blobs[(j, e)]
                 if path not in fds:
                     fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
                 if target.device.type == "cpu":
@@ -451,12 +619,17 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
                 elayout.fill(target, tensors)
             else:
                 ws = []
-                for name, shape in (("w1", (f, h)), ("w3", (f, h)), ("w2", (h, f))):
+                for name, shape in zip(names, ((f, h), (f, h), (h, f))):
                     w = src.get(f"{p}.{name}.weight")
                     if tuple(w.shape) != shape:
                         raise CheckpointError(f"{p}.{name}.weight has shape {tuple(w.shape)}, config says {shape}")
                     ws.append(w)
                 elayout.fill(target, expert_tensors_from_dense(*ws, quant.experts, qdev))
+            if (j, e) in sample:
+                stored = "weight" if layout == "hf" else "W_q"     # the file of the linear a field belongs to
+                where = ((lambda name, j=j, e=e: blobs[(j, e)][0]) if layout == "mixoff" else
+                         (lambda name: src.where(f"{name.rsplit('.', 1)[0]}.{stored}")))
+                check_tensors(((f"{p}.{k}", v, None) for k, v in elayout.views(target).items()), where)
             n += 1
         progress(f"experts placed ({store.placement}): {n} read now, experts {quant.experts.describe()}")
     finally:

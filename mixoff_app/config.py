@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional
 
+from .families import FAMILIES, Family, unsupported
+
 
 class ConfigError(ValueError):
     """A configuration value a user gave (or a checkpoint declared) that cannot work."""
@@ -30,8 +32,23 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
+    # What differs per family (mixoff_app/families.py); the defaults are Mixtral's. ``intermediate_size`` is
+    # always a routed expert's; dense layers and the shared expert have their own sizes.
+    family: str = "mixtral"
+    norm_topk_prob: bool = True
+    shared_intermediate_size: int = 0          # 0: no shared expert
+    dense_layers: tuple[int, ...] = ()         # decoder layers with a dense MLP instead of experts
+    dense_intermediate_size: int = 0
+    attn_bias: bool = False                    # q/k/v (and o, where the family says) carry biases
+    clip_qkv: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(unsupported(self.family))
+        if any(not 0 <= i < self.num_layers for i in self.dense_layers):
+            raise ConfigError(f"dense layers {list(self.dense_layers)} lie outside 0..{self.num_layers - 1}")
+        if not self.moe_layers:
+            raise ConfigError("this model has no MoE layer: there are no experts to offload")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_kv_heads})")
@@ -39,29 +56,59 @@ class ModelConfig:
             raise ConfigError(f"num_experts_per_tok ({self.top_k}) must be within 1..num_local_experts "
                               f"({self.num_experts})")
 
+    @property
+    def spec(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Decoder layers that route to experts. The expert cache, stores, stats and traces count these
+        layers only ("expert layer" j is decoder layer ``moe_layers[j]``); dense layers are trunk."""
+        return tuple(i for i in range(self.num_layers) if i not in self.dense_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - len(self.dense_layers)
+
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
-        """Read a Hugging Face ``config.json`` dict (transformers 4 or 5 spelling)."""
+        """Read a Hugging Face ``config.json`` dict (transformers 4 or 5 spelling) of a supported family."""
         model_type = cfg.get("model_type", "mixtral")
-        if model_type != "mixtral":
-            raise ConfigError(f"model_type is {model_type!r}; mixoff runs Mixtral-architecture models only")
-        rope = cfg.get("rope_parameters") or {}
+        fam = FAMILIES.get(model_type)
+        if fam is None:
+            raise ConfigError(unsupported(model_type))
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 1e6))
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise ConfigError(f"rope_type {rope.get('rope_type')!r} is not supported (only the default RoPE)")
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ConfigError(f"rope_type {rope.get('rope_type', rope.get('type'))!r} is not supported "
+                              f"(only the default RoPE)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+        if cfg.get("use_sliding_window"):
+            raise ConfigError("use_sliding_window is set: sliding-window attention is not supported")
         eos = cfg.get("eos_token_id", 2)
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        num_experts = next((cfg[k] for k in fam.experts_key if cfg.get(k) is not None), None)
+        if num_experts is None:
+            raise ConfigError(f"config.json of a {model_type} model has no {fam.experts_key[0]}")
+        layers = cfg["num_hidden_layers"]
+        dense: tuple[int, ...] = ()
+        if fam.dense_layers:
+            step = cfg.get("decoder_sparse_step", 1) or 1
+            only = set(cfg.get("mlp_only_layers") or ())
+            dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+        renorm = fam.renorm if fam.renorm is not None else bool(cfg.get("norm_topk_prob", False))
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=hidden,
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
+            intermediate_size=cfg[fam.expert_size_key],
+            num_layers=layers,
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads", heads),
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or hidden // heads,
-            num_experts=cfg["num_local_experts"],
+            num_experts=num_experts,
             top_k=cfg["num_experts_per_tok"],
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=float(rope_theta),
@@ -69,9 +116,20 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id", 1),
             eos_token_id=eos,
+            family=model_type,
+            norm_topk_prob=renorm,
+            shared_intermediate_size=cfg.get("shared_expert_intermediate_size", 0) if fam.shared_expert else 0,
+            dense_layers=dense,
+            dense_intermediate_size=cfg.get("intermediate_size", 0) if dense else 0,
+            attn_bias=bool(cfg.get(fam.bias_key, fam.bias_default)) if fam.bias_key else False,
+            clip_qkv=cfg.get("clip_qkv") if fam.clip_qkv else None,
         )
 
     def to_hf(self) -> dict:
+        """A Mixtral ``config.json`` (the tiny model and benches write Mixtral checkpoints; other families'
+        test checkpoints are written by transformers' own config classes)."""
+        if self.family != "mixtral":
+            raise ConfigError(f"to_hf writes Mixtral configs only, not {self.family}")
         return {
             "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
@@ -87,6 +145,7 @@ class ModelConfig:
 
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+FAMILY = "family"       # bits left to the model family (EXPERT_QUANT)
 
 # Prompts are prefilled this many tokens at a time: activations (and the planner's allowance for them) are
 # bounded by the chunk, not by the prompt.
@@ -122,20 +181,49 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """``family_default``: the experts' spec is the model family's (``EXPERT_QUANT``), decided once the
+    config is read; ``experts`` then only stands for Mixtral's."""
     attn: QuantSpec = QuantSpec(bits=4, group_size=64, scale_group=256)
     experts: QuantSpec = QuantSpec(bits=2, group_size=16, scale_group=128)
+    family_default: bool = False
 
     @classmethod
-    def from_bits(cls, attn_bits: Optional[int], expert_bits: Optional[int]) -> "QuantConfig":
+    def from_bits(cls, attn_bits: Optional[int], expert_bits: "Optional[int] | str") -> "QuantConfig":
+        """``expert_bits`` may be ``FAMILY`` ("family"): the model family's expert spec."""
         d = cls()
+        if expert_bits == FAMILY:
+            return cls(attn=replace(d.attn, bits=attn_bits), family_default=True)
         return cls(attn=replace(d.attn, bits=attn_bits), experts=replace(d.experts, bits=expert_bits))
+
+    def for_family(self, family: str) -> "QuantConfig":
+        """The quantization for a model of ``family``: the family's expert spec when asked for."""
+        if not self.family_default:
+            return self
+        return replace(self, experts=EXPERT_QUANT.get(family, self.experts), family_default=False)
+
+
+# Expert quantization per family (measured in bench/quant_families.py, docs/BENCHMARKS.md). On tiny
+# checkpoints of every family, 2-bit g16 experts add about 8x the logits divergence 4-bit g64 experts add
+# (3-bit g64 halves 2-bit's at 3.75 bits a weight, dominated by 4-bit's 4.25). Mixtral keeps the reference's
+# 2-bit g16 (3.02 bits a weight): it is what fits 47B parameters on small cards. The other families are small
+# enough that 4-bit still fits the reference machines (Qwen3-30B-A3B: 15.9 GiB of experts in host RAM and
+# 78-79 of 128 per layer on a 12 GB card), so they get it.
+EXPERT_QUANT = {
+    "mixtral": QuantSpec(bits=2, group_size=16, scale_group=128),
+    "qwen2_moe": QuantSpec(bits=4, group_size=64, scale_group=128),
+    "qwen3_moe": QuantSpec(bits=4, group_size=64, scale_group=128),
+    "olmoe": QuantSpec(bits=4, group_size=64, scale_group=128),
+}
+FAMILY_QUANT = QuantConfig(family_default=True)     # what the CLI and the app use unless bits are given
 
 
 NO_QUANT = QuantConfig(attn=QuantSpec(bits=None), experts=QuantSpec(bits=None))
 
 
-def parse_bits(text: str | int | None) -> Optional[int]:
-    """'none' | '2' | 4 -> bits; anything else is a clear ConfigError."""
+def parse_bits(text: str | int | None) -> "Optional[int] | str":
+    """'none' | '2' | 4 -> bits, 'family' -> FAMILY (the family's default); anything else is a clear ConfigError."""
+    if text == FAMILY:
+        return FAMILY
     if text is None or (isinstance(text, str) and text.strip().lower() in ("none", "off", "fp", "16")):
         return None
     try:
@@ -149,6 +237,7 @@ def parse_bits(text: str | int | None) -> Optional[int]:
 
 
 POLICIES = ("lru", "lfu", "lrfu")
+KERNELS = ("auto", "triton", "torch")     # quantized matmul: see mixoff_app/kernels
 PLACEMENTS = ("inclusive", "exclusive", "disk")
 
 
@@ -222,14 +311,16 @@ class EngineConfig:
     """What to load and how. ``model`` is a hub id, a local folder, ``tiny`` or a preset name."""
     model: str = "tiny"
     device: Optional[str] = None          # None: cuda where available, else cpu
-    quant: QuantConfig = QuantConfig()
+    quant: QuantConfig = FAMILY_QUANT     # experts by family unless given (QuantConfig.for_family)
     cache: CacheConfig = CacheConfig()
     max_context: int = 4096
     dtype: Optional[str] = None           # None: float16 on cuda, float32 on cpu
     tokenizer: Optional[str] = None       # overrides where the tokenizer and chat template come from
     vram_budget: Optional[int] = None     # bytes mixoff may allocate on the device (torch peak allocated)
     ram_budget: Optional[int] = None      # bytes loading may add to the process RSS
+    kernel: str = "auto"                  # quantized matmul: auto (triton on CUDA, torch elsewhere) | triton | torch
     cuda_graphs: bool = False             # replay decode steps as CUDA graphs (GPU only; off until measured)
+    max_input_chars: Optional[int] = None  # message / system prompt character limit (None: from the context)
 
     def planned(self, device_type: str) -> bool:
         """The memory planner sizes the load on a GPU and under a budget; elsewhere memory does not limit it."""

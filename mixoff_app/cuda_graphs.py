@@ -108,7 +108,7 @@ class DecodeGraphs:
         if g is None or g[2] is not layer:     # first use, or the cache was re-planned (new slot buffers)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = expert_forward(self.h, layer.weights[slot])
+                out = expert_forward(self.h, layer.weights[slot], self.m.kernel)
             g = self.expert_graphs[(i, slot)] = (graph, out, layer)
         g[0].replay()
         # A slot can serve two ranks of one token (k smaller than top-k): keep each rank's output apart.

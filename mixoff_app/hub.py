@@ -112,7 +112,10 @@ def tokenizer_source(folder: Path, repo_id: Optional[str], override: Optional[st
     base = TOKENIZER_FALLBACK.get(repo_id or "")
     if base is None:
         import json
+
+        from .families import FAMILIES
         cfg = json.loads((folder / "config.json").read_text())
-        base = cfg.get("_name_or_path") or BASE_INSTRUCT
+        fam = FAMILIES.get(cfg.get("model_type", "mixtral"))
+        base = cfg.get("_name_or_path") or (fam.example if fam else BASE_INSTRUCT)
     progress(f"the checkpoint has no tokenizer; using {base}'s")
     return download(base, TOKENIZER_FILES, progress)

@@ -5,6 +5,7 @@ Read on demand (when a snapshot is asked for), never from the decode loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -122,13 +123,16 @@ def device_tensor_bytes(model) -> int:
         elif hasattr(t, "tensors"):
             for v in t.tensors().values():
                 add(v)
+        elif isinstance(t, tuple):          # a resident MLP (dense layer, shared expert): ExpertWeights
+            for v in t:
+                add(v)
 
     tr = model.trunk
     for t in (tr.embed, tr.norm, tr.lm_head):
         add(t)
-    for lw in tr.layers:
-        for t in (lw.attn_norm, lw.ffn_norm, lw.wq, lw.wk, lw.wv, lw.wo, lw.gate):
-            add(t)
+    for lw in tr.layers:                    # every field: attention, norms, router, biases, resident MLPs
+        for f in dataclasses.fields(lw):
+            add(getattr(lw, f.name))
     for t in model.cache.device_buffers():
         add(t)
     for t in (model.kv, model.cos, model.sin):

@@ -1,4 +1,8 @@
-"""Compact Mixtral forward: RMSNorm, RoPE, GQA attention over a static KV cache, sparse MoE over the cache.
+"""Compact MoE forward: RMSNorm, RoPE, GQA attention over a static KV cache, sparse MoE over the cache.
+
+One forward for every family in ``families.py``; what differs (attention biases, q/k norms, qkv clipping,
+top-k renormalisation, a shared expert, dense layers) is a field of ``LayerWeights`` or ``ModelConfig`` read
+at one place each. Dense layers' MLPs and shared experts are trunk: always on the device, never cached.
 
 Batch size is one (a chat). Attention, norms, router, embeddings and lm_head stay on the device; the
 experts come from ``ExpertCache`` one layer at a time. Expert outputs are summed in a fixed order (by
@@ -20,7 +24,8 @@ import torch.nn.functional as F
 
 from .config import PREFILL_CHUNK, ModelConfig
 from .expert_cache import ExpertCache
-from .quant import QWeight, linear
+from .kernels import qlinear
+from .quant import QWeight
 from .stats import Stats
 from .stores import ExpertWeights
 
@@ -35,7 +40,16 @@ class LayerWeights:
     wk: Weight                  # [nkv*hd, H]
     wv: Weight                  # [nkv*hd, H]
     wo: Weight                  # [H, nh*hd]
-    gate: torch.Tensor          # [E, H]
+    gate: Optional[torch.Tensor]        # [E, H] router; None in a dense layer
+    bq: Optional[torch.Tensor] = None   # attention biases (Qwen2-MoE: q/k/v; attention_bias: also o)
+    bk: Optional[torch.Tensor] = None
+    bv: Optional[torch.Tensor] = None
+    bo: Optional[torch.Tensor] = None
+    q_norm: Optional[torch.Tensor] = None   # [hd] per head (Qwen3-MoE) or [nh*hd] whole projection (OLMoE)
+    k_norm: Optional[torch.Tensor] = None
+    mlp: Optional[ExpertWeights] = None     # a dense layer's MLP (resident)
+    shared: Optional[ExpertWeights] = None  # the shared expert (resident), scaled by sigmoid(shared_gate x)
+    shared_gate: Optional[torch.Tensor] = None   # [1, H]
 
 
 @dataclass
@@ -60,8 +74,13 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * unit_norm(x, eps)
 
 
-def expert_forward(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-    return linear(F.silu(linear(x, w.w1)) * linear(x, w.w3), w.w2)
+def expert_forward(x: torch.Tensor, w: ExpertWeights, kernel: str = "torch") -> torch.Tensor:
+    return qlinear(F.silu(qlinear(x, w.w1, kernel)) * qlinear(x, w.w3, kernel), w.w2, kernel)
+
+
+def _proj(x: torch.Tensor, w: Weight, b: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
+    y = qlinear(x, w, kernel)
+    return y if b is None else y + b
 
 
 class Prefetcher:
@@ -76,14 +95,15 @@ class Prefetcher:
         self._gates: dict[int, torch.Tensor] = {}
 
     def target(self, model: "Mixtral", layer: int) -> Optional[int]:
+        """The expert layer ``distance`` ahead (layers count expert layers: dense ones have nothing to fetch)."""
         t = layer + self.distance
-        return t if t < model.cfg.num_layers else None
+        return t if t < model.cfg.num_moe_layers else None
 
     def guess(self, model: "Mixtral", target: int, n: torch.Tensor) -> torch.Tensor:
         """n: this layer's residual, RMS-normalised without weight [1, H] -> guessed experts [count]."""
         g = self._gates.get(target)
         if g is None:       # the target's norm weight folded into its gate: one matmul per guess
-            lw = model.trunk.layers[target]
+            lw = model.trunk.layers[model.cfg.moe_layers[target]]
             g = self._gates[target] = lw.gate * lw.ffn_norm
         return torch.topk(F.linear(n[-1], g), self.count).indices
 
@@ -95,8 +115,9 @@ class Prefetcher:
 class Mixtral:
     def __init__(self, cfg: ModelConfig, trunk: TrunkWeights, cache: ExpertCache, stats: Stats,
                  max_seq: int, device: torch.device, dtype: torch.dtype,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, kernel: str = "torch") -> None:
         self.cfg, self.trunk, self.cache, self.stats = cfg, trunk, cache, stats
+        self.kernel = kernel              # "torch" | "triton", as kernels.resolve_kernel decided
         self.device, self.dtype = torch.device(device), dtype
         self.max_seq = max_seq
         self.prefill_chunk = prefill_chunk
@@ -112,6 +133,9 @@ class Mixtral:
         # rotate_half(x) * sin == swap_halves(x) * (-sin | sin): the sign lives in the table, and the
         # rotation is one flip instead of a negation and a concatenation.
         self.sin = torch.cat((-freqs, freqs), dim=-1).sin().to(dtype=dtype, device=self.device)
+        self.expert_layer = [-1] * L      # decoder layer -> expert layer (-1: dense)
+        for j, i in enumerate(cfg.moe_layers):
+            self.expert_layer[i] = j
 
     def free_scratch(self) -> None:
         """After a failed step (out of memory): hand the allocator's cached blocks back to the device."""
@@ -150,20 +174,43 @@ class Mixtral:
             self.cache.next_token()
         for i, lw in enumerate(self.trunk.layers):
             x = x + self._attention(i, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), pos, cos, sin, mask)
+            j = self.expert_layer[i]
+            if j < 0:                      # a dense layer: its MLP is trunk
+                x = x + expert_forward(rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps), lw.mlp, self.kernel)
+                continue
+            shared = self._shared(lw, x) if lw.shared is not None else None     # before x is added to
             if decode:
-                x = self._moe_decode(i, lw, x)
+                x = self._moe_decode(j, lw, x)
             else:
-                x = x + self._moe_prefill(i, lw, rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps))
+                x = x + self._moe_prefill(j, lw, rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps))
+            if shared is not None:
+                x = x + shared
         return x
+
+    def _shared(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """The shared expert (Qwen2-MoE): every token, scaled by sigmoid(shared_gate h)."""
+        h = rms_norm(x, lw.ffn_norm, self.cfg.rms_norm_eps)
+        return torch.sigmoid(F.linear(h, lw.shared_gate)) * expert_forward(h, lw.shared, self.kernel)
 
     def _qkv(self, lw: LayerWeights, x: torch.Tensor, cos, sin):
         """x [T, H] (normed) -> q [T, nh, hd], k and v [T, nkv, hd], q and k rotated."""
         cfg, T = self.cfg, x.shape[0]
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kn = self.kernel
+        q, k, v = _proj(x, lw.wq, lw.bq, kn), _proj(x, lw.wk, lw.bk, kn), _proj(x, lw.wv, lw.bv, kn)
+        qk_norm, eps = cfg.spec.qk_norm, cfg.rms_norm_eps
+        if qk_norm == "proj":          # OLMoE: over the whole projection, before the heads are split
+            q, k = rms_norm(q, lw.q_norm, eps), rms_norm(k, lw.k_norm, eps)
+        if cfg.clip_qkv is not None:
+            c = cfg.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        if qk_norm == "head":          # Qwen3-MoE: per head, over head_dim
+            q = rms_norm(q.view(T, nh, hd), lw.q_norm, eps).view(T, nh * hd)
+            k = rms_norm(k.view(T, nkv, hd), lw.k_norm, eps).view(T, nkv * hd)
         # q and k side by side, so RoPE is one pass over both.
-        qk = torch.cat((linear(x, lw.wq), linear(x, lw.wk)), dim=-1).view(T, nh + nkv, hd)
+        qk = torch.cat((q, k), dim=-1).view(T, nh + nkv, hd)
         qk = torch.addcmul(qk * cos, qk.view(T, nh + nkv, 2, hd // 2).flip(2).view(T, nh + nkv, hd), sin)
-        return qk[:, :nh], qk[:, nh:], linear(x, lw.wv).view(T, nkv, hd)
+        return qk[:, :nh], qk[:, nh:], v.view(T, nkv, hd)
 
     def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, pos: int, cos, sin, mask) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]
@@ -180,17 +227,21 @@ class Mixtral:
             return self._attention_out(lw, o)
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None], V[None], attn_mask=mask,
                                            is_causal=mask is None, enable_gqa=True)[0]   # [nh, T, hd]
-        return linear(o.transpose(0, 1).reshape(T, nh * hd), lw.wo)
+        return _proj(o.transpose(0, 1).reshape(T, nh * hd), lw.wo, lw.bo, self.kernel)
 
     def _attention_out(self, lw: LayerWeights, o: torch.Tensor) -> torch.Tensor:
         """One decode token's attention output [1, nkv, g, hd] -> [1, H]."""
-        return linear(o.reshape(1, self.cfg.num_heads * self.cfg.head_dim), lw.wo)
+        return _proj(o.reshape(1, self.cfg.num_heads * self.cfg.head_dim), lw.wo, lw.bo, self.kernel)
 
     def _route(self, lw: LayerWeights, h: torch.Tensor):
-        """Top-k experts and their weights, renormalised over the k (a softmax over the top-k logits is the
-        full softmax renormalised): idx [T, k], w [T, k] float32."""
-        top, idx = torch.topk(F.linear(h, lw.gate), self.cfg.top_k, dim=-1)
-        return torch.softmax(top, dim=-1, dtype=torch.float32), idx
+        """Top-k experts and their weights: idx [T, k], w [T, k] float32. Renormalised over the k (a softmax
+        over the top-k logits is the full softmax renormalised) unless the family says not (``norm_topk_prob``
+        false: the full softmax's top-k probabilities)."""
+        logits = F.linear(h, lw.gate)
+        if self.cfg.norm_topk_prob:
+            top, idx = torch.topk(logits, self.cfg.top_k, dim=-1)
+            return torch.softmax(top, dim=-1, dtype=torch.float32), idx
+        return torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.cfg.top_k, dim=-1)
 
     def _moe_decode(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """x [1, H] (residual after attention) -> x plus the layer's experts' weighted outputs."""
@@ -233,9 +284,8 @@ class Mixtral:
             x.addcmul_(outs[r], wx[r])
         return x
 
-    @staticmethod
-    def _expert(i: int, slot: int, r: int, h: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
-        return expert_forward(h, ew)
+    def _expert(self, i: int, slot: int, r: int, h: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
+        return expert_forward(h, ew, self.kernel)
 
     def _moe_prefill(self, i: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         K, E = self.cfg.top_k, self.cfg.num_experts
@@ -250,7 +300,7 @@ class Mixtral:
         for e, ew, slot in self.cache.fetch(i, experts):
             rows = order[starts[e]:starts[e] + counts[e]]
             tok = rows // K
-            parts[e] = (tok, expert_forward(h[tok], ew) * wf[rows, None])
+            parts[e] = (tok, expert_forward(h[tok], ew, self.kernel) * wf[rows, None])
             self.cache.release(i, slot)
         y = torch.zeros_like(h)
         for e in experts:                      # fixed order: the sum does not depend on cache state

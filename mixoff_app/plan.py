@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
-from .config import PLACEMENTS, PREFILL_CHUNK, ConfigError, ModelConfig, QuantConfig, QuantSpec
+from .config import (
+    FAMILY_QUANT,
+    PLACEMENTS,
+    PREFILL_CHUNK,
+    ConfigError,
+    ModelConfig,
+    QuantConfig,
+    QuantSpec,
+)
 from .presets import PRESETS, from_name, preset_name
 from .quant import weight_fields
 from .stores import ExpertLayout
@@ -56,12 +65,13 @@ class Sizes:
     rope: int                   # cos + sin tables for max_context positions
     scratch: int                # dequantizing the largest matrix: codes, minus zero, times scale (+ meta)
     activations: int            # a prefill of max_context tokens (upper estimate)
-    num_layers: int
+    num_layers: int             # expert layers (dense layers have no experts)
     num_experts: int
+    mlp: int = 0                # resident MLPs (dense layers', shared experts; quantized like attention), biases, q/k norms
 
     @property
     def trunk(self) -> int:
-        return self.attention + self.embed + self.lm_head + self.norms + self.router
+        return self.attention + self.embed + self.lm_head + self.norms + self.router + self.mlp
 
     @property
     def all_experts(self) -> int:
@@ -93,7 +103,8 @@ def prefill_activations(cfg: ModelConfig, max_context: int, dtype: torch.dtype, 
     bias. And the unfused attention a GPU may fall back to: float32 scores per head, K/V repeated per head."""
     b = _elt(dtype)
     T, S = min(chunk, max_context), max_context
-    H, F, k = cfg.hidden_size, cfg.intermediate_size, cfg.top_k
+    H, k = cfg.hidden_size, cfg.top_k
+    F = max(cfg.intermediate_size, cfg.dense_intermediate_size, cfg.shared_intermediate_size)   # widest MLP
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     per_token = b * ((6 + 2 * k) * H + 4 * F + 4 * qkv) + 4 * (cfg.num_experts + 2 * k)
     unfused = 4 * cfg.num_heads * T * S + 2 * cfg.num_heads * S * cfg.head_dim * b
@@ -101,21 +112,34 @@ def prefill_activations(cfg: ModelConfig, max_context: int, dtype: torch.dtype, 
 
 
 def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: torch.dtype) -> Sizes:
-    h, hd, L = cfg.hidden_size, cfg.head_dim, cfg.num_layers
+    h, hd, L, Lm = cfg.hidden_size, cfg.head_dim, cfg.num_layers, cfg.num_moe_layers
     b = _elt(dtype)
     attn_shapes = {"q_proj": (cfg.num_heads * hd, h), "k_proj": (cfg.num_kv_heads * hd, h),
                    "v_proj": (cfg.num_kv_heads * hd, h), "o_proj": (h, cfg.num_heads * hd)}
     attention = L * sum(_nbytes(weight_fields(n, s, quant.attn, dtype)) for n, s in attn_shapes.items())
+    # Biases and q/k norms: small, but counted (they are on the device).
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    extra = L * b * ((q + 2 * kv + (h if cfg.spec.bias_o else 0)) if cfg.attn_bias else 0)
+    extra += L * b * {"none": 0, "head": 2 * hd, "proj": q + kv}[cfg.spec.qk_norm]
+    mlp_shapes = []
+    for size, count in ((cfg.dense_intermediate_size, len(cfg.dense_layers)),
+                        (cfg.shared_intermediate_size, Lm)):
+        if size and count:
+            shapes = ((size, h), (size, h), (h, size))
+            mlp_shapes += shapes
+            mlp = count * sum(_nbytes(weight_fields("w", s, quant.attn, dtype)) for s in shapes)
+            extra += mlp
+    gate = Lm * h * b if cfg.shared_intermediate_size else 0
     layout = ExpertLayout.for_model(cfg, quant.experts, dtype)
     scratch = max([dequant_scratch(s, quant.experts, dtype) for s in layout.shapes]
-                  + [dequant_scratch(s, quant.attn, dtype) for s in attn_shapes.values()])
+                  + [dequant_scratch(s, quant.attn, dtype) for s in list(attn_shapes.values()) + mlp_shapes])
     return Sizes(
         expert=layout.nbytes, attention=attention,
         embed=cfg.vocab_size * h * b, lm_head=0 if cfg.tie_word_embeddings else cfg.vocab_size * h * b,
-        norms=(2 * L + 1) * h * b, router=L * cfg.num_experts * h * b,
+        norms=(2 * L + 1) * h * b, router=Lm * cfg.num_experts * h * b + gate,
         kv=2 * L * max_context * cfg.num_kv_heads * hd * b, rope=2 * max_context * hd * b,
         scratch=scratch, activations=prefill_activations(cfg, max_context, dtype),
-        num_layers=L, num_experts=cfg.num_experts)
+        num_layers=Lm, num_experts=cfg.num_experts, mlp=extra)
 
 
 def host_experts(s: Sizes, placement: str, sizes: Sequence[int], staging: int = DISK_STAGING) -> int:
@@ -240,10 +264,10 @@ def _rows(p: Plan) -> list:
     rows = []
     if cuda:
         rows.append((dev, "CUDA context (allowance)", p.context_allowance))
-    rows += [(dev, f"attention ({p.quant.split(',')[0].replace('attention ', '')}), {s.num_layers} layers",
-              s.attention),
+    rows += [(dev, f"attention ({p.quant.split(',')[0].replace('attention ', '')})", s.attention),
              (dev, "embeddings + lm_head", s.embed + s.lm_head),
              (dev, "norms + routers", s.norms + s.router),
+             *([(dev, "dense MLPs / shared experts, biases, q/k norms", s.mlp)] if s.mlp else []),
              (dev, f"KV cache + RoPE ({p.max_context} tokens)", s.kv + s.rope),
              (dev, f"expert slots: {kdesc}, {sum(p.sizes)} x {s.expert / MiB:.1f} MiB", sum(p.sizes) * s.expert)]
     if cuda:
@@ -284,9 +308,10 @@ def plan_for(model_cfg: ModelConfig, quant: QuantConfig, max_context: int, vram_
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     dtype = dtype or (torch.float16 if cuda else torch.float32)
+    quant = quant.for_family(model_cfg.family)
     max_context = min(max_context, model_cfg.max_position_embeddings)
     s = model_sizes(model_cfg, quant, max_context, dtype)
-    L, E = model_cfg.num_layers, model_cfg.num_experts
+    L, E = model_cfg.num_moe_layers, model_cfg.num_experts
     overhead = host_overhead if host_overhead is not None else (HOST_OVERHEAD_CUDA if cuda else HOST_OVERHEAD_CPU)
     qdesc = f"attention {quant.attn.describe()}, experts {quant.experts.describe()}"
 
@@ -375,7 +400,7 @@ def _gib(n: int) -> str:
 def _refusal(s: Sizes, cfg: ModelConfig, cuda: bool, device_cap, host_cap, context: int, overhead: int,
              placement: Optional[str], sizes, disk_ok: bool) -> str:
     """Why nothing fits, and what would."""
-    L = cfg.num_layers
+    L = cfg.num_moe_layers
     one = (1,) * L
     want = tuple(sizes) if sizes is not None else one
     parts = []
@@ -416,8 +441,8 @@ def model_for_planning(name: str, quant: QuantConfig) -> tuple[ModelConfig, Quan
         from .hub import tiny_path
         cfg, q, layout = peek_checkpoint(tiny_path(), quant)
         return cfg, q, False, "tiny"
-    if key in PRESETS:
-        return PRESETS[key], quant, True, key
+    if preset_name(name) is not None:
+        return from_name(name), quant, True, name
     if os.path.isdir(name):
         from .checkpoints import peek_checkpoint
         cfg, q, layout = peek_checkpoint(name, quant)
@@ -432,7 +457,7 @@ def startup_plan(model: str, device: Optional[str] = None, quant: Optional[Quant
     """The app's start-up plan from free VRAM/RAM (measured unless given): a ``Plan`` with ``.k`` (smallest k
     per layer), ``.sizes``, ``.placement``, ``.reason``. Hub ids listed in ``presets.HUB_IDS`` plan from their
     preset, so this works before any download. Raises ConfigError when nothing fits (the message says what would)."""
-    quant = quant or QuantConfig()
+    quant = quant or FAMILY_QUANT
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     low = model.lower()
     if low in PRESETS or os.path.isdir(model) or low == "tiny":
@@ -458,13 +483,34 @@ def reference_markdown(cfg: ModelConfig, quant: QuantConfig, max_context: int = 
     out = ["| machine | VRAM / RAM | placement | k per layer | experts on GPU | GPU use | RAM use | "
            "misses/token (uniform) |", "|---|---|---|---|---|---|---|---|"]
     for m, p in reference_plans(cfg, quant, max_context, name):
-        if not p.feasible:
-            out.append(f"| {m} | {p.vram / GiB:.1f} / {p.ram / GiB:.1f} GiB | does not fit | | | | | |")
-            continue
-        ks = sorted(set(p.sizes))
-        kd = str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]} ({', '.join(f'{p.sizes.count(k)}x{k}' for k in ks)})"
-        out.append(f"| {m} | {p.vram / GiB:.1f} / {p.ram / GiB:.1f} GiB | {p.placement} | {kd} | "
-                   f"{sum(p.sizes)}/{cfg.num_layers * cfg.num_experts} | "
-                   f"{(p.device_total + p.context_allowance) / GiB:.1f} GiB | {p.host_total / GiB:.1f} GiB | "
-                   f"{p.misses_per_token:.1f} |")
+        out.append(f"| {m} | {p.vram / GiB:.1f} / {p.ram / GiB:.1f} GiB | " + _plan_cells(p, cfg))
+    return "\n".join(out)
+
+
+def _plan_cells(p: Plan, cfg: ModelConfig) -> str:
+    """placement | k per layer | experts on GPU | GPU use | RAM use | misses/token |"""
+    if not p.feasible:
+        return "does not fit | | | | | |"
+    ks = sorted(set(p.sizes))
+    kd = str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]} ({', '.join(f'{p.sizes.count(k)}x{k}' for k in ks)})"
+    return (f"{p.placement} | {kd} | {sum(p.sizes)}/{cfg.num_moe_layers * cfg.num_experts} | "
+            f"{(p.device_total + p.context_allowance) / GiB:.1f} GiB | {p.host_total / GiB:.1f} GiB | "
+            f"{p.misses_per_token:.1f} |")
+
+
+def presets_markdown(quant: QuantConfig, vram_gib: float, ram_gib: float, max_context: int = 4096,
+                     names: Optional[Sequence[str]] = None) -> str:
+    """One row per preset model for one machine (each with its family's quantization unless bits are given):
+    the README's table of what runs where."""
+    out = ["| model | family | experts | placement | k per layer | experts on GPU | GPU use | RAM use | "
+           "misses/token (uniform) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in names or [n for n, c in PRESETS.items() if not n.startswith(("tiny", "mid", "memory"))]:
+        cfg = PRESETS[name]
+        q = quant.for_family(cfg.family)
+        p = plan_for(cfg, q, max_context, vram_bytes=int(vram_gib * GiB), ram_bytes=int(ram_gib * GiB),
+                     device="cuda", model_name=name)
+        short = re.search(r"needs at least [\d.]+ GiB of VRAM with k=1", p.reason or "")
+        why = "" if p.feasible else f" ({short.group(0) if short else p.reason.split(';')[0]})"
+        out.append(f"| {name}{why} | {cfg.family} | {q.experts.describe()}, {p.bytes.expert / MiB:.2f} MiB each | "
+                   + _plan_cells(p, cfg))
     return "\n".join(out)

@@ -17,6 +17,22 @@ PRESETS: dict[str, ModelConfig] = {
     "mixtral-8x22b": ModelConfig(vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_layers=56,
                                  num_heads=48, num_kv_heads=8, head_dim=128, num_experts=8, top_k=2,
                                  rope_theta=1e6, max_position_embeddings=65536),
+    # The other families' shapes are their hub config.json's (tests/fixtures/hub_configs holds the files, and
+    # tests/test_families.py reads them back as these rows): Qwen/Qwen3-30B-A3B-Instruct-2507,
+    # Qwen/Qwen1.5-MoE-A2.7B-Chat, allenai/OLMoE-1B-7B-0924-Instruct.
+    "qwen3-30b-a3b": ModelConfig(vocab_size=151936, hidden_size=2048, intermediate_size=768, num_layers=48,
+                                 num_heads=32, num_kv_heads=4, head_dim=128, num_experts=128, top_k=8,
+                                 rms_norm_eps=1e-6, rope_theta=1e7, max_position_embeddings=262144,
+                                 bos_token_id=151643, eos_token_id=151645, family="qwen3_moe", norm_topk_prob=True),
+    "qwen1.5-moe-a2.7b": ModelConfig(vocab_size=151936, hidden_size=2048, intermediate_size=1408, num_layers=24,
+                                     num_heads=16, num_kv_heads=16, head_dim=128, num_experts=60, top_k=4,
+                                     rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=8192,
+                                     bos_token_id=151643, eos_token_id=151645, family="qwen2_moe",
+                                     norm_topk_prob=False, shared_intermediate_size=5632, attn_bias=True),
+    "olmoe-1b-7b": ModelConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_layers=16,
+                               num_heads=16, num_kv_heads=16, head_dim=128, num_experts=64, top_k=8,
+                               rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=4096,
+                               bos_token_id=None, eos_token_id=50279, family="olmoe", norm_topk_prob=False),
     # the shipped demo model (assets/tiny-chat); max_position_embeddings is its training context
     "tiny": ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=384, num_layers=4, num_heads=8,
                         num_kv_heads=4, head_dim=32, num_experts=8, top_k=2, rope_theta=1e4,
@@ -43,6 +59,13 @@ HUB_IDS: dict[str, str] = {
     "lavawolfiee/mixtral-8x7b-instruct-v0.1-offloading-demo": "mixtral-8x7b",
     "mistralai/mixtral-8x22b-v0.1": "mixtral-8x22b",
     "mistralai/mixtral-8x22b-instruct-v0.1": "mixtral-8x22b",
+    "qwen/qwen3-30b-a3b-instruct-2507": "qwen3-30b-a3b",
+    "qwen/qwen3-30b-a3b-thinking-2507": "qwen3-30b-a3b",
+    "qwen/qwen3-30b-a3b": "qwen3-30b-a3b",       # same shapes; rope base 1e6 and 40,960 positions
+    "qwen/qwen1.5-moe-a2.7b": "qwen1.5-moe-a2.7b",
+    "qwen/qwen1.5-moe-a2.7b-chat": "qwen1.5-moe-a2.7b",
+    "allenai/olmoe-1b-7b-0924": "olmoe-1b-7b",
+    "allenai/olmoe-1b-7b-0924-instruct": "olmoe-1b-7b",
 }
 
 

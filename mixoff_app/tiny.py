@@ -190,3 +190,52 @@ def ensure_tiny(path: Path | None = None, seed: int = 0) -> Path:
     if not (path / "model.safetensors").exists() or not (path / "tokenizer.json").exists():
         make_tiny(path, seed=seed)
     return path
+
+
+# ---- tiny checkpoints of the other families, written by transformers itself ----------------------
+
+# transformers' config class per family (read by name so this module imports transformers lazily).
+HF_CONFIGS = {"mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig",
+              "olmoe": "OlmoeConfig"}
+
+
+def make_family_checkpoint(out_dir: str | os.PathLike, model_type: str, tokenizer_dir: str | os.PathLike,
+                           seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> Path:
+    """A tiny random checkpoint of ``model_type`` saved by transformers' own ``save_pretrained`` (so the file
+    holds the hub's per-expert tensor names), with the tokenizer of ``tokenizer_dir`` copied beside it.
+
+    ``config`` are the family's own config.json keys. The weights are re-drawn after transformers builds the
+    model: unit-scale activations, and a decisive router (large logits) so top-k has no near-ties and parity
+    with transformers is well defined."""
+    import shutil
+
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_files = [p for p in Path(tokenizer_dir).iterdir()
+                 if p.name.startswith(("tokenizer", "special_tokens", "chat_template"))]
+    gen = json.loads((Path(tokenizer_dir) / "generation_config.json").read_text())
+    vocab = json.loads((Path(tokenizer_dir) / "config.json").read_text())["vocab_size"]
+    cfg = getattr(transformers, HF_CONFIGS[model_type])(
+        **({"vocab_size": vocab, "bos_token_id": gen["bos_token_id"], "eos_token_id": gen["eos_token_id"],
+            "pad_token_id": gen["eos_token_id"], "tie_word_embeddings": False} | config))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                # norms around 1, biases around 0
+                p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("gate.weight") and "shared_expert_gate" not in name:
+                p.copy_(torch.randn(p.shape, generator=g))                     # router [E, H]
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    model.to(dtype).save_pretrained(str(out))
+    for f in tok_files:
+        shutil.copy2(f, out / f.name)
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return out

@@ -22,7 +22,7 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 
 from mixoff_app.config import CacheConfig, EngineConfig, QuantConfig  # noqa: E402
 from mixoff_app.engine import Engine  # noqa: E402
-from mixoff_app.ui import build_ui, launch_kwargs  # noqa: E402
+from mixoff_app.ui import build_ui, launch_kwargs, panel  # noqa: E402
 
 CHROMIUM = os.environ.get("MIXOFF_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -248,5 +248,73 @@ def test_tiny_chat_answers_and_the_panel_fills(chat_url):
             shot = ARTIFACTS / "browser.png"
             page.screenshot(path=str(shot), full_page=True)
             print(f"\nscreenshot: {shot}")
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def many_url(tiny_dir, tmp_path_factory):
+    """A tiny Qwen3-MoE with Qwen3-30B-A3B's panel shape: 48 expert layers x 128 experts, top-8."""
+    from mixoff_app.tiny import make_family_checkpoint
+    folder = make_family_checkpoint(
+        tmp_path_factory.mktemp("many") / "qwen3", "qwen3_moe", tiny_dir, seed=0, hidden_size=32,
+        num_hidden_layers=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=128,
+        num_experts_per_tok=8, moe_intermediate_size=16, intermediate_size=32, norm_topk_prob=True,
+        max_position_embeddings=512)
+    engine = Engine.load(EngineConfig(model=str(folder), device="cpu", quant=QuantConfig.from_bits(None, None),
+                                      cache=CacheConfig(sizes=(16,))))
+    demo = build_ui(engine, max_new_tokens=24)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **launch_kwargs())
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_many_expert_panel_is_images_with_a_hover(many_url):
+    """128 experts x 48 layers: the grid and the routing strip are single images (no per-cell elements), and
+    the hover names layer, expert and state; the screenshot is saved to look at."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright_api.sync_playwright() as p:
+        browser = launch_browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1300})
+            page.goto(many_url, wait_until="load")
+            page.wait_for_selector("#mx-panel img.mx-gridimg", timeout=60_000)
+            assert "48 layers × 128 experts, top-8" in page.locator("#mx-info").inner_text()
+            send(page, "What is a dictionary?")
+            page.wait_for_function(
+                "() => document.querySelector('#mx-status').innerText.match(/^(finished|reached)/)", timeout=120_000)
+            page.wait_for_timeout(1200)                      # a few panel ticks after the end
+            panel_el = page.locator("#mx-panel")
+            assert panel_el.locator(".mx-grid-card i.mx-c").count() == len(panel.LEGEND)   # legend keys only
+            assert panel_el.locator("*").count() < 400      # not 6,144 cells
+            grid = panel_el.locator("img.mx-gridimg")
+            box = grid.bounding_box()
+            assert box["width"] > 300 and box["height"] > 100
+            # hover the cell of layer 10, expert 100 (centre of the cell)
+            page.mouse.move(box["x"] + box["width"] * (100.5 / 128), box["y"] + box["height"] * (10.5 / 48))
+            tip = page.locator("#mx-tip")
+            tip.wait_for(state="visible", timeout=5_000)
+            assert re.fullmatch(r"layer 10 · expert 100 · (empty|resident|hit|miss|prefetch|evicted)",
+                                tip.inner_text()), tip.inner_text()
+            strip = panel_el.locator("img.mx-routing")
+            sb = strip.bounding_box()
+            assert sb["height"] >= 48 * 9 - 1               # one pixel row per choice, never scaled down
+            page.mouse.move(sb["x"] + 2, sb["y"] + 0.5)     # token 1, layer 0, first choice
+            try:
+                page.wait_for_function(
+                    "() => /choice 1: expert \\d+/.test(document.querySelector('#mx-tip').innerText)", timeout=5_000)
+            except playwright_api.TimeoutError:
+                raise AssertionError(f"routing hover says {page.locator('#mx-tip').inner_text()!r}") from None
+            first = page.locator("#mx-tip").inner_text()
+            routed = int(re.search(r"expert (\d+)", first).group(1))
+            html = panel_el.inner_html()
+            assert 0 <= routed < 128 and "token 1 · layer 0" in first
+            page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+            shot = ARTIFACTS / "browser-many-experts.png"
+            panel_el.screenshot(path=str(shot))
+            print(f"\nscreenshot: {shot}")
+            assert shot.stat().st_size > 20_000 and "data-mx=\"routing\"" in html
         finally:
             browser.close()

@@ -82,14 +82,14 @@ def test_corrupt_file_names_the_file(tiny_dir, tmp_path):
         load_checkpoint(folder, NO_QUANT, "cpu", torch.float32)
 
 
-def test_not_a_mixtral_checkpoint(tmp_path):
+def test_not_a_supported_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="expected keys like"):
         detect_layout(["model.embed_tokens.weight", "lm_head.weight"])
     with pytest.raises(CheckpointError, match="fused"):
         detect_layout(["model.layers.0.mlp.experts.gate_up_proj"])
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="config.json: model_type is 'llama'; mixoff runs Mixtral"):
+    with pytest.raises(CheckpointError, match="config.json: model_type is 'llama'; mixoff runs these MoE families: mixtral, qwen2_moe"):
         load_checkpoint(tmp_path, NO_QUANT, "cpu", torch.float32)
 
 

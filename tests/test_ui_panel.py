@@ -205,3 +205,82 @@ def test_whole_panel_and_escaping(snap):
     assert panel.fmt_k((4, 4)) == "4" and panel.fmt_k((6, 5, 7)) == "5–7"
     assert "could not be loaded" in panel.render_loading(["a"], error="boom")
     assert "downloading" in panel.render_loading(["downloading 1.2 GB"])
+
+
+def _png_pixels(png: bytes) -> tuple[int, int, list[bytes]]:
+    """(width, height, rows of palette indices) of an 8-bit palette PNG written by panel._png."""
+    w, h = struct.unpack(">II", png[16:24])
+    pos, idat = 8, b""
+    while pos < len(png):
+        n = struct.unpack(">I", png[pos:pos + 4])[0]
+        if png[pos + 4:pos + 8] == b"IDAT":
+            idat += png[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    raw = zlib.decompress(idat)
+    return w, h, [raw[r * (w + 1) + 1:(r + 1) * (w + 1)] for r in range(h)]
+
+
+@pytest.fixture
+def qwen3_snap():
+    """Qwen3-30B-A3B's shape: 48 layers x 128 experts, top-8, 16 slots per layer."""
+    L, E, k = 48, 128, 8
+    s = Stats(L, E, k, (16,) * L)
+    s.begin_answer()
+    for t in range(3):
+        ev = {}
+        for layer in range(L):
+            route = tuple((layer * 7 + t * 3 + j * 11) % E for j in range(k))
+            hits, misses = route[:5], route[5:]
+            ev[layer] = (hits, misses, (), ((layer + 100) % E,) if t == 2 else (), route + route[:8], route)
+        run_token(s, ev)
+    return s.snapshot(NO_GPU)
+
+
+def test_many_experts_grid_is_one_image_with_every_cell(qwen3_snap):
+    html = panel.render_grid(qwen3_snap)
+    assert 'data-mx="grid"' in html and "mx-c mx-" not in html.split('class="mx-legend"')[0]
+    assert html.count("<i ") < 20                       # the legend's keys, not 6,144 cells
+    codes = panel.state_codes(qwen3_snap)
+    states = panel.cell_states(qwen3_snap)
+    s = re.search(r'data-s="(\d+)"', html).group(1)
+    assert len(s) == 48 * 128 and s == "".join(str(panel._STATES.index(st)) for row in states for st in row)
+    png = base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1))
+    w, h, rows = _png_pixels(png)
+    assert (w, h) == (128 * panel.CELL, 48 * panel.CELL)
+    for layer, e in ((0, 0), (5, 40), (47, 127), (2, 102)):
+        assert rows[layer * panel.CELL][e * panel.CELL] == codes[layer, e]        # a cell's top-left pixel
+        assert rows[layer * panel.CELL][e * panel.CELL + panel.CELL - 1] == len(panel._STATES)   # the gap
+    # this token's events are counted in the legend, and an evicted expert is a ring
+    assert int(re.search(r"hit \(this token\) <b>(\d+)</b>", html).group(1)) == 48 * 5
+    assert states[2][102] == panel.EVICTED
+    c = panel.CELL
+    assert rows[2 * c + 1][102 * c + 1] == panel._STATES.index(panel.EMPTY)
+
+
+def test_many_experts_grid_names_decoder_layers_and_states(qwen3_snap):
+    class Info:
+        expert_layers = tuple(range(1, 97, 2))             # e.g. every other decoder layer has experts
+    html = panel.render_grid(qwen3_snap, Info())
+    layers = re.search(r'data-layers="([^"]+)"', html).group(1).split(",")
+    assert layers[0] == "1" and layers[-1] == "95" and len(layers) == 48
+    assert "0:empty" in html and "3:miss" in html and "hover a cell" in html
+
+
+def test_many_experts_routing_strip_keeps_a_pixel_row_per_choice(qwen3_snap):
+    html = panel.render_routing(qwen3_snap)
+    png = base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1))
+    w, h, rows = _png_pixels(png)
+    assert (w, h) == (3, 48 * 9)
+    assert re.search(r"height:(\d+)px", html).group(1) == str(48 * 9)           # never scaled down
+    assert rows[9 * 5 + 2][1] == qwen3_snap.routing[1][5][2]                     # layer 5, choice 3, token 2
+    assert "mx-huebar" in html and html.count('class="mx-key"') == 0             # a hue bar, not 128 chips
+
+
+def test_hover_reads_the_expert_back_from_its_hue():
+    """assets/panel.js names an expert from the hue of its pixel: every one of 128 colours maps back."""
+    import colorsys
+    for E in (60, 64, 128):
+        for e, c in enumerate(panel.expert_colors(E)):
+            r, g, b = panel._rgb(c)
+            h = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)[0]
+            assert round(h * E) % E == e

@@ -2,9 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Optional, Union
 
-from ..config import PLACEMENTS, POLICIES, CacheConfig, ConfigError, EngineConfig, QuantConfig, parse_bits
+from ..config import (
+    FAMILY,
+    KERNELS,
+    PLACEMENTS,
+    POLICIES,
+    CacheConfig,
+    ConfigError,
+    EngineConfig,
+    QuantConfig,
+    parse_bits,
+)
 from ..plan import GiB
 
 
@@ -25,12 +36,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+MAX_GIB = 1 << 20          # a pebibyte: beyond any machine, and still a whole number of bytes
+
+
 def parse_gib(text: str) -> int:
     """A command-line size in GB (GiB) -> bytes."""
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}")
+    if not math.isfinite(v) or v > MAX_GIB:
+        raise argparse.ArgumentTypeError(f"expected a number of GB up to {MAX_GIB}, got {text!r}")
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {v}")
     return int(v * GiB)
@@ -53,7 +69,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
                    help="hub repo id, local checkpoint folder, or 'tiny' (the embedded demo model)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
     p.add_argument("--attn-bits", type=bits, default=4, help="attention bits: 2, 3, 4, 8 or none (default 4)")
-    p.add_argument("--expert-bits", type=bits, default=2, help="expert bits: 2, 3, 4, 8 or none (default 2)")
+    p.add_argument("--expert-bits", type=bits, default=FAMILY,
+                   help="expert bits: 2, 3, 4, 8 or none (default: the model family's: 2 for Mixtral, 4 for "
+                        "Qwen-MoE and OLMoE; see docs/BENCHMARKS.md)")
     p.add_argument("--cache-size", type=positive_int, default=None,
                    help="experts per layer kept on the device (k); default: all experts on CPU, planned on GPU")
     p.add_argument("--policy", choices=POLICIES, default="lru", help="eviction policy")
@@ -73,6 +91,13 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
                    help="decode by replaying CUDA graphs of each layer's attention/router and each expert slot "
                         "(GPU only; experimental, off by default)")
     p.add_argument("--tokenizer", default=None, help="where the tokenizer/chat template come from (default: the checkpoint)")
+    p.add_argument("--max-input-chars", type=positive_int, default=None,
+                   help="longest message or system prompt in characters, refused before tokenizing; history is "
+                        "cut at twice this (default: 8 per token of --max-context)")
+    p.add_argument("--kernel", choices=KERNELS, default="auto",
+                   help="quantized matmul: triton (fused kernels reading the packed codes; on a CPU they run in "
+                        "Triton's interpreter, slowly, for tests), torch (dequantize, then matmul), or auto "
+                        "(triton on a CUDA GPU, torch elsewhere; the default)")
 
 
 def engine_config(args) -> EngineConfig:
@@ -86,4 +111,5 @@ def engine_config(args) -> EngineConfig:
                                           placement=None if placement == "auto" else placement),
                         max_context=args.max_context, dtype=args.dtype, tokenizer=args.tokenizer,
                         vram_budget=getattr(args, "vram_budget", None), ram_budget=getattr(args, "ram_budget", None),
-                        cuda_graphs=getattr(args, "cuda_graphs", False))
+                        kernel=getattr(args, "kernel", "auto"), cuda_graphs=getattr(args, "cuda_graphs", False),
+                        max_input_chars=getattr(args, "max_input_chars", None))

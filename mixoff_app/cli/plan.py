@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import PLACEMENTS, ConfigError, QuantConfig
-from ..plan import model_for_planning, plan_for, reference_markdown
+from ..config import FAMILY, PLACEMENTS, ConfigError, QuantConfig
+from ..plan import model_for_planning, plan_for, presets_markdown, reference_markdown
 from ..presets import PRESETS
 from .args import bits, parse_gib, positive_int
 
@@ -12,7 +12,14 @@ from .args import bits, parse_gib, positive_int
 def run(args) -> int:
     quant = QuantConfig.from_bits(args.attn_bits, args.expert_bits)
     cfg, quant, disk_ok, name = model_for_planning(args.model, quant)
+    quant = quant.for_family(cfg.family)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
+    if args.presets:
+        if args.vram is None or args.ram is None:
+            raise ConfigError("--presets plans every preset for one machine: give --vram and --ram")
+        print(presets_markdown(QuantConfig.from_bits(args.attn_bits, args.expert_bits), args.vram / 2**30,
+                               args.ram / 2**30, args.max_context))
+        return 0
     if args.reference:
         print(reference_markdown(cfg, quant, args.max_context, name))
         return 0
@@ -37,9 +44,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--placement", choices=("auto",) + PLACEMENTS, default="auto")
     p.add_argument("--max-context", type=positive_int, default=4096)
     p.add_argument("--attn-bits", type=bits, default=4)
-    p.add_argument("--expert-bits", type=bits, default=2)
+    p.add_argument("--expert-bits", type=bits, default=FAMILY, help="default: the model family's (see README)")
     p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--presets", action="store_true",
+                   help="one markdown row per preset model for the machine given by --vram and --ram")
     p.add_argument("--reference", action="store_true",
                    help="print the plans for the README's four reference machines as one markdown table")
     p.set_defaults(func=run)

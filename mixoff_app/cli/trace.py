@@ -128,7 +128,9 @@ def engine_generate(args: argparse.Namespace) -> tuple:
         weights = [[tuple(float(x) for x in w) for w in tok] for tok in weights]
     info = engine.info
     header = {"model": info.model_name, "device": info.device, "quant": info.quant,
-              "num_layers": info.num_layers, "num_experts": info.num_experts, "top_k": info.top_k}
+              "num_layers": info.num_layers, "num_experts": info.num_experts, "top_k": info.top_k,
+              # layers count expert layers; these are their decoder layers (dense layers have no routing)
+              "family": info.family, "expert_layers": list(info.expert_layers)}
     return routing, weights, header
 
 
@@ -168,7 +170,7 @@ def add_parser(subparsers, generate_fn: Optional[GenerateFn] = None) -> argparse
     c.add_argument("--greedy", action="store_true")
     c.add_argument("--device", default=None)
     c.add_argument("--attn-bits", default="4")
-    c.add_argument("--expert-bits", default="2")
+    c.add_argument("--expert-bits", default="family", help="default: the model family's")
     c.add_argument("out", metavar="OUT", help="output JSONL path")
     gen = engine_generate if generate_fn is None else generate_fn
     c.set_defaults(func=lambda a: record_main(a, gen))

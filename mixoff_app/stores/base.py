@@ -94,7 +94,7 @@ class SlotCopies:
         return self.layout.weights(self.buffer(layer, expert))
 
     def load_targets(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        for i in range(self.cfg.num_layers):
+        for i in range(self.cfg.num_moe_layers):      # expert layers: dense ones have none
             for e in range(self.cfg.num_experts):
                 yield i, e, self.buffer(i, e)
 

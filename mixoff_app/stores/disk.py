@@ -27,7 +27,7 @@ from .base import SlotCopies
 from .disk_reader import DiskReader
 from .layout import ExpertLayout, host_buffer
 
-_BLOB = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.packed$")
+_BLOB = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.packed$")
 
 
 def safetensors_header(path: Path) -> tuple[dict, int]:
@@ -62,13 +62,15 @@ def is_mixoff_checkpoint(folder: str | os.PathLike) -> bool:
 
 def expert_blob_offsets(folder: str | os.PathLike, cfg: ModelConfig,
                         nbytes: int) -> dict[tuple[int, int], tuple[Path, int]]:
-    """(layer, expert) -> (file, absolute byte offset) of every expert blob of a mixoff checkpoint."""
+    """(expert layer, expert) -> (file, absolute byte offset) of every expert blob of a mixoff checkpoint (file
+    names carry the decoder layer; dense layers have no blobs)."""
     folder = Path(folder)
     if not is_mixoff_checkpoint(folder):
         raise ConfigError(
             f"--placement disk reads experts straight from a mixoff-format checkpoint, and {folder} is not one. "
             f"Convert it once with `python -m mixoff_app quantize {folder} OUT_FOLDER` and pass --model OUT_FOLDER")
     files = sorted(folder.glob("*.safetensors"))
+    expert_layer = {i: j for j, i in enumerate(cfg.moe_layers)}
     out: dict[tuple[int, int], tuple[Path, int]] = {}
     for path in files:
         header, data = safetensors_header(path)
@@ -80,11 +82,13 @@ def expert_blob_offsets(folder: str | os.PathLike, cfg: ModelConfig,
             if end - begin != nbytes or info.get("dtype") != "U8":
                 raise ConfigError(f"{path}: {key} holds {end - begin} bytes ({info.get('dtype')}), expected "
                                   f"{nbytes} (U8): the file was written by a different mixoff layout; quantize again")
-            out[(int(m.group(1)), int(m.group(2)))] = (path, data + begin)
-    missing = [(i, e) for i in range(cfg.num_layers) for e in range(cfg.num_experts) if (i, e) not in out]
+            j = expert_layer.get(int(m.group(1)))
+            if j is not None:
+                out[(j, int(m.group(2)))] = (path, data + begin)
+    missing = [(j, e) for j in range(cfg.num_moe_layers) for e in range(cfg.num_experts) if (j, e) not in out]
     if missing:
-        i, e = missing[0]
-        raise ConfigError(f"{folder}: no blob for layer {i} expert {e} ({len(missing)} experts missing); "
+        j, e = missing[0]
+        raise ConfigError(f"{folder}: no blob for layer {cfg.moe_layers[j]} expert {e} ({len(missing)} experts missing); "
                           f"the checkpoint is incomplete")
     return out
 

@@ -19,7 +19,7 @@ class InclusiveStore(SlotCopies):
     def __init__(self, cfg: ModelConfig, layout: ExpertLayout, pin: bool = False) -> None:
         self.cfg, self.layout = cfg, layout
         self.pinned = pin
-        self._layers = [host_buffer((cfg.num_experts, layout.nbytes), pin) for _ in range(cfg.num_layers)]
+        self._layers = [host_buffer((cfg.num_experts, layout.nbytes), pin) for _ in range(cfg.num_moe_layers)]
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         return self._layers[layer][expert]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import colorsys
+import functools
+import itertools
 import struct
 import zlib
 from html import escape
@@ -28,6 +30,8 @@ LEGEND = (
 )
 
 ROUTING_TOKENS = 160          # the routing strip shows the last answer's latest tokens
+GRID_DOM_MAX = 1024           # above this many cells (or 16 experts) the grid is one image, not DOM cells
+CELL = 4                      # image grid: pixels per cell (3 of colour, 1 of gap)
 SPARK_POINTS = 120            # at most this many points on the hit-rate sparkline
 SPARK_WINDOW = 8              # the sparkline smooths per-token hit rates over this many tokens
 
@@ -74,62 +78,133 @@ def fmt_tps(x: float) -> str:
 
 
 # ---- the cache grid -----------------------------------------------------------------------------
-def cell_states(snap) -> list[list[str]]:
-    """Per layer, per expert: the state the grid shows for the latest token.
+_STATES = (EMPTY, RESIDENT, HIT, MISS, PREFETCHED, EVICTED)    # state codes: index in this tuple
+
+
+def state_codes(snap):
+    """[L, E] uint8 array of state codes (index into ``_STATES``) for the latest token: what ``cell_states``
+    says, computed with one array write per event list rather than a Python step per cell.
 
     What the token did wins over what merely sits in the cache: a miss (loaded on demand) over a
-    prefetch over a hit; an evicted expert that is no longer resident shows as evicted.
-    """
-    grid = []
-    for layer in range(snap.num_layers):
+    prefetch over a hit; an evicted expert that is no longer resident shows as evicted."""
+    import numpy as np
+
+    L, E = snap.num_layers, snap.num_experts
+    out = np.zeros((L, E), dtype=np.uint8)
+    code = {st: i for i, st in enumerate(_STATES)}
+
+    def mark(layer, experts, state, keep=None):
+        ex = [e for e in experts if 0 <= e < E and (keep is None or e not in keep)]
+        if ex:
+            out[layer, ex] = code[state]
+
+    for layer in range(L):
         resident = set(e for e in snap.resident[layer] if e >= 0) if layer < len(snap.resident) else set()
+        mark(layer, resident, RESIDENT)
         ev = snap.last_token[layer] if layer < len(snap.last_token) else None
-        row = []
-        for e in range(snap.num_experts):
-            state = RESIDENT if e in resident else EMPTY
-            if ev is not None:
-                if e in ev.misses:
-                    state = MISS
-                elif e in ev.prefetched:
-                    state = PREFETCHED
-                elif e in ev.hits:
-                    state = HIT
-                elif e in ev.evicted and e not in resident:
-                    state = EVICTED
-            row.append(state)
-        grid.append(row)
-    return grid
+        if ev is not None:       # lowest priority first: later writes win
+            mark(layer, ev.evicted, EVICTED, keep=resident)
+            mark(layer, ev.hits, HIT)
+            mark(layer, ev.prefetched, PREFETCHED)
+            mark(layer, ev.misses, MISS)
+    return out
+
+
+def cell_states(snap) -> list[list[str]]:
+    """Per layer, per expert: the state the grid shows for the latest token (see ``state_codes``)."""
+    return [[_STATES[c] for c in row] for row in state_codes(snap).tolist()]
 
 
 def _layer_label_every(num_layers: int) -> int:
     return 1 if num_layers <= 8 else 4 if num_layers <= 32 else 8
 
 
-def render_grid(snap) -> str:
-    """Experts as rows, layers as columns: 8 x 32 for Mixtral-8x7B, 8 x 56 for 8x22B, all in one card."""
-    states = cell_states(snap)
+# Image grid colours (light theme's; "empty" and the gaps are translucent so the card shows through in
+# both themes).
+_GRID_RGBA = {EMPTY: (148, 163, 184, 70), RESIDENT: (147, 180, 220, 255), HIT: (34, 163, 90, 255),
+              MISS: (224, 72, 62, 255), PREFETCHED: (139, 92, 246, 255), EVICTED: (245, 158, 11, 255)}
+
+def grid_png(codes, cell: int = CELL) -> bytes:
+    """``codes`` ([L, E] state codes) as a PNG: layers down, experts across, ``cell`` pixels per cell with a
+    one-pixel gap; an evicted expert is a ring (its centre shows as empty)."""
+    import numpy as np
+
+    L, E = codes.shape
+    gap = len(_STATES)
+    img = np.full((L, cell, E, cell), gap, dtype=np.uint8)
+    img[:, :cell - 1, :, :cell - 1] = codes[:, None, :, None]
+    if cell > 3:
+        inner = img[:, 1:cell - 2, :, 1:cell - 2]
+        inner[np.broadcast_to((codes == _STATES.index(EVICTED))[:, None, :, None], inner.shape)] = 0
+    img = img.reshape(L * cell, E * cell)
+    palette = [_GRID_RGBA[st][:3] for st in _STATES] + [(255, 255, 255)]
+    alpha = [_GRID_RGBA[st][3] for st in _STATES] + [0]
+    return _png(E * cell, L * cell, palette, [r.tobytes() for r in img], alpha)
+
+
+def _ticks(n: int, want: int = 8) -> list[int]:
+    """About ``want`` round tick positions in 0..n-1."""
+    step = next((s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n / s <= want), 512)
+    return list(range(0, n, step))
+
+
+def _layer_names(snap, info: Any = None) -> list[str]:
+    labels = tuple(getattr(info, "expert_layers", ()) or ())
+    return [str(labels[i]) if i < len(labels) else str(i) for i in range(snap.num_layers)]
+
+
+def render_grid_image(snap, codes, head: str, legend: str, layer_names: Sequence[str]) -> str:
+    """The many-expert grid (e.g. 128 experts x 48 layers): one PNG, axis ticks, and a hover (the page's
+    script reads ``data-*``: layer names and one letter of state per cell) naming layer, expert and state."""
     L, E = snap.num_layers, snap.num_experts
+    uri = "data:image/png;base64," + base64.b64encode(grid_png(codes)).decode()
+    data = (codes + ord("0")).tobytes().decode("ascii")          # one digit per cell, row-major
+    xt = "".join(f'<span style="left:{100 * (e + 0.5) / E:.2f}%">E{e}</span>' for e in _ticks(E))
+    yt = "".join(f'<span style="top:{100 * (i + 0.5) / L:.2f}%">{escape(layer_names[i])}</span>'
+                 for i in _ticks(L, 12))
+    states_attr = ",".join(f"{i}:{st}" for i, st in enumerate(_STATES))
+    img = (f'<img class="mx-gridimg" src="{uri}" data-mx="grid" data-cols="{E}" data-rows="{L}" '
+           f'data-layers="{",".join(layer_names)}" data-names="{states_attr}" data-s="{data}" '
+           f'alt="expert cache: {E} experts by {L} layers, this token\'s hits, misses and evictions">')
+    body = (f'<div class="mx-gridwrap"><div class="mx-yt">{yt}</div><div class="mx-gridbox">'
+            f'<div class="mx-xt">{xt}</div>{img}</div></div>')
+    return f'<div class="mx-card mx-grid-card">{head}{body}<div class="mx-legend">{legend}</div></div>'
+
+
+def render_grid(snap, info: Any = None) -> str:
+    """Experts as rows, layers as columns: 8 x 32 for Mixtral-8x7B, 8 x 56 for 8x22B, all in one card. Many
+    experts (Qwen3-30B-A3B's 128 x 48 = 6,144 cells) are one image instead, experts across, layers down."""
+    import numpy as np
+
+    codes = state_codes(snap)
+    L, E = snap.num_layers, snap.num_experts
+    n = np.bincount(codes.ravel(), minlength=len(_STATES))
+    counts = {st: int(n[i]) for i, st in enumerate(_STATES)}
+    legend = "".join(f'<span class="mx-key"><i class="mx-c mx-{s}"></i>{escape(text)}'
+                     f'{"" if s in (EMPTY, RESIDENT) else f" <b>{counts[s]}</b>"}</span>'
+                     for s, text in LEGEND)
+    k = fmt_k(snap.cache_sizes)
+    image = E > 16 or E * L > GRID_DOM_MAX
+    head = (f'<div class="mx-card-h"><span>Expert cache</span>'
+            f'<span class="mx-sub">k = {k} of {E} per layer · {escape(snap.policy)} · {escape(snap.placement)}'
+            f' · {"experts →, layers ↓ · hover a cell" if image else "layers →"}</span></div>')
+    if image:
+        return render_grid_image(snap, codes, head, legend, _layer_names(snap, info))
+    states = [[_STATES[c] for c in row] for row in codes.tolist()]
+    names = _layer_names(snap, info)
     every = _layer_label_every(L)
     parts = [f'<div class="mx-grid" style="--mx-layers:{L}" role="img" '
              f'aria-label="expert cache: {E} experts by {L} layers">']
     parts.append('<span class="mx-ax"></span>')
     for layer in range(L):
-        label = str(layer) if layer % every == 0 else ""
+        label = names[layer] if layer % every == 0 else ""
         parts.append(f'<span class="mx-ax mx-ax-l">{label}</span>')
     for e in range(E):
         parts.append(f'<span class="mx-ax mx-ax-e">E{e}</span>')
         for layer in range(L):
             s = states[layer][e]
-            parts.append(f'<i class="mx-c mx-{s}" title="layer {layer}, expert {e}: {s}"></i>')
+            parts.append(f'<i class="mx-c mx-{s}" title="layer {names[layer]}, expert {e}: {s}"></i>')
     parts.append("</div>")
-    counts = {s: sum(row.count(s) for row in states) for s, _ in LEGEND}
-    legend = "".join(f'<span class="mx-key"><i class="mx-c mx-{s}"></i>{escape(text)}'
-                     f'{"" if s in (EMPTY, RESIDENT) else f" <b>{counts[s]}</b>"}</span>'
-                     for s, text in LEGEND)
-    k = fmt_k(snap.cache_sizes)
-    head = (f'<div class="mx-card-h"><span>Expert cache</span>'
-            f'<span class="mx-sub">k = {k} of {E} per layer · {escape(snap.policy)} · {escape(snap.placement)}'
-            f' · layers →</span></div>')
     return f'<div class="mx-card mx-grid-card">{head}{"".join(parts)}<div class="mx-legend">{legend}</div></div>'
 
 
@@ -230,14 +305,21 @@ def render_transfers(snap) -> str:
 
 
 # ---- routing strip ------------------------------------------------------------------------------
-def expert_colors(num_experts: int) -> list[str]:
+@functools.lru_cache(maxsize=8)
+def _expert_colors(num_experts: int) -> tuple[str, ...]:
     if num_experts <= len(_TAB10):
-        return list(_TAB10[:num_experts])
-    out = []
-    for i in range(num_experts):
-        r, g, b = colorsys.hls_to_rgb(i / num_experts, 0.55, 0.6)
-        out.append(f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
-    return out
+        return _TAB10[:num_experts]
+    return tuple(_hls(i / num_experts) for i in range(num_experts))
+
+
+def _hls(h: float) -> str:
+    r, g, b = colorsys.hls_to_rgb(h, 0.55, 0.6)
+    return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
+
+
+def expert_colors(num_experts: int) -> list[str]:
+    """Tableau-10 up to 10 experts, else expert e at hue e/E (the page's hover reads the hue back)."""
+    return list(_expert_colors(num_experts))
 
 
 def _png(width: int, height: int, palette: Sequence[tuple[int, int, int]], rows: Sequence[bytes],
@@ -249,7 +331,7 @@ def _png(width: int, height: int, palette: Sequence[tuple[int, int, int]], rows:
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0))
             + chunk(b"PLTE", b"".join(bytes(c) for c in palette))
             + (chunk(b"tRNS", bytes(alpha)) if alpha else b"")
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+            + chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b""))
 
 
 def _rgb(hex_color: str) -> tuple[int, int, int]:
@@ -257,30 +339,58 @@ def _rgb(hex_color: str) -> tuple[int, int, int]:
     return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
 
 
+@functools.lru_cache(maxsize=8)
+def _expert_rgb(num_experts: int) -> list[tuple[int, int, int]]:
+    return [_rgb(c) for c in expert_colors(num_experts)]
+
+
 def routing_png(routing: Sequence[Sequence[Sequence[int]]], num_layers: int, num_experts: int,
                 top_k: int) -> bytes:
     """Tokens along x, layers down y; each layer is ``top_k`` pixel rows, one per chosen expert (in the
     router's order), coloured by expert id, then one background row to separate layers."""
-    colors = [_rgb(c) for c in expert_colors(num_experts)]
+    import numpy as np
+
+    colors = _expert_rgb(num_experts)
     bg, none = len(colors), len(colors) + 1
-    palette = colors + [(255, 255, 255), (148, 163, 184)]
+    palette = list(colors) + [(255, 255, 255), (148, 163, 184)]
     alpha = [255] * len(colors) + [0, 70]      # layer gaps show the card; "no routing" is a faint grey
     T = len(routing)
-    rows = []
-    for layer in range(num_layers):
-        for j in range(top_k):
-            rows.append(bytes(
-                (tok[layer][j] if layer < len(tok) and j < len(tok[layer]) and 0 <= tok[layer][j] < num_experts
-                 else none) for tok in routing))
-        rows.append(bytes([bg]) * T)
-    return _png(T, len(rows), palette, rows, alpha)
+    ids = None
+    try:                                       # the usual case, a full [T, L, k] block: no Python per pixel
+        flat = itertools.chain.from_iterable(itertools.chain.from_iterable(routing))
+        ids = np.fromiter(flat, dtype=np.int32, count=T * num_layers * top_k).reshape(T, num_layers, top_k)
+        if any(len(tok) != num_layers for tok in routing):
+            ids = None
+    except ValueError:                         # fewer values: some layer chose fewer experts
+        pass
+    if ids is None:
+        ids = np.full((T, num_layers, top_k), -1, dtype=np.int32)
+        for t, tok in enumerate(routing):
+            for layer, ex in enumerate(tok[:num_layers]):
+                ids[t, layer, :len(ex[:top_k])] = ex[:top_k]
+    ids = np.where((ids >= 0) & (ids < num_experts), ids, none).astype(np.uint8)
+    img = np.full((num_layers, top_k + 1, T), bg, dtype=np.uint8)
+    img[:, :top_k] = ids.transpose(1, 2, 0)                                  # [L, k, T]
+    img = img.reshape(-1, T)
+    return _png(T, img.shape[0], palette, [r.tobytes() for r in img], alpha)
 
 
-def render_routing(snap, max_tokens: int = ROUTING_TOKENS) -> str:
+def _hue_legend(num_experts: int) -> str:
+    """Many experts: one hue bar with expert ticks instead of a chip per expert."""
+    stops = ", ".join(f"{c} {100 * e / max(1, num_experts - 1):.1f}%"
+                      for e, c in list(enumerate(expert_colors(num_experts)))[::max(1, num_experts // 16)])
+    ticks = "".join(f'<span style="left:{100 * (e + 0.5) / num_experts:.2f}%">E{e}</span>'
+                    for e in _ticks(num_experts))
+    return (f'<div class="mx-huebar" style="background:linear-gradient(to right, {stops})"></div>'
+            f'<div class="mx-xt mx-hueticks">{ticks}</div>')
+
+
+def render_routing(snap, max_tokens: int = ROUTING_TOKENS, info: Any = None) -> str:
     routing = snap.routing[-max_tokens:]
     colors = expert_colors(snap.num_experts)
-    legend = "".join(f'<span class="mx-key"><i class="mx-c" style="background:{c}"></i>E{e}</span>'
-                     for e, c in enumerate(colors))
+    many = snap.num_experts > 16
+    legend = _hue_legend(snap.num_experts) if many else "".join(
+        f'<span class="mx-key"><i class="mx-c" style="background:{c}"></i>E{e}</span>' for e, c in enumerate(colors))
     skipped = len(snap.routing) - len(routing)
     sub = (f"last answer, {len(snap.routing)} tokens" + (f" (latest {len(routing)} shown)" if skipped else "")
            + " · tokens → · layers ↓")
@@ -290,11 +400,15 @@ def render_routing(snap, max_tokens: int = ROUTING_TOKENS) -> str:
     else:
         png = routing_png(routing, snap.num_layers, snap.num_experts, snap.top_k)
         rows = snap.num_layers * (snap.top_k + 1)
-        height = max(48, min(220, rows * 4))
+        # Never fewer pixels than rows: scaling down would merge layers (48 x top-8 is 432 rows).
+        height = max(48, min(220, rows * 4)) if rows <= 220 else rows
         width = min(100, 100 * len(routing) / 48)    # a short answer keeps square-ish cells
         uri = "data:image/png;base64," + base64.b64encode(png).decode()
+        hover = (f' data-mx="routing" data-cols="{len(routing)}" data-rows="{rows}" data-k="{snap.top_k}" '
+                 f'data-experts="{snap.num_experts}" data-first="{len(snap.routing) - len(routing)}" '
+                 f'data-layers="{",".join(_layer_names(snap, info))}"') if many else ""
         body = (f'<img class="mx-routing" src="{uri}" alt="routing of the last answer: {len(routing)} tokens by '
-                f'{snap.num_layers} layers" style="width:{width:.0f}%;height:{height}px">')
+                f'{snap.num_layers} layers" style="width:{width:.0f}%;height:{height}px"{hover}>')
     return (f'<div class="mx-card mx-routing-card">{head}{body}'
             f'<div class="mx-legend">{legend}</div></div>')
 
@@ -312,8 +426,12 @@ def render_info(info: Any) -> str:
                      + (f" · prefetch {cache.prefetch}" if cache.prefetch else ""))
     device = info.device + (f" ({info.gpu_name})" if info.gpu_name else "")
     chips = [("model", info.model_name), ("device", device), ("weights", f"{info.dtype} · {info.quant}"),
-             ("shape", f"{info.num_layers} layers × {info.num_experts} experts, top-{info.top_k}, "
-                       f"context {info.max_context:,}"),
+             ("shape", f"{info.num_layers} layers × {info.num_experts} experts, top-{info.top_k}"
+                       + (" + a shared expert" if getattr(info, "shared_expert", False) else "")
+                       + (f" ({getattr(info, 'decoder_layers', 0) - info.num_layers} dense layers)"
+                          if getattr(info, "decoder_layers", 0) > info.num_layers else "")
+                       + f", context {info.max_context:,}"),
+             ("family", getattr(info, "family", "")),
              ("cache", cache_txt)]
     items = "".join(f'<span class="mx-chip"><small>{escape(k)}</small> {escape(str(v))}</span>'
                     for k, v in chips if v)
@@ -322,13 +440,13 @@ def render_info(info: Any) -> str:
     return f'<div class="mx-info">{items}{reason}</div>'
 
 
-def render_panel(snap) -> str:
-    """The whole live panel for one snapshot."""
+def render_panel(snap, info: Any = None) -> str:
+    """The whole live panel for one snapshot (``info``: the engine's, for decoder-layer labels)."""
     return ('<div class="mx-panel">'
-            + render_grid(snap)
+            + render_grid(snap, info)
             + '<div class="mx-cols">' + render_hit_rate(snap) + render_speed(snap) + '</div>'
             + '<div class="mx-cols">' + render_memory(snap) + render_transfers(snap) + '</div>'
-            + render_routing(snap)
+            + render_routing(snap, info=info)
             + '</div>')
 
 

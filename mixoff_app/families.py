@@ -1,0 +1,73 @@
+"""What differs between the MoE families mixoff runs: a table, read by the config, the loader and the forward.
+
+Every family shares one decoder (pre-norm RMSNorm, RoPE, GQA attention, a SwiGLU MLP or a routed MoE of SwiGLU
+experts); the differences are small and listed here, each held to transformers' own implementation of that
+``model_type`` by tests/test_families.py:
+
+- where the MoE block and its experts live in the hub checkpoint, and what the three expert matrices are called;
+- q/k RMSNorm: none (Mixtral, Qwen2-MoE), per head over ``head_dim`` (Qwen3-MoE), or over the whole q and k
+  projections before the heads are split (OLMoE);
+- a shared expert, always on, scaled by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE);
+- whether the top-k routing weights are renormalised to sum to one: always for Mixtral; ``norm_topk_prob``
+  from the config for the others (Qwen1.5-MoE and OLMoE leave it off, Qwen3-MoE turns it on);
+- which attention projections carry a bias, and which config key says so;
+- dense (non-MoE) layers: ``mlp_only_layers`` and ``decoder_sparse_step`` (the Qwen families).
+
+Routing is the same softmax-then-top-k in all four (in float32), so it is not in the table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    moe: str                          # module of the router and experts under model.layers.L.
+    expert_names: tuple[str, str, str]   # hub names of (gate, up, down) = our (w1, w3, w2)
+    qk_norm: str                      # "none" | "head" (per head, over head_dim) | "proj" (over the projection)
+    shared_expert: bool               # a sigmoid-gated shared expert beside the routed ones
+    renorm: Optional[bool]            # top-k weights renormalised: True/False fixed, None = config's norm_topk_prob
+    bias_key: Optional[str]           # config key that turns on attention biases
+    bias_default: bool                # its value when config.json leaves it out (Qwen1.5-MoE's hub config does)
+    bias_o: bool                      # whether that bias covers o_proj too (not only q/k/v)
+    dense_layers: bool                # reads mlp_only_layers / decoder_sparse_step
+    experts_key: tuple[str, ...]      # config keys for the number of routed experts (first found wins)
+    expert_size_key: str              # config key of a routed expert's intermediate size
+    clip_qkv: bool                    # honours config clip_qkv
+    example: str                      # a hub repo id to start with
+
+    def expert_prefix(self, layer: int, expert: int) -> str:
+        return f"model.layers.{layer}.{self.moe}.experts.{expert}"
+
+    def router_key(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.moe}.gate.weight"
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("mixtral", "block_sparse_moe", ("w1", "w3", "w2"), qk_norm="none", shared_expert=False, renorm=True,
+           bias_key=None, bias_default=False, bias_o=False, dense_layers=False, experts_key=("num_local_experts", "num_experts"),
+           expert_size_key="intermediate_size", clip_qkv=False, example="mistralai/Mixtral-8x7B-Instruct-v0.1"),
+    Family("qwen2_moe", "mlp", ("gate_proj", "up_proj", "down_proj"), qk_norm="none", shared_expert=True,
+           renorm=None, bias_key="qkv_bias", bias_default=True, bias_o=False, dense_layers=True,
+           experts_key=("num_experts", "num_local_experts"), expert_size_key="moe_intermediate_size",
+           clip_qkv=False, example="Qwen/Qwen1.5-MoE-A2.7B-Chat"),
+    Family("qwen3_moe", "mlp", ("gate_proj", "up_proj", "down_proj"), qk_norm="head", shared_expert=False,
+           renorm=None, bias_key="attention_bias", bias_default=False, bias_o=True, dense_layers=True,
+           experts_key=("num_experts", "num_local_experts"), expert_size_key="moe_intermediate_size",
+           clip_qkv=False, example="Qwen/Qwen3-30B-A3B-Instruct-2507"),
+    Family("olmoe", "mlp", ("gate_proj", "up_proj", "down_proj"), qk_norm="proj", shared_expert=False,
+           renorm=None, bias_key="attention_bias", bias_default=False, bias_o=True, dense_layers=False,
+           experts_key=("num_experts", "num_local_experts"), expert_size_key="intermediate_size",
+           clip_qkv=True, example="allenai/OLMoE-1B-7B-0924-Instruct"),
+)}
+
+# Hub names of a dense MLP (a dense layer, or the shared expert under ``mlp.shared_expert``).
+DENSE_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+
+def unsupported(model_type: object) -> str:
+    """The one sentence a refused ``model_type`` gets."""
+    return f"model_type is {model_type!r}; mixoff runs these MoE families: {', '.join(FAMILIES)}"
