@@ -133,6 +133,7 @@ class DiskStore(SlotCopies):
         self.cfg, self.layout, self.pinned = cfg, layout, pin
         self.folder = Path(folder)
         self._fds: dict[Path, int] = {}        # before anything can fail: __del__ closes them
+        self._reader: Optional[DiskReader] = None      # made by attach: reads off the decode thread
         locs = expert_blob_offsets(self.folder, cfg, layout.nbytes)
         self._loc: dict[tuple[int, int], tuple[int, int]] = {}
         for key, (path, off) in locs.items():
@@ -141,7 +142,6 @@ class DiskStore(SlotCopies):
             self._loc[key] = (self._fds[path], off)
         self.staging = host_buffer((staging, layout.nbytes), pin)
         self.bytes_read = 0
-        self._reader: Optional[DiskReader] = None      # made by attach: reads off the decode thread
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor) -> int:
         """Read one expert's blob into a contiguous host uint8 tensor of ``layout.nbytes``."""
