@@ -247,6 +247,26 @@ class Engine:
                 yield TokenEvent("notice", n)
             yield from self._generate_locked(ids, params, cancel)
 
+    def stream_prompt(self, prompt, params: SamplingParams,
+                      cancel: Optional[threading.Event] = None) -> Iterator[TokenEvent]:
+        """A plain prompt (text, or token ids) continued as it is, with no chat template. Bad input fails here,
+        before the answer waits for the engine."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            ids = list(prompt)
+            vocab = self.model.cfg.vocab_size
+            bad = next((i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab), None)
+            if bad is not None:
+                raise ValueError(f"token id {bad!r} is not in the model's vocabulary (0 to {vocab - 1})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.model.max_seq:
+            raise ValueError(f"the prompt is too long: {len(ids)} tokens, and the context holds {self.model.max_seq}")
+        return self._stream(ids, [], params, cancel)
+
     def stream_ids(self, ids: list[int], params: SamplingParams,
                    cancel: Optional[threading.Event] = None) -> Iterator[TokenEvent]:
         """Raw token ids in, events out (benchmarks, parity checks)."""
@@ -275,6 +295,10 @@ class Engine:
     def stats(self) -> StatsSnapshot:
         store = self.model.cache.store
         return self._stats.snapshot(read_memory(self.model.device, store.pinned_bytes, store.nbytes))
+
+    def answer_counters(self) -> dict[str, dict[str, int]]:
+        """The latest answer's cache counters, split into its prefill and its decode."""
+        return self._stats.answer_counters()
 
     @property
     def busy(self) -> bool:

@@ -92,6 +92,9 @@ def generate(model: Mixtral, tokenizer, ids: list[int], start: int, params: Samp
         gen = torch.Generator(device=dev)
         gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % (1 << 62)))
     t0 = time.perf_counter()
+    if cancel is not None and cancel.is_set():       # stopped while it waited for the engine: no prefill
+        yield TokenEvent("done", "", None, 0, 0.0, finish_reason="cancelled", prompt_tokens=len(ids))
+        return
     stats.begin_answer()
     try:
         logits = model.forward(torch.tensor(ids[start:], dtype=torch.long, device=dev), pos=start)
@@ -132,6 +135,6 @@ def generate(model: Mixtral, tokenizer, ids: list[int], start: int, params: Samp
         rest = stream.flush() if finish != "stop" else ""
         if rest:
             yield TokenEvent("token", rest, None, params.max_new_tokens, time.perf_counter() - t0)
-        yield TokenEvent("done", "", None, 0, time.perf_counter() - t0, finish_reason=finish)
+        yield TokenEvent("done", "", None, 0, time.perf_counter() - t0, finish_reason=finish, prompt_tokens=len(ids))
     finally:
         stats.end_answer()
