@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"port (default: {DEFAULT_PORT}, or GRADIO_SERVER_PORT)")
     p.add_argument("--share", action="store_true", help="create a public Gradio share link (e.g. on Colab)")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on the OpenAI-compatible API at /v1 (default: "
+                        "$MIXOFF_API_KEY; without a key /v1 is served only on loopback without --share)")
     return p
 
 
@@ -104,6 +107,22 @@ def _quant(args):
     return QuantConfig.from_bits(args.attn_bits, args.expert_bits)
 
 
+def api_config(args: argparse.Namespace, host: str, environ=os.environ):
+    """The /v1 API's settings: the key from --api-key or MIXOFF_API_KEY, and where the page is reachable."""
+    from ..api import ENV_KEY, ApiConfig
+    key = args.api_key if args.api_key is not None else environ.get(ENV_KEY) or None
+    try:
+        return ApiConfig(key=key, host=host, share=bool(args.share), default_max_tokens=args.max_new_tokens)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def api_app_kwargs(slot, config) -> dict:
+    """The /v1 routes go on the very app Gradio launches: same host and port, and the share link carries them."""
+    from ..api import api_routes
+    return {"routes": api_routes(slot.get, config)}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
@@ -111,8 +130,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     def say(msg: str) -> None:
         print(f"mixoff: {msg}", file=sys.stderr, flush=True)
 
+    host = bind_address(args.host)
     try:
         auth = parse_auth(args.auth)
+        api = api_config(args, host)
         cfg, reason = engine_config(args, say)
     except ConfigError as exc:
         build_parser().error(str(exc))
@@ -130,13 +151,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     slot.load_in_background(lambda progress: Engine.load(cfg, progress=progress, reason=reason))
     demo = build_ui(slot, max_new_tokens=args.max_new_tokens)
 
-    host = bind_address(args.host)
     port = args.port or int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT))
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     say(f"serving on http://{shown}:{port}" + ("" if host == "127.0.0.1" else f" (bound to {host})")
         + (" with a login" if auth else "") + "; the model loads in the background, progress on the page")
+    from ..api import describe
+    say(f"OpenAI-compatible API at http://{shown}:{port}/v1: {describe(api)}")
     demo.launch(server_name=host, server_port=port, share=args.share, auth=auth, show_error=True,
-                footer_links=["api", "settings"], **launch_kwargs())
+                footer_links=["api", "settings"], app_kwargs=api_app_kwargs(slot, api), **launch_kwargs())
 
 
 if __name__ == "__main__":
