@@ -12,16 +12,17 @@ import time
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import uvicorn
 from gradio_client import Client
 
-from mixoff_app.api import ApiConfig, create_app, model_id
-from mixoff_app.config import CacheConfig, EngineConfig, QuantConfig, SamplingParams
-from mixoff_app.engine import Engine
-from mixoff_app.ui import EngineSlot, build_ui, launch_kwargs
-from mixoff_app.ui.launch import api_app_kwargs
+openai = pytest.importorskip("openai", reason="the API tests use the official openai client: pip install openai")
+
+from mixoff_app.api import ApiConfig, create_app, model_id  # noqa: E402
+from mixoff_app.config import CacheConfig, EngineConfig, QuantConfig, SamplingParams  # noqa: E402
+from mixoff_app.engine import Engine  # noqa: E402
+from mixoff_app.ui import EngineSlot, build_ui, launch_kwargs  # noqa: E402
+from mixoff_app.ui.launch import api_app_kwargs  # noqa: E402
 
 TOKENS = 24
 ROOT = Path(__file__).resolve().parents[1]
