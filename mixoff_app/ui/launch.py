@@ -120,7 +120,14 @@ def api_config(args: argparse.Namespace, host: str, environ=os.environ):
 def api_app_kwargs(slot, config) -> dict:
     """The /v1 routes go on the very app Gradio launches: same host and port, and the share link carries them."""
     from ..api import api_routes
-    return {"routes": api_routes(slot.get, config)}
+
+    def engine():
+        if slot.engine is not None:
+            return slot.engine
+        if slot.error:
+            raise RuntimeError(f"the model could not be loaded: {slot.error}")
+        raise RuntimeError("the model is still loading: try again in a moment (GET /v1/models answers once it is ready)")
+    return {"routes": api_routes(engine, config)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
