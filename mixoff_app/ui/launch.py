@@ -126,7 +126,7 @@ def api_app_kwargs(slot, config) -> dict:
             return slot.engine
         if slot.error:
             raise RuntimeError(f"the model could not be loaded: {slot.error}")
-        raise RuntimeError("the model is still loading: try again in a moment (GET /v1/models answers once it is ready)")
+        raise RuntimeError("the model is still loading: try again in a moment (/v1/models answers once it is ready)")
     return {"routes": api_routes(engine, config)}
 
 
