@@ -290,6 +290,7 @@ def test_a_client_that_disconnects_mid_stream_stops_the_answer(app, engine):
     ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": True}, "max_tokens", 400),
     ({"messages": [{"role": "user", "content": "Hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", 400),
     ({"messages": [{"role": "user", "content": "Hi"}], "logprobs": True}, "logprobs", 400),
+    ({"messages": [{"role": "user", "content": "Hi"}], "seed": 2**70}, "seed", 400),
     ({"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_object"}},
      "response_format", 400),
     ({"messages": []}, "messages", 400),

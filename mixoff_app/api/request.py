@@ -130,6 +130,8 @@ def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
     name = "max_completion_tokens" if _present(body, "max_completion_tokens") else "max_tokens"
     max_tokens = _int(body, name, lo=1)
     seed = _int(body, "seed")
+    if seed is not None and not -2**63 <= seed < 2**63:
+        raise invalid(f"'seed' must fit in 64 bits, not {seed}.", "seed")
     try:
         # top_p -> 0 keeps only the most likely token: greedy, without an empty nucleus.
         return SamplingParams(max_new_tokens=max_tokens or default_max_tokens, temperature=temperature,
