@@ -379,3 +379,18 @@ def test_loading_model_and_outsized_bodies(engine):
 def test_api_package_imports_no_gradio():
     code = "import sys, mixoff_app.api; assert 'gradio' not in sys.modules, 'gradio was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_app_flags_give_the_api_its_key_and_exposure():
+    from mixoff_app.config import ConfigError
+    from mixoff_app.ui.launch import api_config, build_parser
+
+    def config(argv, environ=None, host="127.0.0.1"):
+        return api_config(build_parser().parse_args(argv), host, environ=environ or {})
+    assert config([]).key is None and config([]).default_max_tokens == 256
+    assert config([], {"MIXOFF_API_KEY": "from-env"}).key == "from-env"
+    assert config(["--api-key", "flag"], {"MIXOFF_API_KEY": "from-env"}).key == "flag"
+    assert config(["--share"]).share and config(["--max-new-tokens", "9"]).default_max_tokens == 9
+    assert config([], host="0.0.0.0").host == "0.0.0.0"
+    with pytest.raises(ConfigError, match="blank"):
+        config(["--api-key", " "])
