@@ -22,26 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from mixoff_app.config import NO_QUANT, CacheConfig, EngineConfig, ModelConfig, SamplingParams
+from mixoff_app.config import NO_QUANT, CacheConfig, EngineConfig, SamplingParams
 from mixoff_app.engine import Engine
-from mixoff_app.tiny import make_tiny, random_state_dict, train_tokenizer, doc_corpus
-
-# A mid-size Mixtral that fits in RAM: same structure as 8x7B, smaller matrices.
-MID_SHAPE = dict(hidden_size=512, intermediate_size=1792, num_layers=8, num_heads=8, num_kv_heads=2,
-                 head_dim=64, num_experts=8, top_k=2)
-
-
-def make_mid(out: Path, seed: int = 0) -> Path:
-    from safetensors.torch import save_file
-    out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(doc_corpus(), 2048)
-    cfg = ModelConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      max_position_embeddings=4096, **MID_SHAPE)
-    save_file(random_state_dict(cfg, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
-    tok.save_pretrained(str(out))
-    (out / "config.json").write_text(json.dumps(cfg.to_hf() | {"dtype": "float32"}))
-    return out
-
+from mixoff_app.tiny import make_tiny, write_synthetic
 
 def ours(path: Path, k, prompt: list[int], n: int) -> float:
     """Decode tokens/s of our runtime (prefill excluded): n tokens after the prompt, greedy."""
@@ -96,7 +79,7 @@ def main() -> None:
               "threads": args.threads, "torch": torch.__version__, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            path = make_tiny(Path(tmp) / "tiny", seed=0) if name == "tiny" else make_mid(Path(tmp) / "mid")
+            path = make_tiny(Path(tmp) / "tiny", seed=0) if name == "tiny" else write_synthetic(Path(tmp) / name, name)
             tok = AutoTokenizer.from_pretrained(str(path))
             prompt = list(tok.apply_chat_template([{"role": "user", "content": "Explain what the zip builtin does."}],
                                                   tokenize=True, add_generation_prompt=True)["input_ids"])

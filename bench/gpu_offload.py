@@ -71,10 +71,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mixoff_app.config import MIXTRAL_8X7B, ModelConfig, QuantSpec  # noqa: E402
+from mixoff_app.config import ModelConfig, QuantSpec  # noqa: E402
 from mixoff_app.expert_cache import ExpertCache  # noqa: E402
 from mixoff_app.expert_store import ExpertLayout, ExpertStore  # noqa: E402
 from mixoff_app.model import LayerWeights, Mixtral, Prefetcher, TrunkWeights  # noqa: E402
+from mixoff_app.presets import from_name  # noqa: E402
 from mixoff_app.quant import QWeight, qweight_from, weight_fields  # noqa: E402
 from mixoff_app.stats import Stats  # noqa: E402
 from mixoff_app.trace import simulate, synthetic_trace  # noqa: E402
@@ -82,9 +83,7 @@ from mixoff_app.trace import simulate, synthetic_trace  # noqa: E402
 EXPERT_SPEC = QuantSpec(bits=2, group_size=16, scale_group=128)
 ATTN_SPEC = QuantSpec(bits=4, group_size=64, scale_group=256)
 
-TINY = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=8, num_heads=4,
-                   num_kv_heads=2, head_dim=32, num_experts=8, top_k=2, max_position_embeddings=512)
-SHAPES = {"mixtral": MIXTRAL_8X7B, "tiny": TINY}
+SHAPES = {"mixtral": from_name("mixtral-8x7b"), "tiny": from_name("tiny-bench")}      # --shape -> preset
 
 # name -> (k (None: all experts), policy, prefetch, naive, early prefetch)
 VARIANTS = {

@@ -86,15 +86,6 @@ class ModelConfig:
         }
 
 
-# Presets let the planner and tests work before (or without) any download.
-MIXTRAL_8X7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                           num_heads=32, num_kv_heads=8, head_dim=128, num_experts=8, top_k=2,
-                           rope_theta=1e6, max_position_embeddings=32768)
-MIXTRAL_8X22B = ModelConfig(vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_layers=56,
-                            num_heads=48, num_kv_heads=8, head_dim=128, num_experts=8, top_k=2,
-                            rope_theta=1e6, max_position_embeddings=65536)
-PRESETS = {"mixtral-8x7b": MIXTRAL_8X7B, "mixtral-8x22b": MIXTRAL_8X22B}
-
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 

@@ -103,7 +103,8 @@ class Engine:
         from .checkpoints import load_checkpoint_placed, peek_checkpoint, read_config
         from .disk_store import DiskStore
         from .expert_store import ExclusiveStore, ExpertStore
-        from .plan import device_tensor_bytes, plan_for, rss_bytes
+        from .memory import device_tensor_bytes, rss_bytes
+        from .plan import plan_for
 
         def precheck(folder: Path) -> None:
             """From config.json alone, before any weight is downloaded or read: refuse what cannot fit."""

@@ -1,4 +1,5 @@
-"""Memory readings for the panel and the planner: VRAM (pynvml, torch), process and system RAM (psutil).
+"""Memory readings for the panel and the planner: VRAM (pynvml, torch), process and system RAM (psutil), and
+what the runtime's tensors hold on the device.
 
 Read on demand (when a snapshot is asked for), never from the decode loop.
 """
@@ -72,3 +73,60 @@ def read_memory(device: torch.device, pinned_bytes: int = 0, host_expert_bytes: 
                          torch_allocated=int(torch.cuda.memory_allocated(idx)),
                          torch_reserved=int(torch.cuda.memory_reserved(idx)),
                          torch_peak_allocated=int(torch.cuda.max_memory_allocated(idx)), **common)
+
+
+def rss_bytes() -> int:
+    import psutil
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count from now (Linux: VmHWM via /proc/self/clear_refs); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak RSS since the last ``reset_peak_rss`` (Linux VmHWM), else since start (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def device_tensor_bytes(model) -> int:
+    """Bytes of the tensors the engine keeps on the device: trunk, expert slots (and swap staging), KV cache
+    and RoPE tables, each storage counted once (tied embeddings share one)."""
+    seen: dict[int, int] = {}
+
+    def add(t) -> None:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        elif hasattr(t, "tensors"):
+            for v in t.tensors().values():
+                add(v)
+
+    tr = model.trunk
+    for t in (tr.embed, tr.norm, tr.lm_head):
+        add(t)
+    for lw in tr.layers:
+        for t in (lw.attn_norm, lw.ffn_norm, lw.wq, lw.wk, lw.wv, lw.wo, lw.gate):
+            add(t)
+    for L in model.cache.layers:
+        add(L.slots)
+    add(getattr(model.cache, "_stage", None))
+    for t in (model.kv, model.cos, model.sin):
+        add(t)
+    return sum(seen.values())

@@ -8,7 +8,6 @@ the engine will hold. Allowances (not computable from the model) are stated wher
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from dataclasses import dataclass, field
@@ -16,8 +15,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import (PLACEMENTS, PRESETS, ConfigError, ModelConfig, QuantConfig, QuantSpec, parse_bits)
+from .config import (PLACEMENTS, ConfigError, ModelConfig, QuantConfig, QuantSpec, parse_bits)
 from .expert_store import ExpertLayout
+from .presets import PRESETS, from_name, preset_name
 from .quant import weight_fields
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -400,92 +400,20 @@ def _refusal(s: Sizes, cfg: ModelConfig, cuda: bool, device_cap, host_cap, conte
     return "; ".join(parts) or "nothing fits"
 
 
-# ---- measuring what the runtime holds ---------------------------------------------------------------
-
-def rss_bytes() -> int:
-    import psutil
-    return int(psutil.Process(os.getpid()).memory_info().rss)
-
-
-def reset_peak_rss() -> bool:
-    """Restart the peak-RSS count from now (Linux: VmHWM via /proc/self/clear_refs); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak RSS since the last ``reset_peak_rss`` (Linux VmHWM), else since start (ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    import sys
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def device_tensor_bytes(model) -> int:
-    """Bytes of the tensors the engine keeps on the device: trunk, expert slots (and swap staging), KV cache
-    and RoPE tables, each storage counted once (tied embeddings share one)."""
-    seen: dict[int, int] = {}
-
-    def add(t) -> None:
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-        elif hasattr(t, "tensors"):
-            for v in t.tensors().values():
-                add(v)
-
-    tr = model.trunk
-    for t in (tr.embed, tr.norm, tr.lm_head):
-        add(t)
-    for lw in tr.layers:
-        for t in (lw.attn_norm, lw.ffn_norm, lw.wq, lw.wk, lw.wv, lw.wo, lw.gate):
-            add(t)
-    for L in model.cache.layers:
-        add(L.slots)
-    add(getattr(model.cache, "_stage", None))
-    for t in (model.kv, model.cos, model.sin):
-        add(t)
-    return sum(seen.values())
-
-
-# ---- command line --------------------------------------------------------------------------------
-
-def parse_gib(text: str) -> int:
-    """A command-line size in GB (GiB) -> bytes."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}")
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return int(v * GiB)
-
-
 def model_for_planning(name: str, quant: QuantConfig) -> tuple[ModelConfig, QuantConfig, bool, str]:
-    """(config, quant, disk_ok, display name) from a preset name or a local checkpoint folder, offline."""
+    """(config, quant, disk_ok, display name) from 'tiny', a preset name or a local checkpoint folder, offline."""
     key = name.lower()
+    if key == "tiny":           # the model ``--model tiny`` runs, read from its checkpoint
+        from .checkpoints import peek_checkpoint
+        from .hub import tiny_path
+        cfg, q, layout = peek_checkpoint(tiny_path(), quant)
+        return cfg, q, False, "tiny"
     if key in PRESETS:
         return PRESETS[key], quant, True, key
     if os.path.isdir(name):
         from .checkpoints import peek_checkpoint
         cfg, q, layout = peek_checkpoint(name, quant)
         return cfg, q, layout == "mixoff", name
-    if key == "tiny":
-        from .hub import tiny_path
-        from .checkpoints import peek_checkpoint
-        cfg, q, layout = peek_checkpoint(tiny_path(), quant)
-        return cfg, q, False, "tiny"
     raise ConfigError(f"cannot plan for {name!r} offline: give a preset ({', '.join(PRESETS)}) or a local "
                       f"checkpoint folder")
 
@@ -494,17 +422,15 @@ def choose_cache_size(model: str, device: Optional[str] = None, quant: Optional[
                       max_context: int = 4096, vram_bytes: Optional[int] = None,
                       ram_bytes: Optional[int] = None) -> Plan:
     """The app's start-up plan from free VRAM/RAM (measured unless given): a ``Plan`` with ``.k`` (smallest k
-    per layer), ``.sizes``, ``.placement``, ``.reason``. Hub ids of Mixtral-8x7B/8x22B plan from the presets,
-    so this works before any download. Raises ConfigError when nothing fits (the message says what would)."""
+    per layer), ``.sizes``, ``.placement``, ``.reason``. Hub ids listed in ``presets.HUB_IDS`` plan from their
+    preset, so this works before any download. Raises ConfigError when nothing fits (the message says what would)."""
     quant = quant or QuantConfig()
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     low = model.lower()
     if low in PRESETS or os.path.isdir(model) or low == "tiny":
         cfg, quant, disk_ok, name = model_for_planning(model, quant)
-    elif "8x22b" in low:
-        cfg, disk_ok, name = PRESETS["mixtral-8x22b"], False, model
-    elif "8x7b" in low or "mixtral" in low:
-        cfg, disk_ok, name = PRESETS["mixtral-8x7b"], False, model
+    elif preset_name(model) is not None:
+        cfg, disk_ok, name = from_name(model), False, model
     else:
         raise ConfigError(f"cannot plan memory for {model!r} before it is downloaded; pass --cache-size")
     p = plan_for(cfg, quant, max_context, vram_bytes=vram_bytes, ram_bytes=ram_bytes, device=dev,
@@ -534,40 +460,3 @@ def reference_markdown(cfg: ModelConfig, quant: QuantConfig, max_context: int = 
                    f"{(p.device_total + p.context_allowance) / GiB:.1f} GiB | {p.host_total / GiB:.1f} GiB | "
                    f"{p.misses_per_token:.1f} |")
     return "\n".join(out)
-
-
-def cmd_plan(args) -> int:
-    quant = QuantConfig.from_bits(args.attn_bits, args.expert_bits)
-    cfg, quant, disk_ok, name = model_for_planning(args.model, quant)
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
-    if args.reference:
-        print(reference_markdown(cfg, quant, args.max_context, name))
-        return 0
-    p = plan_for(cfg, quant, args.max_context, vram_bytes=args.vram, ram_bytes=args.ram, device=args.device,
-                 dtype=dtype, placement=None if args.placement == "auto" else args.placement,
-                 vram_budget=args.vram_budget, ram_budget=args.ram_budget, disk_ok=disk_ok, model_name=name)
-    if not p.feasible:
-        raise ConfigError(f"{name} does not fit: {p.reason}")
-    print(p.table(markdown=args.markdown))
-    return 0
-
-
-def add_plan_parser(subparsers) -> None:
-    from .cli import _bits, _positive_int
-    p = subparsers.add_parser("plan", help="plan where the model's parts go for a GPU and RAM size (offline)")
-    p.add_argument("--model", default="mixtral-8x7b",
-                   help=f"a preset ({', '.join(PRESETS)}), a local checkpoint folder, or 'tiny'")
-    p.add_argument("--vram", type=parse_gib, default=None, help="the GPU's memory in GB (GiB); default: measured free VRAM")
-    p.add_argument("--ram", type=parse_gib, default=None, help="RAM for mixoff in GB (GiB); default: measured available RAM")
-    p.add_argument("--vram-budget", type=parse_gib, default=None, help="cap on mixoff's device allocations, GB")
-    p.add_argument("--ram-budget", type=parse_gib, default=None, help="cap on the RAM mixoff's load may add, GB")
-    p.add_argument("--device", default="cuda", help="plan for cuda (default) or cpu")
-    p.add_argument("--placement", choices=("auto",) + PLACEMENTS, default="auto")
-    p.add_argument("--max-context", type=_positive_int, default=4096)
-    p.add_argument("--attn-bits", type=_bits, default=4)
-    p.add_argument("--expert-bits", type=_bits, default=2)
-    p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
-    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
-    p.add_argument("--reference", action="store_true",
-                   help="print the plans for the README's four reference machines as one markdown table")
-    p.set_defaults(func=cmd_plan)

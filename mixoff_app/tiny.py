@@ -1,20 +1,25 @@
-"""The embedded tiny Mixtral: a deterministic, Hugging Face-format checkpoint made entirely offline.
+"""Synthetic checkpoints, made entirely offline: the random tiny Mixtral and the benchmarks' larger shapes.
 
-``make_tiny(out_dir, seed)`` trains a byte-level BPE tokenizer on the Python documentation that ships
-with every Python (``pydoc_data``), writes a Mistral-style chat template, and saves random weights of a
-small Mixtral-architecture model with the hub's per-expert tensor names. transformers'
-``MixtralForCausalLM`` and ``AutoTokenizer`` load the result; it is the oracle in the parity tests.
+``write_synthetic(out_dir, shape, seed)`` is the one writer. By default it trains a byte-level BPE tokenizer on
+the Python documentation that ships with every Python (``pydoc_data``), writes a Mistral-style chat template,
+and saves deterministic random weights of a preset's shape (``presets.py``) with the hub's per-expert tensor
+names, which transformers' ``MixtralForCausalLM`` and ``AutoTokenizer`` load; ``make_tiny`` is the
+``tiny-random`` preset, the oracle in the parity tests. ``packed=True`` writes mixoff's own format instead, with
+random low-bit codes (no quantizer run), for shapes too large to quantize quickly.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, QuantConfig
+from .presets import from_name
 
 # Mistral's template shape: the system prompt (if any) is put in front of the first user turn. An
 # assistant turn is trimmed, so an answer the model generated (which starts with its own space token)
@@ -32,10 +37,6 @@ CHAT_TEMPLATE = (
 )
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
-
-TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                  head_dim=16, num_experts=8, top_k=2)
-
 
 def doc_corpus() -> Iterator[str]:
     """Local English text every Python has: the language reference topics and stdlib docstrings."""
@@ -60,11 +61,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = 2048
     return fast
-
-
-def tiny_config(vocab_size: int, bos: int, eos: int, max_positions: int = 2048) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, rope_theta=1e6, max_position_embeddings=max_positions,
-                       bos_token_id=bos, eos_token_id=eos, **TINY_SHAPE)
 
 
 def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -96,23 +92,91 @@ def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     return sd
 
 
-def make_tiny(out_dir: str | os.PathLike, seed: int = 0, vocab_size: int = 512) -> Path:
-    """Write the tiny checkpoint (config.json, model.safetensors, tokenizer files) into ``out_dir``."""
+def packed_state_dict(cfg: ModelConfig, quant: QuantConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights in mixoff's own format, written directly: packed codes are random bytes, scales and
+    zeros small constants, so every weight is finite; the trunk is fp16."""
+    from .expert_store import ExpertLayout
+    from .quant import weight_fields
+
+    g = torch.Generator().manual_seed(seed)
+    consts = {"scale_s": 2e-3, "scale_z": 0.0, "zero_s": 0.01, "zero_z": 0.0, "scale": 0.01, "zero": 1.0}
+
+    def field_tensor(f):
+        if f.dtype == torch.uint8:
+            return torch.randint(0, 256, f.shape, dtype=torch.uint8, generator=g)
+        return torch.full(f.shape, consts[f.name.rsplit(".", 1)[-1]], dtype=f.dtype)
+
+    h, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    t = {"model.embed_tokens.weight": torch.randn(cfg.vocab_size, h, generator=g).half(),
+         "model.norm.weight": torch.ones(h, dtype=torch.float16),
+         "lm_head.weight": (torch.randn(cfg.vocab_size, h, generator=g) * h ** -0.5).half()}
+    shapes = {"q_proj": (nh * hd, h), "k_proj": (nkv * hd, h), "v_proj": (nkv * hd, h), "o_proj": (h, nh * hd)}
+    layout = ExpertLayout.for_model(cfg, quant.experts, torch.float16)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
+        t[p + "block_sparse_moe.gate.weight"] = torch.randn(cfg.num_experts, h, generator=g).half()
+        for name, shape in shapes.items():
+            for f in weight_fields(f"{p}self_attn.{name}", shape, quant.attn, torch.float16):
+                t[f.name] = field_tensor(f)
+        for e in range(cfg.num_experts):
+            blob = torch.zeros(layout.nbytes, dtype=torch.uint8)
+            layout.fill(blob, {f.name: field_tensor(f) for f in layout.fields})
+            t[f"{p}block_sparse_moe.experts.{e}.packed"] = blob
+    return t
+
+
+def write_synthetic(out_dir: str | os.PathLike, shape: Union[str, ModelConfig], seed: int = 0,
+                    tokenizer_from: Optional[str | os.PathLike] = None, packed: bool = False,
+                    config_extra: Optional[dict] = None) -> Path:
+    """Write a random checkpoint of ``shape`` (a preset name or a ModelConfig) into ``out_dir``.
+
+    The tokenizer is trained on Python's docs to the shape's vocab size, or copied from ``tokenizer_from``
+    (a checkpoint folder); either way the vocab size and special ids come from it. ``packed=False``: Hugging
+    Face layout in fp32 (``random_state_dict``); ``packed=True``: mixoff's format (``packed_state_dict``)."""
     from safetensors.torch import save_file
 
+    cfg = from_name(shape) if isinstance(shape, str) else shape
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(doc_corpus(), vocab_size)
-    cfg = tiny_config(len(tok), tok.bos_token_id, tok.eos_token_id)
+    if tokenizer_from is None:
+        tok = train_tokenizer(doc_corpus(), cfg.vocab_size)
+        cfg = replace(cfg, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    else:
+        src = Path(tokenizer_from)
+        base = json.loads((src / "config.json").read_text())
+        cfg = replace(cfg, vocab_size=base["vocab_size"], bos_token_id=base.get("bos_token_id"),
+                      eos_token_id=base.get("eos_token_id"))
+    if packed:
+        from .checkpoints import MIXOFF_FORMAT, _spec_dict
+        quant = QuantConfig()
+        weights = packed_state_dict(cfg, quant, seed)
+        meta = {"mixoff.format": MIXOFF_FORMAT, "format": "pt",
+                "mixoff.quant": json.dumps({"attn": _spec_dict(quant.attn), "experts": _spec_dict(quant.experts)})}
+        hf = cfg.to_hf() | {"torch_dtype": "float16"}
+    else:
+        weights, meta = random_state_dict(cfg, seed), {"format": "pt"}
+        hf = cfg.to_hf() | {"dtype": "float32"}
     tmp = out / ".model.safetensors.part"
-    save_file(random_state_dict(cfg, seed), str(tmp), metadata={"format": "pt"})
+    save_file(weights, str(tmp), metadata=meta)
     os.replace(tmp, out / "model.safetensors")
-    tok.save_pretrained(str(out))
-    hf = cfg.to_hf() | {"dtype": "float32", "mixoff_tiny_seed": seed}
-    (out / "config.json").write_text(json.dumps(hf, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, indent=2))
+    if tokenizer_from is None:
+        tok.save_pretrained(str(out))
+        (out / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, indent=2))
+    else:
+        for name in os.listdir(src):
+            if name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+                shutil.copy2(src / name, out / name)
+    (out / "config.json").write_text(json.dumps(hf | (config_extra or {}), indent=2))
     return out
+
+
+def make_tiny(out_dir: str | os.PathLike, seed: int = 0, vocab_size: int = 512) -> Path:
+    """The random tiny model: config.json, model.safetensors, tokenizer files in ``out_dir``."""
+    cfg = replace(from_name("tiny-random"), vocab_size=vocab_size)
+    return write_synthetic(out_dir, cfg, seed, config_extra={"mixoff_tiny_seed": seed})
 
 
 def default_tiny_dir() -> Path:

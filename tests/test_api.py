@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -394,3 +395,62 @@ def test_app_flags_give_the_api_its_key_and_exposure():
     assert config([], host="0.0.0.0").host == "0.0.0.0"
     with pytest.raises(ConfigError, match="blank"):
         config(["--api-key", " "])
+
+
+# ---- serve: the API without the page ------------------------------------------------------------
+def serve_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "mixoff_app", "serve", *map(str, args)]
+
+
+def serve_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MIXOFF_API_KEY"}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+def test_serve_refuses_what_cannot_work_before_loading():
+    r = subprocess.run(serve_cmd("--host", "0.0.0.0", "--port", free_port()), capture_output=True, text=True,
+                       cwd=ROOT, env=serve_env(), timeout=120)
+    assert r.returncode == 2 and "--api-key" in r.stderr and "MIXOFF_API_KEY" in r.stderr, r.stderr
+    assert "loading" not in r.stderr and "ready" not in r.stderr, "refused before the model was touched"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = subprocess.run(serve_cmd("--port", busy.getsockname()[1]), capture_output=True, text=True, cwd=ROOT,
+                           env=serve_env(), timeout=120)
+    assert r.returncode == 2 and "in use" in r.stderr, r.stderr
+    r = subprocess.run(serve_cmd("--api-key", ""), capture_output=True, text=True, cwd=ROOT, env=serve_env(),
+                       timeout=120)
+    assert r.returncode == 2 and "blank" in r.stderr, r.stderr
+
+
+def test_serve_answers_with_the_key_from_the_environment(tiny_dir, engine):
+    port = free_port()
+    proc = subprocess.Popen(serve_cmd("--model", tiny_dir, "--device", "cpu", "--cache-size", 2, "--port", port,
+                                      "--max-new-tokens", 6), cwd=ROOT, env=serve_env(MIXOFF_API_KEY="env-key"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/v1/models", timeout=5).status_code == 401:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "serve did not come up"
+            time.sleep(0.5)
+        c = client(url, key="env-key")
+        assert [m.id for m in c.models.list().data] == [model_id(engine.info)]
+        messages = [{"role": "user", "content": "What is a list in Python?"}]
+        out = c.chat.completions.create(model="m", messages=messages, temperature=0)
+        assert out.usage.completion_tokens == 6 and out.choices[0].finish_reason == "length"
+        assert out.choices[0].message.content == engine_answer(engine, messages, max_new_tokens=6)
+        assert httpx.get(url + "/", timeout=5).status_code == 404
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -28,12 +28,8 @@ CONTEXT = 256
 
 @pytest.fixture(scope="module")
 def synthetic(tiny_dir, tmp_path_factory):
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from memory import make_synthetic
-    finally:
-        sys.path.pop(0)
-    return make_synthetic(tmp_path_factory.mktemp("syn") / "syn", tiny_dir, layers=2, hidden=1024, inter=4096)
+    from mixoff_app.tiny import write_synthetic
+    return write_synthetic(tmp_path_factory.mktemp("syn") / "syn", "memory-bench", tokenizer_from=tiny_dir, packed=True)
 
 
 def run_bench(model, **kw) -> dict:

@@ -77,3 +77,15 @@ def test_quantize_then_generate_from_our_format(tiny_dir, tmp_path):
     b = json.loads(cli("generate", "--model", tmp_path / "q", "--prompt", "Hi", "--max-new-tokens", 8, "--greedy",
                        "--device", "cpu", "--json", "--quiet").stdout)
     assert a["token_ids"] == b["token_ids"]
+
+
+def test_every_subcommand_is_registered_explicitly(monkeypatch):
+    """Each subcommand is a module imported by name: one that fails to import fails the CLI, it never vanishes."""
+    import argparse
+
+    import mixoff_app.cli as cli
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == ["generate", "quantize", "make-tiny", "trace", "plan", "serve"]
+    monkeypatch.setattr(cli.plan, "add_parser", lambda subparsers: (_ for _ in ()).throw(ImportError("broken")))
+    with pytest.raises(ImportError, match="broken"):
+        cli.build_parser()

@@ -9,11 +9,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from mixoff_app.config import MIXTRAL_8X7B, CacheConfig, ConfigError, EngineConfig, QuantConfig
+from mixoff_app.config import CacheConfig, ConfigError, EngineConfig, QuantConfig
 from mixoff_app.engine import Engine
-from mixoff_app.plan import (GiB, MiB, dequant_scratch, device_need, device_tensor_bytes, model_sizes, plan_for,
-                             reference_markdown)
+from mixoff_app.memory import device_tensor_bytes
+from mixoff_app.plan import GiB, MiB, dequant_scratch, device_need, model_sizes, plan_for, reference_markdown
+from mixoff_app.presets import from_name
 from mixoff_app.quant import dequantize, quantize
+
+MIXTRAL_8X7B = from_name("mixtral-8x7b")
 
 
 class LiveBytes(TorchDispatchMode):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixoff_app.train_tiny import (ASSET_DIR, answer_loss, build_examples, collate, heldout_encoded,
-                                   heldout_loss, locality_stats, read_heldout)
+from tools.train_tiny.train import (ASSET_DIR, answer_loss, build_examples, collate, heldout_encoded,
+                                    heldout_loss, locality_stats, read_heldout)
 
 CARD = ASSET_DIR / "MODEL_CARD.md"
 
@@ -98,6 +98,18 @@ def test_heldout_split_is_rebuilt_deterministically(report):
     hp = report["hyperparameters"]
     _, held = build_examples(hp["seed"], hp["heldout_frac"])
     assert held == read_heldout(ASSET_DIR)
+
+
+def test_training_data_does_not_depend_on_the_environment():
+    """Defaults computed from the interpreter's path or a virtualenv read the same everywhere."""
+    import platform
+    import sysconfig
+
+    from tools.train_tiny.train import _signature
+    arch = _signature("platform.architecture", platform.architecture)
+    assert arch.startswith("platform.architecture(executable=sys.executable,") and sys.executable not in arch
+    if sys.platform == "linux":
+        assert "scheme='posix_prefix'" in _signature("sysconfig.get_paths", sysconfig.get_paths)
 
 
 def test_locality_figures_in_card():

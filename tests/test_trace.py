@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from mixoff_app.cli.trace import add_parser as add_trace_parser
+from mixoff_app.cli.trace import record_main
 from mixoff_app.trace import (
-    TABLE5_ANCHORS, Trace, TraceError, _chain_share, add_trace_parser, belady, random_baseline, read_trace,
-    record_main, routing_stats, simulate, synthetic_targets, synthetic_trace, write_trace,
+    TABLE5_ANCHORS, Trace, TraceError, belady, random_baseline, read_trace, routing_stats, simulate,
+    synthetic_targets, synthetic_trace, write_trace,
 )
+from mixoff_app.trace.synthetic import _chain_share
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ CPU_DEMO_K = 3          # without a GPU memory does not limit k; a small cache l
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import _positive_int, add_engine_args     # the same engine flags as the headless CLI
+    from ..cli.args import add_engine_args, positive_int     # the same engine flags as the headless CLI
 
     p = argparse.ArgumentParser(
         prog="app.py", description="mixoff: chat with Mixtral-8x7B whose experts are offloaded to host RAM, "
@@ -31,11 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         elif action.dest == "cache_size":
             action.help = ("experts per layer kept on the device (default: the memory planner picks k from free "
                            f"VRAM and RAM; without a GPU, {CPU_DEMO_K})")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256,
+    p.add_argument("--max-new-tokens", type=positive_int, default=256,
                    help="default answer length cap in the page (default: 256)")
     p.add_argument("--host", default=None,
                    help="address to bind (default: 127.0.0.1, this machine only; e.g. 0.0.0.0 for the network)")
-    p.add_argument("--port", type=_positive_int, default=None,
+    p.add_argument("--port", type=positive_int, default=None,
                    help=f"port (default: {DEFAULT_PORT}, or GRADIO_SERVER_PORT)")
     p.add_argument("--share", action="store_true", help="create a public Gradio share link (e.g. on Colab)")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
@@ -70,7 +70,7 @@ def engine_config(args: argparse.Namespace, say: Callable[[str], None]) -> tuple
     (psutil) -- here before any download, from the model's shape, and again by the engine once the
     checkpoint is read; without a GPU the CPU stands in for the device and k = CPU_DEMO_K.
     """
-    from ..cli import engine_config as cli_engine_config
+    from ..cli.args import engine_config as cli_engine_config
     from ..engine import default_model, resolve_device      # torch lives behind the engine, not in the UI
 
     args = argparse.Namespace(**vars(args))

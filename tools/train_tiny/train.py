@@ -1,8 +1,8 @@
 """Train the embedded demo model: a small Mixtral that answers questions about Python from Python's own docs.
 
-    python -m mixoff_app.train_tiny                      # train, write assets/tiny-chat/, report held-out loss
-    python -m mixoff_app.train_tiny --measure            # routing locality of the shipped model on held-out chat
-    python -m mixoff_app.train_tiny --transcripts        # greedy answers to the model card's questions
+    python -m tools.train_tiny                      # train, write assets/tiny-chat/, report held-out loss
+    python -m tools.train_tiny --measure            # routing locality of the shipped model on held-out chat
+    python -m tools.train_tiny --transcripts        # greedy answers to the model card's questions
 
 The data is text every Python install has: the language reference topics (``pydoc_data.topics``) and
 the docstrings of the builtins and the standard library (``inspect.getdoc``), shaped into chat turns
@@ -36,21 +36,26 @@ import random
 import re
 import shlex
 import sys
+import sysconfig
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .tiny import train_tokenizer
+from mixoff_app.config import ModelConfig
+from mixoff_app.presets import from_name
+from mixoff_app.tiny import train_tokenizer
+from mixoff_app.trace import Trace, simulate
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-chat"
+ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny-chat"
 
-DEFAULTS = dict(seed=1234, vocab_size=4096, hidden=256, layers=4, heads=8, kv_heads=4, head_dim=32,
-                intermediate=384, experts=8, top_k=2, context=512, batch_tokens=4096, lr=2e-3,
+SHAPE = from_name("tiny")      # the shipped model's shape; the flags below override it
+DEFAULTS = dict(seed=1234, vocab_size=SHAPE.vocab_size, hidden=SHAPE.hidden_size, layers=SHAPE.num_layers,
+                heads=SHAPE.num_heads, kv_heads=SHAPE.num_kv_heads, head_dim=SHAPE.head_dim,
+                intermediate=SHAPE.intermediate_size, experts=SHAPE.num_experts, top_k=SHAPE.top_k,
+                context=SHAPE.max_position_embeddings, batch_tokens=4096, lr=2e-3,
                 min_lr_frac=0.1, warmup=100, weight_decay=0.05, aux_coef=0.01, locality_coef=0.0,
                 heldout_frac=0.05, steps=700, multiturn_frac=0.0)
 
@@ -114,12 +119,29 @@ def _doc_answer(doc: str | None) -> str | None:
     return text if len(text) >= 20 else None
 
 
+def _environment_defaults() -> dict[str, str]:
+    """Default values computed from how this Python was started rather than from Python itself (its path, its
+    prefix, a virtualenv's install scheme), as their repr here -> the text the data uses, so that one Python
+    version gives one dataset in a virtualenv or not, at any install prefix."""
+    out = {}
+    for attr in ("executable", "prefix", "exec_prefix", "base_prefix", "base_exec_prefix"):
+        value = getattr(sys, attr, None)
+        if value:
+            out.setdefault(repr(value), f"sys.{attr}")
+    scheme = sysconfig.get_default_scheme()
+    if scheme == "venv":        # what the same Python reports outside a virtualenv
+        out[repr(scheme)] = repr("posix_prefix" if os.name == "posix" else "nt")
+    return out
+
+
 def _signature(name: str, obj) -> str:
     try:
         sig = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return ""
     sig = re.sub(r" at 0x[0-9a-fA-F]+>", ">", sig)     # default values' reprs carry memory addresses
+    for here, canonical in _environment_defaults().items():
+        sig = sig.replace(f"={here}", f"={canonical}")
     return "" if len(sig) > 120 else f"{name}{sig}"
 
 
@@ -379,6 +401,7 @@ def encode_chat(tok, turns: list[Example], context: int, labelled: str = "all"):
     msgs: list[dict] = []
     spans = []
     full: list[int] = []
+    prev: list[int] = []
     for ex in turns:
         msgs += chat_messages(ex)
         prompt = tok.apply_chat_template(msgs[:-1], tokenize=True)["input_ids"]
@@ -489,9 +512,9 @@ def collate(encoded, idx: list[int], pad_id: int):
 def model_config(args, tok) -> ModelConfig:
     return ModelConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.intermediate,
                        num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-                       head_dim=args.head_dim, num_experts=args.experts, top_k=args.top_k, rope_theta=1e4,
-                       max_position_embeddings=args.context, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id)
+                       head_dim=args.head_dim, num_experts=args.experts, top_k=args.top_k,
+                       rope_theta=SHAPE.rope_theta, max_position_embeddings=args.context,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 
 
 def build_model(cfg: ModelConfig, aux_coef: float):
@@ -716,35 +739,22 @@ def locality_stats(routes, num_experts: int, cache_k: int = 4) -> dict:
     """
     num_layers = len(routes[0])
     share = [[0, 0] for _ in range(num_layers)]
-    lru = [[0, 0] for _ in range(num_layers)]
-    caches = [OrderedDict() for _ in range(num_layers)]
     for seq in routes:
         for layer, toks in enumerate(seq):
             for a, b in zip(toks, toks[1:]):
                 share[layer][0] += bool(set(a) & set(b))
                 share[layer][1] += 1
-            cache = caches[layer]
-            for experts in toks:
-                for e in experts:
-                    lru[layer][1] += 1
-                    if e in cache:
-                        lru[layer][0] += 1
-                        cache.move_to_end(e)
-                    else:
-                        while len(cache) >= cache_k:
-                            victim = next(x for x in cache if x not in experts)
-                            del cache[victim]
-                        cache[e] = None
-                for e in experts:
-                    cache.move_to_end(e)
+    # back to back: routing[token][layer], every sequence's tokens in turn
+    routing = [[seq[layer][t] for layer in range(num_layers)] for seq in routes for t in range(len(seq[0]))]
+    lru = simulate(Trace({"num_experts": num_experts}, routing), cache_k, "lru")
     top_k = len(routes[0][0][0])
     rand_share = 1 - math.comb(num_experts - top_k, top_k) / math.comb(num_experts, top_k)
     return {
-        "pairs": sum(s[1] for s in share), "accesses": sum(x[1] for x in lru), "cache_k": cache_k,
+        "pairs": sum(s[1] for s in share), "accesses": lru.accesses, "cache_k": cache_k,
         "share_per_layer": [round(s[0] / s[1], 4) for s in share],
         "share_overall": round(sum(s[0] for s in share) / sum(s[1] for s in share), 4),
-        "lru_hit_per_layer": [round(x[0] / x[1], 4) for x in lru],
-        "lru_hit_overall": round(sum(x[0] for x in lru) / sum(x[1] for x in lru), 4),
+        "lru_hit_per_layer": [round(r, 4) for r in lru.layer_hit_rates],
+        "lru_hit_overall": round(lru.hit_rate, 4),
         "random_share": round(rand_share, 4), "random_lru_hit": round(cache_k / num_experts, 4),
     }
 
@@ -827,7 +837,7 @@ def log(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m mixoff_app.train_tiny", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.train_tiny", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ASSET_DIR), help="checkpoint folder (default: assets/tiny-chat)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--measure", action="store_true", help="routing locality of the checkpoint in --out; no training")
@@ -841,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in DEFAULTS.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     args = p.parse_args(argv)
-    args.command = "python -m mixoff_app.train_tiny " + " ".join(shlex.quote(a) for a in argv)
+    args.command = "python -m tools.train_tiny " + " ".join(shlex.quote(a) for a in argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.measure:
         measure(args)

@@ -1,0 +1,91 @@
+"""Argument types and the engine flags shared by every command that loads a model (and by ``app.py``)."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Union
+
+from ..config import POLICIES, PLACEMENTS, CacheConfig, ConfigError, EngineConfig, QuantConfig, parse_bits
+from ..plan import GiB
+
+
+def bits(text: str):
+    try:
+        return parse_bits(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def parse_gib(text: str) -> int:
+    """A command-line size in GB (GiB) -> bytes."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return int(v * GiB)
+
+
+def parse_cache_size(text: str) -> Union[int, tuple[int, ...]]:
+    """'4' -> 4 for every layer; '2,3,4,...' -> one size per layer."""
+    try:
+        parts = [int(x) for x in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cache size must be a whole number or a comma list of them, not {text!r}")
+    if any(k < 1 for k in parts):
+        raise argparse.ArgumentTypeError(f"cache sizes must be >= 1, not {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "tiny") -> None:
+    """Flags shared by every command that loads a model."""
+    p.add_argument("--model", default=model_default,
+                   help="hub repo id, local checkpoint folder, or 'tiny' (the embedded demo model)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
+    p.add_argument("--attn-bits", type=bits, default=4, help="attention bits: 2, 3, 4, 8 or none (default 4)")
+    p.add_argument("--expert-bits", type=bits, default=2, help="expert bits: 2, 3, 4, 8 or none (default 2)")
+    p.add_argument("--cache-size", type=positive_int, default=None,
+                   help="experts per layer kept on the device (k); default: all experts on CPU, planned on GPU")
+    p.add_argument("--policy", choices=POLICIES, default="lru", help="eviction policy")
+    p.add_argument("--prefetch", type=int, default=0, help="experts to prefetch per layer (0: off)")
+    p.add_argument("--prefetch-layers", type=positive_int, default=1, help="how many layers ahead to guess")
+    p.add_argument("--placement", choices=("auto",) + PLACEMENTS, default="auto",
+                   help="where experts live: inclusive (host holds all), exclusive (each in one place), disk "
+                        "(read from a mixoff-format checkpoint); default: planned on GPU or with a budget, "
+                        "else inclusive")
+    p.add_argument("--vram-budget", type=parse_gib, default=None,
+                   help="GB (GiB) mixoff may allocate on the device; the planner fits k and placement under it")
+    p.add_argument("--ram-budget", type=parse_gib, default=None,
+                   help="GB (GiB) loading the model may add to this process's RAM")
+    p.add_argument("--max-context", type=positive_int, default=4096, help="KV cache length in tokens")
+    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--tokenizer", default=None, help="where the tokenizer/chat template come from (default: the checkpoint)")
+
+
+def engine_config(args) -> EngineConfig:
+    from ..engine import resolve_device
+    k = args.cache_size
+    placement = getattr(args, "placement", "auto")
+    vram_budget, ram_budget = getattr(args, "vram_budget", None), getattr(args, "ram_budget", None)
+    planned = resolve_device(args.device).type == "cuda" or vram_budget is not None or ram_budget is not None
+    # On a GPU, or under a budget, the memory planner picks whatever was not given (k per layer, placement).
+    choose_k, choose_placement = planned and k is None, planned and placement == "auto"
+    auto = {(True, True): "full", (True, False): "sizes", (False, True): "placement"}.get(
+        (choose_k, choose_placement), "off")
+    return EngineConfig(model=args.model, device=args.device,
+                        quant=QuantConfig.from_bits(args.attn_bits, args.expert_bits),
+                        cache=CacheConfig(size=k, policy=args.policy, prefetch=args.prefetch,
+                                          prefetch_layers=args.prefetch_layers,
+                                          placement="inclusive" if placement == "auto" else placement),
+                        max_context=args.max_context, dtype=args.dtype, tokenizer=args.tokenizer,
+                        vram_budget=vram_budget, ram_budget=ram_budget, auto_plan=auto)

@@ -1,0 +1,23 @@
+"""``quantize SRC OUT``: write a checkpoint in mixoff's own format (one blob per expert)."""
+from __future__ import annotations
+
+from ..config import QuantConfig
+from .args import bits
+
+
+def run(args) -> int:
+    from ..checkpoints import save_quantized
+    from ..hub import resolve
+    src = resolve(args.src, print).path
+    out = save_quantized(src, args.out, QuantConfig.from_bits(args.attn_bits, args.expert_bits), progress=print)
+    print(f"wrote {out}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    q = subparsers.add_parser("quantize", help="quantize a checkpoint into mixoff's own format")
+    q.add_argument("src", help="hub repo id or local folder (HF fp16/bf16 or the pre-quantized layout)")
+    q.add_argument("out", help="output folder")
+    q.add_argument("--attn-bits", type=bits, default=4)
+    q.add_argument("--expert-bits", type=bits, default=2)
+    q.set_defaults(func=run)
