@@ -120,7 +120,7 @@ class Answer:
             raise
         try:
             while True:
-                item = await until(queue.get(), is_disconnected)
+                item = queue.get_nowait() if not queue.empty() else await until(queue.get(), is_disconnected)
                 if item is end:
                     return
                 if isinstance(item, BaseException):
