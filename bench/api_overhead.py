@@ -71,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny(Path(tmp) / "tiny", seed=0)
         engine = Engine.load(EngineConfig(model=str(path), device="cpu", quant=QuantConfig.from_bits(4, 2),
-                                          cache=CacheConfig(size=2)))
+                                          cache=CacheConfig(sizes=(2,))))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -28,7 +28,7 @@ from mixoff_app.tiny import make_tiny, write_synthetic
 
 def ours(path: Path, k, prompt: list[int], n: int) -> float:
     """Decode tokens/s of our runtime (prefill excluded): n tokens after the prompt, greedy."""
-    eng = Engine.load(EngineConfig(model=str(path), device="cpu", quant=NO_QUANT, cache=CacheConfig(size=k),
+    eng = Engine.load(EngineConfig(model=str(path), device="cpu", quant=NO_QUANT, cache=CacheConfig(sizes=(k,)),
                                    max_context=len(prompt) + n + 8))
     params = SamplingParams(max_new_tokens=n, greedy=True)
     list(eng.stream_ids(prompt, SamplingParams(max_new_tokens=4, greedy=True)))   # warm-up

@@ -73,7 +73,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from mixoff_app.config import ModelConfig, QuantSpec  # noqa: E402
 from mixoff_app.expert_cache import ExpertCache  # noqa: E402
-from mixoff_app.expert_store import ExpertLayout, ExpertStore  # noqa: E402
+from mixoff_app.stores import ExpertLayout, InclusiveStore  # noqa: E402
 from mixoff_app.model import LayerWeights, Mixtral, Prefetcher, TrunkWeights  # noqa: E402
 from mixoff_app.presets import from_name  # noqa: E402
 from mixoff_app.quant import QWeight, qweight_from, weight_fields  # noqa: E402
@@ -144,7 +144,7 @@ def sane_meta(tensors: dict[str, torch.Tensor], in_features: dict[str, int], bit
             t.copy_((torch.rand(t.shape, device=t.device) * 2 - 1).mul_(target * math.sqrt(3) / spread))
 
 
-def fill_experts(store: ExpertStore, layout: ExpertLayout, cfg: ModelConfig, seed: int) -> None:
+def fill_experts(store: InclusiveStore, layout: ExpertLayout, cfg: ModelConfig, seed: int) -> None:
     """Random bytes in layer 0 expert 0 (an 8 MiB random chunk tiled), sane meta, then copied to every
     other expert: timing does not depend on values, and this keeps a 17 GB fill to seconds."""
     g = torch.Generator().manual_seed(seed)
@@ -303,7 +303,7 @@ def copy_seconds(src: torch.Tensor, dst: torch.Tensor, repeats: int, device: tor
     return (time.perf_counter() - t) / repeats
 
 
-def measure_bandwidth(store: ExpertStore, device: torch.device, repeats: int, big_bytes: int) -> dict:
+def measure_bandwidth(store: InclusiveStore, device: torch.device, repeats: int, big_bytes: int) -> dict:
     cuda = device.type == "cuda"
     src = store.buffer(0, 0)
     dst = torch.empty(src.shape, dtype=torch.uint8, device=device)
@@ -535,14 +535,14 @@ def run(args: argparse.Namespace, result: dict) -> None:
     log(f"{args.shape}: allocating {'and pinning ' if cuda else ''}{cfg.num_layers * cfg.num_experts} experts x "
         f"{layout.nbytes / 2**20:.1f} MiB = {cfg.num_layers * cfg.num_experts * layout.nbytes / 2**30:.2f} GiB host")
     try:
-        store = ExpertStore(cfg, layout, pin=cuda)
+        store = InclusiveStore(cfg, layout, pin=cuda)
     except RuntimeError as exc:           # cudaHostRegister refused: measure unpinned rather than nothing
         if not cuda:
             raise
         result["errors"].append({"phase": "pin", "error": f"{exc}; continuing with pageable host memory"})
         log(f"pinning failed ({exc}); continuing unpinned")
         gc.collect()
-        store = ExpertStore(cfg, layout, pin=False)
+        store = InclusiveStore(cfg, layout, pin=False)
     phases["alloc_pin"] = time.perf_counter() - t
     t = time.perf_counter()
     fill_experts(store, layout, cfg, args.seed)

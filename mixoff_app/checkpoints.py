@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .config import ConfigError, ModelConfig, QuantConfig, QuantSpec
-from .expert_store import ExpertLayout, ExpertStore, expert_tensors_from_dense
+from .stores import ExpertLayout, ExpertStore, InclusiveStore, expert_tensors_from_dense
 from .model import LayerWeights, TrunkWeights
 from .quant import QWeight, pack, qweight_from, quantize, unpack, weight_fields
 
@@ -229,7 +229,7 @@ def load_checkpoint(folder: str | os.PathLike, quant: QuantConfig, device: str |
                     quant_device: Optional[str] = None) -> Loaded:
     """Load any of the three layouts into device trunk weights and an inclusive host expert store."""
     return load_checkpoint_placed(folder, quant, device, dtype,
-                                  lambda cfg, elayout, layout, folder: ExpertStore(cfg, elayout, pin=pin),
+                                  lambda cfg, elayout, layout, folder: InclusiveStore(cfg, elayout, pin=pin),
                                   progress=progress, quant_device=quant_device)
 
 
@@ -406,7 +406,7 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
     The store says what to read and where (``store.load_targets()``: host rows or device slots); a
     disk-backed store reads nothing now. Mixoff blobs are read with positioned reads straight into their
     target, so loading adds no transient copy (and no mapped pages) to the host footprint."""
-    from .disk_store import expert_blob_offsets, _pread_into
+    from .stores.disk import expert_blob_offsets, _pread_into
 
     folder = Path(folder)
     cfg = read_config(folder)

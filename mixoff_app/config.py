@@ -150,27 +150,35 @@ PLACEMENTS = ("inclusive", "exclusive", "disk")
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Per-layer device cache. ``size`` is k (experts per layer on the device; None: all of them); ``sizes``
-    overrides it per layer when a plan says so. ``prefetch`` is how many experts to guess per layer ahead
-    (0: off)."""
-    size: Optional[int] = 2
+    """Per-layer device cache. ``sizes``: k per layer (experts kept on the device); one value means every
+    layer. ``placement``: where the experts live (``PLACEMENTS``). None for either: the memory planner decides
+    (on a GPU or under a budget); without one, every expert on the device, inclusive. ``prefetch`` is how many
+    experts to guess per layer ahead (0: off)."""
     sizes: Optional[tuple[int, ...]] = None
     policy: str = "lru"
     prefetch: int = 0
     prefetch_layers: int = 1
-    placement: str = "inclusive"
+    placement: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown eviction policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
-        if self.placement not in PLACEMENTS:
+        if self.placement is not None and self.placement not in PLACEMENTS:
             raise ConfigError(f"unknown placement {self.placement!r}: choose one of {', '.join(PLACEMENTS)}")
         if self.prefetch < 0 or self.prefetch_layers < 1:
             raise ConfigError("prefetch must be >= 0 and prefetch_layers >= 1")
+        if self.sizes is not None:
+            sizes = tuple(int(k) for k in self.sizes)
+            if not sizes:
+                raise ConfigError("no cache sizes given")
+            # The one normal form: the same k everywhere is written once.
+            object.__setattr__(self, "sizes", sizes[:1] if len(set(sizes)) == 1 else sizes)
 
     def layer_sizes(self, num_layers: int, num_experts: int) -> tuple[int, ...]:
-        size = num_experts if self.size is None else self.size
-        sizes = self.sizes if self.sizes is not None else (size,) * num_layers
+        """k for every layer (None: every expert)."""
+        sizes = self.sizes if self.sizes is not None else (num_experts,)
+        if len(sizes) == 1:
+            sizes = sizes * num_layers
         if len(sizes) != num_layers:
             raise ConfigError(f"{len(sizes)} per-layer cache sizes given for {num_layers} layers")
         for k in sizes:
@@ -217,4 +225,7 @@ class EngineConfig:
     tokenizer: Optional[str] = None       # overrides where the tokenizer and chat template come from
     vram_budget: Optional[int] = None     # bytes mixoff may allocate on the device (torch peak allocated)
     ram_budget: Optional[int] = None      # bytes loading may add to the process RSS
-    auto_plan: str = "off"                # what the memory planner picks: off | sizes (k) | placement | full
+
+    def planned(self, device_type: str) -> bool:
+        """The memory planner sizes the load on a GPU and under a budget; elsewhere memory does not limit it."""
+        return device_type == "cuda" or self.vram_budget is not None or self.ram_budget is not None

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 
-from .checkpoints import load_checkpoint
-from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, SamplingParams
+from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, QuantConfig, SamplingParams
 from .events import TokenEvent
 from .expert_cache import ExpertCache
 from .generate import generate
@@ -78,6 +78,140 @@ def _text(content) -> str:
     return "" if content is None else str(content)
 
 
+def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+             None: torch.float16 if device.type == "cuda" else torch.float32}.get(name)
+    if dtype is None:
+        raise ConfigError(f"unsupported dtype {name!r}: use float16, bfloat16 or float32")
+    return dtype
+
+
+def _k(sizes: tuple[int, ...]) -> object:
+    return sizes[0] if len(set(sizes)) == 1 else sizes
+
+
+def _precheck(config: EngineConfig, device: torch.device, dtype: torch.dtype, folder: Path) -> None:
+    """From config.json alone, before any weight is downloaded or read: refuse what cannot fit."""
+    if not config.planned(device.type):
+        return
+    from .checkpoints import read_config
+    from .plan import plan_for
+    pre = read_config(folder)
+    p = plan_for(pre, config.quant, min(config.max_context, pre.max_position_embeddings), device=device,
+                 dtype=dtype, vram_budget=config.vram_budget, ram_budget=config.ram_budget, model_name=config.model)
+    if not p.feasible:
+        raise ConfigError(f"{config.model} does not fit: {p.reason}")
+
+
+@dataclass(frozen=True)
+class Placed:
+    """What the plan step settled: the checkpoint's shape and layout, k per layer and the placement."""
+    cfg: ModelConfig
+    quant: QuantConfig
+    layout: str
+    max_seq: int
+    sizes: tuple[int, ...]
+    placement: str
+    plan: object = None          # the memory plan, when one was made
+
+
+def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dtype, progress: Progress) -> Placed:
+    """k per layer and the placement: the planner fills in what ``config.cache`` leaves None (on a GPU or
+    under a budget, and checks what it fixes); elsewhere None means every expert, inclusive."""
+    from .checkpoints import peek_checkpoint
+    from .plan import plan_for
+    cfg, quant, layout = peek_checkpoint(resolved.path, config.quant)
+    max_seq = min(config.max_context, cfg.max_position_embeddings)
+    cache = config.cache
+    fixed = None if cache.sizes is None else cache.layer_sizes(cfg.num_layers, cfg.num_experts)
+    memory_plan = None
+    if config.planned(device.type):
+        memory_plan = plan_for(cfg, quant, max_seq, device=device, dtype=dtype, placement=cache.placement,
+                               sizes=fixed, vram_budget=config.vram_budget, ram_budget=config.ram_budget,
+                               disk_ok=layout == "mixoff", model_name=resolved.name)
+        if not memory_plan.feasible:
+            raise ConfigError(f"{resolved.name} does not fit: {memory_plan.reason}")
+        sizes, placement = memory_plan.sizes, memory_plan.placement
+        progress(f"memory plan: {memory_plan.summary()}")
+    else:
+        sizes, placement = cache.layer_sizes(cfg.num_layers, cfg.num_experts), cache.placement or "inclusive"
+    if placement == "disk" and layout != "mixoff":
+        raise ConfigError(f"--placement disk reads experts straight from a mixoff-format checkpoint, and "
+                          f"{resolved.path} is {layout}-layout: convert it once with "
+                          f"`python -m mixoff_app quantize {config.model} OUT_FOLDER` and pass --model OUT_FOLDER")
+    return Placed(cfg, quant, layout, max_seq, tuple(sizes), placement, memory_plan)
+
+
+def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.device, dtype: torch.dtype,
+           progress: Progress) -> tuple:
+    """Read the checkpoint into the trunk and the placement's store, then the cache and the model; measure
+    what it took against the budgets. Returns (loaded, model, stats, measured)."""
+    from .checkpoints import load_checkpoint_placed
+    from .memory import device_tensor_bytes, rss_bytes
+    from .stores import make_store
+    sizes, placement, pin = placed.sizes, placed.placement, device.type == "cuda"
+    rss0 = rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        loaded = load_checkpoint_placed(
+            path, config.quant, device, dtype,
+            lambda cfg, elayout, _layout, folder: make_store(placement, cfg, elayout, sizes, device, folder, pin),
+            progress=progress)
+    except torch.cuda.OutOfMemoryError:
+        raise ConfigError("not enough GPU memory for the attention, embeddings and KV cache of this model: "
+                          "use a smaller --max-context, free the GPU, or run on --device cpu") from None
+    cfg = loaded.cfg
+    stats = Stats(cfg.num_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
+    try:
+        cache = ExpertCache(loaded.store, sizes, config.cache.policy, device, stats)
+        model = Mixtral(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype)
+    except torch.cuda.OutOfMemoryError:
+        raise ConfigError(f"not enough GPU memory for {sum(sizes)} expert slots "
+                          f"({loaded.store.layout.nbytes / 2**20:.1f} MiB each): lower --cache-size") from None
+    measured = {"device_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                                 else device_tensor_bytes(model)),
+                "rss_growth": rss_bytes() - rss0}
+    for key, budget, what in (("device_bytes", config.vram_budget, "--vram-budget"),
+                              ("rss_growth", config.ram_budget, "--ram-budget")):
+        if budget is not None and measured[key] > budget:
+            progress(f"warning: loading used {measured[key] / 2**20:.1f} MiB against {what} "
+                     f"{budget / 2**20:.1f} MiB")
+    if config.cache.prefetch:
+        model.prefetcher = Prefetcher(config.cache.prefetch, config.cache.prefetch_layers)
+    progress(f"device cache: {_k(sizes)} experts per layer on {device} "
+             f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
+    return loaded, model, stats, measured
+
+
+def _tokenizer(config: EngineConfig, resolved, cfg: ModelConfig, progress: Progress) -> tuple:
+    """(tokenizer, end-of-sequence ids): the tokenizer must bring a chat template."""
+    from transformers import AutoTokenizer
+    tok_dir = tokenizer_source(resolved.path, resolved.repo_id, config.tokenizer, progress)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))     # never trust_remote_code
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"the tokenizer in {tok_dir} has no chat template; pass --tokenizer with one that does")
+    eos = {i for i in (tokenizer.eos_token_id, cfg.eos_token_id) if i is not None}
+    gen_cfg = Path(resolved.path) / "generation_config.json"
+    if gen_cfg.exists():
+        e = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        eos |= set(e if isinstance(e, list) else [e] if e is not None else [])
+    return tokenizer, eos
+
+
+def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: int, device: torch.device,
+          dtype: torch.dtype, reason: str) -> EngineInfo:
+    cfg, q = loaded.cfg, loaded.quant
+    return EngineInfo(
+        model=config.model, model_path=str(resolved.path), model_name=resolved.name,
+        reason=reason or f"model {config.model!r} as asked", device=str(device),
+        dtype=str(dtype).replace("torch.", ""),
+        quant=f"attention {q.attn.describe()}, experts {q.experts.describe()}", layout=loaded.layout,
+        num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
+        cache=cache, gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        expert_bytes=loaded.store.layout.nbytes)
+
+
 class Engine:
     def __init__(self, config: EngineConfig, info: EngineInfo, model: Mixtral, tokenizer, stats: Stats,
                  eos_ids: set[int]) -> None:
@@ -91,116 +225,20 @@ class Engine:
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
     def load(cls, config: EngineConfig, progress: Optional[Progress] = None, reason: str = "") -> "Engine":
-        from transformers import AutoTokenizer
-
+        """resolve -> plan -> build -> tokenizer -> info; a configuration that cannot fit is refused at the
+        plan, before anything is allocated."""
         progress = progress or (lambda msg: None)
         device = resolve_device(config.device)
-        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-                 None: torch.float16 if device.type == "cuda" else torch.float32}.get(config.dtype)
-        if dtype is None:
-            raise ConfigError(f"unsupported dtype {config.dtype!r}: use float16, bfloat16 or float32")
-        # Plan before allocating anything: a configuration that cannot fit is refused with what would fit.
-        from .checkpoints import load_checkpoint_placed, peek_checkpoint, read_config
-        from .disk_store import DiskStore
-        from .expert_store import ExclusiveStore, ExpertStore
-        from .memory import device_tensor_bytes, rss_bytes
-        from .plan import plan_for
-
-        def precheck(folder: Path) -> None:
-            """From config.json alone, before any weight is downloaded or read: refuse what cannot fit."""
-            if device.type != "cuda" and config.vram_budget is None and config.ram_budget is None:
-                return
-            pre = read_config(folder)
-            p = plan_for(pre, config.quant, min(config.max_context, pre.max_position_embeddings), device=device,
-                         dtype=dtype, vram_budget=config.vram_budget, ram_budget=config.ram_budget,
-                         model_name=config.model)
-            if not p.feasible:
-                raise ConfigError(f"{config.model} does not fit: {p.reason}")
-
-        resolved = resolve(config.model, progress, precheck=precheck)
-        cfg, quant, ckpt_layout = peek_checkpoint(resolved.path, config.quant)
-        max_seq = min(config.max_context, cfg.max_position_embeddings)
-        placement = config.cache.placement
-        sizes = config.cache.layer_sizes(cfg.num_layers, cfg.num_experts)
-        budgets = config.vram_budget is not None or config.ram_budget is not None
-        memory_plan = None
-        if config.auto_plan != "off" or budgets or device.type == "cuda":
-            memory_plan = plan_for(cfg, quant, max_seq, device=device, dtype=dtype,
-                                   placement=None if config.auto_plan in ("placement", "full") else placement,
-                                   sizes=None if config.auto_plan in ("sizes", "full") else sizes,
-                                   vram_budget=config.vram_budget, ram_budget=config.ram_budget,
-                                   disk_ok=ckpt_layout == "mixoff", model_name=resolved.name)
-            if not memory_plan.feasible:
-                raise ConfigError(f"{resolved.name} does not fit: {memory_plan.reason}")
-            sizes, placement = memory_plan.sizes, memory_plan.placement
-            progress(f"memory plan: {memory_plan.summary()}")
-        if placement == "disk" and ckpt_layout != "mixoff":
-            raise ConfigError(f"--placement disk reads experts straight from a mixoff-format checkpoint, and "
-                              f"{resolved.path} is {ckpt_layout}-layout: convert it once with "
-                              f"`python -m mixoff_app quantize {config.model} OUT_FOLDER` and pass --model OUT_FOLDER")
-        pin = device.type == "cuda"
-
-        def make_store(mcfg, elayout, layout_name, folder):
-            if placement == "exclusive":
-                return ExclusiveStore(mcfg, elayout, sizes, device, pin=pin)
-            if placement == "disk":
-                return DiskStore(mcfg, elayout, folder, pin=pin)
-            return ExpertStore(mcfg, elayout, pin=pin)
-
-        rss0 = rss_bytes()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            loaded = load_checkpoint_placed(resolved.path, config.quant, device, dtype, make_store,
-                                            progress=progress)
-        except torch.cuda.OutOfMemoryError:
-            raise ConfigError("not enough GPU memory for the attention, embeddings and KV cache of this model: "
-                              "use a smaller --max-context, free the GPU, or run on --device cpu") from None
-        cfg = loaded.cfg
-        stats = Stats(cfg.num_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
-        try:
-            cache = ExpertCache(loaded.store, sizes, config.cache.policy, device, stats)
-            model = Mixtral(cfg, loaded.trunk, cache, stats, max_seq, device, dtype)
-        except torch.cuda.OutOfMemoryError:
-            raise ConfigError(f"not enough GPU memory for {sum(sizes)} expert slots "
-                              f"({loaded.store.layout.nbytes / 2**20:.1f} MiB each): lower --cache-size") from None
-        measured = {"device_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                                     else device_tensor_bytes(model)),
-                    "rss_growth": rss_bytes() - rss0}
-        for key, budget, what in (("device_bytes", config.vram_budget, "--vram-budget"),
-                                  ("rss_growth", config.ram_budget, "--ram-budget")):
-            if budget is not None and measured[key] > budget:
-                progress(f"warning: loading used {measured[key] / 2**20:.1f} MiB against {what} "
-                         f"{budget / 2**20:.1f} MiB")
-        if config.cache.prefetch:
-            model.prefetcher = Prefetcher(config.cache.prefetch, config.cache.prefetch_layers)
-        progress(f"device cache: {sizes[0] if len(set(sizes)) == 1 else sizes} experts per layer on {device} "
-                 f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
-        tok_dir = tokenizer_source(resolved.path, resolved.repo_id, config.tokenizer, progress)
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))     # never trust_remote_code
-        if tokenizer.chat_template is None:
-            raise ConfigError(f"the tokenizer in {tok_dir} has no chat template; pass --tokenizer with one that does")
-        eos = {i for i in (tokenizer.eos_token_id, cfg.eos_token_id) if i is not None}
-        gen_cfg = Path(resolved.path) / "generation_config.json"
-        if gen_cfg.exists():
-            e = json.loads(gen_cfg.read_text()).get("eos_token_id")
-            eos |= set(e if isinstance(e, list) else [e] if e is not None else [])
-        q = loaded.quant
-        info = EngineInfo(
-            model=config.model, model_path=str(resolved.path), model_name=resolved.name,
-            reason=reason or f"model {config.model!r} as asked", device=str(device),
-            dtype=str(dtype).replace("torch.", ""),
-            quant=f"attention {q.attn.describe()}, experts {q.experts.describe()}", layout=loaded.layout,
-            num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
-            cache=replace(config.cache, sizes=None if len(set(sizes)) == 1 else sizes, size=sizes[0],
-                          placement=placement),
-            gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            expert_bytes=loaded.store.layout.nbytes)
+        dtype = resolve_dtype(config.dtype, device)
+        resolved = resolve(config.model, progress, precheck=partial(_precheck, config, device, dtype))
+        placed = _plan(config, resolved, device, dtype, progress)
+        loaded, model, stats, measured = _build(config, resolved.path, placed, device, dtype, progress)
+        tokenizer, eos = _tokenizer(config, resolved, loaded.cfg, progress)
+        cache = replace(config.cache, sizes=placed.sizes, placement=placed.placement)
+        info = _info(config, resolved, loaded, cache, placed.max_seq, device, dtype, reason)
         progress(f"ready: {resolved.name} on {device}")
-        config = replace(config, cache=replace(config.cache, placement=placement, size=sizes[0],
-                                               sizes=None if len(set(sizes)) == 1 else tuple(sizes)))
-        engine = cls(config, info, model, tokenizer, stats, eos)
-        engine.memory_plan, engine.memory_measured = memory_plan, measured
+        engine = cls(replace(config, cache=cache), info, model, tokenizer, stats, eos)
+        engine.memory_plan, engine.memory_measured = placed.plan, measured
         engine.quant, engine.dtype = loaded.quant, dtype
         return engine
 
@@ -314,23 +352,28 @@ class Engine:
         return list(self.model.routing_weights)
 
     def reconfigure_cache(self, cache: CacheConfig) -> None:
-        """Re-plan the device cache (k, policy, prefetch) without reloading the model; waits for a running answer."""
+        """Re-plan the device cache (k, policy, prefetch) without reloading the model; waits for a running answer.
+        None keeps the placement; sizes None: the planner picks k where the load was planned, else every expert."""
         cfg = self.model.cfg
-        sizes = cache.layer_sizes(cfg.num_layers, cfg.num_experts)
-        if cache.placement != self.config.cache.placement:
+        placement = cache.placement or self.config.cache.placement
+        if placement != self.config.cache.placement:
             raise ConfigError("changing the placement needs a reload; start the app with --placement")
+        sizes = None if cache.sizes is None else cache.layer_sizes(cfg.num_layers, cfg.num_experts)
         if self.memory_plan is not None:
             # The load was planned (a GPU, or budgets): the new k must fit the same way, before anything moves.
             from .plan import plan_for
             p = plan_for(cfg, self.quant, self.model.max_seq, device=self.model.device, dtype=self.dtype,
-                         placement=cache.placement, sizes=sizes, vram_budget=self.config.vram_budget,
-                         ram_budget=self.config.ram_budget, disk_ok=cache.placement == "disk",
+                         placement=placement, sizes=sizes, vram_budget=self.config.vram_budget,
+                         ram_budget=self.config.ram_budget, disk_ok=placement == "disk",
                          model_name=self.info.model_name)
             if not p.feasible:
-                raise ConfigError(f"k = {sizes[0] if len(set(sizes)) == 1 else sizes} does not fit: {p.reason}")
+                raise ConfigError(f"k = {_k(sizes) if sizes else 'any'} does not fit: {p.reason}")
+            sizes = p.sizes
+        elif sizes is None:
+            sizes = cache.layer_sizes(cfg.num_layers, cfg.num_experts)
+        cache = replace(cache, sizes=sizes, placement=placement)
         with self._lock:
             self.model.cache.resize(sizes, cache.policy)
             self.model.prefetcher = Prefetcher(cache.prefetch, cache.prefetch_layers) if cache.prefetch else None
             self.config = replace(self.config, cache=cache)
-            self.info = replace(self.info, cache=replace(cache, sizes=None if len(set(sizes)) == 1 else sizes,
-                                                         size=sizes[0]))
+            self.info = replace(self.info, cache=cache)

@@ -124,9 +124,8 @@ def device_tensor_bytes(model) -> int:
     for lw in tr.layers:
         for t in (lw.attn_norm, lw.ffn_norm, lw.wq, lw.wk, lw.wv, lw.wo, lw.gate):
             add(t)
-    for L in model.cache.layers:
-        add(L.slots)
-    add(getattr(model.cache, "_stage", None))
+    for t in model.cache.device_buffers():
+        add(t)
     for t in (model.kv, model.cos, model.sin):
         add(t)
     return sum(seen.values())

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .expert_cache import ExpertCache
-from .expert_store import ExpertWeights
+from .stores import ExpertWeights
 from .quant import QWeight, linear
 from .stats import Stats
 

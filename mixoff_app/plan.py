@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import (PLACEMENTS, ConfigError, ModelConfig, QuantConfig, QuantSpec, parse_bits)
-from .expert_store import ExpertLayout
+from .stores import ExpertLayout
 from .presets import PRESETS, from_name, preset_name
 from .quant import weight_fields
 

@@ -95,7 +95,7 @@ def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
 def packed_state_dict(cfg: ModelConfig, quant: QuantConfig, seed: int) -> dict[str, torch.Tensor]:
     """Random weights in mixoff's own format, written directly: packed codes are random bytes, scales and
     zeros small constants, so every weight is finite; the trunk is fp16."""
-    from .expert_store import ExpertLayout
+    from .stores import ExpertLayout
     from .quant import weight_fields
 
     g = torch.Generator().manual_seed(seed)

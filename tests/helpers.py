@@ -9,7 +9,7 @@ from mixoff_app.engine import Engine
 
 def load(tiny_dir, k=None, quant: QuantConfig = NO_QUANT, policy="lru", prefetch=0, max_context=512, **kw) -> Engine:
     return Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=quant,
-                                    cache=CacheConfig(size=k, policy=policy, prefetch=prefetch, **kw),
+                                    cache=CacheConfig(sizes=None if k is None else (k,), policy=policy, prefetch=prefetch, **kw),
                                     max_context=max_context))
 
 

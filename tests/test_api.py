@@ -43,7 +43,7 @@ def free_port() -> int:
 def engine(tiny_dir):
     """Random weights: answers run to max_tokens, so length, stop and cancel have something to act on."""
     return Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=QuantConfig.from_bits(4, 2),
-                                    cache=CacheConfig(size=2)))
+                                    cache=CacheConfig(sizes=(2,))))
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def engine(tiny_dir):
     """The random-weights tiny Mixtral (the lead's conftest): its answers run to max_new_tokens, so
     streaming, queueing and cancelling have something to act on."""
     return Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=QuantConfig.from_bits(4, 2),
-                                    cache=CacheConfig(size=2)))
+                                    cache=CacheConfig(sizes=(2,))))
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +138,13 @@ def test_cache_replan_through_the_api(app, engine):
     client = Client(app, verbose=False)
     info_html, msg = client.predict(3, "lfu", 0, api_name="/set_cache")
     assert "k = 3 of 8" in info_html and "lfu" in info_html and "re-planned" in msg
-    assert engine.info.cache.size == 3
+    assert engine.info.cache.sizes == (3,)
     stream(client, "after the change", max_new_tokens=4)
     snap = client.predict(api_name="/stats")
     assert snap["cache_sizes"] == [3] * engine.info.num_layers and snap["policy"] == "lfu"
     assert all(len(r) == 3 for r in snap["resident"])
     client.predict(2, "lru", 0, api_name="/set_cache")
-    assert engine.info.cache.size == 2
+    assert engine.info.cache.sizes == (2,)
 
 
 def test_errors_are_clear(app):
@@ -203,7 +203,7 @@ def test_cli_flags():
          "--max-new-tokens", "64", "--auth", "ann:secret"])
     said = []
     cfg, reason = launcher.engine_config(args, said.append)
-    assert cfg.model == "tiny" and cfg.cache.size == 3 and cfg.cache.policy == "lfu"
+    assert cfg.model == "tiny" and cfg.cache.sizes == (3,) and cfg.cache.policy == "lfu"
     assert cfg.quant.attn.bits == 4 and cfg.quant.experts.bits is None
     assert "tiny" in reason and any("k = 3" in s for s in said)
     assert launcher.parse_auth(args.auth) == ("ann", "secret")
@@ -215,7 +215,7 @@ def test_cli_flags():
     said.clear()
     cfg, reason = launcher.engine_config(launcher.build_parser().parse_args(["--device", "cpu"]), said.append)
     assert cfg.model == "tiny" and "no CUDA GPU" in reason
-    assert cfg.cache.size == launcher.CPU_DEMO_K and any("no CUDA GPU" in s and f"k = {launcher.CPU_DEMO_K}" in s for s in said)
+    assert cfg.cache.sizes == (launcher.CPU_DEMO_K,) and any("no CUDA GPU" in s and f"k = {launcher.CPU_DEMO_K}" in s for s in said)
 
 
 def test_bind_address_is_local_unless_asked():

@@ -42,7 +42,7 @@ def free_port() -> int:
 
 def serve(model: str, max_new_tokens: int):
     engine = Engine.load(EngineConfig(model=model, device="cpu", quant=QuantConfig.from_bits(4, 2),
-                                      cache=CacheConfig(size=3)))
+                                      cache=CacheConfig(sizes=(3,))))
     demo = build_ui(engine, max_new_tokens=max_new_tokens)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,

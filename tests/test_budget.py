@@ -81,17 +81,16 @@ def test_ram_budget_that_fits_exclusive_but_not_inclusive(synthetic):
 def test_impossible_budget_is_a_clear_refusal(synthetic):
     with pytest.raises(ConfigError, match="does not fit.*needs"):
         Engine.load(EngineConfig(model=str(synthetic), device="cpu", max_context=CONTEXT,
-                                 ram_budget=40 * MiB, auto_plan="full"))
+                                 ram_budget=40 * MiB))
     with pytest.raises(ConfigError, match="needs at least .* device memory with k=1"):
         Engine.load(EngineConfig(model=str(synthetic), device="cpu", max_context=CONTEXT,
-                                 vram_budget=4 * MiB, auto_plan="full"))
+                                 vram_budget=4 * MiB))
 
 
 def test_vram_budget_sets_k(synthetic):
     p2 = cpu_plan(synthetic, placement="inclusive", sizes=(2, 2), ram_budget=1 << 40)
     eng = Engine.load(EngineConfig(model=str(synthetic), device="cpu", max_context=CONTEXT,
-                                   cache=CacheConfig(placement="inclusive"), vram_budget=p2.device_total,
-                                   auto_plan="sizes"))
+                                   cache=CacheConfig(placement="inclusive"), vram_budget=p2.device_total))
     assert eng.model.cache.sizes == (2, 2)
     assert eng.memory_measured["device_bytes"] == p2.device_total
 
@@ -111,9 +110,9 @@ def test_a_re_plan_that_breaks_the_budget_is_refused_before_anything_moves(tiny_
     assert need[2] < need[8]
     budget = (need[2] + need[8]) // 2
     eng = Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=quant, max_context=256,
-                                   cache=CacheConfig(size=2, placement="inclusive"), vram_budget=budget))
+                                   cache=CacheConfig(sizes=(2,), placement="inclusive"), vram_budget=budget))
     with pytest.raises(ConfigError, match="does not fit"):
-        eng.reconfigure_cache(CacheConfig(size=8, placement="inclusive"))
+        eng.reconfigure_cache(CacheConfig(sizes=(8,), placement="inclusive"))
     assert eng.model.cache.sizes == (2,) * cfg.num_layers          # nothing moved
-    eng.reconfigure_cache(CacheConfig(size=1, placement="inclusive"))
+    eng.reconfigure_cache(CacheConfig(sizes=(1,), placement="inclusive"))
     assert eng.model.cache.sizes == (1,) * cfg.num_layers

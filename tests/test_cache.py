@@ -8,7 +8,7 @@ import torch
 
 from mixoff_app.config import ModelConfig, QuantSpec
 from mixoff_app.expert_cache import ExpertCache
-from mixoff_app.expert_store import ExpertLayout, ExpertStore
+from mixoff_app.stores import ExpertLayout, InclusiveStore
 from mixoff_app.stats import Stats
 
 from helpers import chat_ids, greedy_ids, load
@@ -19,7 +19,7 @@ CFG = ModelConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_layer
 
 def small_cache(k: int):
     layout = ExpertLayout.for_model(CFG, QuantSpec(bits=None), torch.float32)
-    store = ExpertStore(CFG, layout)
+    store = InclusiveStore(CFG, layout)
     for layer in range(CFG.num_layers):
         for e in range(CFG.num_experts):
             store.buffer(layer, e).view(torch.float32).fill_(layer * 100 + e)   # a recognisable pattern

@@ -123,5 +123,5 @@ def test_a_model_that_cannot_fit_is_refused_before_its_weights_are_read(tiny_dir
     folder.mkdir()
     shutil.copy2(tiny_dir / "config.json", folder / "config.json")     # no weights at all
     with pytest.raises(ConfigError, match="does not fit"):
-        Engine.load(EngineConfig(model=str(folder), device="cpu", cache=CacheConfig(size=2),
+        Engine.load(EngineConfig(model=str(folder), device="cpu", cache=CacheConfig(sizes=(2,)),
                                  vram_budget=1024, ram_budget=1024))

@@ -166,7 +166,7 @@ def test_a_generated_answer_renders_back_to_its_own_tokens():
     next turn prefills only its new tokens."""
     from mixoff_app.config import CacheConfig, EngineConfig
     from mixoff_app.engine import Engine
-    eng = Engine.load(EngineConfig(model="tiny", device="cpu", cache=CacheConfig(size=3)))
+    eng = Engine.load(EngineConfig(model="tiny", device="cpu", cache=CacheConfig(sizes=(3,))))
     conv = [{"role": "user", "content": "What does len do?"}]
     answer, _, evs = run(eng, conv, max_new_tokens=60)
     assert evs[-1].finish_reason == "eos"

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 
 def load(tiny_dir, device, k, quant=NO_QUANT, dtype=None, prefetch=0, placement="inclusive"):
     return Engine.load(EngineConfig(model=str(tiny_dir), device=device, quant=quant, dtype=dtype,
-                                    cache=CacheConfig(size=k, prefetch=prefetch, placement=placement),
+                                    cache=CacheConfig(sizes=(k,), prefetch=prefetch, placement=placement),
                                     max_context=256))
 
 

@@ -20,7 +20,7 @@ def mixoff_dir(tiny_dir, tmp_path_factory):
 
 def load(path, placement, k, prefetch=0, policy="lru"):
     return Engine.load(EngineConfig(model=str(path), device="cpu", max_context=256,
-                                    cache=CacheConfig(size=k, placement=placement, prefetch=prefetch,
+                                    cache=CacheConfig(sizes=(k,), placement=placement, prefetch=prefetch,
                                                       policy=policy)))
 
 
@@ -75,7 +75,7 @@ def test_counters_count_both_directions(mixoff_dir):
 
 def test_exclusive_bytes_survive_many_swaps(mixoff_dir):
     """After a generation full of swaps, every expert's bytes (host row or slot) equal the file's."""
-    from mixoff_app.disk_store import DiskStore
+    from mixoff_app.stores import DiskStore
     eng = load(mixoff_dir, "exclusive", 1, prefetch=1)
     greedy(eng, 16)
     assert eng.stats().evictions > 20
@@ -94,7 +94,7 @@ def test_exclusive_resize_moves_experts_between_tiers(mixoff_dir):
     nb = eng.info.expert_bytes
     L, E = eng.model.cfg.num_layers, eng.model.cfg.num_experts
     for k in (4, 1, 8, 3):
-        eng.reconfigure_cache(CacheConfig(size=k, placement="exclusive"))
+        eng.reconfigure_cache(CacheConfig(sizes=(k,), placement="exclusive"))
         check_exclusive_invariant(eng)
         assert eng.model.cache.store.nbytes == (L * (E - k) + 1) * nb       # the host share follows k
         assert greedy(eng) == want
@@ -123,7 +123,7 @@ def test_disk_store_holds_only_staging(mixoff_dir):
 def test_placements_on_cuda_give_the_same_tokens(mixoff_dir):
     def gpu(placement, k):
         return Engine.load(EngineConfig(model=str(mixoff_dir), device="cuda", max_context=256, dtype="float32",
-                                        cache=CacheConfig(size=k, placement=placement)))
+                                        cache=CacheConfig(sizes=(k,), placement=placement)))
     for k in (1, 2, 8):
         want = greedy(gpu("inclusive", k))
         for placement in ("exclusive", "disk"):

@@ -48,7 +48,7 @@ class LiveBytes(TorchDispatchMode):
 def test_sizes_match_the_tiny_model_to_the_byte(tiny_dir):
     quant = QuantConfig()
     eng = Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=quant, max_context=300,
-                                   cache=CacheConfig(size=3)))
+                                   cache=CacheConfig(sizes=(3,))))
     m, cfg = eng.model, eng.model.cfg
     s = model_sizes(cfg, quant, 300, torch.float32)
 
@@ -159,4 +159,24 @@ def test_plan_command(capsys):
 def test_impossible_budget_is_refused_before_allocating(tiny_dir):
     with pytest.raises(ConfigError, match="does not fit.*needs at least"):
         Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", max_context=256,
-                                 cache=CacheConfig(size=2), vram_budget=100_000, auto_plan="sizes"))
+                                 cache=CacheConfig(placement="inclusive"), vram_budget=100_000))
+
+
+def test_cache_sizes_have_one_normal_form():
+    assert CacheConfig(sizes=(3, 3, 3)) == CacheConfig(sizes=(3,))
+    assert CacheConfig(sizes=(3,)).layer_sizes(4, 8) == (3, 3, 3, 3)
+    assert CacheConfig(sizes=(5, 6)).sizes == (5, 6)
+    assert CacheConfig().layer_sizes(2, 8) == (8, 8)            # nothing to plan against: every expert
+    with pytest.raises(ConfigError, match="3 per-layer cache sizes given for 2 layers"):
+        CacheConfig(sizes=(1, 2, 3)).layer_sizes(2, 8)
+    with pytest.raises(ConfigError, match="between 1 and the number of experts"):
+        CacheConfig(sizes=(9,)).layer_sizes(2, 8)
+
+
+def test_unplanned_load_keeps_every_expert_inclusive(tiny_dir):
+    """On the CPU without a budget nothing is planned: None means every expert on the device, inclusive."""
+    eng = Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", max_context=64))
+    cfg = eng.model.cfg
+    assert eng.memory_plan is None
+    assert eng.model.cache.sizes == (cfg.num_experts,) * cfg.num_layers
+    assert eng.info.cache == eng.config.cache == CacheConfig(sizes=(cfg.num_experts,), placement="inclusive")

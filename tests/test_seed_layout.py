@@ -58,7 +58,7 @@ def test_dequantized_weights_are_close_to_the_originals(loaded, reference):
 
 
 def test_engine_chats_on_the_seed_layout():
-    engine = Engine.load(EngineConfig(model=str(SEED), device="cpu", cache=CacheConfig(size=2)))
+    engine = Engine.load(EngineConfig(model=str(SEED), device="cpu", cache=CacheConfig(sizes=(2,))))
     assert engine.info.layout == "seed" and "experts 2-bit g16" in engine.info.quant
     events = list(engine.stream_chat([{"role": "user", "content": "hello"}],
                                      SamplingParams(max_new_tokens=8, greedy=True)))

@@ -142,6 +142,7 @@ def _drive_expert_cache(routing, k, policy, num_experts):
     from types import SimpleNamespace
 
     from mixoff_app.expert_cache import ExpertCache
+    from mixoff_app.stores.base import SlotCopies
 
     class Layout:
         nbytes = 4
@@ -149,12 +150,17 @@ def _drive_expert_cache(routing, k, policy, num_experts):
         def weights(self, buf):
             return buf
 
-    class Store:
+    class Store(SlotCopies):          # inclusive placement over 4-byte "experts" that say who they are
+        placement, pinned = "inclusive", False
         layout = Layout()
         cfg = SimpleNamespace(num_experts=num_experts)
 
         def buffer(self, layer, expert):
             return torch.full((4,), expert, dtype=torch.uint8)
+
+        def load_into(self, layer, expert, slot, victim, ready, done):
+            self.copy_into(slot, self.buffer(layer, expert), ready, done)
+            return 0
 
     class Counts:
         placement = "inclusive"

@@ -180,7 +180,7 @@ def test_whole_panel_and_escaping(snap):
     class Info:
         model_name, reason, device, dtype = "<b>x</b>", "no CUDA GPU found: tiny", "cpu", "float32"
         quant, num_layers, num_experts, top_k, max_context = "experts 2-bit g16", 4, 8, 2, 2048
-        cache, gpu_name = CacheConfig(size=2), None
+        cache, gpu_name = CacheConfig(sizes=(2,)), None
     info = panel.render_info(Info())
     assert "&lt;b&gt;x&lt;/b&gt;" in info and "<b>x</b>" not in info
     assert "no CUDA GPU found" in info and "k = 2 of 8" in info

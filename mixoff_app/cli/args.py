@@ -73,19 +73,13 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
 
 
 def engine_config(args) -> EngineConfig:
-    from ..engine import resolve_device
-    k = args.cache_size
+    # What is not given (k, placement) stays None: the engine's planner decides it.
     placement = getattr(args, "placement", "auto")
-    vram_budget, ram_budget = getattr(args, "vram_budget", None), getattr(args, "ram_budget", None)
-    planned = resolve_device(args.device).type == "cuda" or vram_budget is not None or ram_budget is not None
-    # On a GPU, or under a budget, the memory planner picks whatever was not given (k per layer, placement).
-    choose_k, choose_placement = planned and k is None, planned and placement == "auto"
-    auto = {(True, True): "full", (True, False): "sizes", (False, True): "placement"}.get(
-        (choose_k, choose_placement), "off")
     return EngineConfig(model=args.model, device=args.device,
                         quant=QuantConfig.from_bits(args.attn_bits, args.expert_bits),
-                        cache=CacheConfig(size=k, policy=args.policy, prefetch=args.prefetch,
+                        cache=CacheConfig(sizes=None if args.cache_size is None else (args.cache_size,),
+                                          policy=args.policy, prefetch=args.prefetch,
                                           prefetch_layers=args.prefetch_layers,
-                                          placement="inclusive" if placement == "auto" else placement),
+                                          placement=None if placement == "auto" else placement),
                         max_context=args.max_context, dtype=args.dtype, tokenizer=args.tokenizer,
-                        vram_budget=vram_budget, ram_budget=ram_budget, auto_plan=auto)
+                        vram_budget=getattr(args, "vram_budget", None), ram_budget=getattr(args, "ram_budget", None))

@@ -38,7 +38,7 @@ def run(args) -> int:
         out = {
             "text": "".join(text), "token_ids": ids, "finish_reason": finish,
             "model": engine.info.model_name, "device": engine.info.device, "quant": engine.info.quant,
-            "cache_size": engine.info.cache.size, "policy": engine.info.cache.policy,
+            "cache_size": engine.info.cache.sizes[0], "policy": engine.info.cache.policy,
             "stats": {"hits": dec["hits"], "misses": dec["misses"], "evictions": dec["evictions"],
                       "hit_rate": dec["hits"] / looked if looked else 0.0, "bytes_h2d": dec["bytes_h2d"],
                       "tokens_per_s": snap.avg_tokens_per_s, "prefill_s": snap.prefill_s, "decode_s": snap.decode_s,

@@ -151,7 +151,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
             out[1] = seen["info"] = info_html
             if not seen.get("controls"):      # the cache controls take the engine's values once
                 seen["controls"] = True
-                out[2] = gr.update(value=info.cache.size, maximum=info.num_experts)
+                out[2] = gr.update(value=info.cache.sizes[0], maximum=info.num_experts)
                 out[3] = gr.update(value=info.cache.policy)
                 out[4] = gr.update(value=info.cache.prefetch, maximum=max(0, info.num_experts - info.top_k))
         return (*out, seen)
@@ -161,7 +161,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         engine = engine_or_error()
         try:
             # keep what the UI does not set (placement, prefetch depth) as the engine has it
-            cfg = replace(engine.info.cache, size=int(k), sizes=None, policy=str(policy), prefetch=int(prefetch))
+            cfg = replace(engine.info.cache, sizes=(int(k),), policy=str(policy), prefetch=int(prefetch))
             engine.reconfigure_cache(cfg)
         except (ConfigError, ValueError) as exc:
             raise gr.Error(str(exc)) from None
@@ -239,7 +239,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
                         cache = slot.engine.info.cache if slot.engine else CacheConfig()
                         n_exp = slot.engine.info.num_experts if slot.engine else 8
                         top_k = slot.engine.info.top_k if slot.engine else 2
-                        k_slider = gr.Slider(1, n_exp, value=cache.size, step=1, label="k: experts per layer on device",
+                        k_slider = gr.Slider(1, n_exp, value=cache.sizes[0] if cache.sizes else top_k, step=1, label="k: experts per layer on device",
                                              elem_id="mx-k")
                         policy = gr.Dropdown(list(POLICIES), value=cache.policy, label="Eviction policy",
                                              elem_id="mx-policy")

@@ -300,7 +300,7 @@ def render_info(info: Any) -> str:
     cache = getattr(info, "cache", None)
     cache_txt = ""
     if cache is not None:
-        cache_txt = (f"k = {cache.size} of {info.num_experts} experts per layer on the device · {cache.policy}"
+        cache_txt = (f"k = {cache.sizes[0]} of {info.num_experts} experts per layer on the device · {cache.policy}"
                      + (f" · prefetch {cache.prefetch}" if cache.prefetch else ""))
     device = info.device + (f" ({info.gpu_name})" if info.gpu_name else "")
     chips = [("model", info.model_name), ("device", device), ("weights", f"{info.dtype} · {info.quant}"),

@@ -16,12 +16,13 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import torch
 
-from .config import ConfigError, ModelConfig
-from .expert_store import ExpertLayout, ExpertWeights, host_buffer
+from ..config import ConfigError, ModelConfig
+from .base import SlotCopies
+from .layout import ExpertLayout, host_buffer
 
 _BLOB = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.packed$")
 
@@ -100,12 +101,12 @@ def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> int:
     return done
 
 
-class DiskStore:
+class DiskStore(SlotCopies):
     """Experts served from the checkpoint file; the host holds only ``staging`` pinned buffers.
 
     Eviction is free (the file always has every expert); a miss reads the blob into a staging buffer and
     copies it to the device slot. Staging buffers rotate so the read of one miss overlaps the device copy
-    of the previous one; the cache waits on a buffer's event before reading into it again.
+    of the previous one; a read into a buffer first waits on the event of the copy that last read it.
     """
 
     placement = "disk"
@@ -116,8 +117,8 @@ class DiskStore:
             raise ConfigError("the disk tier needs at least one staging buffer")
         self.cfg, self.layout, self.pinned = cfg, layout, pin
         self.folder = Path(folder)
+        self._fds: dict[Path, int] = {}        # before anything can fail: __del__ closes them
         locs = expert_blob_offsets(self.folder, cfg, layout.nbytes)
-        self._fds: dict[Path, int] = {}
         self._loc: dict[tuple[int, int], tuple[int, int]] = {}
         for key, (path, off) in locs.items():
             if path not in self._fds:
@@ -125,6 +126,8 @@ class DiskStore:
             self._loc[key] = (self._fds[path], off)
         self.staging = host_buffer((staging, layout.nbytes), pin)
         self.bytes_read = 0
+        self._next_stage = 0
+        self._stage_done: Optional[list] = None       # per staging buffer: the copy that last read it (CUDA)
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor) -> int:
         """Read one expert's blob into a contiguous host uint8 tensor of ``layout.nbytes``."""
@@ -142,19 +145,36 @@ class DiskStore:
     def fill(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
         raise ConfigError("the disk tier is read-only: experts come from the checkpoint file")
 
-    def weights(self, layer: int, expert: int) -> ExpertWeights:
-        return self.layout.weights(self.buffer(layer, expert))
-
     def load_targets(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         return iter(())          # nothing is read at load time: misses read on demand
+
+    def attach(self, device: torch.device) -> None:
+        super().attach(device)
+        if self.cuda and self._stage_done is None:
+            self._stage_done = [torch.cuda.Event() for _ in range(self.staging.shape[0])]
+
+    def load_into(self, layer: int, expert: int, slot: torch.Tensor, victim: int,
+                  ready: Optional["torch.cuda.Event"], done: Optional["torch.cuda.Event"]) -> int:
+        """Read the blob into the next staging buffer, then copy it to the slot."""
+        i = self._next_stage
+        self._next_stage = (i + 1) % self.staging.shape[0]
+        buf = self.staging[i]
+        if self.cuda:
+            self._stage_done[i].synchronize()      # the copy that last read this buffer has finished
+        n = self.read_into(layer, expert, buf)
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(done)
+                slot.copy_(buf, non_blocking=True)
+                ready.record(self.copy_stream)
+                self._stage_done[i].record(self.copy_stream)
+        else:
+            slot.copy_(buf)
+        return n
 
     @property
     def nbytes(self) -> int:
         return self.staging.numel()
-
-    @property
-    def pinned_bytes(self) -> int:
-        return self.nbytes if self.pinned else 0
 
     def close(self) -> None:
         for fd in self._fds.values():
