@@ -39,7 +39,7 @@ def ours(path: Path, k, prompt: list[int], n: int) -> float:
         for layer in range(eng.model.cfg.num_layers):
             for _e, _w, slot in cache.fetch(layer, list(range(k))):
                 cache.release(layer, slot)
-    eng._kv_ids = []
+    eng.forget_kv()
     t0 = time.perf_counter()
     evs = list(eng.stream_ids(prompt, params))
     snap = eng.stats()

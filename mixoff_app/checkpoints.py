@@ -4,7 +4,7 @@ Layouts, told apart by the keys found:
 - ``hf``: Hugging Face fp16/bf16/fp32 weights with the hub's per-expert names
   (``model.layers.L.block_sparse_moe.experts.E.w1.weight``), quantized while loading, tensor by tensor,
   so peak host memory stays near the quantized size.
-- ``seed``: the reference project's pre-quantized checkpoint (hqq 0.1.x, ``P.W_q`` + ``P.meta.*``).
+- ``reference``: the reference project's pre-quantized checkpoint (hqq 0.1.x, ``P.W_q`` + ``P.meta.*``).
 - ``mixoff``: ours (``python -m mixoff_app quantize``): trunk tensors by field name, each expert as one
   ``...experts.E.packed`` blob in the store's layout, so loading an expert is one copy.
 """
@@ -28,7 +28,7 @@ Progress = Callable[[str], None]
 MIXOFF_FORMAT = "1"
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 # The reference checkpoint's meta names -> our field names.
-SEED_FIELDS = {"W_q": "W_q", "meta.scale": "scale", "meta.zero": "zero", "meta.scale_q": "scale_q",
+REFERENCE_FIELDS = {"W_q": "W_q", "meta.scale": "scale", "meta.zero": "zero", "meta.scale_q": "scale_q",
                "meta.meta_scale.scale": "scale_s", "meta.meta_scale.zero": "scale_z", "meta.zero_q": "zero_q",
                "meta.meta_zero.scale": "zero_s", "meta.meta_zero.zero": "zero_z"}
 
@@ -128,7 +128,7 @@ def detect_layout(keys: Iterable[str], metadata: Optional[dict] = None) -> str:
         return "mixoff"
     ks = set(keys)
     if any(k.endswith("experts.0.w1.W_q") for k in ks):
-        return "seed"
+        return "reference"
     if any(k.endswith("experts.0.w1.weight") for k in ks):
         return "hf"
     if any("experts.gate_up_proj" in k for k in ks):
@@ -148,13 +148,13 @@ def read_config(folder: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-# ---- seed layout conversion ----------------------------------------------------------------------
+# ---- reference layout conversion -----------------------------------------------------------------
 
-def seed_qweight(src: TensorSource, prefix: str, shape: tuple[int, int]) -> QWeight:
+def reference_qweight(src: TensorSource, prefix: str, shape: tuple[int, int]) -> QWeight:
     """Read one hqq 0.1.x linear. Its W_q was repacked over the (out, in) view of the codes (the reference
     project's ``repack``); we repack it over hqq's (group, M) view, which our dequantization reads."""
     t = {}
-    for src_name, ours in SEED_FIELDS.items():
+    for src_name, ours in REFERENCE_FIELDS.items():
         key = f"{prefix}.{src_name}"
         if key in src:
             t[ours] = src.get(key)
@@ -250,10 +250,10 @@ def _mixoff_quant(src: TensorSource) -> QuantConfig:
         raise CheckpointError(f"{src.folder}: mixoff metadata is damaged ({e}); quantize the checkpoint again")
 
 
-def _seed_quant(src: TensorSource, cfg: ModelConfig) -> QuantConfig:
+def _reference_quant(src: TensorSource, cfg: ModelConfig) -> QuantConfig:
     h, f = cfg.hidden_size, cfg.intermediate_size
-    a = spec_of(seed_qweight(src, "model.layers.0.self_attn.q_proj", (cfg.num_heads * cfg.head_dim, h)))
-    e = spec_of(seed_qweight(src, "model.layers.0.block_sparse_moe.experts.0.w1", (f, h)))
+    a = spec_of(reference_qweight(src, "model.layers.0.self_attn.q_proj", (cfg.num_heads * cfg.head_dim, h)))
+    e = spec_of(reference_qweight(src, "model.layers.0.block_sparse_moe.experts.0.w1", (f, h)))
     return QuantConfig(attn=a, experts=e)
 
 
@@ -271,8 +271,8 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress) -> Trunk
         attn = {}
         for name in ATTN:
             prefix = f"{p}self_attn.{name}"
-            if layout == "seed":
-                w = _qdevice(seed_qweight(src, prefix, shapes[name]), device)
+            if layout == "reference":
+                w = _qdevice(reference_qweight(src, prefix, shapes[name]), device)
             elif layout == "mixoff" and quant.attn.enabled:
                 fields = weight_fields(prefix, shapes[name], quant.attn, dtype)
                 w = qweight_from({f.name: src.get(f.name).to(device) for f in fields}, prefix, shapes[name], quant.attn)
@@ -341,7 +341,7 @@ def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     cfg, q, _layout = peek_checkpoint(src_folder, quant)
     meta = {"mixoff.format": MIXOFF_FORMAT, "format": "pt",
-            "mixoff.quant": json.dumps({"attn": _spec_dict(q.attn), "experts": _spec_dict(q.experts)})}
+            "mixoff.quant": json.dumps({"attn": spec_dict(q.attn), "experts": spec_dict(q.experts)})}
     writer: list[_LayerWriter] = []
 
     def make_writer(mcfg, elayout, layout, folder):
@@ -376,7 +376,8 @@ def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike,
     return out
 
 
-def _spec_dict(s: QuantSpec) -> dict:
+def spec_dict(s: QuantSpec) -> dict:
+    """A QuantSpec as stored in a mixoff checkpoint's ``mixoff.quant`` metadata."""
     return {"bits": s.bits, "group_size": s.group_size, "scale_group": s.scale_group, "quant_zero": s.quant_zero}
 
 
@@ -391,8 +392,8 @@ def peek_checkpoint(folder: str | os.PathLike, quant: QuantConfig) -> tuple[Mode
         layout = detect_layout(src.keys(), src.metadata)
         if layout == "mixoff":
             quant = _mixoff_quant(src)
-        elif layout == "seed":
-            quant = _seed_quant(src, cfg)
+        elif layout == "reference":
+            quant = _reference_quant(src, cfg)
     finally:
         src.close()
     return cfg, quant, layout
@@ -419,8 +420,8 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
     try:
         if layout == "mixoff":
             quant = _mixoff_quant(src)
-        elif layout == "seed":
-            quant = _seed_quant(src, cfg)
+        elif layout == "reference":
+            quant = _reference_quant(src, cfg)
         _check_specs(cfg, quant)
         elayout = ExpertLayout.for_model(cfg, quant.experts, dtype)
         store = make_store(cfg, elayout, layout, folder)
@@ -442,10 +443,10 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
                         bounce = torch.empty(elayout.nbytes, dtype=torch.uint8)
                     _pread_into(fds[path], bounce, off)
                     target.copy_(bounce)
-            elif layout == "seed":
+            elif layout == "reference":
                 tensors = {}
                 for name, shape in (("w1", (f, h)), ("w3", (f, h)), ("w2", (h, f))):
-                    for k, v in seed_qweight(src, f"{p}.{name}", shape).tensors().items():
+                    for k, v in reference_qweight(src, f"{p}.{name}", shape).tensors().items():
                         tensors[f"{name}.{k}"] = v
                 elayout.fill(target, tensors)
             else:

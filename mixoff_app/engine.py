@@ -20,7 +20,7 @@ from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, QuantCo
 from .events import TokenEvent
 from .expert_cache import ExpertCache
 from .generate import generate
-from .hub import SEED_REPO, resolve, tokenizer_source
+from .hub import REFERENCE_REPO, resolve, tokenizer_source
 from .memory import read_memory
 from .model import Mixtral, Prefetcher
 from .stats import Stats, StatsSnapshot
@@ -50,7 +50,7 @@ class EngineInfo:
 def default_model() -> tuple[str, str]:
     """(model, reason) when the user names none."""
     if torch.cuda.is_available():
-        return SEED_REPO, f"CUDA GPU found ({torch.cuda.get_device_name(0)}): running the pre-quantized Mixtral-8x7B-Instruct"
+        return REFERENCE_REPO, f"CUDA GPU found ({torch.cuda.get_device_name(0)}): running the pre-quantized Mixtral-8x7B-Instruct"
     return "tiny", "no CUDA GPU found: running the embedded tiny demo model (Mixtral architecture, small)"
 
 
@@ -338,6 +338,16 @@ class Engine:
     def answer_counters(self) -> dict[str, dict[str, int]]:
         """The latest answer's cache counters, split into its prefill and its decode."""
         return self._stats.answer_counters()
+
+    @property
+    def kv_tokens(self) -> tuple[int, ...]:
+        """The tokens whose K/V sit in the cache, from position 0: a prompt that extends them prefills only the rest."""
+        return tuple(self._kv_ids)
+
+    def forget_kv(self) -> None:
+        """Make the next answer prefill its whole prompt (a benchmark's cold start); waits for a running answer."""
+        with self._lock:
+            self._kv_ids = []
 
     @property
     def busy(self) -> bool:

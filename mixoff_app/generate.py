@@ -114,6 +114,8 @@ def generate(model: Mixtral, tokenizer, ids: list[int], start: int, params: Samp
             is_eos = tok in eos_ids
             delta, stopped = ("", False) if is_eos else stream.push(tok)
             if not is_eos:
+                if i == 0:
+                    stats.first_token_sent()
                 yield TokenEvent("token", delta, tok, i, time.perf_counter() - t0)
             if pos >= model.max_seq:
                 finish = "context"
@@ -124,14 +126,14 @@ def generate(model: Mixtral, tokenizer, ids: list[int], start: int, params: Samp
                 fed.append(tok)
             stats.end_token()
             if is_eos:
+                if i == 0:
+                    stats.first_token_sent()
                 yield TokenEvent("token", "", tok, i, time.perf_counter() - t0)
                 finish = "eos"
                 break
             if stopped:
                 finish = "stop"
                 break
-        else:
-            pass
         rest = stream.flush() if finish != "stop" else ""
         if rest:
             yield TokenEvent("token", rest, None, params.max_new_tokens, time.perf_counter() - t0)

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-SEED_REPO = "lavawolfiee/Mixtral-8x7B-Instruct-v0.1-offloading-demo"
+REFERENCE_REPO = "lavawolfiee/Mixtral-8x7B-Instruct-v0.1-offloading-demo"
 BASE_INSTRUCT = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 # Where the tokenizer comes from when a checkpoint folder carries none.
-TOKENIZER_FALLBACK = {SEED_REPO: BASE_INSTRUCT}
+TOKENIZER_FALLBACK = {REFERENCE_REPO: BASE_INSTRUCT}
 ALLOW = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
          "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "*.jinja"]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",

@@ -33,6 +33,11 @@ def _nvml_handle(index: int):
         return None, None
 
 
+def nvml_available(index: int = 0) -> bool:
+    """Whether pynvml can read GPU ``index`` (an NVIDIA driver is there, even if torch sees no CUDA)."""
+    return _nvml_handle(index)[1] is not None
+
+
 def gpu_free_total(index: int = 0) -> Optional[tuple[int, int]]:
     """(free, total) bytes of a GPU, or None without one."""
     nv, h = _nvml_handle(index)

@@ -183,11 +183,16 @@ class Plan:
     def k(self) -> int:
         return min(self.sizes) if self.sizes else 0
 
+    @property
+    def k_range(self) -> str:
+        """Experts per layer as people read them: "4", or "5-6" when the plan gives layers different k."""
+        ks = sorted(set(self.sizes))
+        return "" if not ks else str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]}"
+
     def summary(self) -> str:
         if not self.feasible:
             return f"does not fit: {self.reason}"
-        ks = sorted(set(self.sizes))
-        kdesc = f"k={ks[0]}" if len(ks) == 1 else f"k={ks[0]}-{ks[-1]}"
+        kdesc = f"k={self.k_range}"
         on = sum(self.sizes)
         tot = self.bytes.num_layers * self.bytes.num_experts
         moved = self.misses_per_token * self.bytes.expert
@@ -278,8 +283,8 @@ def plan_for(model_cfg: ModelConfig, quant: QuantConfig, max_context: int, vram_
     qdesc = f"attention {quant.attn.describe()}, experts {quant.experts.describe()}"
 
     if cuda and vram_bytes is None and vram_budget is None:
-        from .memory import gpu_free_total
-        got = gpu_free_total(dev.index or 0) if torch.cuda.is_available() or _nvml_present() else None
+        from .memory import gpu_free_total, nvml_available
+        got = gpu_free_total(dev.index or 0) if torch.cuda.is_available() or nvml_available(dev.index or 0) else None
         vram_bytes = got[0] if got else None
     if ram_bytes is None and ram_budget is None:
         from .memory import ram_available_total
@@ -355,11 +360,6 @@ def plan_for(model_cfg: ModelConfig, quant: QuantConfig, max_context: int, vram_
                               disk_ok))
 
 
-def _nvml_present() -> bool:
-    from .memory import _nvml_handle
-    return _nvml_handle(0)[1] is not None
-
-
 def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
@@ -418,9 +418,9 @@ def model_for_planning(name: str, quant: QuantConfig) -> tuple[ModelConfig, Quan
                       f"checkpoint folder")
 
 
-def choose_cache_size(model: str, device: Optional[str] = None, quant: Optional[QuantConfig] = None,
-                      max_context: int = 4096, vram_bytes: Optional[int] = None,
-                      ram_bytes: Optional[int] = None) -> Plan:
+def startup_plan(model: str, device: Optional[str] = None, quant: Optional[QuantConfig] = None,
+                 max_context: int = 4096, vram_bytes: Optional[int] = None,
+                 ram_bytes: Optional[int] = None) -> Plan:
     """The app's start-up plan from free VRAM/RAM (measured unless given): a ``Plan`` with ``.k`` (smallest k
     per layer), ``.sizes``, ``.placement``, ``.reason``. Hub ids listed in ``presets.HUB_IDS`` plan from their
     preset, so this works before any download. Raises ConfigError when nothing fits (the message says what would)."""

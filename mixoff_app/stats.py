@@ -70,7 +70,7 @@ class StatsSnapshot:
     answer_tokens: int
     tokens_per_s: float                # over the last few tokens
     avg_tokens_per_s: float            # this answer's decode
-    ttft_s: float                      # time to first token of this answer
+    ttft_s: float                      # from the answer's start to its first token event reaching the caller
     prefill_s: float
     decode_s: float
     prefill_tokens: int
@@ -129,6 +129,7 @@ class Stats:
         self.answer_tokens = 0
         self.answer_bytes_h2d = 0
         self.answer_start = self.first_token_at = self.last_token_at = 0.0
+        self.first_sent_at = 0.0
         self.prefill_s = 0.0
         self.prefill_tokens = 0
         self.routing: list = []
@@ -211,6 +212,11 @@ class Stats:
             self._publish_token_events()
             self._new_token_buffers()
 
+    def first_token_sent(self) -> None:
+        """The answer's first token event is being handed to the caller: time to first token ends here."""
+        with self._lock:
+            self.first_sent_at = time.perf_counter()
+
     def end_token(self) -> None:
         now = time.perf_counter()
         with self._lock:
@@ -266,7 +272,7 @@ class Stats:
                 hit_rate_history=tuple(_rate(h, m) for h, m in hist),
                 tokens_total=self.tokens_total, answer_tokens=self.answer_tokens,
                 tokens_per_s=current, avg_tokens_per_s=avg,
-                ttft_s=(self.first_token_at - self.answer_start) if self.answer_tokens else 0.0,
+                ttft_s=(self.first_sent_at - self.answer_start) if self.first_sent_at else 0.0,
                 prefill_s=self.prefill_s, decode_s=decode_s, prefill_tokens=self.prefill_tokens,
                 copy_bandwidth=self.answer_bytes_h2d / wall if wall > 0 else 0.0,
                 generating=self.generating, routing=tuple(self.routing), memory=memory,

@@ -149,11 +149,11 @@ def write_synthetic(out_dir: str | os.PathLike, shape: Union[str, ModelConfig], 
         cfg = replace(cfg, vocab_size=base["vocab_size"], bos_token_id=base.get("bos_token_id"),
                       eos_token_id=base.get("eos_token_id"))
     if packed:
-        from .checkpoints import MIXOFF_FORMAT, _spec_dict
+        from .checkpoints import MIXOFF_FORMAT, spec_dict
         quant = QuantConfig()
         weights = packed_state_dict(cfg, quant, seed)
         meta = {"mixoff.format": MIXOFF_FORMAT, "format": "pt",
-                "mixoff.quant": json.dumps({"attn": _spec_dict(quant.attn), "experts": _spec_dict(quant.experts)})}
+                "mixoff.quant": json.dumps({"attn": spec_dict(quant.attn), "experts": spec_dict(quant.experts)})}
         hf = cfg.to_hf() | {"torch_dtype": "float16"}
     else:
         weights, meta = random_state_dict(cfg, seed), {"format": "pt"}

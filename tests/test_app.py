@@ -11,7 +11,9 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import httpx  # noqa: E402
 from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError, AuthenticationError  # noqa: E402
 
 from mixoff_app.config import CacheConfig, ConfigError, EngineConfig, QuantConfig, SamplingParams  # noqa: E402
 from mixoff_app.engine import Engine  # noqa: E402
@@ -29,7 +31,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    """The random-weights tiny Mixtral (the lead's conftest): its answers run to max_new_tokens, so
+    """The random-weights tiny Mixtral (``tiny_dir`` in conftest.py): its answers run to max_new_tokens, so
     streaming, queueing and cancelling have something to act on."""
     return Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=QuantConfig.from_bits(4, 2),
                                     cache=CacheConfig(sizes=(2,))))
@@ -78,8 +80,12 @@ def test_multi_turn_and_system_prompt_reach_the_template(app, engine):
                                       {"role": "assistant", "content": "def"},
                                       {"role": "user", "content": "Another one?"}])
     assert outs[-1] == expected
-    # the history changes the answer: the same question alone is a different prompt
-    assert stream(client, "Another one?")[-1] == engine_answer(engine, [{"role": "user", "content": "Another one?"}])
+    # the history changes the answer: the same question alone is a different prompt, with a different answer
+    alone = stream(client, "Another one?")[-1]
+    assert alone == engine_answer(engine, [{"role": "user", "content": "Another one?"}])
+    assert alone != outs[-1]
+    # and so does the system prompt
+    assert stream(client, "Another one?", history)[-1] != outs[-1]
 
 
 def test_stats_snapshot_changes_with_each_answer(app, engine):
@@ -149,11 +155,11 @@ def test_cache_replan_through_the_api(app, engine):
 
 def test_errors_are_clear(app):
     client = Client(app, verbose=False)
-    with pytest.raises(Exception, match="empty"):
+    with pytest.raises(AppError, match="empty"):
         client.predict("   ", [], "", 0.0, 1.0, 4, api_name="/chat")
-    with pytest.raises(Exception, match="top_p"):
+    with pytest.raises(AppError, match="top_p"):
         client.predict("hi", [], "", 0.5, 1.5, 4, api_name="/chat")
-    with pytest.raises(Exception, match="greater than maximum"):
+    with pytest.raises(AppError, match="greater than maximum"):
         client.predict(9, "lru", 0, api_name="/set_cache")
 
 
@@ -173,7 +179,7 @@ def test_page_opens_while_the_model_loads(engine):
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        with pytest.raises(Exception, match="still loading"):
+        with pytest.raises(AppError, match="still loading"):
             client.predict(api_name="/stats")
         assert slot.lines == ["fetching nothing: the tiny model is local"]
         gate.set()
@@ -232,8 +238,18 @@ def test_auth_guards_the_page_and_the_api(engine):
                 auth=launcher.parse_auth("ann:secret"))
     try:
         url = f"http://127.0.0.1:{port}/"
-        with pytest.raises(Exception):
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
             Client(url, verbose=False).predict(api_name="/info")
+        with pytest.raises(ValueError, match="Could not login"):
+            Client(url, auth=("ann", "wrong"), verbose=False).predict(api_name="/info")
+        # What the server itself answers, without a client library in between.
+        login = httpx.post(url + "login", data={"username": "ann", "password": "wrong"})
+        assert login.status_code == 400 and "Incorrect credentials" in login.text
+        for path in ("config", "gradio_api/info"):
+            r = httpx.get(url + path)
+            assert r.status_code == 401 and "Not authenticated" in r.text, (path, r.status_code)
+        r = httpx.post(url + "gradio_api/call/info", json={"data": []})
+        assert r.status_code == 401, r.status_code
         assert Client(url, auth=("ann", "secret"), verbose=False).predict(api_name="/info")["model"] == engine.info.model
     finally:
         demo.close()

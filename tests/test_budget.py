@@ -60,7 +60,6 @@ def test_ram_budget_too_small_for_a_host_copy_picks_the_disk_tier_and_holds(synt
     assert got["bytes_disk"] > 0
     assert got["device_bytes"] == p.device_total            # the device tier, tensor by tensor
     assert got["rss_peak_growth"] <= budget, got            # load + generation, measured
-    print("disk", budget, got)
 
 
 def test_ram_budget_that_fits_exclusive_but_not_inclusive(synthetic):
@@ -75,7 +74,6 @@ def test_ram_budget_that_fits_exclusive_but_not_inclusive(synthetic):
     assert got["device_bytes"] <= excl.device_total
     assert got["rss_peak_growth"] <= budget, got
     assert got["bytes_d2h"] > 0
-    print("exclusive", budget, got)
 
 
 def test_impossible_budget_is_a_clear_refusal(synthetic):
@@ -97,12 +95,6 @@ def test_vram_budget_sets_k(synthetic):
 
 def test_a_re_plan_that_breaks_the_budget_is_refused_before_anything_moves(tiny_dir):
     """Changing k later (the app's cache settings) is held to the same budget as the load."""
-    import torch
-    from mixoff_app.checkpoints import peek_checkpoint
-    from mixoff_app.config import CacheConfig, ConfigError, EngineConfig, QuantConfig
-    from mixoff_app.engine import Engine
-    from mixoff_app.plan import plan_for
-
     quant = QuantConfig.from_bits(4, 2)
     cfg, q, _ = peek_checkpoint(tiny_dir, quant)
     need = {k: plan_for(cfg, q, 256, device="cpu", dtype=torch.float32, placement="inclusive",

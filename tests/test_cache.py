@@ -94,7 +94,7 @@ def test_decode_counters_add_up(tiny_dir, tokenizer):
     engine = load(tiny_dir, k=2)
     n = 20
     ids = greedy_ids(engine, chat_ids(tokenizer), n)
-    c = engine._stats.answer_counters()["decode"]
+    c = engine.answer_counters()["decode"]
     cfg = engine.model.cfg
     assert c["hits"] + c["misses"] == cfg.top_k * cfg.num_layers * len(ids)
     assert c["bytes_h2d"] == c["misses"] * engine.info.expert_bytes
@@ -117,20 +117,58 @@ def test_all_resident_never_misses_twice(tiny_dir, tokenizer):
         assert e in engine.model.cache.resident(layer)
 
 
-def test_replaying_the_routing_through_a_reference_lru_gives_the_same_counts(tiny_dir, tokenizer):
-    engine = load(tiny_dir, k=3)
-    ids = chat_ids(tokenizer)
-    greedy_ids(engine, ids, 16)
-    c = engine._stats.answer_counters()["decode"]
-    # Rebuild the cache state after prefill from a fresh engine, then replay decode routing by hand.
-    fresh = load(tiny_dir, k=3)
-    fresh.model.forward(torch.tensor(ids), 0)
-    hits = misses = 0
-    for tok in engine.last_routing:
-        fresh.model.cache.next_token()
-        for layer, experts in enumerate(tok):
-            before = set(fresh.model.cache.resident(layer))
-            hits += sum(e in before for e in experts)
-            misses += sum(e not in before for e in experts)
-            use(fresh.model.cache, layer, list(experts), check=False)
-    assert (hits, misses) == (c["hits"], c["misses"])
+def reference_lru(requests, k: int):
+    """An LRU written out by hand, independent of ExpertCache: per layer an OrderedDict, least recent
+    first. Each request (one layer's experts for one prefill or decode step) is served whole: its hits
+    are touched first, then its misses load in order; a miss evicts the least recent resident the request
+    does not name, and only when every resident is named (k below the request's size) one it has already
+    been served from. Returns (hits, misses, evictions, resident experts per layer)."""
+    lru: dict[int, OrderedDict] = {}
+    hits = misses = evictions = 0
+    for layer, experts in requests:
+        cache = lru.setdefault(layer, OrderedDict())
+        missing = [e for e in experts if e not in cache]
+        for e in experts:
+            if e in cache:
+                hits += 1
+                cache.move_to_end(e)
+        for e in missing:
+            misses += 1
+            if len(cache) == k:
+                others = [x for x in cache if x not in experts]
+                del cache[others[0] if others else next(iter(cache))]
+                evictions += 1
+            cache[e] = None
+    return hits, misses, evictions, {layer: set(c) for layer, c in lru.items()}
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_engines_cache_counts_what_a_reference_lru_counts(tiny_dir, tokenizer, k):
+    """Record what the model asks the cache for over two answers (prefill and decode), replay those
+    requests through ``reference_lru``, and compare every counter and the final residents."""
+    engine = load(tiny_dir, k=k)
+    cache = engine.model.cache
+    requests, fetch = [], cache.fetch
+
+    def spy(layer, experts):
+        requests.append((layer, list(experts)))
+        return fetch(layer, experts)
+
+    cache.fetch = spy
+    greedy_ids(engine, chat_ids(tokenizer), 12)
+    first = len(requests)
+    greedy_ids(engine, chat_ids(tokenizer, "And what about zip?"), 12)
+    s, c = engine.stats(), engine.answer_counters()["decode"]
+    L = engine.model.cfg.num_layers
+    # The decode requests are exactly the routing the engine reports (one per token and layer).
+    decode = requests[len(requests) - L * len(engine.last_routing):]
+    assert decode == [(layer, list(es)) for tok in engine.last_routing for layer, es in enumerate(tok)]
+    assert requests[first][0] == 0 and requests[first + L - 1][0] == L - 1      # the second prefill
+
+    hits, misses, evictions, resident = reference_lru(requests, k)
+    assert (s.hits, s.misses, s.evictions) == (hits, misses, evictions)
+    assert s.bytes_h2d == misses * engine.info.expert_bytes
+    assert {layer: set(cache.resident(layer)) - {-1} for layer in range(L)} == resident
+    dh, dm, de, _ = reference_lru(requests[:len(requests) - len(decode)], k)
+    assert (c["hits"], c["misses"], c["evictions"]) == (hits - dh, misses - dm, evictions - de)
+    assert evictions > 0 and hits > 0               # the comparison exercised both

@@ -38,7 +38,8 @@ def test_generate_json_matches_transformers_for_every_cache_size(tiny_dir, hf_mo
         assert all(len(tok) == L and all(len(set(es)) == top_k for es in tok) for tok in out["routing"])
         if k == 8:
             assert s["evictions"] == 0
-        assert isinstance(out["text"], str)
+        full = tokenizer.decode(out["token_ids"], skip_special_tokens=True)
+        assert out["text"] == full.removesuffix("\ufffd") and out["finish_reason"] == "length"
 
 
 def test_quantized_generation_runs(tiny_dir):
@@ -89,3 +90,28 @@ def test_every_subcommand_is_registered_explicitly(monkeypatch):
     monkeypatch.setattr(cli.plan, "add_parser", lambda subparsers: (_ for _ in ()).throw(ImportError("broken")))
     with pytest.raises(ImportError, match="broken"):
         cli.build_parser()
+
+
+def test_trace_record_runs_the_engine(tiny_dir, tmp_path, capsys):
+    """``trace record`` with its default generator: a real engine answers, and its decode routing (with the
+    router's weights) is what the trace holds."""
+    from mixoff_app.cli import main
+    from mixoff_app.config import SamplingParams
+    from mixoff_app.trace import read_trace
+
+    from helpers import load
+
+    out = tmp_path / "rec.jsonl"
+    assert main(["trace", "record", "--model", str(tiny_dir), "--prompt", "What does len do?", "--max-new-tokens",
+                 "8", "--greedy", "--device", "cpu", "--attn-bits", "none", "--expert-bits", "none", str(out)]) == 0
+    assert f"wrote 32 records (8 tokens x 4 layers) to {out}" in capsys.readouterr().out
+    t = read_trace(out)
+    eng = load(tiny_dir)
+    list(eng.stream_chat([{"role": "user", "content": "What does len do?"}],
+                         SamplingParams(max_new_tokens=8, greedy=True)))
+    assert t.routing == [[tuple(es) for es in tok] for tok in eng.last_routing]
+    assert t.header["num_experts"] == 8 and t.header["top_k"] == 2 and t.header["prompt"] == "What does len do?"
+    assert t.header["device"] == "cpu" and t.header["quant"] == "attention none, experts none"
+    for tok in t.weights:
+        for w in tok:
+            assert len(w) == 2 and w[0] >= w[1] >= 0 and abs(sum(w) - 1) < 1e-3

@@ -111,9 +111,24 @@ def test_full_context_drops_old_turns_with_a_notice(tiny_dir):
     text, ids, evs = run(small, conv, max_new_tokens=16)
     assert evs[0].kind == "notice" and "left out" in evs[0].text
     assert evs[-1].kind == "done" and ids
-    # The generation itself can also run into the end of the context: it stops cleanly.
-    _, ids, evs = run(small, [{"role": "user", "content": "hi"}], max_new_tokens=200)
-    assert evs[-1].finish_reason in ("context", "eos")
+
+
+def test_an_answer_that_reaches_the_end_of_the_context_stops_there(tiny_dir):
+    """The random tiny model's greedy answer to "hi" never samples EOS, so with 200 new tokens allowed in a
+    96-token context the generation must stop at the context's end: one token per free position, plus the
+    last one sampled from the final position's logits (it is shown but never fed)."""
+    small = load(tiny_dir, k=2, max_context=96)
+    conv = [{"role": "user", "content": "hi"}]
+    prompt = small.prompt_ids(conv)
+    _, ids, evs = run(small, conv, max_new_tokens=200)
+    assert evs[-1].kind == "done" and evs[-1].finish_reason == "context"
+    assert not set(ids) & small.eos_ids
+    assert len(ids) == small.model.max_seq - len(prompt) + 1
+    assert small.kv_tokens == tuple(prompt + ids[:-1]) and len(small.kv_tokens) == small.model.max_seq
+    # The full cache is not a dead end: the next turn drops what does not fit and answers.
+    _, ids2, evs2 = run(small, conv + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "hi"}],
+                        max_new_tokens=4)
+    assert evs2[-1].finish_reason == "length" and len(ids2) == 4
 
 
 def test_huge_and_empty_prompts_are_refused_clearly(engine):
@@ -123,9 +138,13 @@ def test_huge_and_empty_prompts_are_refused_clearly(engine):
         engine.stream_chat([{"role": "user", "content": "   "}], SamplingParams())
     with pytest.raises(ValueError, match="end with a user message"):
         engine.stream_chat([], SamplingParams())
-    # Gradio 6 sends content as a list of blocks: accepted.
-    text, _, _ = run(engine, [{"role": "user", "content": [{"type": "text", "text": "hello"}]}], max_new_tokens=4)
-    assert isinstance(text, str)
+    # Gradio 6 sends content as a list of blocks: the same prompt as the plain string, so the same answer.
+    plain = run(engine, [{"role": "user", "content": "hello there"}], max_new_tokens=6)
+    blocks = run(engine, [{"role": "user", "content": [{"type": "text", "text": "hello "},
+                                                       {"type": "text", "text": "there"}]}], max_new_tokens=6)
+    assert blocks[:2] == plain[:2] and len(plain[1]) == 6
+    other = run(engine, [{"role": "user", "content": "goodbye"}], max_new_tokens=6)
+    assert other[1] != plain[1]           # the comparison can tell prompts apart
 
 
 def test_cancel_keeps_what_was_written(engine):
@@ -170,9 +189,27 @@ def test_a_generated_answer_renders_back_to_its_own_tokens():
     conv = [{"role": "user", "content": "What does len do?"}]
     answer, _, evs = run(eng, conv, max_new_tokens=60)
     assert evs[-1].finish_reason == "eos"
-    cached = list(eng._kv_ids)
+    cached = list(eng.kv_tokens)
     conv += [{"role": "assistant", "content": answer}, {"role": "user", "content": "What does sorted do?"}]
     ids = eng.prompt_ids(conv)
     assert ids[:len(cached)] == cached
     run(eng, conv, max_new_tokens=4)
     assert eng.stats().prefill_tokens == len(ids) - len(cached)
+
+
+def test_time_to_first_token_ends_when_the_first_token_reaches_the_caller(engine):
+    """ttft_s is stamped as the first token event is handed over, before the model runs that token: a caller
+    that holds the first event for a while sees the same ttft_s then and after the answer."""
+    import time
+    stream = engine.stream_chat([{"role": "user", "content": "What is a tuple?"}],
+                                SamplingParams(max_new_tokens=4, greedy=True))
+    first = next(ev for ev in stream if ev.kind == "token")
+    at_first = engine.stats()
+    assert at_first.answer_tokens == 0                   # no decode step has run since the token was sampled
+    assert 0 < at_first.ttft_s <= first.elapsed_s
+    assert at_first.prefill_s <= at_first.ttft_s
+    time.sleep(0.2)
+    rest = list(stream)
+    assert rest[-1].kind == "done"
+    after = engine.stats()
+    assert after.answer_tokens >= 1 and after.ttft_s == at_first.ttft_s

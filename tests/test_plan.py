@@ -131,6 +131,7 @@ def test_mixtral_plans_for_the_reference_machines(vram, ram, placement, slots):
 def test_colab_plan_k_and_misses():
     p = plan_for(MIXTRAL_8X7B, QuantConfig(), 4096, vram_bytes=15 * GiB, ram_bytes=int(12.7 * GiB), device="cuda")
     assert sorted(set(p.sizes)) == [5, 6]
+    assert p.k == 5 and p.k_range == "5-6" and "k=5-6 per layer" in p.summary()   # a mixed plan says so
     assert p.misses_per_token == pytest.approx(sum(2 * (1 - k / 8) for k in p.sizes))
     md = reference_markdown(MIXTRAL_8X7B, QuantConfig(), 4096, "mixtral-8x7b")
     assert md.count("\n") == 5 and "does not fit" not in md

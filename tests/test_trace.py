@@ -412,7 +412,7 @@ def test_record_writes_engine_routing(tmp_path, capsys):
     assert "no tokens" in capsys.readouterr().err
     assert record_main(args, lambda a: ([[(0, 1)], [(0, 1), (2, 3)]], None, {})) == 2
     assert "different number of layers" in capsys.readouterr().err
-    # without a generate_fn, record is wired to the engine (not run here: it loads a model)
+    # without a generate_fn, record is wired to the engine (run in test_cli.py)
     default = _parser().parse_args(["trace", "record", "--prompt", "hi", str(out)])
     assert callable(default.func) and default.max_new_tokens == 64 and default.model == "tiny"
 

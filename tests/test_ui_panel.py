@@ -5,13 +5,13 @@ import base64
 import re
 import struct
 import zlib
+from dataclasses import replace
 
 import pytest
 
 from mixoff_app.config import CacheConfig
-from mixoff_app.stats import MemoryReading, Stats
+from mixoff_app.stats import ROLLING_TOKENS, MemoryReading, Stats
 from mixoff_app.ui import panel
-from mixoff_app.ui.chat import Canceller, content_text, normalise_history, sampling, strip_to_last_user, to_messages
 
 NO_GPU = MemoryReading(gpu_name=None, process_rss=512 << 20, system_ram_used=6 << 30,
                        system_ram_total=16 << 30, host_expert_bytes=300 << 20)
@@ -97,17 +97,30 @@ def test_hit_rates_and_sparkline(snap):
     html = panel.render_hit_rate(snap)
     # token 1: 0 hits / 4 misses; token 2: 3 hits / 1 miss -> 3/8 overall
     assert snap.answer_hit_rate == pytest.approx(3 / 8)
-    assert "37.5%" in html and "this answer" in html and "last 64 tokens" in html and "since start" in html
+    assert "37.5%" in html and "this answer" in html and "since start" in html
+    assert f"last {ROLLING_TOKENS} tokens" in html      # the label names the window the rate is taken over
     assert "<polyline" in html
     assert "no tokens yet" in panel.sparkline([])
     assert len(panel.smooth([1.0] * 1000)) == panel.SPARK_POINTS
     assert panel.smooth([0, 1, 1], window=2) == [0, 0.5, 1]
 
 
-def test_speed_and_transfers(snap):
-    speed = panel.render_speed(snap)
-    assert "tok/s" in speed or "—" in speed
-    assert "time to first token" in speed and "generating" in speed
+def test_speed_shows_the_snapshots_figures(snap):
+    live = replace(snap, tokens_per_s=12.34, avg_tokens_per_s=9.5, ttft_s=0.0851, generating=True,
+                   answer_tokens=7, prefill_tokens=40, prefill_s=1.5, tokens_total=1234)
+    speed = panel.render_speed(live)
+    for label, value in (("current", "12.3 tok/s"), ("average (answer)", "9.5 tok/s"),
+                         ("time to first token", "85 ms")):
+        assert re.search(rf'mx-stat-v">{re.escape(value)}</div><div class="mx-stat-l">{re.escape(label)}<', speed), \
+            (label, value)
+    assert "● generating" in speed and "idle" not in speed
+    assert "7 tokens this answer · prompt 40 tokens in 1.50 s · 1,234 tokens since start" in speed
+    # before any token: dashes, not zeros, and idle
+    idle = panel.render_speed(Stats(2, 8, 2, (2, 2)).snapshot(NO_GPU))
+    assert idle.count('mx-stat-v">—<') == 3 and "idle" in idle and "generating" not in idle
+
+
+def test_transfers(snap):
     tr = panel.render_transfers(snap)
     assert "host → device" in tr and "6.00 MB" in tr       # 5 misses + 1 prefetch of 1 MB
 
@@ -186,35 +199,3 @@ def test_whole_panel_and_escaping(snap):
     assert "no CUDA GPU found" in info and "k = 2 of 8" in info
     assert "could not be loaded" in panel.render_loading(["a"], error="boom")
     assert "downloading" in panel.render_loading(["downloading 1.2 GB"])
-
-
-def test_history_normalisation():
-    assert content_text([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]) == "ab"
-    assert content_text({"type": "file", "path": "x"}) == ""
-    hist = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-            {"role": "assistant", "content": "hello", "metadata": None},
-            {"role": "assistant", "content": "note", "metadata": {"title": "notice"}},
-            {"role": "user", "content": "more"}, {"role": "assistant", "content": ""}]
-    assert normalise_history(hist)[0] == {"role": "user", "content": "hi"}
-    assert to_messages(hist, " be brief ") == [
-        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]
-    assert strip_to_last_user(hist)[-1] == {"role": "user", "content": "more"}
-    assert sampling(0, 1, 16).is_greedy and sampling(0.7, 0.9, "32").max_new_tokens == 32
-
-
-def test_canceller_turns():
-    c = Canceller()
-    ev1, t1 = c.begin("a")
-    assert c.current("a") == (ev1, t1) and not ev1.is_set()
-    ev2, t2 = c.begin("a")                     # a new question stops the running answer
-    assert ev1.is_set() and not ev2.is_set() and t2 == t1 + 1
-    other, _ = c.begin("b")                    # sessions are independent
-    assert c.cancel("a") and ev2.is_set() and not other.is_set()
-    assert c.turn("a") == t2                   # Stop keeps the turn: the stopped answer keeps its text
-    assert not c.cleared("a")
-    c.clear("a")
-    assert c.turn("a") == t2 + 1 and c.cleared("a")   # Clear ends the turn: a late token is not written back
-    c.begin("a")
-    assert not c.cleared("a")
-    assert not c.cancel("nobody")

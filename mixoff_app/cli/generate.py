@@ -31,7 +31,7 @@ def run(args) -> int:
         elif ev.kind == "done":
             finish = ev.finish_reason
     snap = engine.stats()
-    counts = engine._stats.answer_counters()
+    counts = engine.answer_counters()
     dec = counts["decode"]
     if args.json:
         looked = dec["hits"] + dec["misses"]

@@ -146,11 +146,11 @@ def simulate(trace: Union[Trace, Routing], cache_size: Union[int, Sequence[int]]
     num_layers = len(routing[0]) if routing else 0
     sizes = _sizes(cache_size, num_layers, num_experts)
     factory = (lambda n: make_policy(policy, n)) if isinstance(policy, str) else policy
-    name = policy if isinstance(policy, str) else getattr(factory(num_experts), "name", "custom")
+    policies = [factory(num_experts) for _ in range(num_layers)]
+    name = policy if isinstance(policy, str) else getattr(policies[0] if policies else None, "name", "custom")
     hits, misses, evictions, cold = [], [], [], []
-    for l in range(num_layers):
+    for l, pol in enumerate(policies):
         column = [tok[l] for tok in routing]
-        pol = factory(num_experts)
         h, m, ev = _replay_layer(column, sizes[l], lambda tick, cands: pol.victim(cands), pol)
         hits.append(h), misses.append(m), evictions.append(ev), cold.append(_cold(column))
     return ReplayResult(name, sizes, hits, misses, evictions, cold)

@@ -85,11 +85,11 @@ def engine_config(args: argparse.Namespace, say: Callable[[str], None]) -> tuple
     if args.cache_size is not None:
         say(f"cache: k = {args.cache_size} experts per layer on the device (--cache-size)")
     elif device.type == "cuda":
-        from ..plan import choose_cache_size
+        from ..plan import startup_plan
         try:
-            plan = choose_cache_size(args.model, str(device), None if args.model == "tiny" else _quant(args),
-                                     args.max_context)
-            say(f"memory planner: k = {plan.k} experts per layer on {device} from free VRAM and RAM "
+            plan = startup_plan(args.model, str(device), None if args.model == "tiny" else _quant(args),
+                                args.max_context)
+            say(f"memory planner: k = {plan.k_range} experts per layer on {device} from free VRAM and RAM "
                 f"({plan.summary()}); it re-checks once the checkpoint is read")
         except ConfigError as exc:
             if "does not fit" in str(exc):

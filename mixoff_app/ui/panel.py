@@ -14,6 +14,8 @@ import zlib
 from html import escape
 from typing import Any, Optional, Sequence
 
+from ..stats import ROLLING_TOKENS
+
 # Cell states of the cache grid, in the order the legend lists them.
 EMPTY, RESIDENT, HIT, MISS, PREFETCHED, EVICTED = "empty", "resident", "hit", "miss", "prefetch", "evicted"
 LEGEND = (
@@ -163,7 +165,7 @@ def _stat(label: str, value: str, cls: str = "") -> str:
 
 def render_hit_rate(snap) -> str:
     stats = (_stat("this answer", fmt_pct(snap.answer_hit_rate), "mx-big")
-             + _stat("last 64 tokens", fmt_pct(snap.rolling_hit_rate))
+             + _stat(f"last {ROLLING_TOKENS} tokens", fmt_pct(snap.rolling_hit_rate))
              + _stat("since start", fmt_pct(snap.hit_rate)))
     foot = (f'{snap.hits:,} hits · {snap.misses:,} misses · {snap.evictions:,} evictions'
             + (f' · prefetch {snap.prefetch_used:,}/{snap.prefetch_issued:,} used' if snap.prefetch_issued else ""))

@@ -1,4 +1,4 @@
-"""The reference project's pre-quantized layout (made by the real hqq 0.1.1; see tests/fixtures/seed_tiny)."""
+"""The reference project's pre-quantized layout (made by the real hqq 0.1.1; see tests/fixtures/reference_tiny)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,22 +11,22 @@ from mixoff_app.checkpoints import load_checkpoint
 from mixoff_app.config import NO_QUANT, CacheConfig, EngineConfig, SamplingParams
 from mixoff_app.engine import Engine
 
-SEED = Path(__file__).parent / "fixtures" / "seed_tiny"
+FIXTURE = Path(__file__).parent / "fixtures" / "reference_tiny"
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return load_file(str(SEED / "reference.safetensors"))
+    return load_file(str(FIXTURE / "reference.safetensors"))
 
 
 @pytest.fixture(scope="module")
 def loaded():
     # The flags ask for no quantization: a pre-quantized checkpoint decides, and is never re-quantized.
-    return load_checkpoint(SEED, NO_QUANT, "cpu", torch.float16)
+    return load_checkpoint(FIXTURE, NO_QUANT, "cpu", torch.float16)
 
 
 def test_layout_and_quantization_are_recognised(loaded):
-    assert loaded.layout == "seed"
+    assert loaded.layout == "reference"
     assert (loaded.quant.attn.bits, loaded.quant.attn.group_size, loaded.quant.attn.scale_group) == (4, 64, 256)
     assert (loaded.quant.experts.bits, loaded.quant.experts.group_size, loaded.quant.experts.scale_group) == (2, 16, 128)
     assert loaded.quant.attn.quant_zero and loaded.quant.experts.quant_zero
@@ -57,9 +57,9 @@ def test_dequantized_weights_are_close_to_the_originals(loaded, reference):
     assert rel < 0.15         # 4-bit group-64 attention
 
 
-def test_engine_chats_on_the_seed_layout():
-    engine = Engine.load(EngineConfig(model=str(SEED), device="cpu", cache=CacheConfig(sizes=(2,))))
-    assert engine.info.layout == "seed" and "experts 2-bit g16" in engine.info.quant
+def test_engine_chats_on_the_reference_layout():
+    engine = Engine.load(EngineConfig(model=str(FIXTURE), device="cpu", cache=CacheConfig(sizes=(2,))))
+    assert engine.info.layout == "reference" and "experts 2-bit g16" in engine.info.quant
     events = list(engine.stream_chat([{"role": "user", "content": "hello"}],
                                      SamplingParams(max_new_tokens=8, greedy=True)))
     assert events[-1].kind == "done"

@@ -1,18 +1,18 @@
-"""Write tests/fixtures/seed_tiny: a tiny Mixtral in the layout of the seed's pre-quantized checkpoint.
+"""Write tests/fixtures/reference_tiny: a tiny Mixtral in the layout of the reference pre-quantized checkpoint.
 
-The seed is lavawolfiee/Mixtral-8x7B-Instruct-v0.1-offloading-demo, read by dvmazur/mixtral-offloading
-(src/build_model.py, src/custom_layers.py). It was made with hqq 0.1.x's HQQLinear plus a subclass whose
+The reference checkpoint is lavawolfiee/Mixtral-8x7B-Instruct-v0.1-offloading-demo, read by the reference
+project, dvmazur/mixtral-offloading (src/build_model.py, src/custom_layers.py). It was made with hqq 0.1.x's HQQLinear plus a subclass whose
 ``quantize`` re-packs W_q along the weight's own rows and whose state-dict hook writes ``W_q`` and the
 tensors held in ``meta``. This script runs the real hqq 0.1.1 quantizer and reproduces that layout; it
-does not import the seed's code.
+does not import the reference project's code.
 
 Run it in a throwaway virtualenv, never in the project's Python (which has hqq 0.2.x):
 
-    python3 -m venv /tmp/seedvenv
-    /tmp/seedvenv/bin/pip install torch==2.13.0
-    /tmp/seedvenv/bin/pip install --no-deps hqq==0.1.1
-    /tmp/seedvenv/bin/pip install numpy tqdm termcolor safetensors
-    /tmp/seedvenv/bin/python tools/make_seed_fixture.py --system-python /usr/bin/python3
+    python3 -m venv /tmp/refvenv
+    /tmp/refvenv/bin/pip install torch==2.13.0
+    /tmp/refvenv/bin/pip install --no-deps hqq==0.1.1
+    /tmp/refvenv/bin/pip install numpy tqdm termcolor safetensors
+    /tmp/refvenv/bin/python tools/make_reference_fixture.py --system-python /usr/bin/python3
 
 Only ``hqq.core.quantize`` is imported (hqq's top level pulls transformers/timm/accelerate, which the
 quantizer does not need). Two CPU workarounds, both keeping hqq's own arithmetic:
@@ -21,7 +21,7 @@ quantizer does not need). Two CPU workarounds, both keeping hqq's own arithmetic
   That is the same function ``.cuda()`` runs, so the fp32 -> fp16 cast of meta tensors still happens.
 * ``optimize_weights_proximal`` defaults to ``device='cuda'`` and then works in fp16. It is called with a
   device string that reads as 'cpu' to torch but compares equal to 'cuda', so the optimiser runs its GPU
-  branch (fp16 arithmetic) on the CPU, as it did on the GPU where the seed was made.
+  branch (fp16 arithmetic) on the CPU, as it did on the GPU where the reference checkpoint was made.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _patch_hqq_for_cpu() -> None:
 
 
 def demo_configs():
-    """The quantization configs of the seed's demo notebook."""
+    """The quantization configs of the reference project's demo notebook."""
     attn = BaseQuantizeConfig(nbits=4, group_size=64, quant_zero=True, quant_scale=True)
     attn["scale_quant_params"]["group_size"] = 256
     ffn = BaseQuantizeConfig(nbits=2, group_size=16, quant_zero=True, quant_scale=True)
@@ -78,7 +78,7 @@ def demo_configs():
 
 
 def repack_rows(layer: HQQLinear) -> None:
-    """What the seed's subclass does right after quantizing: re-pack the integer codes along the rows of
+    """What the reference project's subclass does right after quantizing: re-pack the integer codes along the rows of
     the (out, in) weight instead of the rows of hqq's (group_size, numel/group_size) grouping view."""
     meta = layer.meta
     shape = tuple(meta["shape"])
@@ -89,8 +89,8 @@ def repack_rows(layer: HQQLinear) -> None:
     layer.W_q = Quantizer.pack[meta["packing"]](codes)              # [out / (8/nbits), in]
 
 
-def seed_entries(layer: HQQLinear) -> dict[str, torch.Tensor]:
-    """The tensors the seed's state-dict hook writes for one linear, under its relative names."""
+def reference_entries(layer: HQQLinear) -> dict[str, torch.Tensor]:
+    """The tensors the reference project's state-dict hook writes for one linear, under its relative names."""
     meta = layer.meta
     out = {"W_q": layer.W_q}
     if getattr(layer, "bias", None) is not None:
@@ -110,8 +110,8 @@ def seed_entries(layer: HQQLinear) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def seed_dequantize(layer: HQQLinear) -> torch.Tensor:
-    """Dequantize the re-packed layer the way the seed's subclass does (used only as a cross-check)."""
+def reference_dequantize(layer: HQQLinear) -> torch.Tensor:
+    """Dequantize the re-packed layer the way the reference project's subclass does (used only as a cross-check)."""
     meta = layer.meta
     scale = Quantizer.dequantize(meta["scale_q"], meta["meta_scale"])
     zero = Quantizer.dequantize(meta["zero_q"], meta["meta_zero"])
@@ -126,7 +126,7 @@ def quantize_linear(weight16: torch.Tensor, config) -> tuple[HQQLinear, torch.Te
     layer = HQQLinear(lin, config)                 # Quantizer.quantize + meta quantization + "cuda()" casts
     reference = layer.dequantize().clone()         # hqq 0.1.1's own dequantization, before re-packing
     repack_rows(layer)
-    assert torch.equal(seed_dequantize(layer), reference), "re-packing changed the dequantized weight"
+    assert torch.equal(reference_dequantize(layer), reference), "re-packing changed the dequantized weight"
     return layer, reference
 
 
@@ -189,7 +189,7 @@ def build(out: Path, seed: int) -> None:
         module = name[: -len(".weight")]
         if ".self_attn." in name:
             layer, ref = quantize_linear(w16, attn_cfg)
-            for k, v in seed_entries(layer).items():
+            for k, v in reference_entries(layer).items():
                 trunk[f"{module}.{k}"] = v
             reference[name] = ref
         elif ".experts." in name:
@@ -197,7 +197,7 @@ def build(out: Path, seed: int) -> None:
             expert, proj = module.rsplit(".", 1)                       # ...experts.E, w1
             li, ei = int(expert.split(".")[2]), int(expert.rsplit(".", 1)[1])
             fname = f"layer{li:02d}_expert{ei:02d}.safetensors"
-            for k, v in seed_entries(layer).items():
+            for k, v in reference_entries(layer).items():
                 experts.setdefault(fname, {})[f"{proj}.{k}"] = v
                 weight_map[f"{module}.{k}"] = fname
             reference[name] = ref
@@ -236,7 +236,7 @@ def write_tokenizer(out: Path, system_python: str) -> tuple[int, int]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "seed_tiny")
+    ap.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "reference_tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--system-python", default=None,
                     help="the project's Python (with transformers/tokenizers) to train and save the tokenizer")
