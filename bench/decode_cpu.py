@@ -26,10 +26,10 @@ from mixoff_app.config import NO_QUANT, CacheConfig, EngineConfig, SamplingParam
 from mixoff_app.engine import Engine
 from mixoff_app.tiny import make_tiny, write_synthetic
 
-def ours(path: Path, k, prompt: list[int], n: int) -> float:
+def ours(path: Path, k, prompt: list[int], n: int, kernel: str = "auto") -> float:
     """Decode tokens/s of our runtime (prefill excluded): n tokens after the prompt, greedy."""
     eng = Engine.load(EngineConfig(model=str(path), device="cpu", quant=NO_QUANT, cache=CacheConfig(sizes=(k,)),
-                                   max_context=len(prompt) + n + 8))
+                                   max_context=len(prompt) + n + 8, kernel=kernel))
     params = SamplingParams(max_new_tokens=n, greedy=True)
     list(eng.stream_ids(prompt, SamplingParams(max_new_tokens=4, greedy=True)))   # warm-up
     cache = eng.model.cache
@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", default="tiny,mid")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--kernel", choices=("auto", "triton", "torch"), default="auto",
+                    help="quantized matmul (auto = torch on the CPU; the models here are not quantized)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer, MixtralForCausalLM
@@ -88,9 +90,9 @@ def main() -> None:
             runs = {"transformers": [], "ours_all_resident": [], "ours_k2": [], "ours_k4": []}
             for _ in range(args.repeats):
                 runs["transformers"].append(transformers_tps(hf, prompt, args.tokens))
-                runs["ours_all_resident"].append(ours(path, E, prompt, args.tokens))
-                runs["ours_k2"].append(ours(path, 2, prompt, args.tokens))
-                runs["ours_k4"].append(ours(path, 4, prompt, args.tokens))
+                runs["ours_all_resident"].append(ours(path, E, prompt, args.tokens, args.kernel))
+                runs["ours_k2"].append(ours(path, 2, prompt, args.tokens, args.kernel))
+                runs["ours_k4"].append(ours(path, 4, prompt, args.tokens, args.kernel))
             med = {k: statistics.median(v) for k, v in runs.items()}
             result["models"][name] = {
                 "shape": {k: getattr(hf.config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",

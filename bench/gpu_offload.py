@@ -1,4 +1,4 @@
-"""GPU decode benchmark of expert offloading at Mixtral-8x7B's real shapes (issue 4). Prints one JSON object.
+"""GPU decode benchmark of expert offloading at Mixtral-8x7B's real shapes. Prints one JSON object.
 
 A synthetic model is built straight from the runtime's pieces, no checkpoint: Mixtral-8x7B's shapes
 (hidden 4096, intermediate 14336, 8 experts, top-2, 32 layers, vocab 32000), experts 2-bit group-16 in
@@ -6,45 +6,48 @@ their real packed layout (one pinned host buffer per expert, ~66 MB each, 17 GB 
 group-64. Weights are random bytes with sane scales and zeros (no inf/NaN): the timing of a dequantize,
 a matmul or a copy does not depend on the values.
 
-Routing comes from the calibrated synthetic trace (``trace.synthetic_trace``, consecutive-token
-repetition per layer matched to Mixtral's measured Table 5), not from the random gates: ``TraceMixtral``
-overrides ``_route`` to return the trace's experts for the current token and layer, as device tensors,
-so the per-layer sync (``idx[0].tolist()``) and everything after it run exactly as in the app.
+Routing comes from the calibrated synthetic trace (``trace.synthetic_trace``, consecutive-token repetition
+per layer matched to Mixtral's measured Table 5), not from the random gates: ``TraceMixtral`` reads the
+trace's experts and weights for the current token from device tensors, indexed by a device scalar (so the
+same code runs under CUDA graphs), and everything after the router runs exactly as in the app: one packed
+host transfer per layer, the cache's fetch, release and prefetch.
 
-Prefetch: the app's ``Prefetcher`` applies layer l+1's gate to layer l's hidden state; with random gates
-that guess would be random. ``TracePrefetcher`` instead guesses layer l+1's true experts from the trace,
-each one right with probability ``--prefetch-accuracy`` (default 0.8; a wrong guess is a random expert the
-layer does not use) and issues ``cache.hint`` + ``cache.prefetch`` exactly as the real one does. ASSUMPTION,
+Prefetch: the app's ``Prefetcher`` computes its guess on the device (next layer's gate on this layer's
+normed residual, top-k) and the model brings it to the host in the layer's one transfer. With random gates
+that guess would be random, so ``TracePrefetcher`` runs the real guess's kernels and then selects, on the
+device, a trace-derived guess instead: layer l+1's true experts, each one right with probability
+``--prefetch-accuracy`` (default 0.8; a wrong guess is a random expert the layer does not use). ASSUMPTION,
 not a measurement: Eliseev & Mazur (2023) report that the next layer's gate applied early usually picks
-the right experts; 0.8 per expert stands for "usually". The value used is in the JSON
-(``prefetch_accuracy``), and every variant reports how many prefetches were used or wasted.
+the right experts; 0.8 per expert stands for "usually". Every variant reports prefetches used and wasted.
 
 Variants (same trace tokens for each; fresh cache and KV cache each time):
-    naive            k = 2 slots per layer, all forgotten at the start of every token: every access misses
+    naive            synchronous offload as the reference work defines it: no cache (every slot forgotten at
+                     each token), each needed expert copied on the compute stream and waited for, then computed
     lru_k4           k = 4, LRU, no prefetch
-    lru_prefetch_k4  k = 4, LRU, prefetch 2 experts one layer ahead
+    lru_prefetch_k4  k = 4, LRU, prefetch 2 experts one layer ahead (the guess on the device)
     lrfu_prefetch_k4 k = 4, LRFU (the app's policy) + prefetch
     all_resident     k = 8: every expert on the device (loaded before the clock starts)
-    lrfu_early_prefetch_k4  not in the issue, an experiment: as lrfu_prefetch_k4, but the guesses for layer
-                     l+1 are issued before layer l's demand misses (the runtime issues them after, so a demand
-                     copy never queues behind a speculative one on the single copy stream); this variant
-                     measures what that ordering is worth.
+    lrfu_prefetch_k4_graphs  as lrfu_prefetch_k4 with --cuda-graphs (CUDA only; skipped on the CPU)
 
-Each variant decodes ``--warmup`` tokens, then ``--tokens`` timed tokens (``torch.cuda.synchronize``
-around the timed region; one host sync per token for the next token id, as the app's generate loop).
+Each variant decodes ``--warmup`` tokens, then ``--tokens`` timed tokens (``torch.cuda.synchronize`` around
+the timed region; one host sync per token for the next token id, as the app's generate loop), then two
+more tokens under counters: host round trips (``op_counts.count_syncs``) and dispatched aten ops
+(``op_counts.count_ops``; a graph replay dispatches none) per token.
 
-Also measured: pinned host->device bandwidth (one expert buffer many times; a 1 GiB pinned buffer), and
-per variant the transfer-bound limit
+Also measured: pinned host->device bandwidth (one expert buffer many times; a 1 GiB pinned buffer), and per
+variant the limit when copies overlap compute perfectly
 
-    limit s/token = misses_per_token * expert_bytes / bandwidth + all-resident s/token
+    limit s/token = max(misses_per_token * expert_bytes / bandwidth, all-resident s/token)
 
-(bandwidth: the expert-sized pinned copy), reported as ``fraction_of_limit`` = achieved / limit, with the
-issue's goals (>= 2x naive, >= 0.7 of the limit). ``limit_all_h2d`` does the same with every byte copied
-host->device (misses and prefetches). Phases are timed (``phases_s``); ``--budget-s`` stops early (the
-remaining variants are listed as skipped); each variant runs under try/except so one failure still prints
-the rest. Progress goes to stderr, the JSON to stdout and, when ``$OUT`` is set, to ``$OUT/gpu_offload.json``.
+(bandwidth: the expert-sized pinned copy), reported as ``fraction_of_limit`` = achieved / limit (at most 1
+up to noise), with the issue's goals (>= 2x naive, >= 0.7 of the limit). ``limit_all_h2d`` does the same
+with every byte copied host->device (misses and prefetches). When ``bench/kernels.py`` exists its JSON is
+included (``--kernels-args`` passes it arguments). Phases are timed (``phases_s``); ``--budget-s`` stops
+early (the remaining variants are listed as skipped); each variant runs under try/except so one failure
+still prints the rest. Progress goes to stderr, the JSON to stdout and, when ``$OUT`` is set, to
+``$OUT/gpu_offload.json``.
 
-    python bench/gpu_offload.py --device cuda --shape mixtral --tokens 32        # the H200 run (~1-2 min)
+    python bench/gpu_offload.py --device cuda --shape mixtral --tokens 32        # the H200 run (~2-4 min)
     python bench/gpu_offload.py --device cpu --shape tiny --tokens 8             # CPU validation (seconds)
 """
 from __future__ import annotations
@@ -64,17 +67,17 @@ import sys
 import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from mixoff_app.config import ModelConfig, QuantSpec  # noqa: E402
+from mixoff_app.config import KERNELS, ModelConfig, QuantSpec  # noqa: E402
 from mixoff_app.expert_cache import ExpertCache  # noqa: E402
 from mixoff_app.stores import ExpertLayout, InclusiveStore  # noqa: E402
+from mixoff_app.kernels import resolve_kernel  # noqa: E402
 from mixoff_app.model import LayerWeights, Mixtral, Prefetcher, TrunkWeights  # noqa: E402
+from mixoff_app.op_counts import count_ops, count_syncs  # noqa: E402
 from mixoff_app.presets import from_name  # noqa: E402
 from mixoff_app.quant import QWeight, qweight_from, weight_fields  # noqa: E402
 from mixoff_app.stats import Stats  # noqa: E402
@@ -85,23 +88,23 @@ ATTN_SPEC = QuantSpec(bits=4, group_size=64, scale_group=256)
 
 SHAPES = {"mixtral": from_name("mixtral-8x7b"), "tiny": from_name("tiny-bench")}      # --shape -> preset
 
-# name -> (k (None: all experts), policy, prefetch, naive, early prefetch)
+# name -> (k (None: all experts), policy, prefetch, naive, cuda graphs)
 VARIANTS = {
     "naive": (2, "lru", False, True, False),
     "lru_k4": (4, "lru", False, False, False),
     "lru_prefetch_k4": (4, "lru", True, False, False),
     "lrfu_prefetch_k4": (4, "lrfu", True, False, False),
     "all_resident": (None, "lru", False, False, False),
-    "lrfu_early_prefetch_k4": (4, "lrfu", True, False, True),
+    "lrfu_prefetch_k4_graphs": (4, "lrfu", True, False, True),
 }
-# all_resident first: every transfer-bound limit needs its time per token; naive next (every speedup needs
-# it); the extra experiment (not in the issue) last, so the budget cuts it first.
-RUN_ORDER = ("all_resident", "naive", "lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "lrfu_early_prefetch_k4")
-OFFLOAD = ("lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "lrfu_early_prefetch_k4")
+# all_resident first: every limit needs its time per token; naive next (every speedup needs it).
+RUN_ORDER = ("all_resident", "naive", "lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "lrfu_prefetch_k4_graphs")
+OFFLOAD = ("lru_k4", "lru_prefetch_k4", "lrfu_prefetch_k4", "lrfu_prefetch_k4_graphs")
+COUNTED_TOKENS = 2           # decoded after the timed ones, under the round-trip and dispatch counters
 GOAL_SPEEDUP, GOAL_FRACTION = 2.0, 0.7
-PREFETCH_NOTE = ("assumption, not a measurement: the prefetcher guesses layer l+1's experts from the trace, each "
-                 "right with this probability (the paper reports the early-applied next gate is usually right); "
-                 "a wrong guess is a random expert the layer does not use")
+PREFETCH_NOTE = ("assumption, not a measurement: the real guess's kernels run, then a guess of layer l+1's experts "
+                 "from the trace is used instead, each right with this probability (the paper reports the "
+                 "early-applied next gate is usually right); a wrong guess is a random expert the layer does not use")
 COUNTERS = ("hits", "misses", "evictions", "bytes_h2d", "prefetch_issued", "prefetch_used", "prefetch_wasted")
 
 T0 = time.perf_counter()
@@ -198,77 +201,77 @@ def build_trunk(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> T
 # ---- trace-driven routing, prefetch, and the no-cache baseline -----------------------------------
 
 class TraceMixtral(Mixtral):
-    """Routing from a trace: token t (a counter bumped per decode forward), layer i -> the trace's experts
-    and weights, sliced from device tensors made once (no host->device copy per layer)."""
+    """Routing from a trace: the current token's experts and weights for each layer, read from device tensors
+    [T, L, K] at a device scalar token index (no host->device copy per layer, and graph-safe)."""
 
     def __init__(self, *args, idx: torch.Tensor, weights: torch.Tensor, **kw) -> None:
         super().__init__(*args, **kw)
-        self.idx, self.w = idx, weights                     # [T, L, K] each, on the device
+        self.idx, self.w = idx, weights
         self.layer_of = {id(lw): i for i, lw in enumerate(self.trunk.layers)}
         self.token = 0
-        self.early_prefetch = False
+        self.tok = torch.zeros(1, dtype=torch.long, device=self.device)
 
     def _route(self, lw: LayerWeights, h: torch.Tensor):
         if h.shape[0] != 1:
             raise ValueError("trace routing drives decode (one token) only")
         i = self.layer_of[id(lw)]
-        return self.w[self.token, i][None], self.idx[self.token, i][None]          # [1, K] each
+        return self.w[:, i].index_select(0, self.tok), self.idx[:, i].index_select(0, self.tok)   # [1, K] each
 
     def forward(self, ids: torch.Tensor, pos: int, last_only: bool = True) -> torch.Tensor:
+        self.tok.fill_(self.token)
         out = super().forward(ids, pos, last_only)
         self.token += 1
         return out
 
-    def _moe_decode(self, i, lw, h, resid, tok_weights):
-        if not self.early_prefetch or self.prefetcher is None:
-            return super()._moe_decode(i, lw, h, resid, tok_weights)
-        # The experiment's order: guess layer l+1 first, then let the runtime fetch layer l without guessing.
-        proposal = self.prefetcher.propose(self, i, resid)
-        if proposal is not None:
-            self.prefetcher.issue(self, *proposal)
-        prefetcher, self.prefetcher = self.prefetcher, None
-        try:
-            return super()._moe_decode(i, lw, h, resid, tok_weights)
-        finally:
-            self.prefetcher = prefetcher
-
 
 class TracePrefetcher(Prefetcher):
-    """Guess layer l+d's experts from the trace, each right with probability ``accuracy`` (see the module
-    docstring: an assumption standing in for the early-applied gate), then hint and prefetch as the real
-    ``Prefetcher`` does. Deterministic per seed, and independent of the cache, so every variant sees the
-    same guesses."""
+    """The real guess's kernels, then (selected on the device) a guess of layer l+d's experts from the trace,
+    each right with probability ``accuracy`` (see the module docstring: an assumption standing in for the
+    early-applied gate). Deterministic per seed and independent of the cache, so every variant sees the same
+    guesses; ``hint`` and ``prefetch`` are the real ones."""
 
-    def __init__(self, routing, count: int, accuracy: float, num_experts: int, seed: int,
+    def __init__(self, routing, count: int, accuracy: float, num_experts: int, seed: int, device: torch.device,
                  distance: int = 1) -> None:
         super().__init__(count, distance)
-        self.routing, self.accuracy, self.num_experts = routing, accuracy, num_experts
-        self.rng = random.Random(f"gpu-offload-prefetch-{seed}")
+        rng = random.Random(f"gpu-offload-prefetch-{seed}")
+        L = len(routing[0])
+        table = []
         self.guessed = self.right = 0
+        for tok in routing:
+            rows = []
+            for target in range(L):
+                true = list(tok[target])
+                chosen: list[int] = []
+                for r in range(count):
+                    if r < len(true) and rng.random() < accuracy:
+                        chosen.append(true[r])
+                    else:
+                        chosen.append(rng.choice([e for e in range(num_experts) if e not in true and e not in chosen]))
+                rows.append(chosen)
+            table.append(rows)
+        self.table = table
+        self.guesses = torch.tensor(table, dtype=torch.long, device=device)      # [T, L, count]
+        self.use_trace = torch.ones(count, dtype=torch.bool, device=device)
 
-    def propose(self, model: TraceMixtral, layer: int, h: torch.Tensor):
-        target = layer + self.distance
-        if target >= model.cfg.num_layers:
-            return None
-        true = list(self.routing[model.token][target])
-        chosen: list[int] = []
-        for r in range(self.count):
-            if r < len(true) and self.rng.random() < self.accuracy:
-                chosen.append(true[r])
-            else:
-                wrong = [e for e in range(self.num_experts) if e not in true and e not in chosen]
-                if not wrong:
-                    break
-                chosen.append(self.rng.choice(wrong))
-        self.guessed += len(chosen)
-        self.right += sum(e in true for e in chosen)
-        return target, chosen
+    def guess(self, model: "TraceMixtral", target: int, n: torch.Tensor) -> torch.Tensor:
+        real = super().guess(model, target, n)
+        return torch.where(self.use_trace, self.guesses[:, target].index_select(0, model.tok)[0], real)
+
+    def accuracy_over(self, routing, tokens: range) -> tuple[int, int]:
+        """(guessed, right) over the given tokens, for every target layer the prefetcher guessed."""
+        g = r = 0
+        for t in tokens:
+            for target in range(self.distance, len(routing[t])):
+                chosen = self.table[t][target]
+                g += len(chosen)
+                r += sum(e in routing[t][target] for e in chosen)
+        return g, r
 
 
 class NoCache(ExpertCache):
-    """Naive offload: every slot is forgotten at the start of each token, so every access is a miss (and
-    is counted as one, with its bytes). A later copy into a slot still waits for the compute that last
-    read it (the slot's ``done`` event is untouched)."""
+    """Naive synchronous offload: every slot is forgotten at the start of each token, so every access is a
+    miss (counted as one, with its bytes), and each miss is copied on the compute stream and waited for
+    before anything else happens."""
 
     def next_token(self) -> None:
         super().next_token()
@@ -280,6 +283,17 @@ class NoCache(ExpertCache):
                     self.stats.on_slot(i, s, -1)
             L.slot_of.clear()
             L.prefetched.clear()
+
+    def _load(self, layer: int, expert: int, slot: int) -> None:
+        L = self.layers[layer]
+        L.leaving[slot] = -1
+        L.slots[slot].copy_(self.store.buffer(layer, expert))          # on the compute stream
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()      # ... and wait for it
+        L.expert_in[slot] = expert
+        L.slot_of[expert] = slot
+        L.policy.on_insert(expert, self.tick)
+        self.stats.on_slot(layer, slot, expert)
 
 
 # ---- measurements --------------------------------------------------------------------------------
@@ -327,8 +341,19 @@ def counters(stats: Stats) -> dict[str, int]:
     return {c: getattr(stats, c) for c in COUNTERS}
 
 
+def decode_tokens(model: TraceMixtral, step: torch.Tensor, stats: Stats, positions: range) -> torch.Tensor:
+    """The app's decode loop without sampling: argmax, the one host sync per token for the id."""
+    logits = None
+    for pos in positions:
+        logits = model.forward(step, pos)
+        step.copy_(logits[0].argmax())
+        int(step.item())                                # the generate loop's per-token sync
+        stats.end_token()
+    return logits
+
+
 def run_variant(name: str, ctx: dict, args: argparse.Namespace, deadline: float) -> dict:
-    k, policy, prefetch, naive, early = VARIANTS[name]
+    k, policy, prefetch, naive, graphs = VARIANTS[name]
     cfg, device, dtype, store = ctx["cfg"], ctx["device"], ctx["dtype"], ctx["store"]
     E, L, K = cfg.num_experts, cfg.num_layers, cfg.top_k
     k = E if k is None else k
@@ -341,12 +366,15 @@ def run_variant(name: str, ctx: dict, args: argparse.Namespace, deadline: float)
     sizes = (k,) * L
     stats = Stats(L, E, K, sizes, policy)
     cache = (NoCache if naive else ExpertCache)(store, sizes, policy, device, stats)
-    n_total = args.warmup + args.tokens
+    n_timed_end = args.warmup + args.tokens
+    n_total = n_timed_end + COUNTED_TOKENS
     model = TraceMixtral(cfg, ctx["trunk"], cache, stats, n_total + 1, device, dtype,
-                         idx=ctx["idx"], weights=ctx["w"])
+                         kernel=resolve_kernel(args.kernel, device), idx=ctx["idx"], weights=ctx["w"])
     if prefetch:
-        model.prefetcher = TracePrefetcher(ctx["routing"], K, args.prefetch_accuracy, E, args.seed)
-        model.early_prefetch = early
+        model.prefetcher = TracePrefetcher(ctx["routing"], K, args.prefetch_accuracy, E, args.seed, device)
+    if graphs:
+        from mixoff_app.cuda_graphs import DecodeGraphs
+        model.graphs = DecodeGraphs(model)
     if k == E:                            # all resident: load everything before the clock starts
         for i in range(L):
             cache.prefetch(i, list(range(E)))
@@ -359,38 +387,35 @@ def run_variant(name: str, ctx: dict, args: argparse.Namespace, deadline: float)
     times: list[float] = []
     m0 = counters(stats)
     with torch.inference_mode():
-        for pos in range(args.warmup):
-            logits = model.forward(step, pos)
-            step.copy_(logits[0].argmax())
-            int(step.item())
-            stats.end_token()
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"budget spent during warm-up ({pos + 1} tokens)")
+        logits = decode_tokens(model, step, stats, range(args.warmup))
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"budget spent during warm-up ({args.warmup} tokens)")
         if args.warmup:
             finite &= bool(torch.isfinite(logits).all())
         sync(device)
         m1 = counters(stats)
         t0 = time.perf_counter()
-        for pos in range(args.warmup, n_total):
+        for pos in range(args.warmup, n_timed_end):
             t = time.perf_counter()
-            logits = model.forward(step, pos)
-            step.copy_(logits[0].argmax())
-            int(step.item())                                # the generate loop's per-token sync
-            stats.end_token()
+            logits = decode_tokens(model, step, stats, range(pos, pos + 1))
             times.append(time.perf_counter() - t)
             if time.perf_counter() > deadline:
                 break
         sync(device)
         elapsed = time.perf_counter() - t0
+        m2 = counters(stats)
         finite &= bool(torch.isfinite(logits).all())
         absmax = float(logits.abs().max())
-    m2 = counters(stats)
-    n = len(times)
+        n = len(times)
+        # The counted tokens continue the sequence right after the timed ones.
+        first = args.warmup + n
+        with count_syncs() as syncs, count_ops() as ops:
+            decode_tokens(model, step, stats, range(first, first + COUNTED_TOKENS))
     d = {c: m2[c] - m1[c] for c in COUNTERS}
     acc = d["hits"] + d["misses"]
     out = {
         "ok": True, "k": k, "policy": policy, "prefetch": K if prefetch else 0, "naive": naive,
-        "early_prefetch": early,
+        "cuda_graphs": graphs,
         "tokens_timed": n, "truncated": n < args.tokens, "timed_s": elapsed,
         "tokens_per_s": n / elapsed if elapsed > 0 else None,
         "s_per_token_median": statistics.median(times) if times else None,
@@ -398,6 +423,8 @@ def run_variant(name: str, ctx: dict, args: argparse.Namespace, deadline: float)
         "hit_rate": d["hits"] / acc if acc else 0.0,
         "misses_per_token": d["misses"] / n if n else None,
         "bytes_h2d_per_token": d["bytes_h2d"] / n if n else None,
+        "round_trips_per_token": syncs.total / COUNTED_TOKENS,
+        "dispatched_ops_per_token": ops.total / COUNTED_TOKENS,
         "timed": d,
         "all_tokens": {c: m2[c] - m0[c] for c in COUNTERS},
         "device_slot_bytes": cache.device_bytes,
@@ -406,9 +433,9 @@ def run_variant(name: str, ctx: dict, args: argparse.Namespace, deadline: float)
         "setup_s": setup_s,
     }
     if prefetch:
-        pf = model.prefetcher
-        out["prefetch_guesses"] = pf.guessed
-        out["prefetch_guess_accuracy"] = pf.right / pf.guessed if pf.guessed else None
+        g, r = model.prefetcher.accuracy_over(ctx["routing"], range(args.warmup, args.warmup + n))
+        out["prefetch_guesses"] = g
+        out["prefetch_guess_accuracy"] = r / g if g else None
     if not naive and not prefetch and k < E:
         # The runtime cache and the trace simulator follow the same rules: their counts must agree.
         sim = simulate(ctx["routing"][:args.warmup + n], k, policy)
@@ -418,7 +445,7 @@ def run_variant(name: str, ctx: dict, args: argparse.Namespace, deadline: float)
 
 
 def add_limits(result: dict) -> None:
-    """Transfer-bound limit, fraction of it achieved and speedup vs naive, for every variant that ran."""
+    """Copy-overlap limit, fraction of it achieved and speedup vs naive, for every variant that ran."""
     variants, bw = result["variants"], result.get("bandwidth", {}).get("expert_copy_GBps")
     res = variants.get("all_resident", {})
     naive = variants.get("naive", {})
@@ -431,8 +458,8 @@ def add_limits(result: dict) -> None:
             v["speedup_vs_naive"] = v["tokens_per_s"] / naive["tokens_per_s"]
         if t_res is None or not bw:
             continue
-        lim = v["misses_per_token"] * eb / (bw * 1e9) + t_res
-        lim_all = v["bytes_h2d_per_token"] / (bw * 1e9) + t_res
+        lim = max(v["misses_per_token"] * eb / (bw * 1e9), t_res)
+        lim_all = max(v["bytes_h2d_per_token"] / (bw * 1e9), t_res)
         v["limit_s_per_token"] = lim
         v["limit_tokens_per_s"] = 1 / lim
         v["fraction_of_limit"] = v["tokens_per_s"] * lim
@@ -454,9 +481,31 @@ def add_limits(result: dict) -> None:
     result["summary"] = {n: {"tokens_per_s": v.get("tokens_per_s"), "hit_rate": v.get("hit_rate"),
                              "misses_per_token": v.get("misses_per_token"),
                              "speedup_vs_naive": v.get("speedup_vs_naive"),
-                             "fraction_of_limit": v.get("fraction_of_limit")} if v.get("ok") else
+                             "fraction_of_limit": v.get("fraction_of_limit"),
+                             "round_trips_per_token": v.get("round_trips_per_token"),
+                             "dispatched_ops_per_token": v.get("dispatched_ops_per_token")} if v.get("ok") else
                          {"error": v.get("error") or v.get("skipped")}
                          for n, v in variants.items()}
+
+
+def kernels_bench(args: argparse.Namespace) -> dict:
+    """bench/kernels.py's JSON (the fused matmul micro-benchmark), when that script exists."""
+    script = Path(__file__).resolve().parent / "kernels.py"
+    if not script.exists():
+        return {"skipped": "bench/kernels.py is not in this tree"}
+    import shlex
+    import subprocess
+    cmd = [sys.executable, str(script), *shlex.split(args.kernels_args)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.kernels_timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.kernels_timeout_s}s", "command": cmd}
+    text = p.stdout.strip()
+    try:
+        return {"command": cmd, "returncode": p.returncode, "result": json.loads(text[text.index("{"):])}
+    except ValueError:
+        return {"command": cmd, "returncode": p.returncode, "error": "no JSON on stdout",
+                "stderr_tail": p.stderr[-2000:]}
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -489,6 +538,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="compute dtype (auto: float16 on cuda, float32 on cpu)")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="stop starting variants (and cut the timed loop) after this many seconds from start")
+    ap.add_argument("--kernel", choices=KERNELS, default="auto",
+                    help="quantized matmul: auto (triton on cuda, torch on cpu), triton or torch")
+    ap.add_argument("--kernels-args", default="", help="arguments for bench/kernels.py (run when it exists)")
+    ap.add_argument("--kernels-timeout-s", type=int, default=150)
     ap.add_argument("--fail", default=None, help=argparse.SUPPRESS)   # tests: make this variant raise
     args = ap.parse_args(argv)
     bad = [v for v in args.variants.split(",") if v and v not in VARIANTS]
@@ -529,7 +582,7 @@ def run(args: argparse.Namespace, result: dict) -> None:
                                                     "num_heads", "num_kv_heads", "head_dim", "num_experts", "top_k")}
     layout = ExpertLayout.for_model(cfg, EXPERT_SPEC, torch.float16)
     result["expert_bytes"] = layout.nbytes
-    n_total = args.warmup + args.tokens
+    n_total = args.warmup + args.tokens + COUNTED_TOKENS
 
     t = time.perf_counter()
     log(f"{args.shape}: allocating {'and pinning ' if cuda else ''}{cfg.num_layers * cfg.num_experts} experts x "
@@ -579,6 +632,9 @@ def run(args: argparse.Namespace, result: dict) -> None:
     ctx = {"cfg": cfg, "device": device, "dtype": dtype, "store": store, "trunk": trunk, "idx": idx, "w": w,
            "routing": trace.routing}
     wanted = [v for v in args.variants.split(",") if v]
+    if not cuda:
+        result["not_applicable"] = {v: "CUDA graphs need a CUDA device" for v in wanted if VARIANTS[v][4]}
+        wanted = [v for v in wanted if v not in result["not_applicable"]]
     for name in [v for v in RUN_ORDER if v in wanted]:
         if time.perf_counter() > deadline:
             result["variants"][name] = {"ok": False, "skipped": f"budget of {args.budget_s:.0f}s spent"}
@@ -606,6 +662,9 @@ def run(args: argparse.Namespace, result: dict) -> None:
         result["memory"]["torch_peak_allocated"] = max(
             (v.get("torch_peak_allocated") or 0) for v in result["variants"].values()) or None
     result["variants"] = {n: result["variants"][n] for n in VARIANTS if n in result["variants"]}
+    t = time.perf_counter()
+    result["kernels"] = kernels_bench(args)
+    phases["kernels"] = time.perf_counter() - t
 
 
 def main(argv=None) -> int:
@@ -617,7 +676,7 @@ def main(argv=None) -> int:
         "quant": {"experts": f"{EXPERT_SPEC.describe()} (scale_group {EXPERT_SPEC.scale_group})",
                   "attention": f"{ATTN_SPEC.describe()} (scale_group {ATTN_SPEC.scale_group})"},
         "prefetch_accuracy": args.prefetch_accuracy, "prefetch_accuracy_note": PREFETCH_NOTE,
-        "limit_formula": "misses_per_token * expert_bytes / expert_copy_GBps + all_resident s/token",
+        "limit_formula": "max(misses_per_token * expert_bytes / expert_copy_GBps, all_resident s/token)",
         "variants": {}, "skipped": [], "errors": [], "phases_s": {"import": T0 - _STARTED},
     }
     try:

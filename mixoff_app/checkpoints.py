@@ -33,8 +33,8 @@ REFERENCE_FIELDS = {"W_q": "W_q", "meta.scale": "scale", "meta.zero": "zero", "m
                "meta.meta_zero.scale": "zero_s", "meta.meta_zero.zero": "zero_z"}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read: the message names the file or key and what to do."""
+from .validation import (CheckpointError, check_config_object, check_config_values, check_tensors,  # noqa: E402
+                         sample_experts)
 
 
 def _noop(msg: str) -> None:
@@ -118,6 +118,11 @@ class TensorSource:
     def shard_of(self, key: str) -> Path:
         return self.folder / self.weight_map[key]
 
+    def where(self, key: str) -> Path:
+        """The file a tensor comes from (the folder when the name is not in the index)."""
+        shard = self.weight_map.get(key)
+        return self.folder / shard if shard else self.folder
+
     def close(self) -> None:
         self._handles.clear()
         self._shard_keys.clear()
@@ -143,9 +148,31 @@ def read_config(folder: Path) -> ModelConfig:
     if not path.exists():
         raise CheckpointError(f"{path} not found: a checkpoint folder needs its config.json")
     try:
-        return ModelConfig.from_hf(json.loads(path.read_text()))
-    except (ValueError, KeyError) as e:
+        data = check_config_object(json.loads(path.read_text(encoding="utf-8")), path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    check_config_values(_raw_fields(data), path)      # wrong types and ranges, named as config.json spells them
+    try:
+        cfg = ModelConfig.from_hf(data)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: the setting {e.args[0]!r} is missing") from None
+    except (ValueError, TypeError, ZeroDivisionError, AttributeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+    check_config_values(vars(cfg), path)
+    return cfg
+
+
+def _raw_fields(data: dict) -> dict:
+    """config.json values under ModelConfig's field names, unconverted, so a wrong type is named as given."""
+    from .validation import POSITIVE_FLOATS, SIZE_FIELDS, TOKEN_IDS
+    out = {}
+    for table in (SIZE_FIELDS, POSITIVE_FLOATS, TOKEN_IDS):
+        for name, key in table.items():
+            if data.get(key) is not None and not (key == "eos_token_id" and isinstance(data[key], list)):
+                out[name] = data[key]
+    return out
 
 
 # ---- reference layout conversion -----------------------------------------------------------------
@@ -275,7 +302,9 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress) -> Trunk
                 w = _qdevice(reference_qweight(src, prefix, shapes[name]), device)
             elif layout == "mixoff" and quant.attn.enabled:
                 fields = weight_fields(prefix, shapes[name], quant.attn, dtype)
-                w = qweight_from({f.name: src.get(f.name).to(device) for f in fields}, prefix, shapes[name], quant.attn)
+                got = {f.name: src.get(f.name) for f in fields}
+                check_tensors(((f.name, got[f.name], f.shape) for f in fields), src.where, finite=False)
+                w = qweight_from({k: v.to(device) for k, v in got.items()}, prefix, shapes[name], quant.attn)
             else:
                 dense = src.get(prefix + ".weight")
                 if tuple(dense.shape) != shapes[name]:
@@ -291,10 +320,32 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress) -> Trunk
     embed = _dense(src.get("model.embed_tokens.weight"), device, dtype)
     lm_head = (_dense(src.get("lm_head.weight"), device, dtype) if "lm_head.weight" in src
                else embed if cfg.tie_word_embeddings else _dense(src.get("lm_head.weight"), device, dtype))
+    trunk = TrunkWeights(embed=embed, layers=layers, norm=_dense(src.get("model.norm.weight"), device, dtype),
+                         lm_head=lm_head)
+    check_tensors(_trunk_rows(trunk, cfg), src.where)
     progress(f"attention, router and embeddings placed on {device} "
              f"(attention {quant.attn.describe()})")
-    return TrunkWeights(embed=embed, layers=layers, norm=_dense(src.get("model.norm.weight"), device, dtype),
-                        lm_head=lm_head)
+    return trunk
+
+
+def _trunk_rows(trunk: TrunkWeights, cfg: ModelConfig):
+    """(name, tensor, expected shape) for every trunk tensor, in checkpoint names."""
+    V, H, E = cfg.vocab_size, cfg.hidden_size, cfg.num_experts
+    yield "model.embed_tokens.weight", trunk.embed, (V, H)
+    yield "model.norm.weight", trunk.norm, (H,)
+    yield "lm_head.weight", trunk.lm_head, (V, H)
+    shapes = _attn_shapes(cfg)
+    for i, lw in enumerate(trunk.layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", lw.attn_norm, (H,)
+        yield p + "post_attention_layernorm.weight", lw.ffn_norm, (H,)
+        yield p + "block_sparse_moe.gate.weight", lw.gate, (E, H)
+        for name, w in zip(ATTN, (lw.wq, lw.wk, lw.wv, lw.wo)):
+            if isinstance(w, QWeight):
+                for k, v in w.tensors().items():
+                    yield f"{p}self_attn.{name}.{k}", v, None
+            else:
+                yield f"{p}self_attn.{name}.weight", w, shapes[name]
 
 
 # ---- writing our own format ----------------------------------------------------------------------
@@ -332,14 +383,68 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
     os.replace(path.with_name(path.name + ".part"), path)
 
 
+def _check_output(src: Path, out: Path, force: bool) -> None:
+    """Refuse an output that would overwrite the source or files the user already has."""
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise CheckpointError(f"the output folder {out} is (or is inside, or contains) the source {src}: "
+                              f"choose a separate output folder")
+    if o.exists() and not o.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder: choose another output folder")
+    if o.is_dir() and any(o.iterdir()) and not force:
+        raise CheckpointError(f"the output folder {out} is not empty: choose a new folder, or pass --force to "
+                              f"replace its contents")
+
+
 def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike, quant: QuantConfig,
-                   progress: Progress = _noop) -> Path:
-    """Quantize any readable checkpoint into the mixoff format (tokenizer and config copied along)."""
+                   progress: Progress = _noop, force: bool = False) -> Path:
+    """Quantize any readable checkpoint into the mixoff format (tokenizer and config copied along).
+
+    Nothing the user has is clobbered: a non-empty output folder is refused unless ``force``; the source is
+    never written to; everything is written into a temporary sibling folder that is renamed into place
+    only once complete, so a crash or Ctrl-C leaves no half-written output (and, with ``force``, the old
+    contents until the new ones are whole)."""
     import shutil
 
     src_folder, out = Path(src_folder), Path(out_folder)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_output(src_folder, out, force)
     cfg, q, _layout = peek_checkpoint(src_folder, quant)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"cannot write the output folder {out}: {e.strerror or e} — choose a folder you "
+                              f"can write to") from None
+    try:
+        _write_quantized(src_folder, tmp, quant, q, progress)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:
+                os.replace(old, out)        # put the old contents back
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the output folder {out}: {e.strerror or e} — nothing was written "
+                              f"(check free disk space and permissions)") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"wrote {out}")
+    return out
+
+
+def _write_quantized(src_folder: Path, out: Path, quant: QuantConfig, q: QuantConfig, progress: Progress) -> None:
+    import shutil
+
     meta = {"mixoff.format": MIXOFF_FORMAT, "format": "pt",
             "mixoff.quant": json.dumps({"attn": spec_dict(q.attn), "experts": spec_dict(q.experts)})}
     writer: list[_LayerWriter] = []
@@ -373,7 +478,6 @@ def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike,
         if name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
             shutil.copy2(src_folder / name, out / name)
     progress(f"wrote {out / 'trunk.safetensors'} and the index")
-    return out
 
 
 def spec_dict(s: QuantSpec) -> dict:
@@ -430,6 +534,7 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
         blobs = expert_blob_offsets(folder, cfg, elayout.nbytes) if layout == "mixoff" else {}
         bounce = None
         n = 0
+        sample = sample_experts(cfg.num_layers, cfg.num_experts)
         for i, e, target in store.load_targets():
             p = f"model.layers.{i}.block_sparse_moe.experts.{e}"
             if layout == "mixoff":
@@ -457,6 +562,11 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
                         raise CheckpointError(f"{p}.{name}.weight has shape {tuple(w.shape)}, config says {shape}")
                     ws.append(w)
                 elayout.fill(target, expert_tensors_from_dense(*ws, quant.experts, qdev))
+            if (i, e) in sample:
+                stored = "weight" if layout == "hf" else "W_q"     # the file of the linear a field belongs to
+                where = ((lambda name, i=i, e=e: blobs[(i, e)][0]) if layout == "mixoff" else
+                         (lambda name: src.where(f"{name.rsplit('.', 1)[0]}.{stored}")))
+                check_tensors(((f"{p}.{k}", v, None) for k, v in elayout.views(target).items()), where)
             n += 1
         progress(f"experts placed ({store.placement}): {n} read now, experts {quant.experts.describe()}")
     finally:

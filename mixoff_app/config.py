@@ -88,6 +88,10 @@ class ModelConfig:
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
+# Prompts are prefilled this many tokens at a time: activations (and the planner's allowance for them) are
+# bounded by the chunk, not by the prompt.
+PREFILL_CHUNK = 512
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -145,6 +149,7 @@ def parse_bits(text: str | int | None) -> Optional[int]:
 
 
 POLICIES = ("lru", "lfu", "lrfu")
+KERNELS = ("auto", "triton", "torch")     # quantized matmul: see mixoff_app/kernels
 PLACEMENTS = ("inclusive", "exclusive", "disk")
 
 
@@ -225,6 +230,9 @@ class EngineConfig:
     tokenizer: Optional[str] = None       # overrides where the tokenizer and chat template come from
     vram_budget: Optional[int] = None     # bytes mixoff may allocate on the device (torch peak allocated)
     ram_budget: Optional[int] = None      # bytes loading may add to the process RSS
+    kernel: str = "auto"                  # quantized matmul: auto (triton on CUDA, torch elsewhere) | triton | torch
+    cuda_graphs: bool = False             # replay decode steps as CUDA graphs (GPU only; off until measured)
+    max_input_chars: Optional[int] = None  # message / system prompt character limit (None: from the context)
 
     def planned(self, device_type: str) -> bool:
         """The memory planner sizes the load on a GPU and under a budget; elsewhere memory does not limit it."""

@@ -2,8 +2,8 @@
 
 The contract the UI and the CLI use: ``Engine.load(EngineConfig)``, ``stream_chat(messages, params)``
 yielding ``TokenEvent``s, ``stats()`` returning a ``StatsSnapshot``, ``reconfigure_cache(CacheConfig)``.
-One lock per model: one answer at a time; the KV cache is reused when a new prompt extends the tokens
-already in it (the usual multi-turn chat), whichever conversation that was.
+One lock per model: one answer at a time; the KV cache is reused when the same session's new prompt
+extends the tokens already in it (the usual multi-turn chat); another session's turn costs a re-prefill.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, QuantCo
 from .events import TokenEvent
 from .expert_cache import ExpertCache
 from .generate import generate
+from .limits import InputLimits, InputTooLong, check_chars, fit_conversation, template_overhead
 from .hub import REFERENCE_REPO, resolve, tokenizer_source
 from .memory import read_memory
 from .model import Mixtral, Prefetcher
@@ -45,6 +46,7 @@ class EngineInfo:
     cache: CacheConfig
     gpu_name: Optional[str]
     expert_bytes: int          # one expert in its stored (quantized) form
+    kernel: str = "torch"      # the quantized matmul in use: "triton" (fused kernels) or "torch"
 
 
 def default_model() -> tuple[str, str]:
@@ -68,6 +70,22 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return dev
 
 
+def resolve_dtype(name: Optional[str], device: torch.device,
+                  capability: Optional[tuple[int, int]] = None) -> torch.dtype:
+    """The compute dtype: float16 on CUDA and float32 on the CPU unless asked; bfloat16 only on GPUs that
+    compute in it (compute capability 8.0+; older ones emulate it, slowly)."""
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+             None: torch.float16 if device.type == "cuda" else torch.float32}.get(name)
+    if dtype is None:
+        raise ConfigError(f"unsupported dtype {name!r}: use float16, bfloat16 or float32")
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        cap = capability or torch.cuda.get_device_capability(device)
+        if tuple(cap) < (8, 0):
+            raise ConfigError(f"--dtype bfloat16 needs a GPU of compute capability 8.0 or newer (this one is "
+                              f"{cap[0]}.{cap[1]}, where bfloat16 is emulated and slow): use --dtype float16")
+    return dtype
+
+
 def _text(content) -> str:
     if isinstance(content, str):
         return content
@@ -78,12 +96,11 @@ def _text(content) -> str:
     return "" if content is None else str(content)
 
 
-def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-             None: torch.float16 if device.type == "cuda" else torch.float32}.get(name)
-    if dtype is None:
-        raise ConfigError(f"unsupported dtype {name!r}: use float16, bfloat16 or float32")
-    return dtype
+def check_prefetch(cache: CacheConfig, num_experts: int) -> None:
+    """A prefetch wider than the experts would break every answer (top-k of more than there are)."""
+    if cache.prefetch > num_experts:
+        raise ConfigError(f"prefetch {cache.prefetch} is more than the {num_experts} experts per layer of this "
+                          f"model: use 0 to {num_experts}")
 
 
 def _k(sizes: tuple[int, ...]) -> object:
@@ -143,7 +160,7 @@ def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dty
 
 
 def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.device, dtype: torch.dtype,
-           progress: Progress) -> tuple:
+           kernel: str, progress: Progress) -> tuple:
     """Read the checkpoint into the trunk and the placement's store, then the cache and the model; measure
     what it took against the budgets. Returns (loaded, model, stats, measured)."""
     from .checkpoints import load_checkpoint_placed
@@ -165,7 +182,7 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     stats = Stats(cfg.num_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
     try:
         cache = ExpertCache(loaded.store, sizes, config.cache.policy, device, stats)
-        model = Mixtral(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype)
+        model = Mixtral(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype, kernel=kernel)
     except torch.cuda.OutOfMemoryError:
         raise ConfigError(f"not enough GPU memory for {sum(sizes)} expert slots "
                           f"({loaded.store.layout.nbytes / 2**20:.1f} MiB each): lower --cache-size") from None
@@ -177,11 +194,31 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
         if budget is not None and measured[key] > budget:
             progress(f"warning: loading used {measured[key] / 2**20:.1f} MiB against {what} "
                      f"{budget / 2**20:.1f} MiB")
+    if kernel == "triton" and device.type == "cuda":
+        progress("preparing the fused kernels (compiled once, then cached by Triton)")
+        _warm_up_kernels(model, loaded.store.layout, device, dtype)
     if config.cache.prefetch:
         model.prefetcher = Prefetcher(config.cache.prefetch, config.cache.prefetch_layers)
+    if config.cuda_graphs:
+        if device.type != "cuda":
+            raise ConfigError("--cuda-graphs needs a CUDA GPU (the CPU path has no graphs to replay)")
+        from .cuda_graphs import DecodeGraphs
+        model.graphs = DecodeGraphs(model)
     progress(f"device cache: {_k(sizes)} experts per layer on {device} "
              f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
     return loaded, model, stats, measured
+
+
+def _warm_up_kernels(model: Mixtral, layout, device: torch.device, dtype: torch.dtype) -> int:
+    """Compile and tune the fused kernels for this model's weight formats: attention from the first layer,
+    experts from a zero-filled expert in the store's layout (no cache traffic, no stats)."""
+    from .kernels import warm_up
+    from .quant import QWeight
+    lw = model.trunk.layers[0]
+    weights = [w for w in (lw.wq, lw.wk, lw.wv, lw.wo) if isinstance(w, QWeight)]
+    if layout.spec.enabled:
+        weights += list(layout.weights(torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)))
+    return warm_up(weights, dtype)
 
 
 def _tokenizer(config: EngineConfig, resolved, cfg: ModelConfig, progress: Progress) -> tuple:
@@ -189,6 +226,8 @@ def _tokenizer(config: EngineConfig, resolved, cfg: ModelConfig, progress: Progr
     from transformers import AutoTokenizer
     tok_dir = tokenizer_source(resolved.path, resolved.repo_id, config.tokenizer, progress)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))     # never trust_remote_code
+    from .validation import check_vocab
+    check_vocab(len(tokenizer), cfg.vocab_size, str(tok_dir))
     if tokenizer.chat_template is None:
         raise ConfigError(f"the tokenizer in {tok_dir} has no chat template; pass --tokenizer with one that does")
     eos = {i for i in (tokenizer.eos_token_id, cfg.eos_token_id) if i is not None}
@@ -200,7 +239,7 @@ def _tokenizer(config: EngineConfig, resolved, cfg: ModelConfig, progress: Progr
 
 
 def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: int, device: torch.device,
-          dtype: torch.dtype, reason: str) -> EngineInfo:
+          dtype: torch.dtype, reason: str, kernel: str) -> EngineInfo:
     cfg, q = loaded.cfg, loaded.quant
     return EngineInfo(
         model=config.model, model_path=str(resolved.path), model_name=resolved.name,
@@ -209,7 +248,7 @@ def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: i
         quant=f"attention {q.attn.describe()}, experts {q.experts.describe()}", layout=loaded.layout,
         num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
         cache=cache, gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        expert_bytes=loaded.store.layout.nbytes)
+        expert_bytes=loaded.store.layout.nbytes, kernel=kernel)
 
 
 class Engine:
@@ -219,6 +258,9 @@ class Engine:
         self._stats, self.eos_ids = stats, eos_ids
         self._lock = threading.Lock()
         self._kv_ids: list[int] = []          # tokens whose K/V sit in the cache, from position 0
+        self._kv_owner: Optional[str] = None  # the session whose turn put them there
+        self._overhead: Optional[int] = None  # chat-template tokens per turn, measured once
+        self.limits = InputLimits.for_context(info.max_context, config.max_input_chars)
         self.memory_plan = self.memory_measured = None    # set by load() when it planned memory
         self.quant, self.dtype = config.quant, None
 
@@ -230,12 +272,15 @@ class Engine:
         progress = progress or (lambda msg: None)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        from .kernels import resolve_kernel
+        kernel = resolve_kernel(config.kernel, device)       # before any download: a bad --kernel fails at once
         resolved = resolve(config.model, progress, precheck=partial(_precheck, config, device, dtype))
         placed = _plan(config, resolved, device, dtype, progress)
-        loaded, model, stats, measured = _build(config, resolved.path, placed, device, dtype, progress)
+        check_prefetch(config.cache, placed.cfg.num_experts)     # before any weight is read
+        loaded, model, stats, measured = _build(config, resolved.path, placed, device, dtype, kernel, progress)
         tokenizer, eos = _tokenizer(config, resolved, loaded.cfg, progress)
         cache = replace(config.cache, sizes=placed.sizes, placement=placed.placement)
-        info = _info(config, resolved, loaded, cache, placed.max_seq, device, dtype, reason)
+        info = _info(config, resolved, loaded, cache, placed.max_seq, device, dtype, reason, kernel)
         progress(f"ready: {resolved.name} on {device}")
         engine = cls(replace(config, cache=cache), info, model, tokenizer, stats, eos)
         engine.memory_plan, engine.memory_measured = placed.plan, measured
@@ -244,53 +289,76 @@ class Engine:
 
     # ---- chat -----------------------------------------------------------------------------------
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        try:
+            out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - jinja's raise_exception (roles must alternate, ...) and its kin
+            raise ValueError(f"the conversation does not fit the model's chat template: {exc}") from None
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
 
+    def _count_tokens(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def _template_overhead(self) -> int:
+        if self._overhead is None:
+            self._overhead = template_overhead(self.prompt_ids, self._count_tokens)
+        return self._overhead
+
     def _fit(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], list[str]]:
         """Render the conversation; drop the oldest turns (never the system prompt or the new message)
-        until prompt + answer fit the context."""
-        notices = []
+        until prompt + answer fit the context. Bounded work: characters are checked first, and each turn
+        is tokenized at most once (``limits.fit_conversation``)."""
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system):]
-        ids = self.prompt_ids(system + turns)
         limit = self.model.max_seq
-        dropped = 0
-        while len(ids) + params.max_new_tokens > limit and len(turns) > 1:
-            turns = turns[2:] if len(turns) > 2 and turns[0]["role"] == "user" else turns[1:]
-            dropped += 1
-            ids = self.prompt_ids(system + turns)
-        if dropped:
+        fitted = fit_conversation(system, turns[:-1], turns[-1], self.limits, limit,
+                                  min(params.max_new_tokens, limit // 2), self.prompt_ids, self._count_tokens,
+                                  self._template_overhead)
+        notices = []
+        if fitted.dropped_turns:
             notices.append(f"The conversation was longer than the model's context ({limit} tokens): "
-                           f"the {dropped} oldest exchange(s) were left out of this answer.")
-        if len(ids) >= limit:
-            raise ValueError(f"the message is too long: {len(ids)} tokens, and the context holds {limit}. "
-                             f"Shorten it or start the app with a larger --max-context.")
-        return ids, notices
+                           f"the {fitted.dropped_turns} oldest exchange(s) were left out of this answer.")
+        return fitted.ids, notices
 
     def stream_chat(self, messages: list[dict], params: SamplingParams,
-                    cancel: Optional[threading.Event] = None) -> Iterator[TokenEvent]:
-        msgs = [{"role": m["role"], "content": _text(m.get("content"))} for m in messages]
+                    cancel: Optional[threading.Event] = None, session: Optional[str] = None) -> Iterator[TokenEvent]:
+        """``session`` keys the KV reuse: a turn reuses the cache only after a turn of the same session
+        (None: the single-user CLI), so no conversation's tokens serve, or time, another's."""
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("the conversation must be a list of {role, content} messages")
+        msgs = []
+        for m in messages:
+            role = m.get("role")
+            if role not in ("system", "user", "assistant"):
+                raise ValueError(f"a message has role {str(role)[:40]!r}: use system, user or assistant")
+            msgs.append({"role": role, "content": _text(m.get("content"))})
         if not msgs or msgs[-1]["role"] != "user":
             raise ValueError("the conversation must end with a user message")
+        if any(m["role"] == "system" for m in msgs[1:]):
+            raise ValueError("only the first message may be a system prompt")
+        check_chars("message", msgs[-1]["content"], self.limits.message)     # before stripping a huge text
         if not msgs[-1]["content"].strip():
             raise ValueError("the message is empty: type something to ask")
+        if params.max_new_tokens > self.model.max_seq:      # the answer cap is bounded by the context
+            params = replace(params, max_new_tokens=self.model.max_seq)
         ids, notices = self._fit(msgs, params)      # tokenizing needs no lock; bad input fails right here
-        return self._stream(ids, notices, params, cancel)
+        return self._stream(ids, notices, params, cancel, session)
 
-    def _stream(self, ids, notices, params, cancel) -> Iterator[TokenEvent]:
+    def _stream(self, ids, notices, params, cancel, session=None) -> Iterator[TokenEvent]:
         with self._lock:
             for n in notices:
                 yield TokenEvent("notice", n)
-            yield from self._generate_locked(ids, params, cancel)
+            yield from self._generate_locked(ids, params, cancel, session)
 
-    def stream_prompt(self, prompt, params: SamplingParams,
-                      cancel: Optional[threading.Event] = None) -> Iterator[TokenEvent]:
+    def stream_prompt(self, prompt, params: SamplingParams, cancel: Optional[threading.Event] = None,
+                      session: Optional[str] = None) -> Iterator[TokenEvent]:
         """A plain prompt (text, or token ids) continued as it is, with no chat template. Bad input fails here,
-        before the answer waits for the engine."""
+        before the answer waits for the engine; ``session`` keys the KV reuse as in ``stream_chat``."""
         if isinstance(prompt, str):
+            check_chars("prompt", prompt, self.limits.message)      # before tokenizing a huge text
             if not prompt:
                 raise ValueError("the prompt is empty")
             ids = list(self.tokenizer(prompt)["input_ids"])
@@ -303,8 +371,9 @@ class Engine:
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.model.max_seq:
-            raise ValueError(f"the prompt is too long: {len(ids)} tokens, and the context holds {self.model.max_seq}")
-        return self._stream(ids, [], params, cancel)
+            raise InputTooLong(f"the prompt is too long: {len(ids):,} tokens, and the context holds "
+                               f"{self.model.max_seq:,}")
+        return self._stream(ids, [], params, cancel, session)
 
     def stream_ids(self, ids: list[int], params: SamplingParams,
                    cancel: Optional[threading.Event] = None) -> Iterator[TokenEvent]:
@@ -316,16 +385,22 @@ class Engine:
         with self._lock:
             yield from self._generate_locked(list(ids), params, cancel)
 
-    def _generate_locked(self, ids, params, cancel) -> Iterator[TokenEvent]:
+    def _generate_locked(self, ids, params, cancel, session=None) -> Iterator[TokenEvent]:
+        if session != self._kv_owner:
+            self._kv_ids = []           # another conversation's tokens: never reused, whatever they hold
+        self._kv_owner = session
         start = 0
         n = min(len(ids) - 1, len(self._kv_ids))       # at least one token must be prefilled for logits
         while start < n and self._kv_ids[start] == ids[start]:
             start += 1
         self._kv_ids = self._kv_ids[:start]
-        self.model.routing_weights = []
         try:
             yield from generate(self.model, self.tokenizer, ids, start, params, self.eos_ids, self._stats,
                                 cancel, fed=self._kv_ids)
+        except GeneratorExit:
+            # The caller stopped reading (it had the answer, or its client left) while generation waited at a
+            # yield: every token in _kv_ids went through the model whole, so the next turn may reuse them.
+            raise
         except BaseException:
             self._kv_ids = []      # the cache may hold a partial step: do not trust it for the next turn
             raise
@@ -354,17 +429,23 @@ class Engine:
         return self._lock.locked()
 
     @property
+    def answer_session(self) -> Optional[str]:
+        """The session whose answer the stats' per-answer figures (routing, prompt size, timings) describe."""
+        return self._kv_owner
+
+    @property
     def last_routing(self) -> list:
-        return list(self._stats.routing)
+        return self._stats.answer_routing()[0]
 
     @property
     def last_routing_weights(self) -> list:
-        return list(self.model.routing_weights)
+        return self._stats.answer_routing()[1]
 
     def reconfigure_cache(self, cache: CacheConfig) -> None:
         """Re-plan the device cache (k, policy, prefetch) without reloading the model; waits for a running answer.
         None keeps the placement; sizes None: the planner picks k where the load was planned, else every expert."""
         cfg = self.model.cfg
+        check_prefetch(cache, cfg.num_experts)
         placement = cache.placement or self.config.cache.placement
         if placement != self.config.cache.placement:
             raise ConfigError("changing the placement needs a reload; start the app with --placement")

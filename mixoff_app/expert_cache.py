@@ -48,6 +48,7 @@ class ExpertCache:
         self.cuda = self.device.type == "cuda"
         self.expert_bytes = store.layout.nbytes
         self.placement = store.placement
+        self._deferred = store.deferred_loads      # loads finish off this thread: settle a slot before use
         self.policy_name = policy
         self.tick = 0
         self._build(sizes, policy, *store.open_slots(tuple(sizes), self.device))
@@ -129,13 +130,11 @@ class ExpertCache:
             issued.append((e, s))
         for e, s in hits:
             pending.discard(e)
-            if self.cuda:   # a hit may be a prefetch still in flight; waiting on a landed copy is free
-                torch.cuda.current_stream(self.device).wait_event(L.ready[s])
+            self._use(L, s)   # a hit may be a prefetch still in flight; waiting on a landed copy is free
             yield e, L.weights[s], s
         for e, s in issued:
             pending.discard(e)
-            if self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(L.ready[s])
+            self._use(L, s)
             L.policy.on_access(e, tick)
             yield e, L.weights[s], s
         # Fewer slots than experts in flight (k smaller than this request): reuse slots one by one.
@@ -144,10 +143,17 @@ class ExpertCache:
             self._load(layer, e, s)
             st.on_miss(layer, e, self.expert_bytes)
             pending.discard(e)
-            if self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(L.ready[s])
+            self._use(L, s)
             L.policy.on_access(e, tick)
             yield e, L.weights[s], s
+
+    def _use(self, L: _Layer, s: int) -> None:
+        """Order the coming compute after the slot's copy: the store settles it (a disk read may still be on
+        its reader thread), then the compute stream waits on its ``ready`` event."""
+        if self._deferred:
+            self.store.settle(L.slots[s])
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(L.ready[s])
 
     def release(self, layer: int, slot: int) -> None:
         """The compute reading ``slot`` has been issued; a later copy into it must wait for it."""

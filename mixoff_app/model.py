@@ -4,6 +4,11 @@ Batch size is one (a chat). Attention, norms, router, embeddings and lm_head sta
 experts come from ``ExpertCache`` one layer at a time. Expert outputs are summed in a fixed order (by
 routing rank when decoding, by expert id in prefill) so the result never depends on which experts
 happened to be resident: logits are identical for any cache size, policy or prefetch setting.
+
+A decode step brings exactly one small tensor per layer to the host: the router's experts and weights
+and the prefetcher's guess for a later layer, packed together (the host must know what to fetch). Prompts
+are prefilled in chunks of at most ``PREFILL_CHUNK`` tokens, so activations are bounded by the chunk, not
+the prompt.
 """
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import PREFILL_CHUNK, ModelConfig
 from .expert_cache import ExpertCache
 from .stores import ExpertWeights
-from .quant import QWeight, linear
+from .kernels import qlinear
+from .quant import QWeight
 from .stats import Stats
 
 Weight = torch.Tensor | QWeight
@@ -42,154 +48,212 @@ class TrunkWeights:
     lm_head: torch.Tensor       # [V, H]
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def unit_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS-normalised x without the weight, in float32 and back, as the reference computes it. On CUDA torch's
+    fused kernel is one launch instead of five; on the CPU its composite is slower than the plain ops."""
+    if x.is_cuda:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * unit_norm(x, eps)
 
 
-def expert_forward(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-    return linear(F.silu(linear(x, w.w1)) * linear(x, w.w3), w.w2)
+def expert_forward(x: torch.Tensor, w: ExpertWeights, kernel: str = "torch") -> torch.Tensor:
+    return qlinear(F.silu(qlinear(x, w.w1, kernel)) * qlinear(x, w.w3, kernel), w.w2, kernel)
 
 
 class Prefetcher:
     """Guess the experts of layer l+d from layer l's hidden state (the residual stream changes slowly, so
     the later router applied early is a good guess) and start their copies while layer l computes.
 
-    Two steps, so the guess costs no sync of its own: ``propose`` queues the guess on the device before the
-    router's ``tolist`` (which then brings both to the host), and ``issue`` starts the copies once the
-    layer's own misses are queued."""
+    ``guess`` queues the guess on the device; the model brings it to the host in the same transfer as the
+    layer's own routing, and ``issue`` starts the copies once the layer's own misses are queued."""
 
     def __init__(self, count: int, distance: int = 1) -> None:
         self.count, self.distance = count, distance
+        self._gates: dict[int, torch.Tensor] = {}
 
-    def propose(self, model: "Mixtral", layer: int, h: torch.Tensor):
-        """(target layer, guessed experts as a device tensor or a list), or None past the last layer."""
-        target = layer + self.distance
-        if target >= model.cfg.num_layers:
-            return None
-        lw = model.trunk.layers[target]
-        logits = F.linear(rms_norm(h[-1:], lw.ffn_norm, model.cfg.rms_norm_eps), lw.gate)   # [1, E]
-        return target, torch.topk(logits[0], self.count).indices
+    def target(self, model: "Mixtral", layer: int) -> Optional[int]:
+        t = layer + self.distance
+        return t if t < model.cfg.num_layers else None
 
-    def issue(self, model: "Mixtral", target: int, guess) -> None:
-        guess = guess.tolist() if isinstance(guess, torch.Tensor) else list(guess)
-        model.cache.hint(target, guess)
-        model.cache.prefetch(target, guess)
+    def guess(self, model: "Mixtral", target: int, n: torch.Tensor) -> torch.Tensor:
+        """n: this layer's residual, RMS-normalised without weight [1, H] -> guessed experts [count]."""
+        g = self._gates.get(target)
+        if g is None:       # the target's norm weight folded into its gate: one matmul per guess
+            lw = model.trunk.layers[target]
+            g = self._gates[target] = lw.gate * lw.ffn_norm
+        return torch.topk(F.linear(n[-1], g), self.count).indices
+
+    def issue(self, model: "Mixtral", target: int, experts: list[int]) -> None:
+        model.cache.hint(target, experts)
+        model.cache.prefetch(target, experts)
 
 
 class Mixtral:
     def __init__(self, cfg: ModelConfig, trunk: TrunkWeights, cache: ExpertCache, stats: Stats,
-                 max_seq: int, device: torch.device, dtype: torch.dtype) -> None:
+                 max_seq: int, device: torch.device, dtype: torch.dtype,
+                 prefill_chunk: int = PREFILL_CHUNK, kernel: str = "torch") -> None:
         self.cfg, self.trunk, self.cache, self.stats = cfg, trunk, cache, stats
+        self.kernel = kernel              # "torch" | "triton", as kernels.resolve_kernel decided
         self.device, self.dtype = torch.device(device), dtype
         self.max_seq = max_seq
+        self.prefill_chunk = prefill_chunk
         self.prefetcher: Optional[Prefetcher] = None
-        self.record_weights = False
+        self.graphs = None       # cuda_graphs.DecodeGraphs when --cuda-graphs is on: decode steps replay graphs
         L, nkv, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
         # Static KV cache, allocated once: [layer, k|v, kv_head, position, head_dim]; a head's keys are
         # contiguous, which is what attention reads.
         self.kv = torch.zeros((L, 2, nkv, max_seq, hd), dtype=dtype, device=self.device)
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-        t = torch.arange(max_seq, dtype=torch.float32)
-        freqs = torch.outer(t, inv)
-        emb = torch.cat((freqs, freqs), dim=-1)                                     # [S, hd]
-        self.cos = emb.cos().to(dtype=dtype, device=self.device)
-        self.sin = emb.sin().to(dtype=dtype, device=self.device)
-        self.routing_weights: list = []   # per decoded token, per layer (filled only when record_weights)
+        freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv)          # [S, hd/2]
+        self.cos = torch.cat((freqs, freqs), dim=-1).cos().to(dtype=dtype, device=self.device)   # [S, hd]
+        # rotate_half(x) * sin == swap_halves(x) * (-sin | sin): the sign lives in the table, and the
+        # rotation is one flip instead of a negation and a concatenation.
+        self.sin = torch.cat((-freqs, freqs), dim=-1).sin().to(dtype=dtype, device=self.device)
+
+    def free_scratch(self) -> None:
+        """After a failed step (out of memory): hand the allocator's cached blocks back to the device."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int, last_only: bool = True) -> torch.Tensor:
         """ids: [T] token ids at positions pos..pos+T-1 -> logits [1 or T, V] (float32)."""
-        cfg = self.cfg
         T = ids.shape[0]
         if pos + T > self.max_seq:
             raise ValueError(f"context of {pos + T} tokens exceeds the allocated {self.max_seq}")
+        if T == 1 and self.graphs is not None:
+            x = self.graphs.step(ids, pos)
+        else:
+            c, kept = self.prefill_chunk, []
+            for s in range(0, T, c):
+                x = self._layers(ids[s:s + c], pos + s)
+                if not last_only:
+                    kept.append(x)
+            x = torch.cat(kept) if not last_only else x[-1:]
+        return F.linear(rms_norm(x, self.trunk.norm, self.cfg.rms_norm_eps), self.trunk.lm_head).float()
+
+    def _layers(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """ids: [T] (one chunk) -> the last hidden states [T, H]; fills the KV cache at pos..pos+T-1."""
+        cfg, T = self.cfg, ids.shape[0]
         x = F.embedding(ids, self.trunk.embed)                                      # [T, H]
         cos, sin = self.cos[pos:pos + T, None, :], self.sin[pos:pos + T, None, :]   # [T, 1, hd]
         mask = None
-        if T > 1:
-            # Causal with an offset (query i sees keys 0..pos+i), once per query head of a KV group.
-            g = cfg.num_heads // cfg.num_kv_heads
-            mask = torch.ones((T, pos + T), dtype=torch.bool, device=self.device).tril(diagonal=pos).repeat(g, 1)
+        if T > 1 and pos > 0:
+            # Query i sees keys 0..pos+i; built once per chunk and shared by every head and layer.
+            mask = torch.ones((T, pos + T), dtype=torch.bool, device=self.device).tril(diagonal=pos)
         decode = T == 1
         if decode:
             self.cache.next_token()
-            tok_weights = [None] * cfg.num_layers if self.record_weights else None
         for i, lw in enumerate(self.trunk.layers):
             x = x + self._attention(i, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), pos, cos, sin, mask)
-            h = rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps)
             if decode:
-                x = x + self._moe_decode(i, lw, h, x, tok_weights)
+                x = self._moe_decode(i, lw, x)
             else:
-                x = x + self._moe_prefill(i, lw, h)
-        if decode and tok_weights is not None:
-            self.routing_weights.append(tok_weights)
-        if last_only:
-            x = x[-1:]
-        return F.linear(rms_norm(x, self.trunk.norm, cfg.rms_norm_eps), self.trunk.lm_head).float()
+                x = x + self._moe_prefill(i, lw, rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps))
+        return x
+
+    def _qkv(self, lw: LayerWeights, x: torch.Tensor, cos, sin):
+        """x [T, H] (normed) -> q [T, nh, hd], k and v [T, nkv, hd], q and k rotated."""
+        cfg, T = self.cfg, x.shape[0]
+        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # q and k side by side, so RoPE is one pass over both.
+        qk = torch.cat((qlinear(x, lw.wq, self.kernel), qlinear(x, lw.wk, self.kernel)), dim=-1).view(T, nh + nkv, hd)
+        qk = torch.addcmul(qk * cos, qk.view(T, nh + nkv, 2, hd // 2).flip(2).view(T, nh + nkv, hd), sin)
+        return qk[:, :nh], qk[:, nh:], qlinear(x, lw.wv, self.kernel).view(T, nkv, hd)
 
     def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, pos: int, cos, sin, mask) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        g = nh // nkv
-        q = linear(x, lw.wq).view(T, nh, hd)
-        k = linear(x, lw.wk).view(T, nkv, hd)
-        v = linear(x, lw.wv).view(T, nkv, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k, v = self._qkv(lw, x, cos, sin)
         self.kv[i, 0, :, pos:pos + T] = k.transpose(0, 1)
         self.kv[i, 1, :, pos:pos + T] = v.transpose(0, 1)
         K = self.kv[i, 0, :, :pos + T]                                              # [nkv, S, hd]
         V = self.kv[i, 1, :, :pos + T]
-        # Grouped-query attention without repeating K/V: the g query heads that share a KV head are
-        # stacked as g*T query rows against that head (query head h uses KV head h // g).
-        qg = q.transpose(0, 1).reshape(nkv, g * T, hd)                              # [nkv, g*T, hd]
-        o = F.scaled_dot_product_attention(qg[None], K[None], V[None], attn_mask=mask)[0]
-        return linear(o.view(nh, T, hd).transpose(0, 1).reshape(T, nh * hd), lw.wo)
+        if T == 1:
+            # Grouped-query attention without repeating K/V: the g query heads that share a KV head are
+            # the g query rows against that head (query head h uses KV head h // g).
+            o = F.scaled_dot_product_attention(q.view(1, nkv, nh // nkv, hd), K[None], V[None])
+            return self._attention_out(lw, o)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None], V[None], attn_mask=mask,
+                                           is_causal=mask is None, enable_gqa=True)[0]   # [nh, T, hd]
+        return qlinear(o.transpose(0, 1).reshape(T, nh * hd), lw.wo, self.kernel)
+
+    def _attention_out(self, lw: LayerWeights, o: torch.Tensor) -> torch.Tensor:
+        """One decode token's attention output [1, nkv, g, hd] -> [1, H]."""
+        return qlinear(o.reshape(1, self.cfg.num_heads * self.cfg.head_dim), lw.wo, self.kernel)
 
     def _route(self, lw: LayerWeights, h: torch.Tensor):
-        probs = torch.softmax(F.linear(h, lw.gate).float(), dim=-1)                 # [T, E]
-        w, idx = torch.topk(probs, self.cfg.top_k, dim=-1)
-        return w / w.sum(dim=-1, keepdim=True), idx                                  # [T, k] each
+        """Top-k experts and their weights, renormalised over the k (a softmax over the top-k logits is the
+        full softmax renormalised): idx [T, k], w [T, k] float32."""
+        top, idx = torch.topk(F.linear(h, lw.gate), self.cfg.top_k, dim=-1)
+        return torch.softmax(top, dim=-1, dtype=torch.float32), idx
 
-    def _moe_decode(self, i: int, lw: LayerWeights, h: torch.Tensor, resid: torch.Tensor,
-                    tok_weights: Optional[list]) -> torch.Tensor:
+    def _moe_decode(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """x [1, H] (residual after attention) -> x plus the layer's experts' weighted outputs."""
+        h, wx, packed, target = self._router_decode(i, lw, x)
+        # The one deliberate sync per layer: the host must know what to fetch (and what to prefetch).
+        return self._experts_decode(i, x, h, wx, packed.tolist(), target, self._expert)
+
+    def _router_decode(self, i: int, lw: LayerWeights, x: torch.Tensor):
+        """The device side of a decode MoE step: (h [1, H], weights [k] in x's dtype, the packed transfer
+        [experts | weights | guess] float32, the prefetch target layer or None)."""
+        n = unit_norm(x, self.cfg.rms_norm_eps)
+        h = lw.ffn_norm * n
         w, idx = self._route(lw, h)
-        proposal = self.prefetcher.propose(self, i, resid) if self.prefetcher is not None else None
-        experts = idx[0].tolist()          # the one deliberate sync per layer: the host must know what to fetch
-        self.stats.on_route(i, tuple(experts))
-        if tok_weights is not None:
-            tok_weights[i] = tuple(w[0].tolist())
-        outs: list[Optional[torch.Tensor]] = [None] * len(experts)
+        parts = [idx[0].float(), w[0]]
+        pf = self.prefetcher
+        target = pf.target(self, i) if pf is not None else None
+        if target is not None:
+            parts.append(pf.guess(self, target, n).float())
+        return h, w[0].to(x.dtype), torch.cat(parts), target
+
+    def _experts_decode(self, i: int, x: torch.Tensor, h: torch.Tensor, wx: torch.Tensor, got: list,
+                        target: Optional[int], run) -> torch.Tensor:
+        """The host side: record the routing, fetch (and prefetch), run each expert, add them to x in place
+        by routing rank (the sum does not depend on cache state)."""
+        K = self.cfg.top_k
+        experts = [int(e) for e in got[:K]]
+        self.stats.on_route(i, tuple(experts), tuple(got[K:2 * K]))
+        guess = [int(e) for e in got[2 * K:]] if target is not None else None
+        outs: list[Optional[torch.Tensor]] = [None] * K
         for e, ew, slot in self.cache.fetch(i, experts):
-            if proposal is not None:
-                # fetch has queued this layer's own misses; the next layer's guesses go behind them on the
-                # copy stream, so a demand copy never waits for a speculative one.
-                self.prefetcher.issue(self, *proposal)
-                proposal = None
-            outs[experts.index(e)] = expert_forward(h, ew)
+            if guess is not None:
+                # fetch has queued this layer's own misses; the guesses go behind them on the copy stream,
+                # so a demand copy never waits for a speculative one.
+                self.prefetcher.issue(self, target, guess)
+                guess = None
+            r = experts.index(e)
+            outs[r] = run(i, slot, r, h, ew)
             self.cache.release(i, slot)
-        y = outs[0] * w[0, 0]
-        for r in range(1, len(outs)):
-            y = y + outs[r] * w[0, r]
-        return y.to(h.dtype)
+        for r in range(K):
+            x.addcmul_(outs[r], wx[r])
+        return x
+
+    def _expert(self, i: int, slot: int, r: int, h: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
+        return expert_forward(h, ew, self.kernel)
 
     def _moe_prefill(self, i: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        K, E = self.cfg.top_k, self.cfg.num_experts
         w, idx = self._route(lw, h)
-        experts = sorted(set(idx.flatten().tolist()))
+        flat = idx.flatten()                                                        # [T*k] token-major
+        order = torch.argsort(flat, stable=True)          # (token, rank) slots grouped by expert, in token order
+        counts = torch.bincount(flat, minlength=E).tolist()      # the one sync per layer and chunk
+        starts = [sum(counts[:e]) for e in range(E)]
+        experts = [e for e in range(E) if counts[e]]
+        wf = w.to(h.dtype).flatten()
         parts: dict[int, tuple] = {}
         for e, ew, slot in self.cache.fetch(i, experts):
-            tok, rank = torch.where(idx == e)
-            parts[e] = (tok, expert_forward(h[tok], ew) * w[tok, rank, None])
+            rows = order[starts[e]:starts[e] + counts[e]]
+            tok = rows // K
+            parts[e] = (tok, expert_forward(h[tok], ew, self.kernel) * wf[rows, None])
             self.cache.release(i, slot)
-        y = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        y = torch.zeros_like(h)
         for e in experts:                      # fixed order: the sum does not depend on cache state
-            tok, out = parts[e]
-            y.index_add_(0, tok, out.float())
-        return y.to(h.dtype)
+            y.index_add_(0, *parts[e])
+        return y

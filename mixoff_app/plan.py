@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import (PLACEMENTS, ConfigError, ModelConfig, QuantConfig, QuantSpec, parse_bits)
+from .config import PLACEMENTS, PREFILL_CHUNK, ConfigError, ModelConfig, QuantConfig, QuantSpec, parse_bits
 from .stores import ExpertLayout
 from .presets import PRESETS, from_name, preset_name
 from .quant import weight_fields
@@ -70,26 +70,34 @@ class Sizes:
 
 def dequant_scratch(shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype) -> int:
     """Peak bytes that ``quant.dequantize`` allocates for one matrix (measured on the tiny model's matrices in
-    tests/test_plan.py): the unpacked codes, N values in ``dtype``, which are then scaled in place, plus the
-    larger of two transients: unpacking's shifted and masked copies of the packed codes (2 x the W_q bytes;
-    none at 8 bits) or making the zero / scale row (two rows of M = N / group values alive at once, plus
-    up to four scalars). Dense: none."""
+    tests/test_plan.py): the unpacked codes in ``dtype`` (N values; 3-bit packs unpack their padded rows),
+    which are then scaled in place, plus the larger of two transients: unpacking's integer codes (one byte
+    each, four at 3 bits; none at 8 bits, which converts directly) or making the zero / scale row (two rows
+    of M = N / group values alive at once, plus up to four scalars). Dense: none."""
     if not spec.enabled:
         return 0
-    n = shape[0] * shape[1]
-    m = n // spec.group_size
+    m = shape[0] * shape[1] // spec.group_size
+    rows = 10 * math.ceil(spec.group_size / 10) if spec.bits == 3 else spec.group_size
     b = _elt(dtype)
-    packed = weight_fields("w", shape, spec, dtype)[0].nbytes
-    return n * b + max(0 if spec.bits == 8 else 2 * packed, 2 * m * b + 4 * b)
+    codes = 0 if spec.bits == 8 else rows * m * (4 if spec.bits == 3 else 1)
+    return rows * m * b + max(codes, 2 * m * b + 4 * b)
 
 
-def prefill_activations(cfg: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
-    """An upper estimate of a prefill's live activations: the residual stream, the normed input, q/k/v and
-    RoPE temporaries and attention output (about 12 rows of H), one expert's gate/up/product rows (4 of F),
-    the float32 MoE accumulator and routing probabilities."""
+def prefill_activations(cfg: ModelConfig, max_context: int, dtype: torch.dtype, chunk: int = PREFILL_CHUNK) -> int:
+    """Peak live activations of one prefill chunk, T = min(chunk, max_context) tokens against up to
+    S = max_context keys (an upper estimate, checked against a measured peak in tests/test_prefill.py).
+
+    Per token: the residual stream and its normed copy, q/k/v with RoPE's temporaries and the attention
+    output, the chunk's expert outputs (k rows of H) and their sum, one expert's gate/up/product rows (4 of F),
+    the router's logits and weights. Per (token, key): the causal mask, as bool and as the attention kernel's
+    bias. And the unfused attention a GPU may fall back to: float32 scores per head, K/V repeated per head."""
     b = _elt(dtype)
-    return tokens * (b * (12 * cfg.hidden_size + 4 * cfg.intermediate_size) + 4 * cfg.hidden_size
-                     + 8 * cfg.num_experts)
+    T, S = min(chunk, max_context), max_context
+    H, F, k = cfg.hidden_size, cfg.intermediate_size, cfg.top_k
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    per_token = b * ((6 + 2 * k) * H + 4 * F + 4 * qkv) + 4 * (cfg.num_experts + 2 * k)
+    unfused = 4 * cfg.num_heads * T * S + 2 * cfg.num_heads * S * cfg.head_dim * b
+    return T * per_token + T * S * (1 + b) + unfused
 
 
 def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: torch.dtype) -> Sizes:

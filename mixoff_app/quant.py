@@ -75,18 +75,28 @@ def pack(W: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
+_SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _shifts(bits: int, device: torch.device) -> torch.Tensor:
+    """Right shifts that bring each packed row block to the low bits, most significant first: [per, 1, 1]."""
+    key = (bits, device)
+    t = _SHIFTS.get(key)
+    if t is None:
+        per, top = (10, 27) if bits == 3 else (8 // bits, 8 - bits)
+        dt = torch.int32 if bits == 3 else torch.uint8
+        t = _SHIFTS[key] = torch.tensor([top - bits * i for i in range(per)], dtype=dt, device=device)[:, None, None]
+    return t
+
+
 def unpack(P: torch.Tensor, bits: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """Packed rows -> [rows, M] codes in ``dtype`` (the first ``rows`` rows; 3-bit packs are padded)."""
+    """Packed rows -> [rows, M] codes in ``dtype`` (the first ``rows`` rows; 3-bit packs are padded).
+    All row blocks in one broadcast shift: three kernels whatever the bit width."""
     if bits == 8:
         return P.to(dtype)
-    per = 10 if bits == 3 else 8 // bits
-    s = P.shape[0]
-    out = torch.empty((per * s, P.shape[1]), dtype=dtype, device=P.device)
-    mask = (1 << bits) - 1
-    top = 27 if bits == 3 else 8 - bits
-    for i in range(per):
-        out[i * s:(i + 1) * s] = (P >> (top - bits * i)) & mask
-    return out[:rows] if per * s != rows else out
+    codes = P >> _shifts(bits, P.device)                                         # [per, s, M] by broadcasting
+    out = codes.bitwise_and_((1 << bits) - 1).to(dtype).view(-1, P.shape[1])
+    return out[:rows] if out.shape[0] != rows else out
 
 
 # ---- quantize / dequantize -----------------------------------------------------------------------

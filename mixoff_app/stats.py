@@ -122,6 +122,7 @@ class Stats:
         self._tok_prefetched = [[] for _ in range(n)]
         self._tok_evicted = [[] for _ in range(n)]
         self._tok_routing = [()] * n
+        self._tok_weights = [()] * n
         self._tok_h = self._tok_m = 0
 
     def _reset_answer(self) -> None:
@@ -132,7 +133,8 @@ class Stats:
         self.first_sent_at = 0.0
         self.prefill_s = 0.0
         self.prefill_tokens = 0
-        self.routing: list = []
+        self.routing: list = []            # this answer: token -> layer -> experts (by routing rank)
+        self.routing_weights: list = []    # the same shape: each expert's routing weight
         self.generating = False
         self.last_token = tuple(LayerEvents() for _ in range(self.num_layers))
 
@@ -174,8 +176,11 @@ class Stats:
     def on_slot(self, layer: int, slot: int, expert: int) -> None:
         self.resident[layer][slot] = expert
 
-    def on_route(self, layer: int, experts: tuple[int, ...]) -> None:
+    def on_route(self, layer: int, experts: tuple[int, ...], weights: tuple[float, ...] = ()) -> None:
+        """A decode step's routing for one layer: the model's one home for it (ids and weights arrive in
+        the same host transfer, so recording them costs nothing)."""
         self._tok_routing[layer] = experts
+        self._tok_weights[layer] = weights
 
     # ---- generate-loop events -----------------------------------------------------------------
     def _counters(self) -> tuple[int, ...]:
@@ -231,6 +236,7 @@ class Stats:
             self.answer_tokens += 1
             self.tokens_total += 1
             self.routing.append(tuple(self._tok_routing))
+            self.routing_weights.append(tuple(self._tok_weights))
             self._publish_token_events()
             self.seq += 1
             self._new_token_buffers()
@@ -247,6 +253,11 @@ class Stats:
             for i in range(self.num_layers))
 
     # ---- read side ----------------------------------------------------------------------------
+    def answer_routing(self) -> tuple[list, list]:
+        """(experts, weights) of this (or the last) answer's decoded tokens: token -> layer -> tuple."""
+        with self._lock:
+            return list(self.routing), list(self.routing_weights)
+
     def snapshot(self, memory: MemoryReading) -> StatsSnapshot:
         with self._lock:
             hist = list(self._history)

@@ -454,3 +454,17 @@ def test_serve_answers_with_the_key_from_the_environment(tiny_dir, engine):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_stats_show_other_sessions_answer_details_only_to_the_operator(engine):
+    """Keyed and reachable from outside: API callers are users; they see their own answer's details, not another's."""
+    with Headless(lambda: engine, ApiConfig(key="k", host="0.0.0.0")) as url:
+        out = client(url, key="k").chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "What is a set?"}], temperature=0, max_tokens=5)
+        mine = httpx.get(url + "/v1/mixoff/stats", headers={"Authorization": "Bearer k"}, timeout=30).json()
+        assert mine["answer_tokens"] == out.usage.completion_tokens == 5 and len(mine["routing"]) == 5
+        list(engine.stream_chat([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=3, temperature=0),
+                                session="someone else"))
+        theirs = httpx.get(url + "/v1/mixoff/stats", headers={"Authorization": "Bearer k"}, timeout=30).json()
+        assert theirs["routing"] == [] and theirs["answer_tokens"] == 0 and theirs["prefill_tokens"] == 0
+        assert theirs["hits"] + theirs["misses"] > mine["hits"] + mine["misses"], "the server's figures stay public"

@@ -44,6 +44,7 @@ def new_store(placement, blob_dir):
 def swap_in(store, slots, residents, layer, expert, slot):
     victim = residents[layer][slot]
     n = store.load_into(layer, expert, slots[layer][slot], victim, None, None)
+    store.settle(slots[layer][slot])                  # the protocol: a slot is read only once settled
     residents[layer][slot] = expert
     return n
 

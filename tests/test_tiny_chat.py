@@ -158,3 +158,32 @@ def test_answers_a_follow_up_question(shipped):
     assert "number of items" in first
     chat += [{"role": "assistant", "content": first}, {"role": "user", "content": "What does sorted do?"}]
     assert "new list" in answer(chat)
+
+
+def test_says_what_it_is_to_greetings_and_out_of_scope_questions(shipped, report):
+    """Greetings and questions outside Python's documentation get the short trained answer (what the model is,
+    what to ask), including question forms held out of training; their held-out loss is the reported one."""
+    from tools.train_tiny.train import SCOPE_HELDOUT_FILE, build_scope_examples
+    model, tok = shipped
+    train_scope, held_scope = build_scope_examples()
+    assert read_heldout(ASSET_DIR, SCOPE_HELDOUT_FILE) == held_scope
+    assert not {e.question for e in train_scope} & {e.question for e in held_scope}
+    enc, _ = heldout_encoded(ASSET_DIR, tok, name=SCOPE_HELDOUT_FILE)
+    loss, n = heldout_loss(model, enc, tok.pad_token_id)
+    assert n == report["scope"]["heldout_answer_tokens"]
+    assert loss == pytest.approx(report["scope"]["heldout_loss"], abs=2e-3)
+
+    def answer(question):
+        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=True,
+                                         add_generation_prompt=True)["input_ids"]
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=60, do_sample=False, pad_token_id=tok.eos_token_id)
+        return tok.decode(out[0, len(prompt):], skip_special_tokens=True)
+
+    trained = {e.question for e in train_scope}
+    for q in ("Hello there", "Write a short poem about a GPU that is running out of memory.", "Tell me a joke.",
+              "Good morning! What can you tell me?"):
+        assert q not in trained
+        text = answer(q)
+        assert "demo model" in text and "Python" in text, (q, text)
+    assert "number of items" in answer("What does the built-in function len do?")     # and it still knows Python

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 from typing import Optional
 
+from ..access import Access, is_loopback, user_snapshot
 from .config import ENV_KEY, ApiConfig
 from .errors import ApiError
 
 
-def is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False           # a hostname: it may resolve beyond this machine
-
-
 def keyless_ok(config: ApiConfig) -> bool:
     return is_loopback(config.host) and not config.share
+
+
+def session(config: ApiConfig) -> str:
+    """The engine session of API answers (it keys KV reuse and whose answer details a caller may see): one per
+    key, since every holder of the key is the same principal; OpenAI clients carry no session of their own."""
+    return "api:" + (_digest(config.key).hex()[:16] if config.key else "local")
+
+
+def stats_view(engine, config: ApiConfig) -> dict:
+    """/v1/mixoff/stats under the page's rule (``mixoff_app.access``): the operator sees everything; anyone else
+    sees the server's figures, and the latest answer's routing, prompt size and timings only when it was the
+    API's. The API has no login, so with ``--admin`` set no API caller is the operator."""
+    snap = engine.stats()
+    if not Access(admin=config.admin).is_operator(None, config.host, config.share):
+        snap = user_snapshot(snap, own_answer=engine.answer_session == session(config))
+    return snap.to_dict()
 
 
 def _digest(text: str) -> bytes:

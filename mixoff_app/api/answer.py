@@ -14,7 +14,10 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from ..events import TokenEvent
 
 POLL_S = 0.25             # how often a waiting request checks whether its client is still there
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+# OpenAI has no reason for a full context or an out-of-memory device: both end the answer early, like a length
+# cap ("oom" also leaves its notice in mixoff.notices).
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "oom": "length",
+          "cancelled": "stop"}
 
 
 class Disconnected(Exception):

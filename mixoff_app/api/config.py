@@ -12,6 +12,7 @@ class ApiConfig:
     key: Optional[str] = None        # required as `Authorization: Bearer KEY` when set
     host: str = "127.0.0.1"          # the address the server is bound to (decides whether /v1 may run keyless)
     share: bool = False              # a public share link points at this server
+    admin: Optional[str] = None      # the page's --admin user: with one, no API caller counts as the operator
     default_max_tokens: int = 256    # an answer's length when the request names no max_tokens
     max_body_bytes: int = 8 << 20    # a larger request body is refused before it is read
 

@@ -16,7 +16,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from ..config import ConfigError
-from .access import refusal
+from ..limits import InputTooLong
+from .access import refusal, session, stats_view
 from .answer import Answer, Disconnected, Finish, Piece
 from .config import ApiConfig
 from .errors import ApiError
@@ -31,11 +32,6 @@ CLIENT_GONE = 499          # nginx's "client closed request": nobody reads it, t
 def model_id(info: Any) -> str:
     """The served model's name for clients: the display name without its note, never a server path."""
     return str(info.model_name).split(" (")[0]
-
-
-def stats_view(engine: Any, request: Request) -> dict:
-    """What /v1/mixoff/stats shows a caller who passed the access check."""
-    return engine.stats().to_dict()
 
 
 def error_response(err: ApiError) -> JSONResponse:
@@ -61,6 +57,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRoute]:
     """``get_engine()`` returns the loaded engine or raises RuntimeError saying why not (still loading, failed)."""
     line = asyncio.Lock()             # API answers wait here in arrival order (see answer.py)
+    who = session(config)
 
     def engine_or_503() -> Any:
         try:
@@ -90,7 +87,7 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
             events = await run_in_threadpool(call, engine, cancel)
         except (ValueError, ConfigError) as exc:
             msg = str(exc)
-            code = "context_length_exceeded" if "too long" in msg or "context" in msg else "invalid_value"
+            code = "context_length_exceeded" if isinstance(exc, InputTooLong) else "invalid_value"
             raise ApiError(400, msg[:1].upper() + msg[1:], code=code) from None
         return engine, Answer(engine, events, cancel)
 
@@ -147,19 +144,19 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
     async def chat_completions(request: Request) -> Response:
         req = parse_chat(parse_json(await read_body(request, config.max_body_bytes)), config.default_max_tokens)
         engine, answer = await start(request, lambda e, cancel: e.stream_chat(list(req.messages), req.params,
-                                                                             cancel=cancel))
+                                                                             cancel=cancel, session=who))
         return await respond(request, answer, Shape(True, model_id(engine.info)), req.stream, req.include_usage)
 
     async def completions(request: Request) -> Response:
         req = parse_completion(parse_json(await read_body(request, config.max_body_bytes)),
                                config.default_max_tokens)
         engine, answer = await start(request, lambda e, cancel: e.stream_prompt(req.prompt, req.params,
-                                                                               cancel=cancel))
+                                                                               cancel=cancel, session=who))
         return await respond(request, answer, Shape(False, model_id(engine.info)), req.stream, req.include_usage)
 
     async def stats(request: Request) -> Response:
         engine = engine_or_503()
-        return JSONResponse(await run_in_threadpool(stats_view, engine, request))
+        return JSONResponse(await run_in_threadpool(stats_view, engine, config))
 
     table = [("/v1/models", list_models, "GET"), ("/v1/models/{model:path}", get_model, "GET"),
              ("/v1/chat/completions", chat_completions, "POST"), ("/v1/completions", completions, "POST"),

@@ -33,6 +33,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, CheckpointError, ModelNotAvailable, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:       # an unwritable or unreadable path the user gave: say which, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e} — check the path and its permissions", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

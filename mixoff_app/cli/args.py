@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Optional, Union
 
-from ..config import POLICIES, PLACEMENTS, CacheConfig, ConfigError, EngineConfig, QuantConfig, parse_bits
+from ..config import KERNELS, POLICIES, PLACEMENTS, CacheConfig, ConfigError, EngineConfig, QuantConfig, parse_bits
 from ..plan import GiB
 
 
@@ -25,12 +26,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+MAX_GIB = 1 << 20          # a pebibyte: beyond any machine, and still a whole number of bytes
+
+
 def parse_gib(text: str) -> int:
     """A command-line size in GB (GiB) -> bytes."""
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}")
+    if not math.isfinite(v) or v > MAX_GIB:
+        raise argparse.ArgumentTypeError(f"expected a number of GB up to {MAX_GIB}, got {text!r}")
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {v}")
     return int(v * GiB)
@@ -69,7 +75,17 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
                    help="GB (GiB) loading the model may add to this process's RAM")
     p.add_argument("--max-context", type=positive_int, default=4096, help="KV cache length in tokens")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode by replaying CUDA graphs of each layer's attention/router and each expert slot "
+                        "(GPU only; experimental, off by default)")
     p.add_argument("--tokenizer", default=None, help="where the tokenizer/chat template come from (default: the checkpoint)")
+    p.add_argument("--max-input-chars", type=positive_int, default=None,
+                   help="longest message or system prompt in characters, refused before tokenizing; history is "
+                        "cut at twice this (default: 8 per token of --max-context)")
+    p.add_argument("--kernel", choices=KERNELS, default="auto",
+                   help="quantized matmul: triton (fused kernels reading the packed codes; on a CPU they run in "
+                        "Triton's interpreter, slowly, for tests), torch (dequantize, then matmul), or auto "
+                        "(triton on a CUDA GPU, torch elsewhere; the default)")
 
 
 def engine_config(args) -> EngineConfig:
@@ -82,4 +98,6 @@ def engine_config(args) -> EngineConfig:
                                           prefetch_layers=args.prefetch_layers,
                                           placement=None if placement == "auto" else placement),
                         max_context=args.max_context, dtype=args.dtype, tokenizer=args.tokenizer,
-                        vram_budget=getattr(args, "vram_budget", None), ram_budget=getattr(args, "ram_budget", None))
+                        vram_budget=getattr(args, "vram_budget", None), ram_budget=getattr(args, "ram_budget", None),
+                        kernel=getattr(args, "kernel", "auto"), cuda_graphs=getattr(args, "cuda_graphs", False),
+                        max_input_chars=getattr(args, "max_input_chars", None))

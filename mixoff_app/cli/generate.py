@@ -16,7 +16,6 @@ def run(args) -> int:
                             top_k=args.top_k, greedy=args.greedy, stop=tuple(args.stop or ()), seed=args.seed)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": args.prompt}]
-    engine.model.record_weights = args.json
     text, ids, finish, notices = [], [], None, []
     for ev in engine.stream_chat(messages, params):
         if ev.kind == "token":
@@ -38,7 +37,7 @@ def run(args) -> int:
         out = {
             "text": "".join(text), "token_ids": ids, "finish_reason": finish,
             "model": engine.info.model_name, "device": engine.info.device, "quant": engine.info.quant,
-            "cache_size": engine.info.cache.sizes[0], "policy": engine.info.cache.policy,
+            "cache_size": engine.info.cache.sizes[0], "policy": engine.info.cache.policy, "kernel": engine.info.kernel,
             "stats": {"hits": dec["hits"], "misses": dec["misses"], "evictions": dec["evictions"],
                       "hit_rate": dec["hits"] / looked if looked else 0.0, "bytes_h2d": dec["bytes_h2d"],
                       "tokens_per_s": snap.avg_tokens_per_s, "prefill_s": snap.prefill_s, "decode_s": snap.decode_s,

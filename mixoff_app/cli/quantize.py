@@ -9,7 +9,8 @@ def run(args) -> int:
     from ..checkpoints import save_quantized
     from ..hub import resolve
     src = resolve(args.src, print).path
-    out = save_quantized(src, args.out, QuantConfig.from_bits(args.attn_bits, args.expert_bits), progress=print)
+    out = save_quantized(src, args.out, QuantConfig.from_bits(args.attn_bits, args.expert_bits), progress=print,
+                         force=args.force)
     print(f"wrote {out}")
     return 0
 
@@ -20,4 +21,5 @@ def add_parser(subparsers) -> None:
     q.add_argument("out", help="output folder")
     q.add_argument("--attn-bits", type=bits, default=4)
     q.add_argument("--expert-bits", type=bits, default=2)
+    q.add_argument("--force", action="store_true", help="replace the contents of a non-empty output folder")
     q.set_defaults(func=run)

@@ -107,7 +107,6 @@ def engine_generate(args: argparse.Namespace) -> tuple:
     quant = QuantConfig.from_bits(parse_bits(args.attn_bits), parse_bits(args.expert_bits))
     engine = Engine.load(EngineConfig(model=args.model, device=args.device, quant=quant),
                          progress=lambda msg: print(msg, file=sys.stderr))
-    engine.model.record_weights = True
     params = SamplingParams(max_new_tokens=args.max_new_tokens, greedy=args.greedy)
     for _ in engine.stream_chat([{"role": "user", "content": args.prompt}], params):
         pass

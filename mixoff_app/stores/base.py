@@ -28,6 +28,7 @@ Residents = list[list[int]]         # per layer, slot -> expert (-1: empty)
 @runtime_checkable
 class ExpertStore(Protocol):
     placement: str        # "inclusive" | "exclusive" | "disk"
+    deferred_loads: bool  # load_into returns before the copy is queued: settle() before reading the slot
     write_back: bool      # evicting an expert moves its bytes back to the host
     cfg: ModelConfig
     layout: ExpertLayout
@@ -50,6 +51,10 @@ class ExpertStore(Protocol):
                   ready: Optional["torch.cuda.Event"], done: Optional["torch.cuda.Event"]) -> int:
         """Start bringing ``expert`` into ``slot``, whose previous expert ``victim`` (-1: none) was evicted.
         Returns the bytes read from disk for it."""
+
+    def settle(self, slot: torch.Tensor) -> None:
+        """Return once the latest ``load_into(slot)`` is queued (its ``ready`` recorded; CPU: done): called
+        just before the slot is read. Immediate for stores that queue the copy inside ``load_into``."""
 
     def resize(self, slots: list[Optional[torch.Tensor]], residents: Residents,
                sizes: Sequence[int]) -> tuple[Slots, Residents]:
@@ -74,6 +79,7 @@ class SlotCopies:
     layout: ExpertLayout
     pinned: bool
     write_back = False
+    deferred_loads = False
     device: Optional[torch.device] = None
     cuda = False
     copy_stream: Optional["torch.cuda.Stream"] = None
@@ -114,6 +120,9 @@ class SlotCopies:
         if self.cuda:
             torch.cuda.empty_cache()
         return self.empty_slots(sizes)
+
+    def settle(self, slot: torch.Tensor) -> None:
+        """Copies are queued inside ``load_into``: nothing to wait for."""
 
     def device_buffers(self) -> list[torch.Tensor]:
         return []

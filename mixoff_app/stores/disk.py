@@ -11,10 +11,12 @@ freely (and which still makes a re-read of a hot expert fast).
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import struct
+import weakref
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -22,6 +24,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from .base import SlotCopies
+from .disk_reader import DiskReader
 from .layout import ExpertLayout, host_buffer
 
 _BLOB = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.packed$")
@@ -86,8 +89,14 @@ def expert_blob_offsets(folder: str | os.PathLike, cfg: ModelConfig,
     return out
 
 
+def _host_view(buf: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous host uint8 tensor as a writable memoryview (no Tensor method: a disk read
+    is host work, and must not look like, or become, a device round trip)."""
+    return memoryview((ctypes.c_char * buf.numel()).from_address(buf.data_ptr())).cast("B")
+
+
 def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> int:
-    mv = memoryview(buf.numpy()).cast("B")
+    mv = _host_view(buf)
     done = 0
     while done < len(mv):
         if hasattr(os, "preadv"):
@@ -105,11 +114,13 @@ class DiskStore(SlotCopies):
     """Experts served from the checkpoint file; the host holds only ``staging`` pinned buffers.
 
     Eviction is free (the file always has every expert); a miss reads the blob into a staging buffer and
-    copies it to the device slot. Staging buffers rotate so the read of one miss overlaps the device copy
-    of the previous one; a read into a buffer first waits on the event of the copy that last read it.
+    copies it to the device slot, both on a reader thread (``disk_reader``), so the decode thread computes
+    meanwhile and settles the slot just before it reads it. Staging buffers rotate so the read of one miss
+    overlaps the device copy of the previous one.
     """
 
     placement = "disk"
+    deferred_loads = True
 
     def __init__(self, cfg: ModelConfig, layout: ExpertLayout, folder: str | os.PathLike, staging: int = 2,
                  pin: bool = False) -> None:
@@ -126,8 +137,7 @@ class DiskStore(SlotCopies):
             self._loc[key] = (self._fds[path], off)
         self.staging = host_buffer((staging, layout.nbytes), pin)
         self.bytes_read = 0
-        self._next_stage = 0
-        self._stage_done: Optional[list] = None       # per staging buffer: the copy that last read it (CUDA)
+        self._reader: Optional[DiskReader] = None      # made by attach: reads off the decode thread
 
     def read_into(self, layer: int, expert: int, out: torch.Tensor) -> int:
         """Read one expert's blob into a contiguous host uint8 tensor of ``layout.nbytes``."""
@@ -150,33 +160,32 @@ class DiskStore(SlotCopies):
 
     def attach(self, device: torch.device) -> None:
         super().attach(device)
-        if self.cuda and self._stage_done is None:
-            self._stage_done = [torch.cuda.Event() for _ in range(self.staging.shape[0])]
+        if self._reader is None:
+            # The thread must not keep the store alive (closing the store stops the thread).
+            ref = weakref.ref(self)
+            self._reader = DiskReader(lambda layer, expert, buf: ref().read_into(layer, expert, buf), self.staging,
+                                      self.device, self.copy_stream)
 
     def load_into(self, layer: int, expert: int, slot: torch.Tensor, victim: int,
                   ready: Optional["torch.cuda.Event"], done: Optional["torch.cuda.Event"]) -> int:
-        """Read the blob into the next staging buffer, then copy it to the slot."""
-        i = self._next_stage
-        self._next_stage = (i + 1) % self.staging.shape[0]
-        buf = self.staging[i]
-        if self.cuda:
-            self._stage_done[i].synchronize()      # the copy that last read this buffer has finished
-        n = self.read_into(layer, expert, buf)
-        if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
-                self.copy_stream.wait_event(done)
-                slot.copy_(buf, non_blocking=True)
-                ready.record(self.copy_stream)
-                self._stage_done[i].record(self.copy_stream)
-        else:
-            slot.copy_(buf)
-        return n
+        """Hand the read (and the copy to the slot after it) to the reader thread; ``settle`` waits for it."""
+        self._reader.submit(layer, expert, slot, ready, done)
+        return self.layout.nbytes
+
+    def settle(self, slot: torch.Tensor) -> None:
+        self._reader.settle(slot)
+
+    def resize(self, slots, residents, sizes):
+        self._reader.drain()
+        return super().resize(slots, residents, sizes)
 
     @property
     def nbytes(self) -> int:
         return self.staging.numel()
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         for fd in self._fds.values():
             try:
                 os.close(fd)

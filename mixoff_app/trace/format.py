@@ -118,6 +118,20 @@ def _parse_record(obj: Any, header: dict) -> tuple[int, int, tuple[int, ...], Op
     return t, l, tuple(experts), w
 
 
+def _lines(f, path: str):
+    """(line number, text) of a text file; a binary or non-UTF-8 file is one clear error naming it."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(f, 1):
+            if "\x00" in line:
+                raise TraceError(f"{path}:{lineno}: not a text file (a JSONL trace is UTF-8 text, one JSON "
+                                 f"object per line)")
+            yield lineno, line
+    except UnicodeDecodeError:
+        raise TraceError(f"{path}:{lineno + 1}: not UTF-8 text (a JSONL trace is UTF-8 text, one JSON object "
+                         f"per line); is this the right file?") from None
+
+
 def read_trace(path: Union[str, Path]) -> Trace:
     """Read a JSONL trace (with or without a header line). Raises ``TraceError`` naming file:line."""
     path = str(path)
@@ -129,7 +143,7 @@ def read_trace(path: Union[str, Path]) -> Trace:
     except OSError as e:
         raise TraceError(f"{path}: cannot open trace: {e.strerror or e}") from None
     with f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in _lines(f, path):
             if not line.strip():
                 continue
             try:

@@ -6,6 +6,7 @@ what was written stays. The handlers only ever call ``stream_chat`` and read ``T
 """
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import traceback
@@ -19,6 +20,7 @@ FINISH_TEXT = {
     "length": "reached max new tokens",
     "cancelled": "stopped",
     "context": "context window full",
+    "oom": "out of GPU memory",
 }
 
 
@@ -109,14 +111,59 @@ def to_messages(history: Any, system_prompt: str = "") -> list[dict]:
     return ([{"role": "system", "content": sys_text}] if sys_text else []) + turns
 
 
-def sampling(temperature: float, top_p: float, max_new_tokens: Any) -> SamplingParams:
-    """UI values -> SamplingParams (temperature 0 is greedy). Bad values raise ConfigError."""
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{name} must be a number, not {_short(value)}")
     try:
-        max_new = int(max_new_tokens)
-    except (TypeError, ValueError):
-        raise ConfigError(f"max new tokens must be a whole number, not {max_new_tokens!r}") from None
-    t = float(temperature)
-    return SamplingParams(max_new_tokens=max_new, temperature=t, top_p=float(top_p), greedy=t == 0)
+        x = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {_short(value)}") from None
+    if not math.isfinite(x):
+        raise ConfigError(f"{name} must be a finite number, not {_short(value)}")
+    return x
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def sampling(temperature: Any, top_p: Any, max_new_tokens: Any) -> SamplingParams:
+    """UI or API values -> SamplingParams (temperature 0 is greedy). Bad values raise ConfigError."""
+    n = _number(max_new_tokens, "max new tokens")
+    if not n.is_integer():
+        raise ConfigError(f"max new tokens must be a whole number, not {_short(max_new_tokens)}")
+    t = _number(temperature, "temperature")
+    return SamplingParams(max_new_tokens=int(n), temperature=t, top_p=_number(top_p, "top_p"), greedy=t == 0)
+
+
+def api_text(value: Any, name: str, limit: int) -> str:
+    """A text argument of an API call: a string (None: empty) within ``limit`` characters."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be text, not {type(value).__name__}")
+    if len(value) > limit:
+        raise ConfigError(f"the {name.replace('_', ' ')} is too long: {len(value):,} characters, and this server "
+                          f"takes at most {limit:,}")
+    return value
+
+
+def api_history(value: Any) -> list:
+    """The history argument of an API call: a list of {role, content} messages (None: empty)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise ConfigError("history must be a list of {\"role\": ..., \"content\": ...} messages")
+    return value
+
+
+def refuse(where: str, message: str) -> Exception:
+    """The gradio error a user sees for a refused request, with one line (no traceback) in the server log."""
+    import gradio as gr                  # the handlers' module imports gradio anyway; keep this one testable
+
+    print(f"mixoff: refused {where}: {message}", file=sys.stderr, flush=True)
+    return gr.Error(message, print_exception=False)
 
 
 def strip_to_last_user(history: Any) -> list[dict]:
@@ -183,12 +230,13 @@ class Canceller:
 
 
 def stream_answer(engine: Any, messages: list[dict], params: SamplingParams, cancel: threading.Event,
-                  on_notice: Callable[[str], None] = lambda text: None
+                  on_notice: Callable[[str], None] = lambda text: None, session: Optional[str] = None
                   ) -> Iterator[tuple[str, int, Optional[str]]]:
     """Yield (answer so far, tokens so far, finish_reason or None) as tokens arrive; closes the engine
-    stream on exit so the engine's lock is released even when the client goes away mid-answer."""
+    stream on exit so the engine's lock is released even when the client goes away mid-answer.
+    ``session`` keys the engine's KV reuse to this browser session."""
     text, n = "", 0
-    it = engine.stream_chat(messages, params, cancel=cancel)
+    it = engine.stream_chat(messages, params, cancel=cancel, session=session)
     try:
         for ev in it:
             if ev.kind == "token":

@@ -1,7 +1,10 @@
 """``python app.py``: command-line flags -> EngineConfig -> a page that opens at once and loads the model.
 
 Secure by default: the server binds 127.0.0.1 unless ``--host`` says otherwise (or a Hugging Face Space
-sets GRADIO_SERVER_NAME); ``--share`` only when asked; ``--auth USER:PASS`` puts a login in front.
+sets GRADIO_SERVER_NAME); ``--share`` only when asked; ``--auth USER:PASS`` puts a login in front, and
+``--admin USER:PASS`` an operator account (the only one that may change the cache settings once the app is
+reachable from other machines). Logins are throttled; uploads are refused (the app takes none); serving
+beyond this machine without a login prints a warning.
 """
 from __future__ import annotations
 
@@ -39,19 +42,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"port (default: {DEFAULT_PORT}, or GRADIO_SERVER_PORT)")
     p.add_argument("--share", action="store_true", help="create a public Gradio share link (e.g. on Colab)")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
+    p.add_argument("--admin", default=None, metavar="USER:PASS",
+                   help="an operator login: only this account may change the cache settings and see every "
+                        "session's details (puts a login in front of the app; --auth adds a user account)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require `Authorization: Bearer KEY` on the OpenAI-compatible API at /v1 (default: "
                         "$MIXOFF_API_KEY; without a key /v1 is served only on loopback without --share)")
     return p
 
 
-def parse_auth(text: Optional[str]) -> Optional[tuple[str, str]]:
-    if text is None:
+def parse_auth(text: Optional[str], flag: str = "--auth") -> Optional[tuple[str, str]]:
+    from ..access import parse_account
+    return parse_account(text, flag)
+
+
+def accounts(auth: Optional[tuple[str, str]], admin: Optional[tuple[str, str]]) -> dict[str, str]:
+    if auth and admin and auth[0] == admin[0]:
+        raise ConfigError("--auth and --admin name the same user; give the operator its own name")
+    return dict(a for a in (auth, admin) if a)
+
+
+def exposure_warning(host: str, share: bool, has_login: bool) -> Optional[str]:
+    """What to tell the operator before serving beyond this machine without a login (None: nothing)."""
+    from ..access import is_loopback
+    if has_login or (is_loopback(host) and not share):
         return None
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise ConfigError("--auth takes USER:PASS, with a non-empty user and password")
-    return user, password
+    where = "a public gradio.live link" if share else f"{host}, reachable from other machines"
+    return (f"warning: serving on {where} without a login: anyone who reaches it can chat and use this "
+            f"machine's compute; add --auth USER:PASS (and --admin USER:PASS to change settings remotely)")
 
 
 def bind_address(host: Optional[str], environ=os.environ) -> str:
@@ -107,12 +125,14 @@ def _quant(args):
     return QuantConfig.from_bits(args.attn_bits, args.expert_bits)
 
 
-def api_config(args: argparse.Namespace, host: str, environ=os.environ):
-    """The /v1 API's settings: the key from --api-key or MIXOFF_API_KEY, and where the page is reachable."""
+def api_config(args: argparse.Namespace, host: str, admin: Optional[str] = None, environ=os.environ):
+    """The /v1 API's settings: the key from --api-key or MIXOFF_API_KEY, where the page is reachable, and the
+    --admin user (with one, the API's callers are never the operator)."""
     from ..api import ENV_KEY, ApiConfig
     key = args.api_key if args.api_key is not None else environ.get(ENV_KEY) or None
     try:
-        return ApiConfig(key=key, host=host, share=bool(args.share), default_max_tokens=args.max_new_tokens)
+        return ApiConfig(key=key, host=host, share=bool(args.share), admin=admin,
+                         default_max_tokens=args.max_new_tokens)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -140,31 +160,36 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     host = bind_address(args.host)
     try:
         auth = parse_auth(args.auth)
-        api = api_config(args, host)
+        admin = parse_auth(args.admin, "--admin")
+        logins = accounts(auth, admin)
+        api = api_config(args, host, admin[0] if admin else None)
         cfg, reason = engine_config(args, say)
     except ConfigError as exc:
         build_parser().error(str(exc))
         return
-    if args.share:
-        say("--share: a public gradio.live link will be printed; anyone with it can use this app"
-            + ("" if auth else " (add --auth USER:PASS for a login)"))
 
+    from ..access import Access, LoginThrottle
     from ..engine import Engine
     from .chat import EngineSlot
-    from .layout import build_ui, launch_kwargs
+    from .layout import build_ui, examples_for, launch_kwargs
 
+    warning = exposure_warning(host, args.share, bool(logins))
+    if warning:
+        say(warning)
     slot = EngineSlot(echo=True)
     slot.progress(f"model: {cfg.model} — {reason}")
     slot.load_in_background(lambda progress: Engine.load(cfg, progress=progress, reason=reason))
-    demo = build_ui(slot, max_new_tokens=args.max_new_tokens)
+    demo = build_ui(slot, max_new_tokens=args.max_new_tokens, examples=examples_for(cfg.model),
+                    access=Access(admin=admin[0] if admin else None))
 
     port = args.port or int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT))
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     say(f"serving on http://{shown}:{port}" + ("" if host == "127.0.0.1" else f" (bound to {host})")
-        + (" with a login" if auth else "") + "; the model loads in the background, progress on the page")
+        + (" with a login" if logins else "") + "; the model loads in the background, progress on the page")
     from ..api import describe
     say(f"OpenAI-compatible API at http://{shown}:{port}/v1: {describe(api)}")
-    demo.launch(server_name=host, server_port=port, share=args.share, auth=auth, show_error=True,
+    demo.launch(server_name=host, server_port=port, share=args.share,
+                auth=LoginThrottle(logins, log=say) if logins else None, show_error=True,
                 footer_links=["api", "settings"], app_kwargs=api_app_kwargs(slot, api), **launch_kwargs())
 
 

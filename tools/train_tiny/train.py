@@ -22,6 +22,15 @@ subjects) rendered with the chat template in one sequence, the loss on every ass
 chats longer than the context are dropped. The held-out split and its single-turn loss are unchanged; the report
 adds a second-turn held-out loss (each held-out turn asked after a seeded training turn, loss on the second
 answer only). ``--transcripts`` also prints three two-turn chats.
+
+``--scope-repeat N`` (default 0) adds greetings and questions outside Python's documentation ("Hello there",
+"Write a short poem about ...", "What is the capital of France?"), each answered with one short fixed sentence
+that says it is a small demo model of Python's documentation and suggests what to ask; they are repeated N
+times in the training set (and drawn into the multi-turn chats like any turn). Whole question forms are held
+out (``heldout_scope.jsonl``); the report adds their loss. ``--transcripts`` also prints such answers.
+
+``--init-from DIR`` continues training from a trained checkpoint (its tokenizer and weights) instead of a new
+tokenizer and random weights: how the shipped model learned its scope answers without a full retrain.
 """
 from __future__ import annotations
 
@@ -57,7 +66,7 @@ DEFAULTS = dict(seed=1234, vocab_size=SHAPE.vocab_size, hidden=SHAPE.hidden_size
                 intermediate=SHAPE.intermediate_size, experts=SHAPE.num_experts, top_k=SHAPE.top_k,
                 context=SHAPE.max_position_embeddings, batch_tokens=4096, lr=2e-3,
                 min_lr_frac=0.1, warmup=100, weight_decay=0.05, aux_coef=0.01, locality_coef=0.0,
-                heldout_frac=0.05, steps=700, multiturn_frac=0.0)
+                heldout_frac=0.05, steps=700, multiturn_frac=0.0, scope_repeat=0, init_from="")
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -370,6 +379,64 @@ def build_examples(seed: int, heldout_frac: float, phrasings: int = 3) -> tuple[
     return train, held
 
 
+# ------------------------------------------------------------------------------------------ scope
+
+# Greetings and questions outside Python's documentation: the demo model answers them with one short,
+# fixed sentence that says what it is and what to ask, instead of inventing documentation.
+GREETING_ANSWER = ("Hello! I am the tiny demo model of mixoff, a small Mixtral-style model trained only on "
+                   "Python's documentation. Ask me what a built-in function, type or standard-library module "
+                   "does, for example: What does len do?")
+OFF_TOPIC_ANSWER = ("I am a small demo model trained only on Python's documentation, so I cannot answer that. "
+                    "Ask me about Python instead, for example: What does sorted do?")
+
+_GREETINGS = ["Hello", "Hello there", "Hello!", "Hi", "Hi!", "Hi there", "Hey", "Hey there!", "Good morning",
+              "Good afternoon", "Good evening", "Howdy", "Greetings", "Yo", "Hello, how are you?",
+              "How are you?", "How are you doing today?", "Hi, who are you?", "Who are you?", "What are you?",
+              "What is your name?", "What can you do?", "What do you know?", "What can I ask you?",
+              "What should I ask you?", "Can you help me?", "Help", "I need help", "Are you ChatGPT?",
+              "Are you a person?", "Are you an AI?", "Thanks!", "Thank you", "Thank you very much",
+              "Nice to meet you", "Hello, what is this?", "Is anybody there?", "Tell me about yourself.",
+              "Introduce yourself.", "What model are you?"]
+
+_OFF_TOPIC = [
+    ("Write a short poem about {x}.", ["a train that is running late", "the sea", "autumn leaves", "a cat",
+                                       "the moon", "friendship", "a rainy day", "coffee"]),
+    ("What is the capital of {x}?", ["France", "Japan", "Brazil", "Canada", "Kenya", "Australia", "Norway"]),
+    ("Tell me a joke about {x}.", ["cats", "programmers", "the weather", "doctors", "penguins", "mondays"]),
+    ("How do I cook {x}?", ["rice", "pasta", "an omelette", "pancakes", "a steak", "lentil soup"]),
+    ("Who won the {x}?", ["last football world cup", "Tour de France", "Nobel Prize in physics", "election",
+                          "Eurovision song contest"]),
+    ("What is the weather like in {x}?", ["Paris", "London", "Tokyo", "New York", "Berlin", "Sydney"]),
+    ("Explain {x} to a curious twelve-year-old.", ["mixture-of-experts models", "black holes", "photosynthesis",
+                                                   "gravity", "the stock market", "vaccines", "rainbows"]),
+    ("Translate '{x}' into French.", ["good morning", "thank you", "where is the station", "I love books"]),
+    ("Write a story about {x}.", ["a dragon", "a lost robot", "two friends", "a haunted house", "a brave knight"]),
+    ("What do you think about {x}?", ["politics", "music", "football", "the future", "modern art"]),
+    ("Recommend a good {x}.", ["book", "movie", "restaurant", "song", "video game", "holiday destination"]),
+    ("Can you summarize the history of {x}?", ["Rome", "the internet", "China", "jazz", "the printing press"]),
+    ("What is {x}?", ["the meaning of life", "love", "the speed of light", "a black hole", "the tallest mountain",
+                      "two plus two", "bitcoin"]),
+    ("How do I learn {x}?", ["to play the guitar", "to swim", "Spanish", "to draw", "to drive a car"]),
+    ("Give me advice on {x}.", ["my career", "losing weight", "sleeping better", "saving money", "a job interview"]),
+    ("Should I buy {x}?", ["a new phone", "a house", "an electric car", "shares", "a dog"]),
+]
+# Held out from training: whole question forms, so the held-out loss measures answers to unseen kinds.
+_HELD_GREETINGS = {"Hello there", "What can you do?", "Howdy", "Tell me about yourself."}
+_HELD_FORMS = {"Recommend a good {x}.", "Should I buy {x}?"}
+
+
+def build_scope_examples() -> tuple[list[Example], list[Example]]:
+    """(train, held-out) turns outside the documentation: greetings, and questions about anything else."""
+    train, held = [], []
+    for q in _GREETINGS:
+        (held if q in _HELD_GREETINGS else train).append(Example(f"scope:greeting:{q}", q, GREETING_ANSWER))
+    for form, subjects in _OFF_TOPIC:
+        for x in subjects:
+            q = form.format(x=x)
+            (held if form in _HELD_FORMS else train).append(Example(f"scope:other:{q}", q, OFF_TOPIC_ANSWER))
+    return train, held
+
+
 def chat_messages(ex: Example) -> list[dict]:
     return [{"role": "user", "content": ex.question}, {"role": "assistant", "content": ex.answer}]
 
@@ -588,11 +655,17 @@ def train(args) -> dict:
     t0 = time.time()
     out = Path(args.out)
     train_ex, held_ex = build_examples(args.seed, args.heldout_frac)
-    tok = train_tokenizer([f"{e.question}\n{e.answer}" for e in train_ex], args.vocab_size)
+    scope_train, scope_held = build_scope_examples() if args.scope_repeat > 0 else ([], [])
+    train_all = train_ex + scope_train * args.scope_repeat
+    if args.init_from:          # continue from a trained checkpoint: its tokenizer and weights
+        base, tok = load_shipped(args.init_from)
+    else:
+        base, tok = None, train_tokenizer([f"{e.question}\n{e.answer}" for e in train_all], args.vocab_size)
     tok.model_max_length = args.context
-    single_enc = encode_all(tok, train_ex, args.context)
+    single_enc = encode_all(tok, train_all, args.context)
     held_enc = encode_all(tok, held_ex, args.context)
-    multi_enc, multi_drawn, multi_turns = encode_multiturn(tok, train_ex, args.multiturn_frac,
+    scope_held_enc = encode_all(tok, scope_held, args.context)
+    multi_enc, multi_drawn, multi_turns = encode_multiturn(tok, train_all, args.multiturn_frac,
                                                            args.seed, args.context)
     train_enc = single_enc + multi_enc
     follow_enc = followup_heldout(tok, train_ex, held_ex, args.context, args.seed)
@@ -604,7 +677,11 @@ def train(args) -> dict:
         f"prep {time.time() - t0:.0f}s")
 
     cfg = model_config(args, tok)
-    model = build_model(cfg, args.aux_coef)
+    if base is not None:
+        model = base
+        model.config.router_aux_loss_coef, model.config.output_router_logits = args.aux_coef, False
+    else:
+        model = build_model(cfg, args.aux_coef)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -660,6 +737,7 @@ def train(args) -> dict:
     hl, n_held_tok = heldout_loss(model, held_enc, pad)
     tl, n_tl_tok = heldout_loss(model, train_enc[:len(held_enc)], pad)
     fl, n_follow_tok = heldout_loss(model, follow_enc, pad)
+    sl, n_scope_tok = heldout_loss(model, scope_held_enc, pad) if scope_held_enc else (float("nan"), 0)
     log(f"final: train-subset loss {tl:.4f}, held-out loss {hl:.4f} over {n_held_tok} answer tokens, "
         f"held-out second-turn loss {fl:.4f} over {n_follow_tok}")
     report = {
@@ -679,6 +757,11 @@ def train(args) -> dict:
         "heldout_loss_definition": "mean next-token cross-entropy (nats) over answer tokens incl. </s> of the "
                                    "held-out chat turns, fp16 weights evaluated in fp32",
         "heldout_second_turn_loss": round(fl, 4),
+        "scope": {"repeat": args.scope_repeat, "train_turns": len(scope_train), "heldout_turns": len(scope_held),
+                  "heldout_answer_tokens": n_scope_tok,
+                  "heldout_loss": round(sl, 4) if scope_held_enc else None,
+                  "heldout_loss_definition": "the same, over the held-out greetings and out-of-scope questions "
+                                             "(whole question forms unseen in training), heldout_scope.jsonl"},
         "heldout_second_turn_loss_definition": "the same, over the held-out answers asked as the second turn of a "
                                                "chat whose first turn is a (seeded) training turn",
         "history": history,
@@ -686,6 +769,8 @@ def train(args) -> dict:
     save_checkpoint(model, tok, cfg, out, {"mixoff_tiny_chat": {"seed": args.seed, "heldout_loss": round(hl, 4)}})
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_heldout(out, held_ex)
+    if scope_held:
+        write_heldout(out, scope_held, SCOPE_HELDOUT_FILE)
     log(f"wrote {out}")
     return report
 
@@ -703,21 +788,24 @@ def load_shipped(path: Path | str = ASSET_DIR):
 HELDOUT_FILE = "heldout.jsonl"
 
 
-def write_heldout(out: Path | str, held: list[Example]) -> None:
+SCOPE_HELDOUT_FILE = "heldout_scope.jsonl"
+
+
+def write_heldout(out: Path | str, held: list[Example], name: str = HELDOUT_FILE) -> None:
     """The held-out chat turns ship next to the weights: docstrings differ between Python versions."""
     lines = [json.dumps({"key": e.key, "question": e.question, "answer": e.answer}, ensure_ascii=False) for e in held]
-    (Path(out) / HELDOUT_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (Path(out) / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def read_heldout(path: Path | str = ASSET_DIR) -> list[Example]:
-    rows = (Path(path) / HELDOUT_FILE).read_text(encoding="utf-8").splitlines()
+def read_heldout(path: Path | str = ASSET_DIR, name: str = HELDOUT_FILE) -> list[Example]:
+    rows = (Path(path) / name).read_text(encoding="utf-8").splitlines()
     return [Example(**json.loads(r)) for r in rows if r.strip()]
 
 
-def heldout_encoded(path: Path | str = ASSET_DIR, tok=None, limit: int | None = None):
+def heldout_encoded(path: Path | str = ASSET_DIR, tok=None, limit: int | None = None, name: str = HELDOUT_FILE):
     """The shipped held-out split, tokenized as training did, and the training report."""
     rep = json.loads((Path(path) / "train_report.json").read_text())
-    enc = encode_all(tok, read_heldout(path), rep["hyperparameters"]["context"])
+    enc = encode_all(tok, read_heldout(path, name), rep["hyperparameters"]["context"])
     return enc[:limit] if limit else enc, rep
 
 
@@ -762,6 +850,17 @@ def locality_stats(routes, num_experts: int, cache_k: int = 4) -> dict:
 TRANSCRIPT_QUESTIONS = ["What does the built-in function len do?", "What is the `zip` builtin?",
                         "Explain the `with` statement.", "What is the os.path module for?",
                         "What does the built-in function sorted do?"]
+# Outside the documentation (the first two are the app's general examples; none is a training question).
+SCOPE_QUESTIONS = ["Hello there", "Write a short poem about a GPU that is running out of memory.",
+                   "What is the capital of Italy?", "Good morning! What can you tell me?"]
+# Twenty more questions outside the documentation, none of them in training: --transcripts counts how many get
+# the scope sentence.
+SCOPE_PROBES = ["Hi, nice to see you!", "Good night", "Hey, what's up?", "Who made you?", "Can you speak German?",
+                "What is the capital of Italy?", "Who is the president of France?", "Tell me a joke.",
+                "What's the weather today?", "Write me a song about summer.", "How tall is Mount Everest?",
+                "What is 12 times 7?", "Explain quantum computing.", "Recommend a podcast.", "How do I fix my bike?",
+                "What is the best pizza topping?", "Summarize the plot of Hamlet.", "Who painted the Mona Lisa?",
+                "Write a haiku about rain.", "What should I eat for dinner?"]
 
 
 @torch.no_grad()
@@ -827,6 +926,17 @@ def transcripts(args) -> None:
         print("---- two-turn chat\n")
         for q, text in zip(qs, generate_chat(model, tok, qs)):
             print(f"### User\n{q}\n\n### Assistant\n{text}\n")
+    print("---- outside the documentation\n")
+    for q in SCOPE_QUESTIONS:
+        text, _, _ = generate_answer(model, tok, q)
+        print(f"### User\n{q}\n\n### Assistant\n{text}\n")
+    missed = [q for q in SCOPE_PROBES if not _says_scope(generate_answer(model, tok, q, max_new_tokens=60)[0])]
+    print(f"---- {len(SCOPE_PROBES) - len(missed)} of {len(SCOPE_PROBES)} unseen out-of-scope questions get the "
+          f"scope sentence; not: {missed}\n")
+
+
+def _says_scope(answer: str) -> bool:
+    return "demo model" in answer and "Python" in answer
 
 
 # ------------------------------------------------------------------------------------------------ cli
@@ -862,7 +972,9 @@ def main(argv: list[str] | None = None) -> int:
         kinds: dict[str, int] = {}
         for it in build_items():
             kinds[it.kind] = kinds.get(it.kind, 0) + 1
-        print(json.dumps({"train_turns": len(tr), "heldout_turns": len(he), "items_by_kind": kinds}, indent=2))
+        st, sh = build_scope_examples()
+        print(json.dumps({"train_turns": len(tr), "heldout_turns": len(he), "items_by_kind": kinds,
+                          "scope_train_turns": len(st), "scope_heldout_turns": len(sh)}, indent=2))
         r = random.Random(0)
         for ex in r.sample(tr, 8):
             print(f"--- {ex.key}\nQ: {ex.question}\nA: {ex.answer}\n")

@@ -1,0 +1,131 @@
+"""Quantized matmul behind one seam: ``qlinear(x, w, kernel)``.
+
+``kernel`` is what ``resolve_kernel`` made of ``--kernel auto|triton|torch`` for the model's device:
+``"torch"`` dequantizes the whole weight and multiplies (the reference, and the CPU default);
+``"triton"`` reads the packed codes inside fused Triton kernels (``qmatmul``). On a CPU the Triton kernels
+run in Triton's interpreter, which is slow and there for tests.
+
+Triton decides between compiling and interpreting when a kernel is decorated, from ``TRITON_INTERPRET``.
+So the kernels' source is loaded as two modules: ``qmatmul`` as the environment says, and, for CPU tensors,
+a second copy decorated under ``TRITON_INTERPRET=1``. A process can then run both (the GPU tests next to the
+CPU ones), and nobody has to set the variable before triton is first imported (hqq imports it). The kernels
+call only triton.language builtins, so they run in the interpreter even though triton's own @jit library
+was decorated in compiled mode.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from ..config import KERNELS, ConfigError
+from ..quant import QWeight, dequantize
+from .geometry import geometry
+
+MIN_CAPABILITY = (7, 0)      # Triton's NVIDIA backend starts at Volta
+
+
+def _load(interpret: bool) -> ModuleType:
+    """The kernels module, interpreted or compiled; ImportError when triton is missing."""
+    if not interpret or os.environ.get("TRITON_INTERPRET") == "1":
+        from . import qmatmul          # as the environment says (TRITON_INTERPRET=1: interpreted everywhere)
+        return qmatmul
+    name = f"{__name__}.qmatmul_interpreted"
+    if name in sys.modules:
+        return sys.modules[name]
+    import triton.language  # noqa: F401  triton's own library stays compiled-mode: only our kernels switch
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "qmatmul.py"))
+    mod = importlib.util.module_from_spec(spec)
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.modules[name] = mod          # dataclasses look their module up while it executes
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+    return mod
+
+
+@functools.cache
+def backend(device_type: str) -> ModuleType:
+    """The Triton kernels for tensors on ``device_type``; ConfigError with the reason when there are none."""
+    try:
+        return _load(interpret=device_type != "cuda")
+    except ImportError as e:
+        raise ConfigError(f"--kernel triton needs the triton package, which is not importable here ({e}): "
+                          f"install it with `pip install triton` (the CUDA build of torch ships it), "
+                          f"or use --kernel torch") from None
+
+
+def resolve_kernel(kernel: str, device: torch.device | str) -> str:
+    """``auto`` | ``triton`` | ``torch`` on ``device`` -> ``"triton"`` or ``"torch"``.
+
+    auto: triton on a CUDA GPU that Triton supports and where triton imports, torch elsewhere. An explicit
+    ``triton`` that cannot work is a ConfigError with one sentence saying why."""
+    if kernel not in KERNELS:
+        raise ConfigError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    dev = torch.device(device)
+    if kernel == "torch" or (kernel == "auto" and dev.type != "cuda"):
+        return "torch"
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < MIN_CAPABILITY:
+        if kernel == "auto":
+            return "torch"
+        cap = ".".join(map(str, torch.cuda.get_device_capability(dev)))
+        raise ConfigError(f"--kernel triton needs a GPU of compute capability 7.0 or newer, and this one is {cap}: "
+                          f"use --kernel torch")
+    try:
+        backend(dev.type)
+    except ConfigError:
+        if kernel == "auto":
+            return "torch"
+        raise
+    return "triton"
+
+
+_geometry = functools.cache(geometry)
+
+
+def fused(w) -> bool:
+    """Whether ``qlinear(..., "triton")`` runs ``w`` in a fused kernel (else: dequantize + matmul)."""
+    return isinstance(w, QWeight) and _geometry(tuple(w.shape), w.bits, w.group_size) is not None
+
+
+def warm_up(weights: Iterable[QWeight], dtype: torch.dtype, tokens: Iterable[int] = (1, 16, 32, 64)) -> int:
+    """Run the fused kernels once per distinct weight format and token tile, so Triton compiles them and the
+    tuner times its candidates now (at load, and before any CUDA graph is captured) rather than inside the
+    first answer. Returns how many calls it made."""
+    seen, calls = set(), 0
+    for w in weights:
+        key = (tuple(w.shape), w.bits, w.group_size, w.scale is None, w.zero is None, w.W_q.device)
+        if key in seen or not fused(w):
+            continue
+        seen.add(key)
+        for T in tokens:
+            qlinear(torch.zeros((T, w.shape[1]), dtype=dtype, device=w.W_q.device), w, "triton")
+            calls += 1
+    return calls
+
+
+def qlinear(x: torch.Tensor, w: torch.Tensor | QWeight, kernel: str = "torch") -> torch.Tensor:
+    """x [..., in] @ W.T -> [..., out] in x's dtype, for a dense weight or a QWeight.
+
+    With ``kernel="triton"`` a QWeight is read by the fused kernels; the one shape they do not take (a
+    group that straddles output rows: out not a multiple of the group size, which only toy models have)
+    falls back to dequantize + matmul."""
+    if not isinstance(w, QWeight):
+        return F.linear(x, w)
+    if kernel == "triton":
+        g = _geometry(tuple(w.shape), w.bits, w.group_size)
+        if g is not None and x.numel():
+            lead = x.shape[:-1]
+            y = backend(x.device.type).qmatmul(x.reshape(-1, x.shape[-1]).contiguous(), w, g)
+            return y.view(*lead, g.out)
+    return F.linear(x, dequantize(w, x.dtype))
