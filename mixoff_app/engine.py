@@ -21,7 +21,7 @@ from .events import TokenEvent
 from .expert_cache import ExpertCache
 from .generate import generate
 from .hub import REFERENCE_REPO, resolve, tokenizer_source
-from .limits import InputLimits, check_chars, fit_conversation, template_overhead
+from .limits import InputLimits, InputTooLong, check_chars, fit_conversation, template_overhead
 from .memory import read_memory
 from .model import Mixtral, Prefetcher
 from .stats import Stats, StatsSnapshot
@@ -361,6 +361,28 @@ class Engine:
             for n in notices:
                 yield TokenEvent("notice", n)
             yield from self._generate_locked(ids, params, cancel, session)
+
+    def stream_prompt(self, prompt, params: SamplingParams, cancel: Optional[threading.Event] = None,
+                      session: Optional[str] = None) -> Iterator[TokenEvent]:
+        """A plain prompt (text, or token ids) continued as it is, with no chat template. Bad input fails here,
+        before the answer waits for the engine; ``session`` keys the KV reuse as in ``stream_chat``."""
+        if isinstance(prompt, str):
+            check_chars("prompt", prompt, self.limits.message)      # before tokenizing a huge text
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            ids = list(prompt)
+            vocab = self.model.cfg.vocab_size
+            bad = next((i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab), None)
+            if bad is not None:
+                raise ValueError(f"token id {bad!r} is not in the model's vocabulary (0 to {vocab - 1})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.model.max_seq:
+            raise InputTooLong(f"the prompt is too long: {len(ids):,} tokens, and the context holds "
+                               f"{self.model.max_seq:,}")
+        return self._stream(ids, [], params, cancel, session)
 
     def stream_ids(self, ids: list[int], params: SamplingParams,
                    cancel: Optional[threading.Event] = None) -> Iterator[TokenEvent]:

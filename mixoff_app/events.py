@@ -11,7 +11,9 @@ class TokenEvent:
 
     kind: "token" (``text`` is the new text, possibly empty while a multi-byte character is incomplete),
     "notice" (``text`` is a message for the user, e.g. older turns were dropped), or "done"
-    (``finish_reason`` is one of "eos", "stop", "length", "cancelled", "context", "oom" — the device ran out of memory; a notice before it says so).
+    (``finish_reason`` is one of "eos", "stop", "length", "cancelled", "context", "oom" — the device ran out
+    of memory, a notice before it says so; ``prompt_tokens`` is the length of the prompt as the model read
+    it, after any old turns were left out).
     """
     kind: str
     text: str = ""
@@ -19,3 +21,4 @@ class TokenEvent:
     index: int = 0
     elapsed_s: float = 0.0
     finish_reason: Optional[str] = None
+    prompt_tokens: Optional[int] = None

@@ -92,6 +92,9 @@ def generate(model: Mixtral, tokenizer, ids: list[int], start: int, params: Samp
         gen = torch.Generator(device=dev)
         gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % (1 << 62)))
     t0 = time.perf_counter()
+    if cancel is not None and cancel.is_set():       # stopped while it waited for the engine: no prefill
+        yield TokenEvent("done", "", None, 0, 0.0, finish_reason="cancelled", prompt_tokens=len(ids))
+        return
     stats.begin_answer()
     context = [len(ids)]           # tokens of context the current step needs (for the out-of-memory message)
     try:
@@ -103,7 +106,7 @@ def generate(model: Mixtral, tokenizer, ids: list[int], start: int, params: Samp
         model.free_scratch()
         yield TokenEvent("notice", f"out of GPU memory at {context[0]} tokens of context: "
                                    f"lower --max-context or --cache-size")
-        yield TokenEvent("done", "", None, 0, time.perf_counter() - t0, finish_reason="oom")
+        yield TokenEvent("done", "", None, 0, time.perf_counter() - t0, finish_reason="oom", prompt_tokens=len(ids))
     finally:
         stats.end_answer()
 
@@ -152,4 +155,4 @@ def _decode(model: Mixtral, tokenizer, ids: list[int], start: int, params: Sampl
     rest = stream.flush() if finish != "stop" else ""
     if rest:
         yield TokenEvent("token", rest, None, params.max_new_tokens, time.perf_counter() - t0)
-    yield TokenEvent("done", "", None, 0, time.perf_counter() - t0, finish_reason=finish)
+    yield TokenEvent("done", "", None, 0, time.perf_counter() - t0, finish_reason=finish, prompt_tokens=len(ids))

@@ -86,7 +86,7 @@ def test_every_subcommand_is_registered_explicitly(monkeypatch):
 
     import mixoff_app.cli as cli
     sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == ["generate", "quantize", "make-tiny", "trace", "plan"]
+    assert list(sub.choices) == ["generate", "quantize", "make-tiny", "trace", "plan", "serve"]
     monkeypatch.setattr(cli.plan, "add_parser", lambda subparsers: (_ for _ in ()).throw(ImportError("broken")))
     with pytest.raises(ImportError, match="broken"):
         cli.build_parser()

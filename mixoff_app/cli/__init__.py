@@ -1,4 +1,4 @@
-"""Headless command line: ``python -m mixoff_app {generate,quantize,make-tiny,trace,plan} ...``.
+"""Headless command line: ``python -m mixoff_app {generate,quantize,make-tiny,trace,plan,serve} ...``.
 
 The flags and the ``--json`` output of ``generate`` are a contract that benchmarks and checks rely on:
 extend them, never break them. Each subcommand is one module with ``add_parser(subparsers)``; they are
@@ -13,9 +13,9 @@ from typing import Optional
 from ..checkpoints import CheckpointError
 from ..config import ConfigError
 from ..hub import ModelNotAvailable
-from . import generate, make_tiny, plan, quantize, trace
+from . import generate, make_tiny, plan, quantize, serve, trace
 
-SUBCOMMANDS = (generate, quantize, make_tiny, trace, plan)
+SUBCOMMANDS = (generate, quantize, make_tiny, trace, plan, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", default=None, metavar="USER:PASS",
                    help="an operator login: only this account may change the cache settings and see every "
                         "session's details (puts a login in front of the app; --auth adds a user account)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on the OpenAI-compatible API at /v1 (default: "
+                        "$MIXOFF_API_KEY; without a key /v1 is served only on loopback without --share)")
     return p
 
 
@@ -122,6 +125,31 @@ def _quant(args):
     return QuantConfig.from_bits(args.attn_bits, args.expert_bits)
 
 
+def api_config(args: argparse.Namespace, host: str, admin: Optional[str] = None, environ=os.environ):
+    """The /v1 API's settings: the key from --api-key or MIXOFF_API_KEY, where the page is reachable, and the
+    --admin user (with one, the API's callers are never the operator)."""
+    from ..api import ENV_KEY, ApiConfig
+    key = args.api_key if args.api_key is not None else environ.get(ENV_KEY) or None
+    try:
+        return ApiConfig(key=key, host=host, share=bool(args.share), admin=admin,
+                         default_max_tokens=args.max_new_tokens)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def api_app_kwargs(slot, config) -> dict:
+    """The /v1 routes go on the very app Gradio launches: same host and port, and the share link carries them."""
+    from ..api import api_routes
+
+    def engine():
+        if slot.engine is not None:
+            return slot.engine
+        if slot.error:
+            raise RuntimeError(f"the model could not be loaded: {slot.error}")
+        raise RuntimeError("the model is still loading: try again in a moment (/v1/models answers once it is ready)")
+    return {"routes": api_routes(engine, config)}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
@@ -129,10 +157,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     def say(msg: str) -> None:
         print(f"mixoff: {msg}", file=sys.stderr, flush=True)
 
+    host = bind_address(args.host)
     try:
         auth = parse_auth(args.auth)
         admin = parse_auth(args.admin, "--admin")
         logins = accounts(auth, admin)
+        api = api_config(args, host, admin[0] if admin else None)
         cfg, reason = engine_config(args, say)
     except ConfigError as exc:
         build_parser().error(str(exc))
@@ -143,7 +173,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from .chat import EngineSlot
     from .layout import build_ui, examples_for, launch_kwargs
 
-    host = bind_address(args.host)
     warning = exposure_warning(host, args.share, bool(logins))
     if warning:
         say(warning)
@@ -157,9 +186,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     say(f"serving on http://{shown}:{port}" + ("" if host == "127.0.0.1" else f" (bound to {host})")
         + (" with a login" if logins else "") + "; the model loads in the background, progress on the page")
+    from ..api import describe
+    say(f"OpenAI-compatible API at http://{shown}:{port}/v1: {describe(api)}")
     demo.launch(server_name=host, server_port=port, share=args.share,
                 auth=LoginThrottle(logins, log=say) if logins else None, show_error=True,
-                footer_links=["api", "settings"], **launch_kwargs())
+                footer_links=["api", "settings"], app_kwargs=api_app_kwargs(slot, api), **launch_kwargs())
 
 
 if __name__ == "__main__":

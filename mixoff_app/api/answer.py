@@ -1,0 +1,133 @@
+"""One engine answer for an HTTP request: the engine's blocking stream runs on its own thread, the event loop
+reads it, and a client that goes away cancels it (the engine stops at its next token).
+
+API answers wait in one FIFO line (an ``asyncio.Lock``) so at most one of them holds a thread at the engine's
+lock; there it takes turns with the page's answers, which wait in Gradio's queue the same way.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from ..events import TokenEvent
+
+POLL_S = 0.25             # how often a waiting request checks whether its client is still there
+# OpenAI has no reason for a full context or an out-of-memory device: both end the answer early, like a length
+# cap ("oom" also leaves its notice in mixoff.notices).
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "oom": "length",
+          "cancelled": "stop"}
+
+
+class Disconnected(Exception):
+    """The client went away; there is no one to answer."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str                       # OpenAI's finish_reason: stop | length
+    prompt_tokens: int
+    completion_tokens: int
+    mixoff: dict = field(default_factory=dict)
+
+
+def answer_view(engine: Any, completion_tokens: int, notices: list[str]) -> dict:
+    """What the cache did for this answer (read while the answer still holds the engine)."""
+    split = engine.answer_counters()
+    snap = engine.stats()
+    both = {k: split["prefill"][k] + split["decode"][k] for k in split["decode"]}
+    looked = both["hits"] + both["misses"]
+    return {
+        "hits": both["hits"], "misses": both["misses"], "hit_rate": both["hits"] / looked if looked else 0.0,
+        "evictions": both["evictions"], "bytes_h2d": both["bytes_h2d"], "bytes_disk": both["bytes_disk"],
+        "prefetch_issued": both["prefetch_issued"], "prefetch_used": both["prefetch_used"],
+        "tokens_per_s": snap.avg_tokens_per_s, "completion_tokens": completion_tokens,
+        "prefill_tokens": snap.prefill_tokens, "prefill_s": snap.prefill_s, "ttft_s": snap.ttft_s,
+        "prefill": split["prefill"], "decode": split["decode"], "notices": list(notices),
+    }
+
+
+async def until(awaitable, is_disconnected: Callable[[], Any]):
+    """Await ``awaitable`` unless the client disconnects first (then cancel it and raise Disconnected)."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=POLL_S)
+            if done:
+                return task.result()
+            if await is_disconnected():
+                raise Disconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+class Answer:
+    """``events``: the engine's event iterator, validated but not yet begun, made with ``cancel``."""
+
+    def __init__(self, engine: Any, events: Iterator[TokenEvent], cancel: threading.Event) -> None:
+        self.engine, self.events, self.cancel = engine, events, cancel
+
+    def _work(self, put: Callable[[object], None], done: Callable[[], None]) -> None:
+        n, notices = 0, []
+        try:
+            for ev in self.events:
+                if ev.kind == "token":
+                    n += ev.token_id is not None
+                    if ev.text:
+                        put(Piece(ev.text))
+                elif ev.kind == "notice":
+                    notices.append(ev.text)
+                elif ev.kind == "done":
+                    # The engine still holds this answer here, so the counters are this answer's alone.
+                    put(Finish(FINISH.get(ev.finish_reason or "eos", "stop"), ev.prompt_tokens or 0, n,
+                               answer_view(self.engine, n, notices)))
+        except BaseException as exc:      # noqa: BLE001 - handed to the request, which answers with it
+            put(exc)
+        finally:
+            close = getattr(self.events, "close", None)
+            if close is not None:
+                close()
+            done()
+
+    async def run(self, line: asyncio.Lock, is_disconnected: Callable[[], Any]) -> AsyncIterator[object]:
+        """Yield Piece ... Finish. Waits its turn in ``line``; the line is held until the engine is free."""
+        await until(line.acquire(), is_disconnected)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        def put(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:          # the server's loop has closed: nobody is reading any more
+                self.cancel.set()
+
+        def done() -> None:
+            put(end)
+            try:
+                loop.call_soon_threadsafe(line.release)
+            except RuntimeError:
+                pass
+
+        try:
+            threading.Thread(target=self._work, args=(put, done), name="mixoff-api-answer", daemon=True).start()
+        except BaseException:
+            line.release()
+            raise
+        try:
+            while True:
+                item = queue.get_nowait() if not queue.empty() else await until(queue.get(), is_disconnected)
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel.set()             # a client gone (or an error): the engine stops at its next token

@@ -1,0 +1,236 @@
+"""Request bodies -> what the engine takes. Unknown fields are ignored; a field we read but cannot honour
+(n > 1, tools, images, logprobs) is refused with OpenAI's error shape and the field's name."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from ..config import ConfigError, SamplingParams
+from .errors import ApiError, invalid, unsupported
+
+MAX_STOP = 4              # OpenAI's limit on stop sequences
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[dict, ...]          # {"role": system|user|assistant, "content": str}
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt: Union[str, tuple[int, ...]]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def parse_json(raw: bytes) -> dict:
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, f"We could not parse the JSON body of your request ({exc}). Send a JSON object with "
+                            f"`Content-Type: application/json`.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"The request body must be a JSON object, not a JSON {type(body).__name__}.",
+                       code="invalid_json")
+    return body
+
+
+# ---- fields -------------------------------------------------------------------------------------
+def _present(body: dict, name: str) -> bool:
+    return body.get(name) is not None
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise invalid(f"'{name}' must be a number, not {json.dumps(v)[:40]}.", name)
+    if not lo <= v <= hi:
+        raise invalid(f"'{name}' must be between {lo:g} and {hi:g}, not {v:g}.", name)
+    return float(v)
+
+
+def _int(body: dict, name: str, lo: Optional[int] = None) -> Optional[int]:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise invalid(f"'{name}' must be a whole number, not {json.dumps(v)[:40]}.", name)
+    if lo is not None and v < lo:
+        raise invalid(f"'{name}' must be at least {lo}, not {v}.", name)
+    return v
+
+
+def _bool(body: dict, name: str) -> bool:
+    v = body.get(name)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise invalid(f"'{name}' must be true or false, not {json.dumps(v)[:40]}.", name)
+    return v
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise invalid("'stop' must be a string or a list of strings.", "stop")
+    if len(stops) > MAX_STOP:
+        raise invalid(f"'stop' takes at most {MAX_STOP} sequences, not {len(stops)}.", "stop")
+    return tuple(s for s in stops if s)
+
+
+def _refuse_unsupported(body: dict) -> None:
+    n = _int(body, "n", lo=1)
+    if n is not None and n > 1:
+        raise unsupported(f"n = {n} is not supported: this server generates one answer per request (n = 1); "
+                          f"send {n} requests instead.", "n")
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise unsupported(f"'{name}' is not supported: this model has no tool or function calling.", name,
+                              code="unsupported_parameter")
+    choice = body.get("tool_choice", body.get("function_call"))
+    if choice not in (None, "none", "auto"):
+        raise unsupported("'tool_choice' is not supported: this model has no tool or function calling.",
+                          "tool_choice", code="unsupported_parameter")
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+        raise unsupported("log probabilities are not supported by this server.", "logprobs",
+                          code="unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise unsupported("'response_format' other than {\"type\": \"text\"} is not supported: JSON mode needs "
+                          "constrained decoding, which this server does not do.", "response_format")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, 0.0, -2.0, 2.0) != 0:
+            raise unsupported(f"'{name}' is not supported by this server; leave it out or set it to 0.", name)
+    if body.get("logit_bias"):
+        raise unsupported("'logit_bias' is not supported by this server.", "logit_bias",
+                          code="unsupported_parameter")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise unsupported("only text output is supported: set 'modalities' to [\"text\"] or leave it out.",
+                          "modalities")
+
+
+def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    name = "max_completion_tokens" if _present(body, "max_completion_tokens") else "max_tokens"
+    max_tokens = _int(body, name, lo=1)
+    seed = _int(body, "seed")
+    if seed is not None and not -2**63 <= seed < 2**63:
+        raise invalid(f"'seed' must fit in 64 bits, not {seed}.", "seed")
+    try:
+        # top_p -> 0 keeps only the most likely token: greedy, without an empty nucleus.
+        return SamplingParams(max_new_tokens=max_tokens or default_max_tokens, temperature=temperature,
+                              top_p=top_p or 1.0, greedy=temperature == 0 or top_p == 0, stop=_stop(body),
+                              seed=seed)
+    except ConfigError as exc:
+        raise invalid(str(exc)) from None
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = _bool(body, "stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise invalid("'stream_options' must be an object such as {\"include_usage\": true}.", "stream_options")
+    return stream, stream and bool(opts and opts.get("include_usage") is True)
+
+
+# ---- chat ---------------------------------------------------------------------------------------
+def _content(content: Any, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise invalid(f"'{where}.content' must be a string or a list of content parts.", f"{where}.content")
+    out = []
+    for j, part in enumerate(content):
+        here = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise invalid(f"'{here}.text' must be a string.", f"{here}.text")
+            out.append(part["text"])
+        elif kind in ("image_url", "input_image", "image", "input_audio", "audio", "file", "video_url"):
+            raise unsupported(f"'{here}' is {kind}: this model reads text only; send text content parts.",
+                              f"{here}.type")
+        else:
+            raise invalid(f"'{here}' must be a content part such as {{\"type\": \"text\", \"text\": \"...\"}}.",
+                          f"{here}.type")
+    return "".join(out)
+
+
+def _messages(body: dict) -> tuple[dict, ...]:
+    msgs = body.get("messages")
+    if msgs is None:
+        raise invalid("'messages' is required: a list of {\"role\", \"content\"} objects.", "messages",
+                      code="missing_required_parameter")
+    if not isinstance(msgs, list) or not msgs:
+        raise invalid("'messages' must be a non-empty list of {\"role\", \"content\"} objects.", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise invalid(f"'{where}' must be an object with 'role' and 'content'.", where)
+        role = m.get("role")
+        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
+            raise unsupported(f"'{where}' is a tool {'result' if role in ('tool', 'function') else 'call'}: "
+                              f"this model has no tool or function calling.", f"{where}.role")
+        if role not in ROLES:
+            raise invalid(f"'{where}.role' must be one of system, user or assistant, not {json.dumps(role)[:40]}.",
+                          f"{where}.role")
+        out.append({"role": ROLES[role], "content": _content(m.get("content"), where)})
+    if out[-1]["role"] != "user":
+        raise invalid("the conversation must end with a user message.", f"messages[{len(out) - 1}].role")
+    return tuple(out)
+
+
+def parse_chat(body: dict, default_max_tokens: int) -> ChatRequest:
+    messages = _messages(body)
+    _refuse_unsupported(body)
+    stream, include_usage = _stream(body)
+    return ChatRequest(messages, _sampling(body, default_max_tokens), stream, include_usage)
+
+
+# ---- completions --------------------------------------------------------------------------------
+def _prompt(body: dict) -> Union[str, tuple[int, ...]]:
+    p = body.get("prompt")
+    if p is None:
+        raise invalid("'prompt' is required: a string (or a list of token ids).", "prompt",
+                      code="missing_required_parameter")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]                        # a batch of one
+    if isinstance(p, str):
+        return p
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        return tuple(p)
+    if isinstance(p, list) and len(p) > 1 and all(isinstance(t, (str, list)) for t in p):
+        raise unsupported(f"a batch of {len(p)} prompts is not supported: send one prompt per request.", "prompt")
+    raise invalid("'prompt' must be a string, or a list of token ids.", "prompt")
+
+
+def parse_completion(body: dict, default_max_tokens: int) -> CompletionRequest:
+    prompt = _prompt(body)
+    _refuse_unsupported(body)
+    if body.get("echo"):
+        raise unsupported("'echo' is not supported by this server.", "echo", code="unsupported_parameter")
+    if body.get("suffix"):
+        raise unsupported("'suffix' (fill-in-the-middle) is not supported by this model.", "suffix",
+                          code="unsupported_parameter")
+    best_of = _int(body, "best_of", lo=1)
+    if best_of is not None and best_of > 1:
+        raise unsupported(f"best_of = {best_of} is not supported: one answer is generated per request.", "best_of")
+    stream, include_usage = _stream(body)
+    return CompletionRequest(prompt, _sampling(body, default_max_tokens), stream, include_usage)
