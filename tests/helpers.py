@@ -1,6 +1,8 @@
 """Small helpers shared by the runtime tests."""
 from __future__ import annotations
 
+import socket
+
 import torch
 
 from mixoff_app.config import NO_QUANT, CacheConfig, EngineConfig, QuantConfig, SamplingParams
@@ -29,3 +31,10 @@ def hf_greedy(hf_model, ids, n=32) -> list[int]:
                             max_new_tokens=n, min_new_tokens=n, do_sample=False,
                             pad_token_id=hf_model.config.eos_token_id)
     return out[0, len(ids):].tolist()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for launching the real app in a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -25,18 +25,14 @@ from mixoff_app.engine import Engine  # noqa: E402
 from mixoff_app.ui import EngineSlot, build_ui, launch_kwargs  # noqa: E402
 from mixoff_app.ui.launch import api_app_kwargs  # noqa: E402
 
+from helpers import free_port
+
 TOKENS = 24
 ROOT = Path(__file__).resolve().parents[1]
 CONVERSATION = [{"role": "system", "content": "Answer briefly."},
                 {"role": "user", "content": "Name a keyword."},
                 {"role": "assistant", "content": "def"},
                 {"role": "user", "content": "Another one?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

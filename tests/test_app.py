@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 
@@ -20,13 +19,9 @@ from mixoff_app.engine import Engine  # noqa: E402
 from mixoff_app.ui import EngineSlot, build_ui, launch_kwargs  # noqa: E402
 from mixoff_app.ui import launch as launcher  # noqa: E402
 
+from helpers import free_port
+
 TOKENS = 24
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

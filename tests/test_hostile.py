@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -35,17 +34,13 @@ from mixoff_app.memory import rss_bytes  # noqa: E402
 from mixoff_app.ui import build_ui, launch_kwargs  # noqa: E402
 from mixoff_app.ui import launch as launcher  # noqa: E402
 
+from helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 512
 TOKENS = 8
 MiB = 2**20
 ACCOUNTS = {"ann": "ann-pass", "bob": "bob-pass", "boss": "boss-pass", "mallory": "mallory-pass"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
