@@ -2,18 +2,26 @@
 
 ``count_syncs`` patches the ``Tensor`` methods that bring a value to the host (each one drains the GPU's
 queue when the tensor lives there); ``count_ops`` counts non-view aten ops through a dispatch mode, which
-sees the same ops on any device (each one a kernel launch, or more, on a GPU). Both work on the CPU, so
-the tests hold the decode path to its budget without a GPU, and the benchmarks report the same counts.
+sees the same ops on any device (each one a kernel launch, or more, on a GPU), and each launch of our
+Triton kernels as one op (``triton.<kernel>``), whatever runs it: on the CPU Triton's interpreter works
+through numpy and torch calls that a GPU launch does not make, so those are not counted. Both work on the
+CPU, so the tests hold the decode path to its budget without a GPU, and the benchmarks report the same counts.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from collections import Counter
 from typing import Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+# Where the Triton kernels live (compiled, and the interpreted copy for CPU tensors: see kernels/__init__.py),
+# and their names.
+KERNEL_MODULES = ("mixoff_app.kernels.qmatmul", "mixoff_app.kernels.qmatmul_interpreted")
+KERNELS = ("qgemv_kernel", "qgemm_kernel")
 
 # Every Tensor method that returns a host value (or host memory) and so synchronizes with the device.
 SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "__complex__")
@@ -82,12 +90,43 @@ class OpCount:
         return sum(self._c.ops.values())
 
 
+class _CountedKernel:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` counts one launch and runs the kernel with the
+    dispatch mode off (what it does inside is one launch on a GPU)."""
+
+    def __init__(self, kernel, name: str, ops: Counter) -> None:
+        self._kernel, self._name, self._ops = kernel, name, ops
+
+    def __getitem__(self, grid):
+        launch = self._kernel[grid]
+
+        def counted(*args, **kwargs):
+            self._ops[f"triton.{self._name}"] += 1
+            with _disable_current_modes():
+                return launch(*args, **kwargs)
+        return counted
+
+    def __getattr__(self, name):
+        return getattr(self._kernel, name)
+
+
 @contextlib.contextmanager
 def count_ops() -> Iterator[OpCount]:
-    """Count dispatched non-view aten ops while the block runs."""
+    """Count dispatched non-view aten ops, and launches of our Triton kernels, while the block runs (kernel
+    modules loaded after the block started are not counted: load the engine first)."""
     mode = _OpCounter()
-    with mode:
-        yield OpCount(mode)
+    patched = []
+    for modname in KERNEL_MODULES:
+        mod = sys.modules.get(modname)
+        for name in KERNELS if mod is not None else ():
+            patched.append((mod, name, getattr(mod, name)))
+            setattr(mod, name, _CountedKernel(getattr(mod, name), name, mode.ops))
+    try:
+        with mode:
+            yield OpCount(mode)
+    finally:
+        for mod, name, kernel in patched:
+            setattr(mod, name, kernel)
 
 
 class _LiveBytes(TorchDispatchMode):
