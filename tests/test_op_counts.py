@@ -42,3 +42,22 @@ def test_track_live_bytes_sees_the_peak_and_the_frees():
         d = b.mul_(3)                                     # in place: the same storage
     assert live.peak == 8000 and live.live == 4000
     assert c.shape == (990,) and d is b
+
+
+def test_count_ops_counts_a_triton_launch_as_one_op():
+    import pytest
+    pytest.importorskip("triton", reason="the kernel tests need triton (.ci/run installs it)")
+    from mixoff_app.config import QuantSpec
+    from mixoff_app.kernels import qlinear
+    from mixoff_app.quant import quantize
+
+    w = quantize(torch.randn(64, 32), QuantSpec(bits=2, group_size=16))
+    x = torch.randn(1, 32)
+    qlinear(x, w, "triton")                    # loads the interpreted kernels before the count starts
+    with count_ops() as c:
+        y = qlinear(x, w, "triton")            # the interpreter's own torch calls inside are not counted
+    assert c.by_op == {"empty": 1, "triton.qgemv_kernel": 1}, c.by_op
+    with count_ops() as c:
+        qlinear(torch.randn(5, 32), w, "triton")
+    assert c.by_op["triton.qgemm_kernel"] == 1 and c.total <= 3, c.by_op
+    assert y.shape == (1, 64)
