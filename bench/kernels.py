@@ -8,7 +8,9 @@ bytes written per second by a device-to-device copy).
 
 On CUDA each call is timed inside a CUDA graph (the GPU's time, which is what decode pays once its launches
 are graphed) and also eagerly (with Python and launch overhead); every GEMV launch configuration the tuner
-considers is timed too, so a GPU run shows which to keep. Prints one JSON object.
+considers is timed too, so a GPU run shows which to keep. ``gate_up`` times an expert's gate and up
+projections for one token as one fused launch (``kernels.swiglu``) against two GEMVs + silu + product.
+Prints one JSON object.
 
     python bench/kernels.py                     # on a GPU: Mixtral shapes
     python bench/kernels.py --tiny --repeats 2  # anywhere: shapes / 16, Triton's interpreter on a CPU
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.nn.functional as F
 
-from mixoff_app.kernels import backend, fused, qlinear, resolve_kernel
+from mixoff_app.kernels import backend, fused, qlinear, resolve_kernel, swiglu
 from mixoff_app.kernels.geometry import geometry
 from mixoff_app.quant import QWeight, dequantize, pack
 
@@ -124,6 +126,29 @@ def bench_weight(w: QWeight, mod, kernel: str, device: torch.device, dtype: torc
     return c
 
 
+def bench_gate_up(w1: QWeight, w3: QWeight, kernel: str, device: torch.device, dtype: torch.dtype,
+                  args) -> dict:
+    """An expert's gate and up projections for one token: ``swiglu`` (one fused launch where it pays) against
+    two GEMVs + silu + product, and against dequantize + matmul."""
+    x = torch.randn((1, w1.shape[1]), device=device).to(dtype)
+    graph = device.type == "cuda"
+    a, b = (F.linear(x.float(), dequantize(w, torch.float32)) for w in (w1, w3))
+    ref = F.silu(a) * b
+    c = {"shape": list(w1.shape), "packed_bytes": w1.nbytes + w3.nbytes,
+         "max_abs_err": (swiglu(x, w1, w3, kernel).float() - ref).abs().max().item(),
+         "ref_max_abs": ref.abs().max().item(),
+         "swiglu_s": timed(lambda: swiglu(x, w1, w3, kernel), device, args.repeats, graph=graph),
+         "two_gemvs_s": timed(lambda: F.silu(qlinear(x, w1, kernel)) * qlinear(x, w3, kernel), device,
+                              args.repeats, graph=graph),
+         "torch_s": timed(lambda: swiglu(x, w1, w3, "torch"), device, args.repeats, graph=graph)}
+    c["packed_GBps"] = c["packed_bytes"] / c["swiglu_s"] / 1e9
+    if device.type == "cuda":
+        c["swiglu_eager_s"] = timed(lambda: swiglu(x, w1, w3, kernel), device, args.repeats)
+        c["two_gemvs_eager_s"] = timed(lambda: F.silu(qlinear(x, w1, kernel)) * qlinear(x, w3, kernel), device,
+                                       args.repeats)
+    return c
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -157,6 +182,9 @@ def main() -> None:
         w = random_qweight((out, inp), bits, group, sg, device)
         c = {"name": name, "shape": [out, inp], "bits": bits, "group": group, "scale_group": sg}
         result["cases"].append(c | bench_weight(w, mod, kernel, device, dtype, bw, args))
+        if name == "expert_w1":
+            w3 = random_qweight((out, inp), bits, group, sg, device, seed=1)
+            result["gate_up"] = bench_gate_up(w, w3, kernel, device, dtype, args)
     if mod is not None:
         result["tuned_configs"] = mod.chosen_configs()
     print(json.dumps(result, indent=1))

@@ -223,9 +223,12 @@ def _warm_up_kernels(model: Mixtral, layout, device: torch.device, dtype: torch.
     from .quant import QWeight
     lw = model.trunk.layers[0]
     weights = [w for w in (lw.wq, lw.wk, lw.wv, lw.wo) if isinstance(w, QWeight)]
+    pairs = []
     if layout.spec.enabled:
-        weights += list(layout.weights(torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)))
-    return warm_up(weights, dtype)
+        ew = layout.weights(torch.zeros(layout.nbytes, dtype=torch.uint8, device=device))
+        weights += list(ew)
+        pairs.append((ew.w1, ew.w3))
+    return warm_up(weights, dtype, swiglu_pairs=pairs)
 
 
 def _tokenizer(config: EngineConfig, resolved, cfg: ModelConfig, progress: Progress) -> tuple:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .config import PREFILL_CHUNK, ModelConfig
 from .expert_cache import ExpertCache
-from .kernels import qlinear
+from .kernels import qlinear, swiglu
 from .quant import QWeight
 from .stats import Stats
 from .stores import ExpertWeights
@@ -75,7 +75,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def expert_forward(x: torch.Tensor, w: ExpertWeights, kernel: str = "torch") -> torch.Tensor:
-    return qlinear(F.silu(qlinear(x, w.w1, kernel)) * qlinear(x, w.w3, kernel), w.w2, kernel)
+    return qlinear(swiglu(x, w.w1, w.w3, kernel), w.w2, kernel)
 
 
 def _proj(x: torch.Tensor, w: Weight, b: Optional[torch.Tensor], kernel: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 # Where the Triton kernels live (compiled, and the interpreted copy for CPU tensors: see kernels/__init__.py),
 # and their names.
 KERNEL_MODULES = ("mixoff_app.kernels.qmatmul", "mixoff_app.kernels.qmatmul_interpreted")
-KERNELS = ("qgemv_kernel", "qgemm_kernel")
+KERNELS = ("qgemv_kernel", "qgemv_swiglu_kernel", "qgemm_kernel")
 
 # Every Tensor method that returns a host value (or host memory) and so synchronizes with the device.
 SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "__complex__")

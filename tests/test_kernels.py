@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from mixoff_app.config import ConfigError, EngineConfig, QuantSpec
 from mixoff_app.engine import Engine
-from mixoff_app.kernels import backend, fused, qlinear, resolve_kernel
+from mixoff_app.kernels import backend, fused, qlinear, resolve_kernel, swiglu
 from mixoff_app.kernels.geometry import geometry
 from mixoff_app.quant import QWeight, dequantize, pack, quantize
 
@@ -81,6 +81,48 @@ def test_kernel_matches_dequantize_then_matmul(bits, group, sg, qz, shape, T):
     for dtype in (torch.float32, torch.float16):
         x = torch.randn((T, shape[1]), generator=gen).to(dtype)
         check(qlinear(x, w, "triton"), x, w)
+
+
+@pytest.mark.parametrize("bits,group,sg,qz,shape", CASES, ids=[f"{c[0]}bit-g{c[1]}-{c[4][0]}x{c[4][1]}" for c in CASES])
+def test_fused_gate_and_up_match_two_matmuls(bits, group, sg, qz, shape):
+    """swiglu: one launch for a token (the product in fp32, rounded once), two matmuls for more tokens."""
+    w1 = random_qweight(shape, bits, group, sg, qz, seed=bits * 100 + group)
+    w3 = random_qweight(shape, bits, group, sg, qz, seed=bits * 100 + group + 1)
+    gen = torch.Generator().manual_seed(bits)
+    for dtype in (torch.float32, torch.float16):
+        for T in (1, 3):
+            x = (0.05 * torch.randn((T, shape[1]), generator=gen)).to(dtype)    # products stay within fp16
+            a, b = (F.linear(x.float(), dequantize(w, torch.float32)) for w in (w1, w3))
+            ref = F.silu(a) * b
+            y = swiglu(x, w1, w3, "triton")
+            assert y.dtype == dtype and y.shape == ref.shape
+            tol = 2e-6 if dtype == torch.float32 else 4e-3
+            scale = max(a.abs().max().item(), 1.0) * max(b.abs().max().item(), 1.0)
+            torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * scale)
+
+
+def test_fused_gate_and_up_is_one_launch_only_where_it_fits():
+    from mixoff_app.op_counts import count_ops
+
+    w1, w3 = random_qweight((48, 40), 2, 16, 24, True, seed=1), random_qweight((48, 40), 2, 16, 24, True, seed=2)
+    x = torch.randn(1, 40)
+    swiglu(x, w1, w3, "triton")                     # loads the interpreted kernels before counting
+    with count_ops() as c:
+        y = swiglu(x, w1, w3, "triton")
+    assert c.by_op == {"empty": 1, "triton.qgemv_swiglu_kernel": 1}, c.by_op
+    other = random_qweight((48, 40), 2, 16, None, True, seed=3)     # another scale format: two launches
+    with count_ops() as c:
+        y2 = swiglu(x, w1, other, "triton")
+    assert c.by_op["triton.qgemv_kernel"] == 2 and "triton.qgemv_swiglu_kernel" not in c.by_op
+    torch.testing.assert_close(y2, F.silu(qlinear(x, w1, "torch")) * qlinear(x, other, "torch"), rtol=2e-6, atol=1e-5)
+    assert torch.equal(swiglu(x, w1, w3, "torch"), F.silu(qlinear(x, w1, "torch")) * qlinear(x, w3, "torch"))
+    # No configuration without split-K (a GPU with many SMs and a short weight): two split GEMVs instead.
+    mod = backend("cpu")
+    assert mod.swiglu_candidates(geometry((48, 4096), 2, 16), 132) == []          # R = 3 rows of groups
+    assert mod.swiglu_candidates(geometry((14336, 4096), 2, 16), 132)            # Mixtral's w1/w3: fused
+    g = geometry((48, 40), 2, 16)
+    torch.testing.assert_close(y[0], mod.qgemv_swiglu(x[0], w1, w3, g, mod.GemvConfig(BR=1, BK=16, split=1)),
+                               rtol=2e-6, atol=1e-5)
 
 
 def test_prefill_sized_batch_and_hqq_quantized_weights():
@@ -185,8 +227,9 @@ def test_whole_model_parity_on_the_reference_layout():
 def test_load_time_warm_up_covers_each_weight_format_once():
     from mixoff_app.engine import _warm_up_kernels
     eng = _engine(REFERENCE, "triton")
-    # q/o (256x256) and k/v (64x256) at 4-bit, w1/w3 (64x256) and w2 (256x64) at 2-bit: 4 formats x 4 token tiles.
-    assert _warm_up_kernels(eng.model, eng.model.cache.store.layout, torch.device("cpu"), torch.float32) == 16
+    # q/o (256x256) and k/v (64x256) at 4-bit, w1/w3 (64x256) and w2 (256x64) at 2-bit: 4 formats x 4 token
+    # tiles, and the experts' fused gate/up launch once.
+    assert _warm_up_kernels(eng.model, eng.model.cache.store.layout, torch.device("cpu"), torch.float32) == 17
 
 
 def test_whole_model_parity_on_our_format(tiny_dir, tmp_path):
@@ -232,8 +275,9 @@ def test_kernel_benchmark_runs_on_the_cpu():
 
 
 def test_every_gpu_launch_config_compiles_for_turing_and_hopper():
-    """No GPU needed: triton's ptxas compiles each GEMV candidate and the GEMM's for one token and a prefill
-    chunk at Mixtral's shapes, for sm_75 (T4) and sm_90 (H100/H200), without spilling registers."""
+    """No GPU needed: triton's ptxas compiles each GEMV candidate, the fused gate/up GEMV's, and the GEMM's for
+    one token and a prefill chunk at Mixtral's shapes, for sm_75 (T4) and sm_90 (H100/H200), without spilling
+    registers."""
     import os
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted")
@@ -242,7 +286,7 @@ def test_every_gpu_launch_config_compiles_for_turing_and_hopper():
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this triton has no NVIDIA ptxas")
     rows = [tools.compile_one(kind, g, c, arch) for kind, _, g, c, arch in tools.configs((75, 90), gemm_tokens=(1, 512))]
-    assert {r["kernel"] for r in rows} == {"gemv", "gemm"} and {r["arch"] for r in rows} == {75, 90}
+    assert {r["kernel"] for r in rows} == {"gemv", "gemm", "swiglu"} and {r["arch"] for r in rows} == {75, 90}
     for r in rows:
         assert r["local_bytes"] == 0 and r["regs"] <= 255, r
 

@@ -41,9 +41,13 @@ def _kernels():
 
 def _signature(kind: str, dtype: str) -> dict:
     t = TRITON_DTYPE[dtype]
-    sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}" if kind == "gemm" else "*fp32", "wq_ptr": "*u8", "s_ptr": "*u8",
-           "ss_ptr": "*fp16", "sz_ptr": "*fp16", "z_ptr": "*u8", "zs_ptr": "*fp16", "zz_ptr": "*fp16"}
-    ints = ("T", "R", "K", "C", "OUT") if kind == "gemm" else ("R", "K", "C", "OUT", "K_SPLIT")
+    weight = {"wq_ptr": "*u8", "s_ptr": "*u8", "ss_ptr": "*fp16", "sz_ptr": "*fp16", "z_ptr": "*u8",
+              "zs_ptr": "*fp16", "zz_ptr": "*fp16"}
+    sig = {"x_ptr": f"*{t}", "y_ptr": "*fp32" if kind == "gemv" else f"*{t}"} | weight
+    if kind == "swiglu":          # the up projection's operands: the same names with a 3
+        sig |= {k.replace("_ptr", "3_ptr"): v for k, v in weight.items()}
+    ints = {"gemm": ("T", "R", "K", "C", "OUT"), "gemv": ("R", "K", "C", "OUT", "K_SPLIT"),
+            "swiglu": ("R", "K", "C", "OUT")}[kind]
     return sig | {n: "i32" for n in ints}
 
 
@@ -54,6 +58,8 @@ def compile_one(kind: str, g: Geometry, cfg, arch: int, dtype: str = "float16") 
                 ZERO_META=True)
     if kind == "gemm":
         fn, cons = K.qgemm_kernel, cons | dict(IEEE=dtype == "float32", BT=cfg.BT, BR=cfg.BR, BK=cfg.BK)
+    elif kind == "swiglu":
+        fn, cons = K.qgemv_swiglu_kernel, cons | dict(BR=cfg.BR, BK=cfg.BK)
     else:
         fn, cons = K.qgemv_kernel, cons | dict(BR=cfg.BR, BK=cfg.BK)
     sig = _signature(kind, dtype) | {k: "constexpr" for k in cons}
@@ -81,6 +87,8 @@ def configs(archs, gemm_tokens=(1, 16, 64, 512)) -> list[tuple]:
             g = geometry(shape, bits, group)
             cands = [("gemv", c) for c in K.gemv_candidates(g, SMS[arch])]
             cands += [("gemm", c) for T in gemm_tokens for c in K.gemm_candidates(g, T, gpu=True)]
+            if name == "expert_w1":        # w1 and w3 together: the experts' fused gate/up GEMV
+                cands += [("swiglu", c) for c in K.swiglu_candidates(g, SMS[arch])]
             for kind, c in cands:
                 key = (kind, g.bits, g.S, c.BR, c.BK, c.warps, getattr(c, "BT", None), arch)
                 if key not in seen:                  # the split and the shape are runtime arguments

@@ -1,4 +1,5 @@
-"""Quantized matmul behind one seam: ``qlinear(x, w, kernel)``.
+"""Quantized matmul behind one seam: ``qlinear(x, w, kernel)``, and ``swiglu(x, w1, w3, kernel)`` for an
+expert's gate and up projections (one fused launch for a decoded token).
 
 ``kernel`` is what ``resolve_kernel`` made of ``--kernel auto|triton|torch`` for the model's device:
 ``"torch"`` dequantizes the whole weight and multiplies (the reference, and the CPU default);
@@ -98,20 +99,47 @@ def fused(w) -> bool:
     return isinstance(w, QWeight) and _geometry(tuple(w.shape), w.bits, w.group_size) is not None
 
 
-def warm_up(weights: Iterable[QWeight], dtype: torch.dtype, tokens: Iterable[int] = (1, 16, 32, 64)) -> int:
-    """Run the fused kernels once per distinct weight format and token tile, so Triton compiles them and the
-    tuner times its candidates now (at load, and before any CUDA graph is captured) rather than inside the
-    first answer. Returns how many calls it made."""
+def _format(w: QWeight) -> tuple:
+    """What two weights must share to go through one launch (the kernel takes one set of format arguments)."""
+    return (tuple(w.shape), w.bits, w.group_size, w.W_q.dtype, w.W_q.device,
+            None if w.scale_s is None else w.scale_s.numel(), w.scale is None, w.zero is None)
+
+
+def warm_up(weights: Iterable[QWeight], dtype: torch.dtype, tokens: Iterable[int] = (1, 16, 32, 64),
+            swiglu_pairs: Iterable[tuple[QWeight, QWeight]] = ()) -> int:
+    """Run the fused kernels once per distinct weight format and token tile (and the fused gate/up launch
+    once per expert format), so Triton compiles them and the tuner times its candidates now (at load, and
+    before any CUDA graph is captured) rather than inside the first answer. Returns how many calls it made."""
     seen, calls = set(), 0
     for w in weights:
-        key = (tuple(w.shape), w.bits, w.group_size, w.scale is None, w.zero is None, w.W_q.device)
+        key = _format(w)
         if key in seen or not fused(w):
             continue
         seen.add(key)
         for T in tokens:
             qlinear(torch.zeros((T, w.shape[1]), dtype=dtype, device=w.W_q.device), w, "triton")
             calls += 1
+    for w1, w3 in swiglu_pairs:
+        key = ("swiglu", _format(w1))
+        if key not in seen:
+            seen.add(key)
+            swiglu(torch.zeros((1, w1.shape[1]), dtype=dtype, device=w1.W_q.device), w1, w3, "triton")
+            calls += 1
     return calls
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor | QWeight, w3: torch.Tensor | QWeight,
+           kernel: str = "torch") -> torch.Tensor:
+    """silu(x @ W1.T) * (x @ W3.T), an expert's gate and up projections. With ``kernel="triton"``, one token
+    and two fused weights of one format, it is one launch that reads x once and writes only the product (on
+    a GPU three launches fewer per expert); otherwise the two matmuls, silu and the product."""
+    if (kernel == "triton" and x.shape[0] == 1 and x.dim() == 2 and fused(w1) and isinstance(w3, QWeight)
+            and _format(w1) == _format(w3)):
+        g = _geometry(tuple(w1.shape), w1.bits, w1.group_size)
+        y = backend(x.device.type).qgemv_swiglu(x[0].contiguous(), w1, w3, g)
+        if y is not None:
+            return y[None]
+    return F.silu(qlinear(x, w1, kernel)) * qlinear(x, w3, kernel)
 
 
 def qlinear(x: torch.Tensor, w: torch.Tensor | QWeight, kernel: str = "torch") -> torch.Tensor:

@@ -113,6 +113,40 @@ def qgemv_kernel(x_ptr, y_ptr, wq_ptr, s_ptr, ss_ptr, sz_ptr, z_ptr, zs_ptr, zz_
 
 
 @triton.jit
+def qgemv_swiglu_kernel(x_ptr, y_ptr, wq_ptr, s_ptr, ss_ptr, sz_ptr, z_ptr, zs_ptr, zz_ptr,
+                        wq3_ptr, s3_ptr, ss3_ptr, sz3_ptr, z3_ptr, zs3_ptr, zz3_ptr, R, K, C, OUT,
+                        BITS: tl.constexpr, PER: tl.constexpr, S: tl.constexpr, PER_P: tl.constexpr,
+                        S_P: tl.constexpr, TOP: tl.constexpr, SCALE_META: tl.constexpr, ZERO_META: tl.constexpr,
+                        BR: tl.constexpr, BK: tl.constexpr):
+    """y[o] = silu((W1 x)[o]) * (W3 x)[o]: an expert's gate and up projections in one pass over x, for two
+    weights of one format; grid (cdiv(R, BR),). No split-K: silu needs the whole sum."""
+    pid_r = tl.program_id(0)
+    r = pid_r * BR + tl.arange(0, BR)
+    acc1 = tl.full((PER_P, S_P, BR), 0, tl.float32)
+    acc3 = tl.full((PER_P, S_P, BR), 0, tl.float32)
+    bias1 = tl.full((BR,), 0, tl.float32)
+    bias3 = tl.full((BR,), 0, tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0).to(tl.float32)
+        s, z = _scale_zero(r, kk, s_ptr, ss_ptr, sz_ptr, z_ptr, zs_ptr, zz_ptr, R, K, C, SCALE_META, ZERO_META)
+        xs = x[None, :] * s
+        bias1 += tl.reduce(xs * z, 1, _add)
+        q = _codes(wq_ptr, r, kk, R, K, BITS, PER, S, PER_P, S_P, TOP)
+        acc1 += tl.reduce(q * xs[None, None, :, :], 3, _add)
+        s, z = _scale_zero(r, kk, s3_ptr, ss3_ptr, sz3_ptr, z3_ptr, zs3_ptr, zz3_ptr, R, K, C, SCALE_META,
+                           ZERO_META)
+        xs = x[None, :] * s
+        bias3 += tl.reduce(xs * z, 1, _add)
+        q = _codes(wq3_ptr, r, kk, R, K, BITS, PER, S, PER_P, S_P, TOP)
+        acc3 += tl.reduce(q * xs[None, None, :, :], 3, _add)
+    a = acc1 - bias1[None, None, :]
+    e = tl.exp(-tl.abs(a))                                  # silu(a) = a * sigmoid(a), without overflow
+    sig = tl.where(a >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    _store_rows(y_ptr, a * sig * (acc3 - bias3[None, None, :]), r, R, OUT, PER, S, PER_P, S_P)
+
+
+@triton.jit
 def qgemm_kernel(x_ptr, y_ptr, wq_ptr, s_ptr, ss_ptr, sz_ptr, z_ptr, zs_ptr, zz_ptr,
                  T, R, K, C, OUT,
                  BITS: tl.constexpr, PER: tl.constexpr, S: tl.constexpr, PER_P: tl.constexpr,
@@ -187,6 +221,9 @@ def sm_count(device: torch.device) -> Optional[int]:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
+PROGRAMS_PER_SM = 4      # a GEMV launch with fewer programs than this per SM leaves bandwidth unused
+
+
 def gemv_candidates(g: Geometry, sms: Optional[int]) -> list[GemvConfig]:
     """Launch configurations worth timing on a GPU with ``sms`` SMs (None: the interpreter's one)."""
     rows = g.per_p * g.s_p
@@ -202,7 +239,7 @@ def gemv_candidates(g: Geometry, sms: Optional[int]) -> list[GemvConfig]:
         BK = max(16, min(triton.next_power_of_2(g.K), _pow2_floor(step_bytes // (g.s_p * BR))))
         progs = triton.cdiv(g.R, BR)
         split = 1
-        while progs * split < 4 * sms and triton.cdiv(g.K, BK * split * 2) >= 2:
+        while progs * split < PROGRAMS_PER_SM * sms and triton.cdiv(g.K, BK * split * 2) >= 2:
             split *= 2
         cfg = GemvConfig(BR, BK, split, warps)
         if cfg not in out:
@@ -286,6 +323,39 @@ def qgemv(x: torch.Tensor, w: QWeight, g: Geometry, cfg: Optional[GemvConfig] = 
         return launch(cfg)
     key = ("gemv", g, smeta, zmeta, x.dtype, x.device)
     return _tuned(key, gemv_candidates(g, sm_count(x.device)), launch)
+
+
+def swiglu_candidates(g: Geometry, sms: Optional[int]) -> list[GemvConfig]:
+    """The GEMV's candidates whose rows alone give every SM enough programs (so no split-K is needed). Empty
+    for short weights (R small: experts of 768-1408 rows), where two split-K GEMVs beat one fused launch."""
+    cands = gemv_candidates(g, sms)
+    if sms is None:
+        return cands
+    return [c for c in cands if c.split == 1 and triton.cdiv(g.R, c.BR) >= PROGRAMS_PER_SM * sms]
+
+
+def qgemv_swiglu(x: torch.Tensor, w1: QWeight, w3: QWeight, g: Geometry,
+                 cfg: Optional[GemvConfig] = None) -> Optional[torch.Tensor]:
+    """x [K] -> silu(W1 x) * (W3 x) [out] in x's dtype, or None where the fused launch does not pay
+    (``swiglu_candidates`` is empty). w1 and w3 must share shape and format."""
+    ptrs1, C, smeta, zmeta = _operands(w1)
+    ptrs3 = _operands(w3)[0]
+
+    def launch(c: GemvConfig) -> torch.Tensor:
+        y = torch.empty(g.out, device=x.device, dtype=x.dtype)
+        qgemv_swiglu_kernel[(triton.cdiv(g.R, c.BR),)](
+            x, y, *ptrs1, *ptrs3, g.R, g.K, C, g.out,
+            BITS=g.bits, PER=g.per, S=g.S, PER_P=g.per_p, S_P=g.s_p, TOP=g.top, SCALE_META=smeta,
+            ZERO_META=zmeta, BR=c.BR, BK=c.BK, num_warps=c.warps)
+        return y
+
+    if cfg is not None:
+        return launch(cfg)
+    candidates = swiglu_candidates(g, sm_count(x.device))
+    if not candidates:
+        return None
+    key = ("swiglu", g, smeta, zmeta, x.dtype, x.device)
+    return _tuned(key, candidates, launch)
 
 
 def qgemm(x: torch.Tensor, w: QWeight, g: Geometry, cfg: Optional[GemmConfig] = None) -> torch.Tensor:
