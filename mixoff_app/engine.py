@@ -270,6 +270,7 @@ class Engine:
         self._stats, self.eos_ids = stats, eos_ids
         self._lock = threading.Lock()
         self._kv_ids: list[int] = []          # tokens whose K/V sit in the cache, from position 0
+        self._kv_chunks: list[tuple[int, int]] = []    # the prefill chunks [a, b) that computed them
         self._kv_owner: Optional[str] = None  # the session whose turn put them there
         self._overhead: Optional[int] = None  # chat-template tokens per turn, measured once
         self.limits = InputLimits.for_context(info.max_context, config.max_input_chars)
@@ -405,7 +406,15 @@ class Engine:
         n = min(len(ids) - 1, len(self._kv_ids))       # at least one token must be prefilled for logits
         while start < n and self._kv_ids[start] == ids[start]:
             start += 1
+        # Reuse stops at the start of the prefill chunk the shared prefix ends in, so the tokens after it go
+        # through the same chunk as before: a retried prompt's logits are then bit for bit those of its first
+        # answer (one token re-run alone and the same token inside a chunk differ in the last bits, enough to
+        # flip a near-tied greedy choice). Decoded tokens were each their own step: reuse ends anywhere there.
+        start = next((a for a, b in self._kv_chunks if a < start < b), start)
         self._kv_ids = self._kv_ids[:start]
+        c = self.model.prefill_chunk
+        self._kv_chunks = [(a, b) for a, b in self._kv_chunks if b <= start] + \
+            [(a, min(a + c, len(ids))) for a in range(start, len(ids), c)]
         try:
             yield from generate(self.model, self.tokenizer, ids, start, params, self.eos_ids, self._stats,
                                 cancel, fed=self._kv_ids)

@@ -103,6 +103,43 @@ def test_multi_turn_reuses_the_kv_cache_and_matches_a_fresh_run(tiny_dir, engine
     assert b_ids == c_ids and b == c
 
 
+def test_retry_is_bit_for_bit_the_first_answer(engine, monkeypatch):
+    """Asking the same prompt again (the app's Retry, an API client's regenerate) reuses the KV cache only up to
+    the start of the prefill chunk the prompt ended in, so its logits are bit for bit the first answer's:
+    re-running the last prompt token alone would differ in the last bits (checked here) and could flip a
+    near-tied greedy choice."""
+    m = engine.model
+    calls = []
+    forward = type(m).forward
+
+    def spy(self, ids, pos, last_only=True):
+        calls.append(forward(self, ids, pos, last_only))
+        return calls[-1]
+
+    conv = [{"role": "user", "content": "What does len do?"}]
+    a, _, _ = run(engine, conv, max_new_tokens=8)
+    conv += [{"role": "assistant", "content": a}, {"role": "user", "content": "And zip?"}]
+    prompt = engine.prompt_ids(conv)
+    monkeypatch.setattr(type(m), "forward", spy)
+    answers, prefill_logits = [], []
+    for _ in range(2):
+        n = len(calls)
+        answers.append(run(engine, conv, max_new_tokens=16)[1])
+        prefill_logits.append(calls[n])
+        # The earlier turn's tokens came from the cache both times: only the new message was prefilled.
+        assert engine.stats().prefill_tokens < len(prompt)
+    assert torch.equal(prefill_logits[0], prefill_logits[1])
+    assert answers[0] == answers[1]
+    # What the chunk boundary avoids: the last prompt token run alone gives other bits.
+    monkeypatch.undo()
+    engine.forget_kv()
+    ids = torch.tensor(prompt)
+    whole = m.forward(ids, 0)
+    m.forward(ids[:-1], 0)
+    assert not torch.equal(whole, m.forward(ids[-1:], len(prompt) - 1))
+    engine.forget_kv()
+
+
 def test_full_context_drops_old_turns_with_a_notice(tiny_dir):
     small = load(tiny_dir, k=2, max_context=96)
     conv = []
