@@ -25,6 +25,7 @@ import torch
 from .config import ConfigError, ModelConfig, QuantConfig, QuantSpec
 from .families import DENSE_NAMES
 from .model import LayerWeights, TrunkWeights
+from .outputs import check_new_folder, new_folder
 from .quant import QWeight, pack, quantize, qweight_from, unpack, weight_fields
 from .stores import ExpertLayout, ExpertStore, ExpertWeights, InclusiveStore, expert_tensors_from_dense
 
@@ -432,11 +433,7 @@ def _check_output(src: Path, out: Path, force: bool) -> None:
     if o == s or s in o.parents or o in s.parents:
         raise CheckpointError(f"the output folder {out} is (or is inside, or contains) the source {src}: "
                               f"choose a separate output folder")
-    if o.exists() and not o.is_dir():
-        raise CheckpointError(f"{out} exists and is not a folder: choose another output folder")
-    if o.is_dir() and any(o.iterdir()) and not force:
-        raise CheckpointError(f"the output folder {out} is not empty: choose a new folder, or pass --force to "
-                              f"replace its contents")
+    check_new_folder(out, force)
 
 
 def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike, quant: QuantConfig,
@@ -447,40 +444,16 @@ def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike,
     never written to; everything is written into a temporary sibling folder that is renamed into place
     only once complete, so a crash or Ctrl-C leaves no half-written output (and, with ``force``, the old
     contents until the new ones are whole)."""
-    import shutil
 
     src_folder, out = Path(src_folder), Path(out_folder)
     _check_output(src_folder, out, force)
     cfg, q, _layout = peek_checkpoint(src_folder, quant)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    except OSError as e:
-        raise CheckpointError(f"cannot write the output folder {out}: {e.strerror or e} — choose a folder you "
-                              f"can write to") from None
-    try:
-        _write_quantized(src_folder, tmp, cfg, quant, q, progress)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if old is not None:
-                os.replace(old, out)        # put the old contents back
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with new_folder(out) as tmp:
+            _write_quantized(src_folder, tmp, cfg, quant, q, progress)
     except OSError as e:
         raise CheckpointError(f"cannot write the output folder {out}: {e.strerror or e} — nothing was written "
-                              f"(check free disk space and permissions)") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+                              f"(check free disk space and permissions, and that you can write there)") from None
     progress(f"wrote {out}")
     return out
 

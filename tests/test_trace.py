@@ -417,6 +417,7 @@ def test_record_writes_engine_routing(tmp_path, capsys):
     assert t.header["model"] == "tiny-test" and t.header["prompt"] == "hi" and t.header["num_experts"] == 4
     assert t.header["greedy"] is True and t.header["num_layers"] == 2 and t.header["top_k"] == 2
 
+    args.force = True                  # OUT exists now: replacing it takes --force
     assert record_main(args, lambda a: ([], None, {})) == 2
     assert "no tokens" in capsys.readouterr().err
     assert record_main(args, lambda a: ([[(0, 1)], [(0, 1), (2, 3)]], None, {})) == 2

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 
 def run(args) -> int:
+    from ..outputs import check_new_folder, new_folder
     from ..tiny import make_tiny
-    out = make_tiny(args.out, seed=args.seed)
-    print(f"wrote {out}")
+    check_new_folder(args.out, args.force)
+    with new_folder(args.out) as tmp:
+        make_tiny(tmp, seed=args.seed)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -13,4 +16,5 @@ def add_parser(subparsers) -> None:
     t = subparsers.add_parser("make-tiny", help="write the deterministic random tiny Mixtral checkpoint")
     t.add_argument("out")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="replace the contents of a non-empty output folder")
     t.set_defaults(func=run)

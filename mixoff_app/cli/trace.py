@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Callable, Optional
 
+from ..outputs import check_new_file, new_file
 from ..trace import (
     POLICY_NAMES,
     ReplayResult,
@@ -67,7 +68,9 @@ def synthetic_main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    n = write_trace(args.out, trace)
+    check_new_file(args.out, args.force)
+    with new_file(args.out) as tmp:
+        n = write_trace(tmp, trace)
     stats = routing_stats(trace)
     print(f"wrote {n} records ({trace.num_tokens} tokens x {trace.num_layers} layers) to {args.out}")
     for s in (stats[0], stats[len(stats) // 2], stats[-1]):
@@ -82,6 +85,7 @@ GenerateFn = Callable[[argparse.Namespace], tuple]
 def record_main(args: argparse.Namespace, generate_fn: GenerateFn) -> int:
     """Run one generation through ``generate_fn(args) -> (routing, routing_weights, header)`` and write
     its routing (``routing[token][layer] -> expert ids``) as a trace to ``args.out``."""
+    check_new_file(args.out, getattr(args, "force", False))       # before the generation, not after it
     routing, routing_weights, extra = generate_fn(args)
     if not routing:
         print("error: the generation produced no tokens, so there is no routing to record", file=sys.stderr)
@@ -100,7 +104,8 @@ def record_main(args: argparse.Namespace, generate_fn: GenerateFn) -> int:
               "source": "record"}
     header.update(extra or {})
     header = {k: v for k, v in header.items() if v is not None}
-    n = write_trace(args.out, records_from_routing(routing, routing_weights), header)
+    with new_file(args.out) as tmp:
+        n = write_trace(tmp, records_from_routing(routing, routing_weights), header)
     print(f"wrote {n} records ({len(routing)} tokens x {num_layers} layers) to {args.out}")
     return 0
 
@@ -161,6 +166,7 @@ def add_parser(subparsers, generate_fn: Optional[GenerateFn] = None) -> argparse
     s.add_argument("--experts", type=int, default=8)
     s.add_argument("--top-k", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
     s.set_defaults(func=synthetic_main)
 
     c = sub.add_parser("record", help="generate once and write the routing as a trace")
@@ -172,6 +178,7 @@ def add_parser(subparsers, generate_fn: Optional[GenerateFn] = None) -> argparse
     c.add_argument("--attn-bits", default="4")
     c.add_argument("--expert-bits", default="family", help="default: the model family's")
     c.add_argument("out", metavar="OUT", help="output JSONL path")
+    c.add_argument("--force", action="store_true", help="replace OUT if it exists")
     gen = engine_generate if generate_fn is None else generate_fn
     c.set_defaults(func=lambda a: record_main(a, gen))
     return p
