@@ -1,7 +1,11 @@
 """Small helpers shared by the runtime tests."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -38,3 +42,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, check=True) -> subprocess.CompletedProcess:
+    """``python -m mixoff_app ARGS`` in a new interpreter, offline; with ``check``, it must exit 0."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "mixoff_app", *map(str, args)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def cli_here(capsys, *args) -> tuple[int, str]:
+    """The CLI's own entry point in this process (the same code as ``python -m mixoff_app``, without the
+    start-up of a new interpreter): (exit status, stderr)."""
+    from mixoff_app.cli import main
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:          # argparse refuses bad flags by exiting 2
+        rc = e.code
+    return rc, capsys.readouterr().err

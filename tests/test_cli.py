@@ -2,25 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from helpers import chat_ids, hf_greedy
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args, check=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "mixoff_app", *map(str, args)], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=300)
-    if check:
-        assert p.returncode == 0, p.stderr
-    return p
+from helpers import chat_ids, cli, hf_greedy
 
 
 def test_generate_json_matches_transformers_for_every_cache_size(tiny_dir, hf_model, tokenizer):

@@ -3,14 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from mixoff_app.cli import main
 from mixoff_app.config import ConfigError
 from mixoff_app.outputs import check_new_file, check_new_folder, new_file, new_folder
 
-
-def run(capsys, *argv) -> tuple[int, str]:
-    rc = main([str(a) for a in argv])
-    return rc, capsys.readouterr().err
+from helpers import cli_here as run
 
 
 def test_make_tiny_refuses_a_folder_with_files_unless_forced(tmp_path, capsys):
