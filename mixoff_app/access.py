@@ -64,45 +64,61 @@ def parse_account(text: Optional[str], flag: str) -> Optional[tuple[str, str]]:
     return user, password
 
 
+class FailureWindow:
+    """Failed tries per key within the last ``window_s`` seconds (thread-safe; keys with none are forgotten)."""
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s, self.clock = window_s, clock
+        self._times: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def count(self, key: str) -> int:
+        now = self.clock()
+        with self._lock:
+            times = [t for t in self._times.get(key, []) if now - t < self.window_s]
+            if times:
+                self._times[key] = times
+            else:
+                self._times.pop(key, None)
+            return len(times)
+
+    def add(self, *keys: str) -> None:
+        now = self.clock()
+        with self._lock:
+            for key in keys:
+                self._times.setdefault(key, []).append(now)
+
+
 @dataclass
 class LoginThrottle:
     """Checks logins in constant time and slows down guessing: after ``max_failures`` wrong tries for a
     name (or ``max_failures_all`` for all names) within ``window_s``, every try for it fails until the
     window has passed, right password or not.
 
-    The login form gives no client address, so the limit is per user name and for the server as a whole."""
+    The login form gives no client address, so the limit here is per user name and for the server as a
+    whole; ``ui/guard.py`` adds the per-address limit in front of the login route."""
     accounts: dict[str, str]
     max_failures: int = 5
     max_failures_all: int = 50
     window_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
     log: Callable[[str], None] = lambda msg: None
-    _failures: dict[str, list[float]] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _failures: FailureWindow = field(init=False)
 
-    def _recent(self, key: str, now: float) -> list[float]:
-        times = [t for t in self._failures.get(key, []) if now - t < self.window_s]
-        if times:
-            self._failures[key] = times
-        else:
-            self._failures.pop(key, None)
-        return times
+    def __post_init__(self) -> None:
+        self._failures = FailureWindow(self.window_s, self.clock)
 
     def __call__(self, username: str, password: str) -> bool:
-        now = self.clock()
         name = str(username)[:200]
-        with self._lock:
-            if (len(self._recent(name, now)) >= self.max_failures
-                    or len(self._recent("*", now)) >= self.max_failures_all):
-                self.log(f"login refused for {name!r}: too many wrong tries, wait {self.window_s:.0f} s")
-                return False
+        if (self._failures.count(name) >= self.max_failures
+                or self._failures.count("*") >= self.max_failures_all):
+            self.log(f"login refused for {name!r}: too many wrong tries, wait {self.window_s:.0f} s")
+            return False
         expected = self.accounts.get(name)
         ok = hmac.compare_digest(str(password).encode(), (expected if expected is not None else "\0").encode()) \
             and expected is not None
         if not ok:
-            with self._lock:
-                self._failures.setdefault(name, []).append(now)
-                self._failures.setdefault("*", []).append(now)
+            self._failures.add(name, "*")
             self.log(f"login failed for {name!r}")
         return ok
 

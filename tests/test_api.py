@@ -49,8 +49,7 @@ def app(engine):
     demo = build_ui(slot, max_new_tokens=TOKENS, examples=["hello"])
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                app_kwargs=api_app_kwargs(slot, ApiConfig(host="127.0.0.1", default_max_tokens=TOKENS)),
-                **launch_kwargs())
+                **launch_kwargs(api_app_kwargs(slot, ApiConfig(host="127.0.0.1", default_max_tokens=TOKENS))))
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 

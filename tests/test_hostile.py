@@ -128,6 +128,30 @@ def test_login_guessing_is_throttled(url, server):
     assert t("a", "b")
 
 
+def test_the_guard_answers_before_gradio_reads(url):
+    """A body announced as 50 MB is refused from its headers, at once, on the live server; wrong logins from
+    one address are slowed for that address only (the client binds 127.0.0.2, so this test's guessing does
+    not lock out the other tests, which log in from 127.0.0.1)."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+        sock.sendall(b"POST /gradio_api/queue/join HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 50000000\r\n\r\n")
+        t0 = time.monotonic()
+        reply = sock.recv(4096).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 413") and "larger than this server takes" in reply, reply
+    assert time.monotonic() - t0 < 5
+    other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+    # "eve" has no account: the per-name throttle locks out no one the other tests log in as.
+    codes = [other.post(f"{url}login", data={"username": "eve", "password": f"nope{i}"}).status_code
+             for i in range(20)]
+    r = other.post(f"{url}login", data={"username": "bob", "password": ACCOUNTS["bob"]})
+    assert set(codes) == {400} and r.status_code == 429 and "wait 60 s" in r.json()["detail"]
+    assert httpx.post(f"{url}login", data={"username": "bob", "password": ACCOUNTS["bob"]}).status_code == 200
+
+
 def test_cache_settings_are_the_operators(url, engine):
     ann, boss = client(url), client(url, "boss")
     with pytest.raises(Exception, match="belong to the operator"):

@@ -190,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     say(f"OpenAI-compatible API at http://{shown}:{port}/v1: {describe(api)}")
     demo.launch(server_name=host, server_port=port, share=args.share,
                 auth=LoginThrottle(logins, log=say) if logins else None, show_error=True,
-                footer_links=["api", "settings"], app_kwargs=api_app_kwargs(slot, api), **launch_kwargs())
+                footer_links=["api", "settings"], **launch_kwargs(api_app_kwargs(slot, api), log=say))
 
 
 if __name__ == "__main__":

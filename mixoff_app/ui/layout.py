@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import gradio as gr
 
@@ -57,8 +57,12 @@ def load_examples(path: Optional[Path] = None) -> list[str]:
     return [str(x) for x in data if str(x).strip()]
 
 
-def launch_kwargs() -> dict:
-    """What Gradio 6 takes at ``launch()`` rather than ``Blocks()``."""
+def launch_kwargs(app_kwargs: Optional[dict] = None, log: Callable[[str], None] = lambda msg: None) -> dict:
+    """What Gradio 6 takes at ``launch()`` rather than ``Blocks()``; ``app_kwargs`` go to its FastAPI app (the
+    /v1 routes), which always gets the request guard (bounded bodies, per-address login throttling)."""
+    from starlette.middleware import Middleware
+
+    from .guard import RequestGuard
     css_path = ASSETS / "style.css"
     theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate",
                            font=["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "sans-serif"],
@@ -66,8 +70,10 @@ def launch_kwargs() -> dict:
     # max_file_size 0: the app takes no uploads, so gradio's upload route refuses every file (HTTP 413).
     js_path = ASSETS / "panel.js"       # the many-expert panel's hover (one listener, no per-cell elements)
     head = f"<script>{js_path.read_text(encoding='utf-8')}</script>" if js_path.exists() else None
+    app_kwargs = dict(app_kwargs or {})
+    app_kwargs["middleware"] = [*app_kwargs.get("middleware", ()), Middleware(RequestGuard, log=log)]
     return {"theme": theme, "css": css_path.read_text(encoding="utf-8") if css_path.exists() else None,
-            "head": head, "max_file_size": 0}
+            "head": head, "max_file_size": 0, "app_kwargs": app_kwargs}
 
 
 def _shown_info(info: Any) -> Any:
