@@ -175,9 +175,9 @@ def read_config(folder: Path) -> ModelConfig:
 
 def _raw_fields(data: dict) -> dict:
     """config.json values under ModelConfig's field names, unconverted, so a wrong type is named as given."""
-    from .validation import POSITIVE_FLOATS, SIZE_FIELDS, TOKEN_IDS
+    from .validation import OPTIONAL_SIZES, POSITIVE_FLOATS, SIZE_FIELDS, TOKEN_IDS
     out = {}
-    for table in (SIZE_FIELDS, POSITIVE_FLOATS, TOKEN_IDS):
+    for table in (SIZE_FIELDS, OPTIONAL_SIZES, POSITIVE_FLOATS, TOKEN_IDS):
         for name, key in table.items():
             if data.get(key) is not None and not (key == "eos_token_id" and isinstance(data[key], list)):
                 out[name] = data[key]

@@ -155,8 +155,8 @@ class Mixtral:
 
     def _init_mla(self, cfg: ModelConfig, max_seq: int) -> None:
         # The cache holds, per layer and position, the normed latent [c] and the rotated shared key [rd] side by
-        # side: [layer, position, c + rd] (576 values a position for DeepSeek-V2-Lite, against 2*16*192 for
-        # per-head K and V). Attention runs in the latent space: kv_b_proj's key half is absorbed into the
+        # side: [layer, position, c + rd] (576 values a position for DeepSeek-V2-Lite, against 16 * (192 + 128)
+        # for per-head K and V). Attention runs in the latent space: kv_b_proj's key half is absorbed into the
         # query and its value half applied after the softmax, so no per-head K or V is ever expanded.
         self.kv = torch.zeros((cfg.num_layers, max_seq, cfg.kv_width), dtype=self.dtype, device=self.device)
         inv, factor = frequencies(cfg)

@@ -209,6 +209,13 @@ def test_what_is_not_computed_is_refused_in_one_sentence(tmp_path, patch, senten
         read_config(tmp_path)
 
 
+@pytest.mark.parametrize("key,value", [("kv_lora_rank", "512"), ("qk_rope_head_dim", -64), ("v_head_dim", 1.5)])
+def test_a_latent_size_of_the_wrong_kind_is_named(tmp_path, key, value):
+    (tmp_path / "config.json").write_text(json.dumps(json.loads(HUB.read_text()) | {key: value}))
+    with pytest.raises(CheckpointError, match=f"{key} must be a whole number >= 0, not {value!r}"):
+        read_config(tmp_path)
+
+
 def test_the_cli_refuses_grouped_routing_with_its_sentence(tmp_path):
     from test_cli import cli
     (tmp_path / "config.json").write_text(json.dumps(json.loads(HUB.read_text()) | {"topk_method": "noaux_tc"}))
@@ -242,3 +249,47 @@ def test_the_app_chats_with_a_deepseek_model(checkpoint):
         demo.close()
     assert outs and outs[-1] and outs[-1] == engine_answer(engine, [{"role": "user", "content": "What is a list?"}], 10)
     assert engine.info.family == "deepseek_v2" and engine.stats().misses > 0
+
+
+# Shapes the fused kernels take (every quantized linear's rows a multiple of its group), as DeepSeek-V2-Lite's
+# are: q 3072, kv_a 512 + 64, o 2048 rows; experts 1408 and 2048.
+FUSED = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+             num_hidden_layers=2, first_k_dense_replace=1, num_experts=8, num_experts_per_tok=2,
+             moe_intermediate_size=64, intermediate_size=128, n_shared_experts=1, kv_lora_rank=48, q_lora_rank=None,
+             qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
+
+
+def test_fused_kernels_run_the_latent_attention(tiny_dir, tmp_path):
+    pytest.importorskip("triton", reason="the kernel tests need triton (.ci/run installs it)")
+    from test_kernels import _parity
+
+    from mixoff_app.kernels import fused
+    folder = make_family_checkpoint(tmp_path / "dsf", "deepseek_v2", tiny_dir, seed=3, **FUSED)
+    eng = _parity(folder, new=4)
+    lw = eng.model.trunk.layers[1]
+    ew = eng.model.cache.store.weights(0, 0)
+    assert all(fused(w) for w in (lw.wq, lw.wkv_a, lw.wo, *lw.shared, ew.w1, ew.w2, ew.w3))
+
+
+@pytest.mark.gpu
+def test_cuda_runs_the_latent_attention(tiny_dir, tokenizer, tmp_path):
+    """On a GPU: float32 logits equal the CPU's through a cache with misses; float16 with the fused kernels
+    answers with finite logits."""
+    from mixoff_app.config import NO_QUANT, CacheConfig, EngineConfig
+    from mixoff_app.engine import Engine
+    folder = make_family_checkpoint(tmp_path / "dsg", "deepseek_v2", tiny_dir, seed=3, **FUSED)
+    ids = torch.tensor(chat_ids(tokenizer))
+
+    def eng(device, dtype=None, quant=NO_QUANT):
+        return Engine.load(EngineConfig(model=str(folder), device=device, quant=quant, dtype=dtype,
+                                        cache=CacheConfig(sizes=(3,)), max_context=256))
+    cpu, gpu = eng("cpu"), eng("cuda", "float32")
+    ref = torch.cat([cpu.model.forward(ids[:5], 0)] + [cpu.model.forward(ids[p:p + 1], p) for p in range(5, len(ids))])
+    got = torch.cat([gpu.model.forward(ids[:5].cuda(), 0)] +
+                    [gpu.model.forward(ids[p:p + 1].cuda(), p) for p in range(5, len(ids))]).cpu()
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+    half = eng("cuda", "float16", QuantConfig.from_bits(4, 4))
+    assert half.info.kernel == "triton"
+    assert torch.isfinite(half.model.forward(ids.cuda(), 0, last_only=False)).all()
+    half.forget_kv()
+    assert len(greedy_ids(half, ids.tolist(), 8)) == 8 and half.stats().misses > 0
