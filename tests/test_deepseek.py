@@ -17,7 +17,7 @@ from mixoff_app.config import ConfigError, ModelConfig, QuantConfig
 from mixoff_app.quant import QWeight
 from mixoff_app.tiny import make_family_checkpoint
 
-from helpers import chat_ids, greedy_ids, hf_greedy, load
+from helpers import chat_ids, cli, greedy_ids, hf_greedy, load
 
 HUB = Path(__file__).parent / "fixtures" / "hub_configs" / "DeepSeek-V2-Lite-Chat.json"
 
@@ -179,7 +179,6 @@ def test_one_host_round_trip_per_expert_layer_when_decoding(checkpoint):
 
 
 def test_generate_cli_runs_a_deepseek_checkpoint(checkpoint):
-    from test_cli import cli
     out = json.loads(cli("generate", "--model", checkpoint[0], "--prompt", "Hello", "--max-new-tokens", 6, "--greedy",
                          "--device", "cpu", "--cache-size", 2, "--json", "--quiet").stdout)
     assert len(out["token_ids"]) == 6 and out["stats"]["misses"] > 0
@@ -217,7 +216,6 @@ def test_a_latent_size_of_the_wrong_kind_is_named(tmp_path, key, value):
 
 
 def test_the_cli_refuses_grouped_routing_with_its_sentence(tmp_path):
-    from test_cli import cli
     (tmp_path / "config.json").write_text(json.dumps(json.loads(HUB.read_text()) | {"topk_method": "noaux_tc"}))
     p = cli("generate", "--model", tmp_path, "--prompt", "Hi", "--device", "cpu", check=False)
     assert p.returncode != 0 and "topk_method 'noaux_tc' is not supported" in p.stderr
