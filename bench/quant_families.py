@@ -3,7 +3,7 @@
 Two measurements, for expert specs 2-bit g16 (the Mixtral default), 3-bit g64 and 4-bit g64:
 
 1. Reconstruction: a gate/up matrix with each family's real expert width as its rows (Mixtral 14336,
-   Qwen1.5-MoE 1408, OLMoE 1024, Qwen3-MoE 768) and 1024 of the hidden columns (the error of i.i.d. weights
+   Qwen1.5-MoE and DeepSeek-V2-Lite 1408, OLMoE 1024, Qwen3-MoE 768) and 1024 of the hidden columns (the error of i.i.d. weights
    does not depend on the column count; fewer keep this runnable on two shared cores), drawn Gaussian and
    heavy-tailed (Student-t, 4 degrees of freedom, as trained weights have outliers); relative Frobenius
    error ||W - deq(q(W))|| / ||W||.
@@ -14,7 +14,7 @@ Two measurements, for expert specs 2-bit g16 (the Mixtral default), 3-bit g64 an
    positions of real text. "experts fp" (attention 4-bit, experts unquantized) is the floor the expert
    quantization adds to.
 
-    python bench/quant_families.py [--families mixtral,qwen2_moe,qwen3_moe,olmoe] [--quick]
+    python bench/quant_families.py [--families mixtral,qwen2_moe,qwen3_moe,olmoe,deepseek_v2] [--quick]
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ SPECS = {"2-bit g16": QuantSpec(bits=2, group_size=16, scale_group=128),
 
 # Real expert shapes (F, H) from the presets, and the tiny stand-ins: hidden 256, F scaled by the same
 # F/H ratio, the real expert count and top-k.
-REAL = {"mixtral": (14336, 4096), "qwen2_moe": (1408, 2048), "olmoe": (1024, 2048), "qwen3_moe": (768, 2048)}
+REAL = {"mixtral": (14336, 4096), "qwen2_moe": (1408, 2048), "olmoe": (1024, 2048), "qwen3_moe": (768, 2048),
+        "deepseek_v2": (1408, 2048)}
 H = 256
 TINY = {
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=896),
@@ -51,6 +52,12 @@ TINY = {
     "olmoe": dict(num_experts=64, num_experts_per_tok=8, intermediate_size=128, norm_topk_prob=False),
     "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=96, intermediate_size=768,
                       head_dim=32, norm_topk_prob=True),
+    # DeepSeek-V2-Lite scaled the same way: 2 shared experts, a dense first layer (so 1 of the 2 layers routes),
+    # latent attention with the latent and head widths in Lite's proportions.
+    "deepseek_v2": dict(num_experts=64, num_experts_per_tok=6, moe_intermediate_size=176, n_shared_experts=2,
+                        intermediate_size=1368, first_k_dense_replace=1, num_key_value_heads=8, kv_lora_rank=64,
+                        q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                        norm_topk_prob=False),
 }
 COMMON = dict(hidden_size=H, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
               max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})

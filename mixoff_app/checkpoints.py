@@ -32,7 +32,10 @@ from .stores import ExpertLayout, ExpertStore, ExpertWeights, InclusiveStore, ex
 Progress = Callable[[str], None]
 
 MIXOFF_FORMAT = "1"
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The attention's quantized linears: hub name -> LayerWeights field (ModelConfig.attention_shapes says which a
+# model has: q/k/v/o, or MLA's q (or q_a/q_b), kv_a_proj_with_mqa and o).
+ATTN_FIELDS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "q_a_proj": "wq_a",
+               "q_b_proj": "wq_b", "kv_a_proj_with_mqa": "wkv_a"}
 # The reference checkpoint's meta names -> our field names.
 REFERENCE_FIELDS = {"W_q": "W_q", "meta.scale": "scale", "meta.zero": "zero", "meta.scale_q": "scale_q",
                "meta.meta_scale.scale": "scale_s", "meta.meta_scale.zero": "scale_z", "meta.zero_q": "zero_q",
@@ -172,9 +175,9 @@ def read_config(folder: Path) -> ModelConfig:
 
 def _raw_fields(data: dict) -> dict:
     """config.json values under ModelConfig's field names, unconverted, so a wrong type is named as given."""
-    from .validation import POSITIVE_FLOATS, SIZE_FIELDS, TOKEN_IDS
+    from .validation import OPTIONAL_SIZES, POSITIVE_FLOATS, SIZE_FIELDS, TOKEN_IDS
     out = {}
-    for table in (SIZE_FIELDS, POSITIVE_FLOATS, TOKEN_IDS):
+    for table in (SIZE_FIELDS, OPTIONAL_SIZES, POSITIVE_FLOATS, TOKEN_IDS):
         for name, key in table.items():
             if data.get(key) is not None and not (key == "eos_token_id" and isinstance(data[key], list)):
                 out[name] = data[key]
@@ -268,7 +271,8 @@ def load_checkpoint(folder: str | os.PathLike, quant: QuantConfig, device: str |
 
 def _check_specs(cfg: ModelConfig, quant: QuantConfig) -> None:
     h, f = cfg.hidden_size, cfg.intermediate_size
-    checks = [(quant.attn, "attention", cfg.num_kv_heads * cfg.head_dim * h), (quant.experts, "expert", f * h)]
+    checks = [(quant.attn, "attention", o * i) for o, i in cfg.attention_shapes().values()]
+    checks.append((quant.experts, "expert", f * h))
     for size in (cfg.shared_intermediate_size, cfg.dense_intermediate_size):
         if size:     # dense MLPs and shared experts are trunk: quantized like attention
             checks.append((quant.attn, "attention", size * h))
@@ -297,12 +301,6 @@ def _reference_quant(src: TensorSource, cfg: ModelConfig) -> QuantConfig:
     return QuantConfig(attn=a, experts=e)
 
 
-def _attn_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    h, hd = cfg.hidden_size, cfg.head_dim
-    return {"q_proj": (cfg.num_heads * hd, h), "k_proj": (cfg.num_kv_heads * hd, h),
-            "v_proj": (cfg.num_kv_heads * hd, h), "o_proj": (h, cfg.num_heads * hd)}
-
-
 def _trunk_linear(src, layout, prefix, shape, spec, device, dtype, qdev):
     """One always-resident linear (attention, a dense MLP, a shared expert) in any layout, quantized with
     ``spec`` (the attention spec) when it is enabled."""
@@ -325,8 +323,30 @@ def _resident_mlp(src, layout, prefix, size, h, spec, device, dtype, qdev) -> Ex
                            for n, s in zip(DENSE_NAMES, shapes)))
 
 
+def _mla_extras(src, p: str, cfg: ModelConfig, device, dtype) -> dict:
+    """MLA's unquantized attention tensors of one layer: the latent's norm (and the q LoRA's), and kv_b_proj
+    split per head into the key half [nh, nope, c] and the transposed value half [nh, c, v]."""
+    nh, c, v = cfg.num_heads, cfg.kv_lora_rank, cfg.v_head_dim
+    nope = cfg.head_dim - cfg.qk_rope_head_dim
+    key = f"{p}self_attn.kv_b_proj.weight"
+    kv_b = src.get(key)
+    if tuple(kv_b.shape) != (nh * (nope + v), c):
+        raise CheckpointError(f"{key} has shape {tuple(kv_b.shape)}, config says {(nh * (nope + v), c)}")
+    kv_b = kv_b.view(nh, nope + v, c)
+    out = {"kv_a_norm": _dense(src.get(f"{p}self_attn.kv_a_layernorm.weight"), device, dtype),
+           "wk_b": _dense(kv_b[:, :nope], device, dtype), "wv_b": _dense(kv_b[:, nope:].transpose(1, 2), device, dtype)}
+    if cfg.q_lora_rank:
+        out["q_a_norm"] = _dense(src.get(f"{p}self_attn.q_a_layernorm.weight"), device, dtype)
+    return out
+
+
+def _mla_kv_b(lw: LayerWeights) -> torch.Tensor:
+    """kv_b_proj.weight [nh * (nope + v), c] back from the per-head halves."""
+    return torch.cat((lw.wk_b, lw.wv_b.transpose(1, 2)), dim=1).reshape(-1, lw.wk_b.shape[-1])
+
+
 def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress) -> TrunkWeights:
-    shapes = _attn_shapes(cfg)
+    shapes = cfg.attention_shapes()
     fam, h = cfg.spec, cfg.hidden_size
     layers = []
 
@@ -335,8 +355,8 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress) -> Trunk
 
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        attn = {name: _trunk_linear(src, layout, f"{p}self_attn.{name}", shapes[name], quant.attn, device, dtype,
-                                    qdev) for name in ATTN}
+        attn = {name: _trunk_linear(src, layout, f"{p}self_attn.{name}", shape, quant.attn, device, dtype,
+                                    qdev) for name, shape in shapes.items()}
         bias = {n: opt(f"{p}self_attn.{n}_proj.bias") if cfg.attn_bias else None for n in "qkvo"}
         if cfg.attn_bias and any(bias[n] is None for n in "qkv"):
             raise CheckpointError(f"config.json says the attention has biases, but {src.folder} has no "
@@ -345,9 +365,11 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress) -> Trunk
         lw = LayerWeights(
             attn_norm=_dense(src.get(p + "input_layernorm.weight"), device, dtype),
             ffn_norm=_dense(src.get(p + "post_attention_layernorm.weight"), device, dtype),
-            wq=attn["q_proj"], wk=attn["k_proj"], wv=attn["v_proj"], wo=attn["o_proj"],
+            wq=attn.get("q_proj"), wk=attn.get("k_proj"), wv=attn.get("v_proj"), wo=attn["o_proj"],
             gate=_dense(src.get(fam.router_key(i)), device, dtype) if moe else None,
-            bq=bias["q"], bk=bias["k"], bv=bias["v"], bo=bias["o"] if fam.bias_o else None)
+            bq=bias["q"], bk=bias["k"], bv=bias["v"], bo=bias["o"] if fam.bias_o else None,
+            wq_a=attn.get("q_a_proj"), wq_b=attn.get("q_b_proj"), wkv_a=attn.get("kv_a_proj_with_mqa"),
+            **(_mla_extras(src, p, cfg, device, dtype) if cfg.mla else {}))
         if fam.qk_norm != "none":
             lw.q_norm = _dense(src.get(p + "self_attn.q_norm.weight"), device, dtype)
             lw.k_norm = _dense(src.get(p + "self_attn.k_norm.weight"), device, dtype)
@@ -355,9 +377,10 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress) -> Trunk
             lw.mlp = _resident_mlp(src, layout, f"{p}mlp", cfg.dense_intermediate_size, h, quant.attn, device,
                                    dtype, qdev)
         elif cfg.shared_intermediate_size:
-            lw.shared = _resident_mlp(src, layout, f"{p}mlp.shared_expert", cfg.shared_intermediate_size, h,
+            lw.shared = _resident_mlp(src, layout, f"{p}mlp.{fam.shared_name}", cfg.shared_intermediate_size, h,
                                       quant.attn, device, dtype, qdev)
-            lw.shared_gate = _dense(src.get(f"{p}mlp.shared_expert_gate.weight"), device, dtype)
+            if fam.shared_gate:
+                lw.shared_gate = _dense(src.get(f"{p}mlp.shared_expert_gate.weight"), device, dtype)
         layers.append(lw)
     embed = _dense(src.get("model.embed_tokens.weight"), device, dtype)
     lm_head = (_dense(src.get("lm_head.weight"), device, dtype) if "lm_head.weight" in src
@@ -377,14 +400,21 @@ def _trunk_rows(trunk: TrunkWeights, cfg: ModelConfig):
     yield "model.embed_tokens.weight", trunk.embed, (V, H)
     yield "model.norm.weight", trunk.norm, (H,)
     yield "lm_head.weight", trunk.lm_head, (V, H)
-    shapes = _attn_shapes(cfg)
+    shapes = cfg.attention_shapes()
     for i, lw in enumerate(trunk.layers):
         p = f"model.layers.{i}."
         yield p + "input_layernorm.weight", lw.attn_norm, (H,)
         yield p + "post_attention_layernorm.weight", lw.ffn_norm, (H,)
         if lw.gate is not None:
             yield cfg.spec.router_key(i), lw.gate, (E, H)
-        for name, w in zip(ATTN, (lw.wq, lw.wk, lw.wv, lw.wo)):
+        if cfg.mla:
+            yield p + "self_attn.kv_a_layernorm.weight", lw.kv_a_norm, (cfg.kv_lora_rank,)
+            yield p + "self_attn.kv_b_proj.weight", lw.wk_b, None       # shape checked when split
+            yield p + "self_attn.kv_b_proj.weight", lw.wv_b, None
+            if cfg.q_lora_rank:
+                yield p + "self_attn.q_a_layernorm.weight", lw.q_a_norm, (cfg.q_lora_rank,)
+        for name in shapes:
+            w = getattr(lw, ATTN_FIELDS[name])
             if isinstance(w, QWeight):
                 for k, v in w.tensors().items():
                     yield f"{p}self_attn.{name}.{k}", v, None
@@ -487,14 +517,19 @@ def _write_quantized(src_folder: Path, out: Path, cfg: ModelConfig, quant: Quant
         tensors[p + "post_attention_layernorm.weight"] = lw.ffn_norm
         if lw.gate is not None:
             tensors[cfg.spec.router_key(i)] = lw.gate
-        for name, w in zip(ATTN, (lw.wq, lw.wk, lw.wv, lw.wo)):
-            put(f"{p}self_attn.{name}", w)
+        for name in cfg.attention_shapes():
+            put(f"{p}self_attn.{name}", getattr(lw, ATTN_FIELDS[name]))
+        if cfg.mla:
+            tensors[p + "self_attn.kv_a_layernorm.weight"] = lw.kv_a_norm
+            tensors[p + "self_attn.kv_b_proj.weight"] = _mla_kv_b(lw)
+            if lw.q_a_norm is not None:
+                tensors[p + "self_attn.q_a_layernorm.weight"] = lw.q_a_norm
         for n, b in zip("qkvo", (lw.bq, lw.bk, lw.bv, lw.bo)):
             if b is not None:
                 tensors[f"{p}self_attn.{n}_proj.bias"] = b
         if lw.q_norm is not None:
             tensors[p + "self_attn.q_norm.weight"], tensors[p + "self_attn.k_norm.weight"] = lw.q_norm, lw.k_norm
-        for prefix, mlp in ((f"{p}mlp", lw.mlp), (f"{p}mlp.shared_expert", lw.shared)):
+        for prefix, mlp in ((f"{p}mlp", lw.mlp), (f"{p}mlp.{cfg.spec.shared_name}", lw.shared)):
             if mlp is not None:
                 for n, w in zip(DENSE_NAMES, mlp):
                     put(f"{prefix}.{n}", w)

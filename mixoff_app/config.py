@@ -16,6 +16,21 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Yarn:
+    """YaRN RoPE scaling as config.json's ``rope_scaling`` / ``rope_parameters`` spell it (DeepSeek-V2-Lite:
+    factor 40 over 4096 positions, mscale = mscale_all_dim = 0.707). ``rope.py`` turns it into frequencies,
+    the cos/sin factor and the softmax scale, as transformers computes them."""
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: Optional[float] = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     hidden_size: int
@@ -41,6 +56,14 @@ class ModelConfig:
     dense_intermediate_size: int = 0
     attn_bias: bool = False                    # q/k/v (and o, where the family says) carry biases
     clip_qkv: Optional[float] = None
+    # Multi-head latent attention (the family's attention is "mla", DeepSeek-V2). ``head_dim`` is then the q/k
+    # head width (qk_nope_head_dim + qk_rope_head_dim) and ``num_kv_heads`` equals ``num_heads``.
+    kv_lora_rank: int = 0                      # the cached latent's width; 0: not MLA
+    q_lora_rank: int = 0                       # 0: q_proj; else q_a_proj -> RMSNorm -> q_b_proj
+    qk_rope_head_dim: int = 0                  # the rotated part of each q/k head (the rest is not rotated)
+    v_head_dim: int = 0
+    routed_scaling: float = 1.0                # routing weights times routed_scaling_factor
+    rope_yarn: Optional[Yarn] = None           # YaRN RoPE (read for MLA models only)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -55,10 +78,42 @@ class ModelConfig:
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok ({self.top_k}) must be within 1..num_local_experts "
                               f"({self.num_experts})")
+        if self.spec.attention == "mla":
+            rope, nope = self.qk_rope_head_dim, self.head_dim - self.qk_rope_head_dim
+            if self.kv_lora_rank < 1 or self.v_head_dim < 1 or rope < 2 or rope % 2 or nope < 1:
+                raise ConfigError(f"kv_lora_rank ({self.kv_lora_rank}), v_head_dim ({self.v_head_dim}), "
+                                  f"qk_rope_head_dim ({rope}, even) and qk_nope_head_dim ({nope}) must be >= 1")
 
     @property
     def spec(self) -> Family:
         return FAMILIES[self.family]
+
+    @property
+    def mla(self) -> bool:
+        return self.spec.attention == "mla"
+
+    @property
+    def rope_dim(self) -> int:
+        """The rotated width of a q/k head: all of it, or MLA's rope part."""
+        return self.qk_rope_head_dim if self.mla else self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """Cached values per layer and position: K and V of every KV head, or MLA's latent and rotated key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim if self.mla else 2 * self.num_kv_heads * self.head_dim
+
+    def attention_shapes(self) -> dict[str, tuple[int, int]]:
+        """The attention's linears under their hub names, as (out, in); each is quantized with the attention
+        spec. MLA's kv_b_proj is not among them: the absorbed attention multiplies by it per head, in the
+        model's dtype (model.py)."""
+        h, hd, nh = self.hidden_size, self.head_dim, self.num_heads
+        if not self.mla:
+            return {"q_proj": (nh * hd, h), "k_proj": (self.num_kv_heads * hd, h),
+                    "v_proj": (self.num_kv_heads * hd, h), "o_proj": (h, nh * hd)}
+        q = ({"q_proj": (nh * hd, h)} if not self.q_lora_rank else
+             {"q_a_proj": (self.q_lora_rank, h), "q_b_proj": (nh * hd, self.q_lora_rank)})
+        return q | {"kv_a_proj_with_mqa": (self.kv_lora_rank + self.qk_rope_head_dim, h),
+                    "o_proj": (h, nh * self.v_head_dim)}
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -79,9 +134,10 @@ class ModelConfig:
             raise ConfigError(unsupported(model_type))
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 1e6))
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ConfigError(f"rope_type {rope.get('rope_type', rope.get('type'))!r} is not supported "
-                              f"(only the default RoPE)")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None) and not (rope_type == "yarn" and fam.attention == "mla"):
+            raise ConfigError(f"rope_type {rope_type!r} is not supported "
+                              f"({'the default RoPE or YaRN' if fam.attention == 'mla' else 'only the default RoPE'})")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
         if cfg.get("use_sliding_window"):
@@ -95,12 +151,19 @@ class ModelConfig:
             raise ConfigError(f"config.json of a {model_type} model has no {fam.experts_key[0]}")
         layers = cfg["num_hidden_layers"]
         dense: tuple[int, ...] = ()
-        if fam.dense_layers:
+        if fam.dense_layers == "sparse_step":
             step = cfg.get("decoder_sparse_step", 1) or 1
             only = set(cfg.get("mlp_only_layers") or ())
             dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+        elif fam.dense_layers == "first_k":
+            dense = tuple(range(min(int(cfg.get("first_k_dense_replace") or 0), layers)))
         renorm = fam.renorm if fam.renorm is not None else bool(cfg.get("norm_topk_prob", False))
-        return cls(
+        mla = _mla_fields(cfg, rope if rope_type == "yarn" else None) if fam.attention == "mla" else {}
+        shared = 0
+        if fam.shared_expert:
+            shared = (cfg.get("shared_expert_intermediate_size", 0) if fam.shared_gate else
+                      cfg[fam.expert_size_key] * (cfg.get("n_shared_experts") or 0))
+        fields = dict(
             vocab_size=cfg["vocab_size"],
             hidden_size=hidden,
             intermediate_size=cfg[fam.expert_size_key],
@@ -118,12 +181,13 @@ class ModelConfig:
             eos_token_id=eos,
             family=model_type,
             norm_topk_prob=renorm,
-            shared_intermediate_size=cfg.get("shared_expert_intermediate_size", 0) if fam.shared_expert else 0,
+            shared_intermediate_size=shared,
             dense_layers=dense,
             dense_intermediate_size=cfg.get("intermediate_size", 0) if dense else 0,
             attn_bias=bool(cfg.get(fam.bias_key, fam.bias_default)) if fam.bias_key else False,
             clip_qkv=cfg.get("clip_qkv") if fam.clip_qkv else None,
         )
+        return cls(**(fields | mla))
 
     def to_hf(self) -> dict:
         """A Mixtral ``config.json`` (the tiny model and benches write Mixtral checkpoints; other families'
@@ -142,6 +206,47 @@ class ModelConfig:
             "eos_token_id": self.eos_token_id, "hidden_act": "silu", "sliding_window": None,
             "router_jitter_noise": 0.0, "attention_dropout": 0.0,
         }
+
+
+def _mla_fields(cfg: Mapping[str, Any], yarn: Optional[Mapping[str, Any]]) -> dict:
+    """DeepSeek-V2's fields beyond the common ones. What mixoff does not compute is refused in one sentence
+    rather than approximated: grouped routing, renormalised top-k (transformers ignores ``norm_topk_prob``,
+    DeepSeek's own code honours it, so the two references disagree), biases, sparse MoE steps."""
+    heads = cfg["num_attention_heads"]
+    refuse = [
+        (cfg.get("topk_method", "greedy") != "greedy",
+         f"topk_method {cfg.get('topk_method')!r} is not supported (only 'greedy': top-k over all experts)"),
+        (cfg.get("scoring_func", "softmax") != "softmax",
+         f"scoring_func {cfg.get('scoring_func')!r} is not supported (only 'softmax')"),
+        (bool(cfg.get("norm_topk_prob")), "norm_topk_prob is set: renormalised top-k weights are not supported "
+                                          "for deepseek_v2 (only norm_topk_prob false)"),
+        ((cfg.get("moe_layer_freq") or 1) != 1,
+         f"moe_layer_freq {cfg.get('moe_layer_freq')!r} is not supported (only 1: every layer after "
+         f"first_k_dense_replace is an MoE layer)"),
+        (bool(cfg.get("attention_bias")) or bool(cfg.get("mlp_bias")),
+         "attention_bias / mlp_bias is set: biases are not supported for deepseek_v2"),
+        ((cfg.get("num_key_value_heads") or heads) != heads,
+         f"num_key_value_heads ({cfg.get('num_key_value_heads')}) must equal num_attention_heads ({heads}) "
+         f"in multi-head latent attention"),
+    ]
+    for bad, sentence in refuse:
+        if bad:
+            raise ConfigError(sentence)
+    out = dict(num_kv_heads=heads, head_dim=cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"],
+               kv_lora_rank=cfg["kv_lora_rank"], q_lora_rank=cfg.get("q_lora_rank") or 0,
+               qk_rope_head_dim=cfg["qk_rope_head_dim"], v_head_dim=cfg["v_head_dim"],
+               routed_scaling=float(cfg.get("routed_scaling_factor", 1.0)))
+    if yarn is not None:
+        if yarn.get("factor") is None or yarn.get("original_max_position_embeddings") is None:
+            raise ConfigError("rope_scaling of type yarn needs its factor and original_max_position_embeddings")
+        out["rope_yarn"] = Yarn(
+            factor=float(yarn["factor"]),
+            original_max_position_embeddings=int(yarn["original_max_position_embeddings"]),
+            beta_fast=float(yarn.get("beta_fast") or 32), beta_slow=float(yarn.get("beta_slow") or 1),
+            mscale=float(yarn.get("mscale") or 0), mscale_all_dim=float(yarn.get("mscale_all_dim") or 0),
+            attention_factor=None if yarn.get("attention_factor") is None else float(yarn["attention_factor"]),
+            truncate=bool(yarn.get("truncate", True)))
+    return out
 
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -213,6 +318,8 @@ EXPERT_QUANT = {
     "qwen2_moe": QuantSpec(bits=4, group_size=64, scale_group=128),
     "qwen3_moe": QuantSpec(bits=4, group_size=64, scale_group=128),
     "olmoe": QuantSpec(bits=4, group_size=64, scale_group=128),
+    # DeepSeek-V2-Lite's experts have Qwen1.5-MoE's shape (1408 x 2048): 4-bit keeps all 1664 on a 12 GB card.
+    "deepseek_v2": QuantSpec(bits=4, group_size=64, scale_group=128),
 }
 FAMILY_QUANT = QuantConfig(family_default=True)     # what the CLI and the app use unless bits are given
 

@@ -222,7 +222,7 @@ def _warm_up_kernels(model: Mixtral, layout, device: torch.device, dtype: torch.
     from .kernels import warm_up
     from .quant import QWeight
     lw = model.trunk.layers[0]
-    weights = [w for w in (lw.wq, lw.wk, lw.wv, lw.wo) if isinstance(w, QWeight)]
+    weights = [w for w in (lw.wq, lw.wk, lw.wv, lw.wo, lw.wq_a, lw.wq_b, lw.wkv_a) if isinstance(w, QWeight)]
     pairs = []
     if layout.spec.enabled:
         ew = layout.weights(torch.zeros(layout.nbytes, dtype=torch.uint8, device=device))

@@ -11,9 +11,14 @@ experts); the differences are small and listed here, each held to transformers' 
 - whether the top-k routing weights are renormalised to sum to one: always for Mixtral; ``norm_topk_prob``
   from the config for the others (Qwen1.5-MoE and OLMoE leave it off, Qwen3-MoE turns it on);
 - which attention projections carry a bias, and which config key says so;
-- dense (non-MoE) layers: ``mlp_only_layers`` and ``decoder_sparse_step`` (the Qwen families).
+- dense (non-MoE) layers: ``mlp_only_layers`` and ``decoder_sparse_step`` (the Qwen families), or the first
+  ``first_k_dense_replace`` layers (DeepSeek-V2);
+- the attention: grouped-query attention over per-head K/V (every family but one), or DeepSeek-V2's multi-head
+  latent attention (MLA), whose cache holds one compressed latent per position (``model.py``'s MLA path).
 
-Routing is the same softmax-then-top-k in all four (in float32), so it is not in the table.
+Routing is the same softmax-then-top-k in all five (in float32), so it is not in the table. DeepSeek-V2's
+routing options beyond that (``topk_method``, ``routed_scaling_factor``, its YaRN RoPE) are read, or refused,
+by ``config.py``.
 """
 from __future__ import annotations
 
@@ -32,11 +37,14 @@ class Family:
     bias_key: Optional[str]           # config key that turns on attention biases
     bias_default: bool                # its value when config.json leaves it out (Qwen1.5-MoE's hub config does)
     bias_o: bool                      # whether that bias covers o_proj too (not only q/k/v)
-    dense_layers: bool                # reads mlp_only_layers / decoder_sparse_step
+    dense_layers: Optional[str]       # None | "sparse_step" (mlp_only_layers / decoder_sparse_step) | "first_k"
     experts_key: tuple[str, ...]      # config keys for the number of routed experts (first found wins)
     expert_size_key: str              # config key of a routed expert's intermediate size
     clip_qkv: bool                    # honours config clip_qkv
     example: str                      # a hub repo id to start with
+    shared_name: str = "shared_expert"   # the shared expert's module under mlp. (DeepSeek: shared_experts)
+    shared_gate: bool = True          # the shared expert is scaled by sigmoid(shared_expert_gate x) (Qwen2-MoE)
+    attention: str = "gqa"            # "gqa" | "mla" (DeepSeek-V2's multi-head latent attention)
 
     def expert_prefix(self, layer: int, expert: int) -> str:
         return f"model.layers.{layer}.{self.moe}.experts.{expert}"
@@ -47,23 +55,30 @@ class Family:
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("mixtral", "block_sparse_moe", ("w1", "w3", "w2"), qk_norm="none", shared_expert=False, renorm=True,
-           bias_key=None, bias_default=False, bias_o=False, dense_layers=False, experts_key=("num_local_experts", "num_experts"),
+           bias_key=None, bias_default=False, bias_o=False, dense_layers=None, experts_key=("num_local_experts", "num_experts"),
            expert_size_key="intermediate_size", clip_qkv=False, example="mistralai/Mixtral-8x7B-Instruct-v0.1"),
     Family("qwen2_moe", "mlp", ("gate_proj", "up_proj", "down_proj"), qk_norm="none", shared_expert=True,
-           renorm=None, bias_key="qkv_bias", bias_default=True, bias_o=False, dense_layers=True,
+           renorm=None, bias_key="qkv_bias", bias_default=True, bias_o=False, dense_layers="sparse_step",
            experts_key=("num_experts", "num_local_experts"), expert_size_key="moe_intermediate_size",
            clip_qkv=False, example="Qwen/Qwen1.5-MoE-A2.7B-Chat"),
     Family("qwen3_moe", "mlp", ("gate_proj", "up_proj", "down_proj"), qk_norm="head", shared_expert=False,
-           renorm=None, bias_key="attention_bias", bias_default=False, bias_o=True, dense_layers=True,
+           renorm=None, bias_key="attention_bias", bias_default=False, bias_o=True, dense_layers="sparse_step",
            experts_key=("num_experts", "num_local_experts"), expert_size_key="moe_intermediate_size",
            clip_qkv=False, example="Qwen/Qwen3-30B-A3B-Instruct-2507"),
     Family("olmoe", "mlp", ("gate_proj", "up_proj", "down_proj"), qk_norm="proj", shared_expert=False,
-           renorm=None, bias_key="attention_bias", bias_default=False, bias_o=True, dense_layers=False,
+           renorm=None, bias_key="attention_bias", bias_default=False, bias_o=True, dense_layers=None,
            experts_key=("num_experts", "num_local_experts"), expert_size_key="intermediate_size",
            clip_qkv=True, example="allenai/OLMoE-1B-7B-0924-Instruct"),
+    # norm_topk_prob is refused when set (transformers ignores it, DeepSeek's own code honours it), so the
+    # top-k weights are the softmax's, times routed_scaling_factor.
+    Family("deepseek_v2", "mlp", ("gate_proj", "up_proj", "down_proj"), qk_norm="none", shared_expert=True,
+           renorm=False, bias_key=None, bias_default=False, bias_o=False, dense_layers="first_k",
+           experts_key=("n_routed_experts",), expert_size_key="moe_intermediate_size", clip_qkv=False,
+           example="deepseek-ai/DeepSeek-V2-Lite-Chat", shared_name="shared_experts", shared_gate=False,
+           attention="mla"),
 )}
 
-# Hub names of a dense MLP (a dense layer, or the shared expert under ``mlp.shared_expert``).
+# Hub names of a dense MLP (a dense layer, or the shared expert under ``mlp.shared_expert(s)``).
 DENSE_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 

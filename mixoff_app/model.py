@@ -3,6 +3,8 @@
 One forward for every family in ``families.py``; what differs (attention biases, q/k norms, qkv clipping,
 top-k renormalisation, a shared expert, dense layers) is a field of ``LayerWeights`` or ``ModelConfig`` read
 at one place each. Dense layers' MLPs and shared experts are trunk: always on the device, never cached.
+DeepSeek-V2's multi-head latent attention is the one other attention (``_mla_attention``), with its own cache
+of one compressed latent per position; everything after the attention is shared.
 
 Batch size is one (a chat). Attention, norms, router, embeddings and lm_head stay on the device; the
 experts come from ``ExpertCache`` one layer at a time. Expert outputs are summed in a fixed order (by
@@ -26,20 +28,22 @@ from .config import PREFILL_CHUNK, ModelConfig
 from .expert_cache import ExpertCache
 from .kernels import qlinear, swiglu
 from .quant import QWeight
+from .rope import frequencies, softmax_scale
 from .stats import Stats
 from .stores import ExpertWeights
 
 Weight = torch.Tensor | QWeight
+MLA_NORM_EPS = 1e-6      # DeepSeek-V2's q_a_layernorm and kv_a_layernorm: transformers' default, not the config's
 
 
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor     # [H]
     ffn_norm: torch.Tensor      # [H]
-    wq: Weight                  # [nh*hd, H]
-    wk: Weight                  # [nkv*hd, H]
-    wv: Weight                  # [nkv*hd, H]
-    wo: Weight                  # [H, nh*hd]
+    wq: Optional[Weight]        # [nh*hd, H]; None in MLA with a q LoRA (wq_a, wq_b)
+    wk: Optional[Weight]        # [nkv*hd, H]; None in MLA
+    wv: Optional[Weight]        # [nkv*hd, H]; None in MLA
+    wo: Weight                  # [H, nh*hd] (MLA: [H, nh*v])
     gate: Optional[torch.Tensor]        # [E, H] router; None in a dense layer
     bq: Optional[torch.Tensor] = None   # attention biases (Qwen2-MoE: q/k/v; attention_bias: also o)
     bk: Optional[torch.Tensor] = None
@@ -49,7 +53,15 @@ class LayerWeights:
     k_norm: Optional[torch.Tensor] = None
     mlp: Optional[ExpertWeights] = None     # a dense layer's MLP (resident)
     shared: Optional[ExpertWeights] = None  # the shared expert (resident), scaled by sigmoid(shared_gate x)
-    shared_gate: Optional[torch.Tensor] = None   # [1, H]
+    shared_gate: Optional[torch.Tensor] = None   # [1, H]; None: the shared expert(s) unscaled (DeepSeek-V2)
+    # Multi-head latent attention (DeepSeek-V2): c = kv_lora_rank, rd = qk_rope_head_dim, nope = hd - rd
+    wq_a: Optional[Weight] = None           # [q_lora, H] q_a_proj (when q_lora_rank is set)
+    q_a_norm: Optional[torch.Tensor] = None  # [q_lora]
+    wq_b: Optional[Weight] = None           # [nh*hd, q_lora] q_b_proj
+    wkv_a: Optional[Weight] = None          # [c + rd, H] kv_a_proj_with_mqa: the latent and the shared rope key
+    kv_a_norm: Optional[torch.Tensor] = None  # [c]
+    wk_b: Optional[torch.Tensor] = None     # [nh, nope, c] kv_b_proj's key rows per head (absorbed into q)
+    wv_b: Optional[torch.Tensor] = None     # [nh, c, v] kv_b_proj's value rows per head, transposed
 
 
 @dataclass
@@ -124,6 +136,13 @@ class Mixtral:
         self.prefetcher: Optional[Prefetcher] = None
         self.graphs = None       # cuda_graphs.DecodeGraphs when --cuda-graphs is on: decode steps replay graphs
         L, nkv, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+        self.expert_layer = [-1] * L      # decoder layer -> expert layer (-1: dense)
+        for j, i in enumerate(cfg.moe_layers):
+            self.expert_layer[i] = j
+        self.mla = cfg.mla
+        if self.mla:
+            self._init_mla(cfg, max_seq)
+            return
         # Static KV cache, allocated once: [layer, k|v, kv_head, position, head_dim]; a head's keys are
         # contiguous, which is what attention reads.
         self.kv = torch.zeros((L, 2, nkv, max_seq, hd), dtype=dtype, device=self.device)
@@ -133,9 +152,21 @@ class Mixtral:
         # rotate_half(x) * sin == swap_halves(x) * (-sin | sin): the sign lives in the table, and the
         # rotation is one flip instead of a negation and a concatenation.
         self.sin = torch.cat((-freqs, freqs), dim=-1).sin().to(dtype=dtype, device=self.device)
-        self.expert_layer = [-1] * L      # decoder layer -> expert layer (-1: dense)
-        for j, i in enumerate(cfg.moe_layers):
-            self.expert_layer[i] = j
+
+    def _init_mla(self, cfg: ModelConfig, max_seq: int) -> None:
+        # The cache holds, per layer and position, the normed latent [c] and the rotated shared key [rd] side by
+        # side: [layer, position, c + rd] (576 values a position for DeepSeek-V2-Lite, against 16 * (192 + 128)
+        # for per-head K and V). Attention runs in the latent space: kv_b_proj's key half is absorbed into the
+        # query and its value half applied after the softmax, so no per-head K or V is ever expanded.
+        self.kv = torch.zeros((cfg.num_layers, max_seq, cfg.kv_width), dtype=self.dtype, device=self.device)
+        inv, factor = frequencies(cfg)
+        freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv)           # [S, rd/2]
+        # DeepSeek's rope pairs neighbours (x[2i], x[2i+1]), as transformers' complex rotation does: the
+        # rotation is the pairs swapped times (-sin, sin) plus x times cos, each value repeated per pair.
+        self.cos = (freqs.cos() * factor).repeat_interleave(2, dim=-1).to(dtype=self.dtype, device=self.device)
+        s = freqs.sin() * factor
+        self.sin = torch.stack((-s, s), dim=-1).flatten(-2).to(dtype=self.dtype, device=self.device)
+        self.mla_scale = softmax_scale(cfg)
 
     def free_scratch(self) -> None:
         """After a failed step (out of memory): hand the allocator's cached blocks back to the device."""
@@ -172,8 +203,9 @@ class Mixtral:
         decode = T == 1
         if decode:
             self.cache.next_token()
+        attention = self._mla_attention if self.mla else self._attention
         for i, lw in enumerate(self.trunk.layers):
-            x = x + self._attention(i, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), pos, cos, sin, mask)
+            x = x + attention(i, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), pos, cos, sin, mask)
             j = self.expert_layer[i]
             if j < 0:                      # a dense layer: its MLP is trunk
                 x = x + expert_forward(rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps), lw.mlp, self.kernel)
@@ -188,9 +220,11 @@ class Mixtral:
         return x
 
     def _shared(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        """The shared expert (Qwen2-MoE): every token, scaled by sigmoid(shared_gate h)."""
+        """The shared expert: every token, scaled by sigmoid(shared_gate h) (Qwen2-MoE) or not (DeepSeek-V2,
+        whose shared experts are one MLP of their summed width)."""
         h = rms_norm(x, lw.ffn_norm, self.cfg.rms_norm_eps)
-        return torch.sigmoid(F.linear(h, lw.shared_gate)) * expert_forward(h, lw.shared, self.kernel)
+        y = expert_forward(h, lw.shared, self.kernel)
+        return y if lw.shared_gate is None else torch.sigmoid(F.linear(h, lw.shared_gate)) * y
 
     def _qkv(self, lw: LayerWeights, x: torch.Tensor, cos, sin):
         """x [T, H] (normed) -> q [T, nh, hd], k and v [T, nkv, hd], q and k rotated."""
@@ -229,6 +263,35 @@ class Mixtral:
                                            is_causal=mask is None, enable_gqa=True)[0]   # [nh, T, hd]
         return _proj(o.transpose(0, 1).reshape(T, nh * hd), lw.wo, lw.bo, self.kernel)
 
+    def _mla_attention(self, i: int, lw: LayerWeights, x: torch.Tensor, pos: int, cos, sin, mask) -> torch.Tensor:
+        """Multi-head latent attention over the latent cache, x [T, H] (normed) -> [T, H]."""
+        cfg, T, kn = self.cfg, x.shape[0], self.kernel
+        nh, hd, rd, c = cfg.num_heads, cfg.head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        nope = hd - rd
+        if lw.wq is not None:
+            q = qlinear(x, lw.wq, kn)
+        else:      # q_a_layernorm and kv_a_layernorm keep transformers' default eps, not rms_norm_eps
+            q = qlinear(rms_norm(qlinear(x, lw.wq_a, kn), lw.q_a_norm, MLA_NORM_EPS), lw.wq_b, kn)
+        q = q.view(T, nh, hd)
+        ckv = qlinear(x, lw.wkv_a, kn)                                               # [T, c + rd]
+        # The heads' rope parts and the one shared rope key, rotated in one pass: [T, nh + 1, rd].
+        pe = torch.cat((q[..., nope:], ckv[:, None, c:]), dim=1)
+        pe = torch.addcmul(pe * cos, pe.view(T, nh + 1, rd // 2, 2).flip(-1).view(T, nh + 1, rd), sin)
+        self.kv[i, pos:pos + T, :c] = rms_norm(ckv[:, :c], lw.kv_a_norm, MLA_NORM_EPS)
+        self.kv[i, pos:pos + T, c:] = pe[:, nh]
+        KV = self.kv[i, :pos + T][None, None]                                        # [1, 1, S, c + rd]
+        # The query in the latent space: q_nope times kv_b's key half per head, beside q's rotated part.
+        ql = torch.cat((torch.matmul(q[..., :nope].transpose(0, 1), lw.wk_b), pe[:, :nh].transpose(0, 1)),
+                       dim=-1)                                                       # [nh, T, c + rd]
+        if T == 1:      # the heads are the query rows of the one latent "head"
+            o = F.scaled_dot_product_attention(ql.view(1, 1, nh, c + rd), KV, KV[..., :c], scale=self.mla_scale)
+            o = o.view(nh, 1, c)
+        else:
+            o = F.scaled_dot_product_attention(ql[None], KV, KV[..., :c], attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=True, scale=self.mla_scale)[0]   # [nh, T, c]
+        o = torch.matmul(o, lw.wv_b)                                                 # [nh, T, v]
+        return qlinear(o.transpose(0, 1).reshape(T, nh * cfg.v_head_dim), lw.wo, kn)
+
     def _attention_out(self, lw: LayerWeights, o: torch.Tensor) -> torch.Tensor:
         """One decode token's attention output [1, nkv, g, hd] -> [1, H]."""
         return _proj(o.reshape(1, self.cfg.num_heads * self.cfg.head_dim), lw.wo, lw.bo, self.kernel)
@@ -241,7 +304,10 @@ class Mixtral:
         if self.cfg.norm_topk_prob:
             top, idx = torch.topk(logits, self.cfg.top_k, dim=-1)
             return torch.softmax(top, dim=-1, dtype=torch.float32), idx
-        return torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.cfg.top_k, dim=-1)
+        w, idx = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.cfg.top_k, dim=-1)
+        if self.cfg.routed_scaling != 1.0:      # DeepSeek-V2's routed_scaling_factor
+            w = w * self.cfg.routed_scaling
+        return w, idx
 
     def _moe_decode(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """x [1, H] (residual after attention) -> x plus the layer's experts' weighted outputs."""

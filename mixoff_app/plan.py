@@ -106,21 +106,31 @@ def prefill_activations(cfg: ModelConfig, max_context: int, dtype: torch.dtype, 
     H, k = cfg.hidden_size, cfg.top_k
     F = max(cfg.intermediate_size, cfg.dense_intermediate_size, cfg.shared_intermediate_size)   # widest MLP
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    repeated = 2 * cfg.num_heads * S * cfg.head_dim           # K and V repeated per head
+    if cfg.mla:
+        # q, the latent row, the heads' latent queries (and their product before the concatenation), the
+        # latent output and its per-head values; the key (latent + rope) and value (latent) repeated per head.
+        lat = cfg.kv_width
+        qkv = cfg.num_heads * (cfg.head_dim + 3 * lat + cfg.v_head_dim) + lat
+        repeated = cfg.num_heads * S * (lat + cfg.kv_lora_rank)
     per_token = b * ((6 + 2 * k) * H + 4 * F + 4 * qkv) + 4 * (cfg.num_experts + 2 * k)
-    unfused = 4 * cfg.num_heads * T * S + 2 * cfg.num_heads * S * cfg.head_dim * b
+    unfused = 4 * cfg.num_heads * T * S + repeated * b
     return T * per_token + T * S * (1 + b) + unfused
 
 
 def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: torch.dtype) -> Sizes:
     h, hd, L, Lm = cfg.hidden_size, cfg.head_dim, cfg.num_layers, cfg.num_moe_layers
     b = _elt(dtype)
-    attn_shapes = {"q_proj": (cfg.num_heads * hd, h), "k_proj": (cfg.num_kv_heads * hd, h),
-                   "v_proj": (cfg.num_kv_heads * hd, h), "o_proj": (h, cfg.num_heads * hd)}
+    attn_shapes = cfg.attention_shapes()
     attention = L * sum(_nbytes(weight_fields(n, s, quant.attn, dtype)) for n, s in attn_shapes.items())
     # Biases and q/k norms: small, but counted (they are on the device).
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
     extra = L * b * ((q + 2 * kv + (h if cfg.spec.bias_o else 0)) if cfg.attn_bias else 0)
     extra += L * b * {"none": 0, "head": 2 * hd, "proj": q + kv}[cfg.spec.qk_norm]
+    if cfg.mla:      # the latent's (and the q LoRA's) norm, and kv_b_proj in the model's dtype
+        nope = hd - cfg.qk_rope_head_dim
+        extra += L * b * (cfg.kv_lora_rank + cfg.q_lora_rank
+                          + cfg.num_heads * (nope + cfg.v_head_dim) * cfg.kv_lora_rank)
     mlp_shapes = []
     for size, count in ((cfg.dense_intermediate_size, len(cfg.dense_layers)),
                         (cfg.shared_intermediate_size, Lm)):
@@ -129,7 +139,7 @@ def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: t
             mlp_shapes += shapes
             mlp = count * sum(_nbytes(weight_fields("w", s, quant.attn, dtype)) for s in shapes)
             extra += mlp
-    gate = Lm * h * b if cfg.shared_intermediate_size else 0
+    gate = Lm * h * b if cfg.shared_intermediate_size and cfg.spec.shared_gate else 0
     layout = ExpertLayout.for_model(cfg, quant.experts, dtype)
     scratch = max([dequant_scratch(s, quant.experts, dtype) for s in layout.shapes]
                   + [dequant_scratch(s, quant.attn, dtype) for s in list(attn_shapes.values()) + mlp_shapes])
@@ -137,7 +147,7 @@ def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: t
         expert=layout.nbytes, attention=attention,
         embed=cfg.vocab_size * h * b, lm_head=0 if cfg.tie_word_embeddings else cfg.vocab_size * h * b,
         norms=(2 * L + 1) * h * b, router=Lm * cfg.num_experts * h * b + gate,
-        kv=2 * L * max_context * cfg.num_kv_heads * hd * b, rope=2 * max_context * hd * b,
+        kv=L * max_context * cfg.kv_width * b, rope=2 * max_context * cfg.rope_dim * b,
         scratch=scratch, activations=prefill_activations(cfg, max_context, dtype),
         num_layers=Lm, num_experts=cfg.num_experts, mlp=extra)
 

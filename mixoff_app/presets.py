@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, Yarn
 
 PRESETS: dict[str, ModelConfig] = {
     "mixtral-8x7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
@@ -19,7 +19,7 @@ PRESETS: dict[str, ModelConfig] = {
                                  rope_theta=1e6, max_position_embeddings=65536),
     # The other families' shapes are their hub config.json's (tests/fixtures/hub_configs holds the files, and
     # tests/test_families.py reads them back as these rows): Qwen/Qwen3-30B-A3B-Instruct-2507,
-    # Qwen/Qwen1.5-MoE-A2.7B-Chat, allenai/OLMoE-1B-7B-0924-Instruct.
+    # Qwen/Qwen1.5-MoE-A2.7B-Chat, allenai/OLMoE-1B-7B-0924-Instruct, deepseek-ai/DeepSeek-V2-Lite-Chat.
     "qwen3-30b-a3b": ModelConfig(vocab_size=151936, hidden_size=2048, intermediate_size=768, num_layers=48,
                                  num_heads=32, num_kv_heads=4, head_dim=128, num_experts=128, top_k=8,
                                  rms_norm_eps=1e-6, rope_theta=1e7, max_position_embeddings=262144,
@@ -33,6 +33,17 @@ PRESETS: dict[str, ModelConfig] = {
                                num_heads=16, num_kv_heads=16, head_dim=128, num_experts=64, top_k=8,
                                rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=4096,
                                bos_token_id=None, eos_token_id=50279, family="olmoe", norm_topk_prob=False),
+    # MLA: head_dim is q/k's 128 + 64 (nope + rope); the cache holds a 512 + 64 latent per layer and position.
+    # Layer 0 is dense (first_k_dense_replace 1); 2 shared experts of 1408 are one resident MLP of 2816.
+    "deepseek-v2-lite": ModelConfig(vocab_size=102400, hidden_size=2048, intermediate_size=1408, num_layers=27,
+                                    num_heads=16, num_kv_heads=16, head_dim=192, num_experts=64, top_k=6,
+                                    rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=163840,
+                                    bos_token_id=100000, eos_token_id=100001, family="deepseek_v2",
+                                    norm_topk_prob=False, shared_intermediate_size=2816, dense_layers=(0,),
+                                    dense_intermediate_size=10944, kv_lora_rank=512, qk_rope_head_dim=64,
+                                    v_head_dim=128,
+                                    rope_yarn=Yarn(factor=40.0, original_max_position_embeddings=4096,
+                                                   mscale=0.707, mscale_all_dim=0.707)),
     # the shipped demo model (assets/tiny-chat); max_position_embeddings is its training context
     "tiny": ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=384, num_layers=4, num_heads=8,
                         num_kv_heads=4, head_dim=32, num_experts=8, top_k=2, rope_theta=1e4,
@@ -66,6 +77,8 @@ HUB_IDS: dict[str, str] = {
     "qwen/qwen1.5-moe-a2.7b-chat": "qwen1.5-moe-a2.7b",
     "allenai/olmoe-1b-7b-0924": "olmoe-1b-7b",
     "allenai/olmoe-1b-7b-0924-instruct": "olmoe-1b-7b",
+    "deepseek-ai/deepseek-v2-lite": "deepseek-v2-lite",
+    "deepseek-ai/deepseek-v2-lite-chat": "deepseek-v2-lite",
 }
 
 

@@ -196,7 +196,7 @@ def ensure_tiny(path: Path | None = None, seed: int = 0) -> Path:
 
 # transformers' config class per family (read by name so this module imports transformers lazily).
 HF_CONFIGS = {"mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig",
-              "olmoe": "OlmoeConfig"}
+              "olmoe": "OlmoeConfig", "deepseek_v2": "DeepseekV2Config"}
 
 
 def make_family_checkpoint(out_dir: str | os.PathLike, model_type: str, tokenizer_dir: str | os.PathLike,

@@ -24,6 +24,11 @@ SIZE_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "interm
                "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
                "num_experts": "num_local_experts", "top_k": "num_experts_per_tok",
                "max_position_embeddings": "max_position_embeddings"}
+# Sizes only some families have (multi-head latent attention): 0 where the family has none. qk_nope_head_dim is
+# no ModelConfig field (it is head_dim - qk_rope_head_dim), so only its config.json value is checked.
+OPTIONAL_SIZES = {"kv_lora_rank": "kv_lora_rank", "q_lora_rank": "q_lora_rank",
+                  "qk_rope_head_dim": "qk_rope_head_dim", "qk_nope_head_dim": "qk_nope_head_dim",
+                  "v_head_dim": "v_head_dim"}
 POSITIVE_FLOATS = {"rms_norm_eps": "rms_norm_eps", "rope_theta": "rope_theta"}
 TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id"}
 MAX_SIZE = 1 << 31           # beyond any model: larger values would only overflow an allocation
@@ -48,6 +53,10 @@ def check_config_values(values: Mapping[str, Any], path: Path) -> None:
         v = values[name]
         if not whole(v) or not 1 <= v < MAX_SIZE:
             raise CheckpointError(f"{path}: {key} must be a whole number >= 1, not {_show(v)}")
+    for name, key in OPTIONAL_SIZES.items():
+        v = values.get(name)
+        if v is not None and (not whole(v) or not 0 <= v < MAX_SIZE):
+            raise CheckpointError(f"{path}: {key} must be a whole number >= 0, not {_show(v)}")
     for name, key in POSITIVE_FLOATS.items():
         if name not in values:
             continue

@@ -2,9 +2,10 @@
 
 Tiny random checkpoints are written by transformers' ``save_pretrained`` (so the files hold the hub's
 per-expert names) with shapes beyond the defaults: top-k 3, 4 and 8; 10 to 64 experts; intermediate sizes
-that are not powers of two; a shared expert on and off; both ``norm_topk_prob`` values; dense layers
-(``mlp_only_layers`` and ``decoder_sparse_step``); q/k/v biases, q/k norms per head and per projection,
-``clip_qkv``. Logits are compared in float32 for a whole-sequence prefill and a token-by-token decode
+that are not powers of two; a shared expert on and off, gated and not; both ``norm_topk_prob`` values; dense
+layers (``mlp_only_layers``, ``decoder_sparse_step``, ``first_k_dense_replace``); q/k/v biases, q/k norms per
+head and per projection, ``clip_qkv``; DeepSeek-V2's multi-head latent attention (tests/test_deepseek.py has
+its own options: the q LoRA, YaRN, routed_scaling_factor, and what is refused). Logits are compared in float32 for a whole-sequence prefill and a token-by-token decode
 through a cache with evictions, greedy tokens at several cache sizes, and with quantization on against
 transformers run on the weights we dequantized.
 """
@@ -16,6 +17,7 @@ import json
 import pytest
 import torch
 
+from mixoff_app.checkpoints import ATTN_FIELDS
 from mixoff_app.config import ConfigError, ModelConfig, QuantConfig
 from mixoff_app.quant import QWeight
 from mixoff_app.tiny import make_family_checkpoint
@@ -38,6 +40,12 @@ CASES = {
     # q/k norm over the whole projection, clip_qkv (low enough to bite), top-4 of 16, no renorm
     "olmoe": dict(COMMON, num_hidden_layers=2, num_experts=16, num_experts_per_tok=4, intermediate_size=24,
                   clip_qkv=1.5, norm_topk_prob=False),
+    # multi-head latent attention (latent 16, rope 8 of a 20-wide q/k head, v 12), a dense first layer, two
+    # ungated shared experts, rms_norm_eps unlike the latent norm's fixed 1e-6; top-3 of 12
+    "deepseek_v2": dict(COMMON, num_key_value_heads=4, num_hidden_layers=3, num_experts=12, num_experts_per_tok=3,
+                        moe_intermediate_size=24, intermediate_size=56, n_shared_experts=2, first_k_dense_replace=1,
+                        kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=12,
+                        rms_norm_eps=1e-5, norm_topk_prob=False),
 }
 
 
@@ -67,7 +75,7 @@ def test_config_reads_the_family(family):
     # Where transformers put an MoE block is where we route; everything else is a dense layer.
     moe = tuple(i for i, layer in enumerate(ref.model.layers) if hasattr(layer.mlp, "experts"))
     assert cfg.moe_layers == moe and cfg.num_moe_layers == len(moe)
-    assert bool(cfg.shared_intermediate_size) == (name == "qwen2_moe")
+    assert bool(cfg.shared_intermediate_size) == (name in ("qwen2_moe", "deepseek_v2"))
 
 
 def test_logits_and_greedy_match_transformers(family, prompt):
@@ -119,9 +127,9 @@ def test_quantized_runtime_matches_transformers_on_dequantized_weights(family, q
 
     for i, lw in enumerate(engine.model.trunk.layers):
         p = f"model.layers.{i}."
-        for n, w in zip(("q_proj", "k_proj", "v_proj", "o_proj"), (lw.wq, lw.wk, lw.wv, lw.wo)):
-            put(f"{p}self_attn.{n}.weight", w)
-        for prefix, mlp in ((f"{p}mlp", lw.mlp), (f"{p}mlp.shared_expert", lw.shared)):
+        for n in cfg.attention_shapes():          # q/k/v/o, or MLA's q, kv_a_proj_with_mqa and o
+            put(f"{p}self_attn.{n}.weight", getattr(lw, ATTN_FIELDS[n]))
+        for prefix, mlp in ((f"{p}mlp", lw.mlp), (f"{p}mlp.{cfg.spec.shared_name}", lw.shared)):
             if mlp is not None:
                 for n, w in zip(("gate_proj", "up_proj", "down_proj"), mlp):
                     put(f"{prefix}.{n}.weight", w)
@@ -136,7 +144,7 @@ def test_quantized_runtime_matches_transformers_on_dequantized_weights(family, q
             gate_up[e, f:].copy_(ew.w3.dequantize(torch.float32))
             down[e].copy_(ew.w2.dequantize(torch.float32))
     expected_mlps = len(cfg.dense_layers) + (cfg.num_moe_layers if cfg.shared_intermediate_size else 0)
-    assert n_quant == 4 * cfg.num_layers + 3 * expected_mlps
+    assert n_quant == len(cfg.attention_shapes()) * cfg.num_layers + 3 * expected_mlps
     full = torch.tensor(prompt)
     with torch.no_grad():
         expected = ref(full[None]).logits[0]
@@ -165,14 +173,15 @@ def test_own_format_records_the_family_and_reloads_identically(family, quantized
 
 
 def test_other_model_types_are_refused_with_the_supported_list():
-    with pytest.raises(ConfigError, match=r"'deepseek_v2'.*mixtral, qwen2_moe, qwen3_moe, olmoe"):
-        ModelConfig.from_hf({"model_type": "deepseek_v2", "hidden_size": 8})
+    with pytest.raises(ConfigError, match=r"'deepseek_v3'.*mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2"):
+        ModelConfig.from_hf({"model_type": "deepseek_v3", "hidden_size": 8})
 
 
 HUB_CONFIGS = {"Qwen/Qwen3-30B-A3B-Instruct-2507": "qwen3-30b-a3b", "Qwen/Qwen1.5-MoE-A2.7B-Chat": "qwen1.5-moe-a2.7b",
                "allenai/OLMoE-1B-7B-0924-Instruct": "olmoe-1b-7b",
                "mistralai/Mixtral-8x22B-Instruct-v0.1": "mixtral-8x22b",
-               "mistralai/Mixtral-8x7B-Instruct-v0.1": "mixtral-8x7b"}
+               "mistralai/Mixtral-8x7B-Instruct-v0.1": "mixtral-8x7b",
+               "deepseek-ai/DeepSeek-V2-Lite-Chat": "deepseek-v2-lite"}
 
 
 @pytest.mark.parametrize("repo", list(HUB_CONFIGS))
@@ -186,7 +195,8 @@ def test_hub_configs_read_as_the_presets(repo):
     # The runtime's shapes equal the preset's (token ids and the context length are not shapes).
     same = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "num_experts", "top_k", "family", "norm_topk_prob", "shared_intermediate_size", "dense_layers",
-            "attn_bias", "clip_qkv", "rope_theta", "rms_norm_eps")
+            "attn_bias", "clip_qkv", "rope_theta", "rms_norm_eps", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+            "v_head_dim", "routed_scaling", "rope_yarn", "dense_intermediate_size")
     assert {k: getattr(cfg, k) for k in same} == {k: getattr(preset, k) for k in same}
     assert preset_name(repo) == HUB_CONFIGS[repo]          # the planner answers before a download
 
@@ -239,7 +249,8 @@ def test_plan_presets_table_has_a_row_per_model_with_its_family_quantization():
     from mixoff_app.plan import presets_markdown
     table = presets_markdown(FAMILY_QUANT, 12, 32)
     rows = {line.split(" | ")[0].lstrip("| ").split(" (")[0]: line for line in table.splitlines()[2:]}
-    assert set(rows) == {"mixtral-8x7b", "mixtral-8x22b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b"}
+    assert set(rows) == {"mixtral-8x7b", "mixtral-8x22b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b",
+                         "deepseek-v2-lite"}
     assert "2-bit g16" in rows["mixtral-8x7b"] and "4-bit g64" in rows["qwen3-30b-a3b"]
     assert "/6144 |" in rows["qwen3-30b-a3b"] and "1440/1440" in rows["qwen1.5-moe-a2.7b"]
 

@@ -71,7 +71,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
     p.add_argument("--attn-bits", type=bits, default=4, help="attention bits: 2, 3, 4, 8 or none (default 4)")
     p.add_argument("--expert-bits", type=bits, default=FAMILY,
                    help="expert bits: 2, 3, 4, 8 or none (default: the model family's: 2 for Mixtral, 4 for "
-                        "Qwen-MoE and OLMoE; see docs/BENCHMARKS.md)")
+                        "Qwen-MoE, OLMoE and DeepSeek-V2; see docs/BENCHMARKS.md)")
     p.add_argument("--cache-size", type=positive_int, default=None,
                    help="experts per layer kept on the device (k); default: all experts on CPU, planned on GPU")
     p.add_argument("--policy", choices=POLICIES, default="lru", help="eviction policy")
