@@ -217,13 +217,19 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
 
 
 def _warm_up_kernels(model: Mixtral, layout, device: torch.device, dtype: torch.dtype) -> int:
-    """Compile and tune the fused kernels for this model's weight formats: attention from the first layer,
-    experts from a zero-filled expert in the store's layout (no cache traffic, no stats)."""
+    """Compile and tune the fused kernels for this model's weight formats: attention from the first layer, a
+    dense MLP and a shared expert where the model has them, experts from a zero-filled expert in the store's
+    layout (no cache traffic, no stats)."""
     from .kernels import warm_up
     from .quant import QWeight
     lw = model.trunk.layers[0]
     weights = [w for w in (lw.wq, lw.wk, lw.wv, lw.wo, lw.wq_a, lw.wq_b, lw.wkv_a) if isinstance(w, QWeight)]
     pairs = []
+    trunk_mlps = [m for layer in model.trunk.layers for m in (layer.mlp, layer.shared) if m is not None]
+    for mlp in {(m.w1.shape, type(m.w1)): m for m in trunk_mlps}.values():       # one per shape
+        if isinstance(mlp.w1, QWeight):
+            weights += [mlp.w1, mlp.w2]
+            pairs.append((mlp.w1, mlp.w3))
     if layout.spec.enabled:
         ew = layout.weights(torch.zeros(layout.nbytes, dtype=torch.uint8, device=device))
         weights += list(ew)

@@ -230,6 +230,18 @@ def test_load_time_warm_up_covers_each_weight_format_once():
     # q/o (256x256) and k/v (64x256) at 4-bit, w1/w3 (64x256) and w2 (256x64) at 2-bit: 4 formats x 4 token
     # tiles, and the experts' fused gate/up launch once.
     assert _warm_up_kernels(eng.model, eng.model.cache.store.layout, torch.device("cpu"), torch.float32) == 17
+    # A trunk MLP (a dense layer's, or a shared expert) of its own shape: its w1/w3 and w2 formats (4 token
+    # tiles each) and its fused gate/up launch are warmed too, once however many layers have one.
+    from mixoff_app.stores import ExpertWeights
+    w1, w3 = random_qweight((48, 256), 2, 16, None, True, seed=1), random_qweight((48, 256), 2, 16, None, True, seed=2)
+    shared = ExpertWeights(w1, w3, random_qweight((256, 48), 2, 16, None, True, seed=3))
+    for lw in eng.model.trunk.layers:
+        lw.shared = shared
+    try:
+        assert _warm_up_kernels(eng.model, eng.model.cache.store.layout, torch.device("cpu"), torch.float32) == 26
+    finally:
+        for lw in eng.model.trunk.layers:
+            lw.shared = None
 
 
 def test_whole_model_parity_on_our_format(tiny_dir, tmp_path):
