@@ -18,8 +18,10 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 # 1. correctness on the GPU: CUDA vs CPU logits, placements, graphs vs eager, the benchmark at a tiny shape
 timeout 170 "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/ > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest -m gpu: exit $? after $(( $(date +%s) - start ))s" | tee -a "$OUT/pytest_gpu.txt"
-# 2. decode costs on the GPU (round trips, dispatched ops per token), fp16
-timeout 60 "$PY" bench/decode_costs.py --device "$DEVICE" --dtype "$DTYPE" > "$OUT/decode_costs.json" 2> "$OUT/decode_costs.log"
+# 2. decode costs on the GPU (round trips, dispatched ops per token), fp16, torch and fused kernels, on the
+#    fully fusable tiny shape (docs/BENCHMARKS.md has the CPU counts of the same command)
+timeout 150 "$PY" bench/decode_costs.py --device "$DEVICE" --dtype "$DTYPE" --kernel torch triton --shape tiny \
+    > "$OUT/decode_costs.json" 2> "$OUT/decode_costs.log"
 # 3. the benchmark at Mixtral-8x7B's shapes; variants stop starting after --budget-s, kernels.py capped
 left=$(( 560 - ($(date +%s) - start) ))
 budget=$(( left - 120 )); [ "$budget" -lt 60 ] && budget=60
