@@ -331,7 +331,7 @@ def test_malformed_and_odd_requests(app):
 
 
 def test_a_key_is_required_when_set(engine):
-    with Headless(lambda: engine, ApiConfig(key="s3cret", default_max_tokens=4)) as url:
+    with Headless(lambda: engine, ApiConfig(keys=("s3cret",), default_max_tokens=4)) as url:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             r = httpx.get(url + "/v1/models", headers=headers, timeout=30)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", headers
@@ -383,13 +383,19 @@ def test_app_flags_give_the_api_its_key_and_exposure():
 
     def config(argv, environ=None, host="127.0.0.1"):
         return api_config(build_parser().parse_args(argv), host, environ=environ or {})
-    assert config([]).key is None and config([]).default_max_tokens == 256
-    assert config([], {"MIXOFF_API_KEY": "from-env"}).key == "from-env"
-    assert config(["--api-key", "flag"], {"MIXOFF_API_KEY": "from-env"}).key == "flag"
+    assert config([]).keys == () and config([]).default_max_tokens == 256
+    assert config([], {"MIXOFF_API_KEY": "from-env"}).keys == ("from-env",)
+    assert config([], {"MIXOFF_API_KEY": "ann-key, bob-key"}).keys == ("ann-key", "bob-key")
+    assert config(["--api-key", "flag"], {"MIXOFF_API_KEY": "from-env"}).keys == ("flag",)
+    assert config(["--api-key", "a", "--api-key", "b"]).keys == ("a", "b")
     assert config(["--share"]).share and config(["--max-new-tokens", "9"]).default_max_tokens == 9
     assert config([], host="0.0.0.0").host == "0.0.0.0"
     with pytest.raises(ConfigError, match="blank"):
         config(["--api-key", " "])
+    with pytest.raises(ConfigError, match="blank"):
+        config([], {"MIXOFF_API_KEY": "a,,b"})
+    with pytest.raises(ConfigError, match="given twice"):
+        config(["--api-key", "a", "--api-key", "a"])
 
 
 # ---- serve: the API without the page ------------------------------------------------------------
@@ -451,9 +457,37 @@ def test_serve_answers_with_the_key_from_the_environment(tiny_dir, engine):
             proc.wait()
 
 
+def test_each_key_is_a_caller_of_its_own(engine):
+    """Two keys, two principals: each works, neither sees the other's answer details, and each one's next turn
+    reuses its own KV cache only (the engine's session is the key's)."""
+    with Headless(lambda: engine, ApiConfig(keys=("ann-key", "bob-key"), host="0.0.0.0")) as url:
+        def stats(key):
+            return httpx.get(url + "/v1/mixoff/stats", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+
+        conv = [{"role": "user", "content": "What is a set?"}]
+        a = client(url, key="ann-key").chat.completions.create(model="m", messages=conv, temperature=0, max_tokens=5)
+        assert len(stats("ann-key")["routing"]) == 5 and stats("bob-key")["routing"] == []
+        ann_session = engine.answer_session
+        client(url, key="bob-key").chat.completions.create(model="m", messages=conv, temperature=0, max_tokens=5)
+        assert engine.answer_session != ann_session and stats("ann-key")["routing"] == []
+        assert len(stats("bob-key")["routing"]) == 5
+        # Ann's second turn: Bob answered in between, so her KV cache is not reused (another principal's tokens).
+        conv2 = conv + [{"role": "assistant", "content": a.choices[0].message.content},
+                        {"role": "user", "content": "And a dict?"}]
+        client(url, key="ann-key").chat.completions.create(model="m", messages=conv2, temperature=0, max_tokens=3)
+        full = len(engine.prompt_ids(conv2))
+        assert stats("ann-key")["prefill_tokens"] == full
+        # Her third turn right after her second one reuses her own cache.
+        client(url, key="ann-key").chat.completions.create(model="m", messages=conv2 + [
+            {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Thanks"}], temperature=0, max_tokens=3)
+        assert stats("ann-key")["prefill_tokens"] < full
+        with pytest.raises(openai.AuthenticationError):
+            client(url, key="carol-key").models.list()
+
+
 def test_stats_show_other_sessions_answer_details_only_to_the_operator(engine):
     """Keyed and reachable from outside: API callers are users; they see their own answer's details, not another's."""
-    with Headless(lambda: engine, ApiConfig(key="k", host="0.0.0.0")) as url:
+    with Headless(lambda: engine, ApiConfig(keys=("k",), host="0.0.0.0")) as url:
         out = client(url, key="k").chat.completions.create(
             model="m", messages=[{"role": "user", "content": "What is a set?"}], temperature=0, max_tokens=5)
         mine = httpx.get(url + "/v1/mixoff/stats", headers={"Authorization": "Bearer k"}, timeout=30).json()

@@ -57,7 +57,6 @@ async def read_body(request: Request, limit: int) -> bytes:
 def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRoute]:
     """``get_engine()`` returns the loaded engine or raises RuntimeError saying why not (still loading, failed)."""
     line = asyncio.Lock()             # API answers wait here in arrival order (see answer.py)
-    who = session(config)
 
     def engine_or_503() -> Any:
         try:
@@ -143,6 +142,7 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
 
     async def chat_completions(request: Request) -> Response:
         req = parse_chat(parse_json(await read_body(request, config.max_body_bytes)), config.default_max_tokens)
+        who = session(config, request.headers.get("authorization"))
         engine, answer = await start(request, lambda e, cancel: e.stream_chat(list(req.messages), req.params,
                                                                              cancel=cancel, session=who))
         return await respond(request, answer, Shape(True, model_id(engine.info)), req.stream, req.include_usage)
@@ -150,13 +150,14 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
     async def completions(request: Request) -> Response:
         req = parse_completion(parse_json(await read_body(request, config.max_body_bytes)),
                                config.default_max_tokens)
+        who = session(config, request.headers.get("authorization"))
         engine, answer = await start(request, lambda e, cancel: e.stream_prompt(req.prompt, req.params,
                                                                                cancel=cancel, session=who))
         return await respond(request, answer, Shape(False, model_id(engine.info)), req.stream, req.include_usage)
 
     async def stats(request: Request) -> Response:
         engine = engine_or_503()
-        return JSONResponse(await run_in_threadpool(stats_view, engine, config))
+        return JSONResponse(await run_in_threadpool(stats_view, engine, config, request.headers.get("authorization")))
 
     table = [("/v1/models", list_models, "GET"), ("/v1/models/{model:path}", get_model, "GET"),
              ("/v1/chat/completions", chat_completions, "POST"), ("/v1/completions", completions, "POST"),

@@ -21,15 +21,15 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def run(args) -> int:
-    from ..api import ENV_KEY, ApiConfig, describe, keyless_ok, model_id, serve
+    from ..api import ENV_KEY, ApiConfig, api_keys, describe, keyless_ok, model_id, serve
     from ..config import ConfigError
 
-    key = args.api_key if args.api_key is not None else os.environ.get(ENV_KEY) or None
     try:
-        api = ApiConfig(key=key, host=args.host, default_max_tokens=args.max_new_tokens)
+        api = ApiConfig(keys=api_keys(args.api_key, os.environ), host=args.host,
+                        default_max_tokens=args.max_new_tokens)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if not key and not keyless_ok(api):       # every request would be refused: say so before loading anything
+    if not api.keys and not keyless_ok(api):       # every request would be refused: say so before loading anything
         raise ConfigError(f"--host {args.host} reaches beyond this machine, so the API needs a key: add "
                           f"--api-key KEY (or set {ENV_KEY})")
     if not _port_free(args.host, args.port):
@@ -48,8 +48,9 @@ def add_parser(subparsers) -> None:
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only; anything wider needs --api-key)")
     s.add_argument("--port", type=positive_int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
-    s.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require `Authorization: Bearer KEY` (default: $MIXOFF_API_KEY; none: loopback only)")
+    s.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY`; once per caller, each key a principal of its own "
+                        "(default: $MIXOFF_API_KEY, keys separated by commas; none: loopback only)")
     s.add_argument("--max-new-tokens", type=positive_int, default=256,
                    help="an answer's length when a request gives no max_tokens (default: 256)")
     s.set_defaults(func=run)

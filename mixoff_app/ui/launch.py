@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", default=None, metavar="USER:PASS",
                    help="an operator login: only this account may change the cache settings and see every "
                         "session's details (puts a login in front of the app; --auth adds a user account)")
-    p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require `Authorization: Bearer KEY` on the OpenAI-compatible API at /v1 (default: "
-                        "$MIXOFF_API_KEY; without a key /v1 is served only on loopback without --share)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on the OpenAI-compatible API at /v1; give it once per "
+                        "caller, each key a principal of its own (default: $MIXOFF_API_KEY, keys separated by "
+                        "commas; without a key /v1 is served only on loopback without --share)")
     return p
 
 
@@ -128,10 +129,9 @@ def _quant(args):
 def api_config(args: argparse.Namespace, host: str, admin: Optional[str] = None, environ=os.environ):
     """The /v1 API's settings: the key from --api-key or MIXOFF_API_KEY, where the page is reachable, and the
     --admin user (with one, the API's callers are never the operator)."""
-    from ..api import ENV_KEY, ApiConfig
-    key = args.api_key if args.api_key is not None else environ.get(ENV_KEY) or None
+    from ..api import ApiConfig, api_keys
     try:
-        return ApiConfig(key=key, host=host, share=bool(args.share), admin=admin,
+        return ApiConfig(keys=api_keys(args.api_key, environ), host=host, share=bool(args.share), admin=admin,
                          default_max_tokens=args.max_new_tokens)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
