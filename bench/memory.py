@@ -2,6 +2,8 @@
 
     python bench/memory.py --model PATH [--placement P] [--cache-size K] [--vram-budget GB] [--ram-budget GB]
     python bench/memory.py --make-synthetic OUT --tokenizer-from TINY_DIR [--layers 2 --hidden 1024 --inter 4096]
+    python bench/memory.py --make-hub OUT --family qwen3_moe --tokenizer-from TINY_DIR [--layers 2 --hidden 512
+                           --inter 256 --experts 32]     # a bf16 hub-layout checkpoint, quantized while loading
 
 The synthetic checkpoint (``tiny.write_synthetic(..., packed=True)``) is large enough that its experts, not
 the libraries, dominate a measurement of RSS.
@@ -87,7 +89,23 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--inter", type=int, default=4096)
+    ap.add_argument("--make-hub", default=None, metavar="OUT", help="write a bf16 hub-layout checkpoint of --family")
+    ap.add_argument("--family", default="mixtral", help="with --make-hub: mixtral, qwen2_moe, qwen3_moe, olmoe")
+    ap.add_argument("--experts", type=int, default=32)
     a = ap.parse_args()
+    if a.make_hub:
+        import torch
+
+        from mixoff_app.tiny import make_family_checkpoint
+        # Eight heads of hidden/8, top-8: the families' own config keys for experts and their width.
+        common = dict(hidden_size=a.hidden, num_attention_heads=8, num_key_value_heads=4, head_dim=a.hidden // 8,
+                      num_hidden_layers=a.layers, num_experts_per_tok=8, max_position_embeddings=512)
+        own = ({"num_local_experts": a.experts, "intermediate_size": a.inter} if a.family == "mixtral" else
+               {"num_experts": a.experts, "moe_intermediate_size": a.inter, "intermediate_size": 4 * a.inter})
+        out = make_family_checkpoint(a.make_hub, a.family, a.tokenizer_from, seed=0, dtype=torch.bfloat16,
+                                     **common, **own)
+        print(json.dumps({"wrote": str(out)}))
+        return 0
     if a.make_synthetic:
         from mixoff_app.tiny import write_synthetic
         out = write_synthetic(a.make_synthetic, synthetic_shape(a.layers, a.hidden, a.inter),

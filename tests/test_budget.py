@@ -108,3 +108,17 @@ def test_a_re_plan_that_breaks_the_budget_is_refused_before_anything_moves(tiny_
     assert eng.model.cache.sizes == (2,) * cfg.num_layers          # nothing moved
     eng.reconfigure_cache(CacheConfig(sizes=(1,), placement="inclusive"))
     assert eng.model.cache.sizes == (1,) * cfg.num_layers
+
+
+def test_the_memory_bench_measures_a_family_loaded_from_its_hub_layout(tiny_dir, tmp_path):
+    """`bench/memory.py --make-hub` writes a bf16 hub-layout checkpoint of a family, and the measurement loads it
+    (quantizing while loading) and reports what it keeps (docs/BENCHMARKS.md's side-by-side table)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    out = tmp_path / "q3"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--make-hub", str(out), "--family",
+                    "qwen3_moe", "--tokenizer-from", str(tiny_dir), "--layers", "1", "--hidden", "64", "--inter",
+                    "32", "--experts", "8"], check=True, capture_output=True, env=env, timeout=300, cwd=ROOT)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3_moe"
+    r = run_bench(out)
+    assert r["placement"] in ("inclusive", "exclusive") and r["sizes"] == [8] and r["tokens"]
+    assert r["host_expert_bytes"] > 0 and r["rss_growth_load"] > 0
