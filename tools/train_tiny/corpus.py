@@ -264,10 +264,6 @@ def build_items() -> list[Item]:
     return [seen[k] for k in sorted(seen)]
 
 
-_KEYWORD_STATEMENTS = {"assert", "break", "class", "continue", "del", "for", "global", "if", "import", "nonlocal",
-                       "pass", "raise", "return", "try", "while", "with", "yield", "def", "lambda", "async",
-                       "await"}
-
 _TEMPLATES = {
     "builtin": ["What does the built-in function {n} do?", "What is the `{n}` builtin?",
                 "Explain the built-in function `{n}`.", "What does {n}() do in Python?",
