@@ -11,16 +11,12 @@ import sys
 import pytest
 import torch
 
-from tools.train_tiny.train import (
-    ASSET_DIR,
-    answer_loss,
-    build_examples,
-    collate,
-    heldout_encoded,
-    heldout_loss,
-    locality_stats,
-    read_heldout,
-)
+from tools.train_tiny.batches import collate
+from tools.train_tiny.checkpoint import ASSET_DIR
+from tools.train_tiny.corpus import build_examples
+from tools.train_tiny.evaluation import answer_loss, heldout_loss
+from tools.train_tiny.heldout import heldout_encoded, read_heldout
+from tools.train_tiny.locality import locality_stats
 
 CARD = ASSET_DIR / "MODEL_CARD.md"
 
@@ -112,7 +108,7 @@ def test_training_data_does_not_depend_on_the_environment():
     import platform
     import sysconfig
 
-    from tools.train_tiny.train import _signature
+    from tools.train_tiny.corpus import _signature
     arch = _signature("platform.architecture", platform.architecture)
     assert arch.startswith("platform.architecture(executable=sys.executable,") and sys.executable not in arch
     if sys.platform == "linux":
@@ -170,7 +166,8 @@ def test_answers_a_follow_up_question(shipped):
 def test_says_what_it_is_to_greetings_and_out_of_scope_questions(shipped, report):
     """Greetings and questions outside Python's documentation get the short trained answer (what the model is,
     what to ask), including question forms held out of training; their held-out loss is the reported one."""
-    from tools.train_tiny.train import SCOPE_HELDOUT_FILE, build_scope_examples
+    from tools.train_tiny.heldout import SCOPE_HELDOUT_FILE
+    from tools.train_tiny.scope import build_scope_examples
     model, tok = shipped
     train_scope, held_scope = build_scope_examples()
     assert read_heldout(ASSET_DIR, SCOPE_HELDOUT_FILE) == held_scope
