@@ -67,3 +67,20 @@ def cli_here(capsys, *args) -> tuple[int, str]:
     except SystemExit as e:          # argparse refuses bad flags by exiting 2
         rc = e.code
     return rc, capsys.readouterr().err
+
+
+def copy_dequantized_experts(sd: dict, engine: Engine, bits: int | None = None, group: int | None = None) -> None:
+    """Write the engine's routed experts, dequantized, into a transformers 5 state dict (which holds each layer's
+    experts fused: gate_up_proj [E, 2F, H], down_proj [E, H, F]), so the reference runs on our quantized numbers.
+    With ``bits``/``group``, also check the experts' format."""
+    cfg = engine.model.cfg
+    f = cfg.intermediate_size
+    for j, i in enumerate(cfg.moe_layers):
+        gate_up, down = sd[f"model.layers.{i}.mlp.experts.gate_up_proj"], sd[f"model.layers.{i}.mlp.experts.down_proj"]
+        for e in range(cfg.num_experts):
+            ew = engine.model.cache.store.weights(j, e)
+            if bits is not None:
+                assert (ew.w1.bits, ew.w1.group_size) == (bits, group)
+            gate_up[e, :f].copy_(ew.w1.dequantize(torch.float32))
+            gate_up[e, f:].copy_(ew.w3.dequantize(torch.float32))
+            down[e].copy_(ew.w2.dequantize(torch.float32))

@@ -17,7 +17,7 @@ from mixoff_app.config import ConfigError, ModelConfig, QuantConfig
 from mixoff_app.quant import QWeight
 from mixoff_app.tiny import make_family_checkpoint
 
-from helpers import chat_ids, cli, greedy_ids, hf_greedy, load
+from helpers import chat_ids, cli, copy_dequantized_experts, greedy_ids, hf_greedy, load
 
 HUB = Path(__file__).parent / "fixtures" / "hub_configs" / "DeepSeek-V2-Lite-Chat.json"
 
@@ -81,7 +81,6 @@ def test_quantized_runtime_matches_transformers_on_dequantized_weights(checkpoin
     kv_b_proj stays in the model's dtype (the absorbed attention multiplies by it per head)."""
     folder, hf = checkpoint
     engine = load(folder, k=3, quant=QuantConfig.from_bits(4, 2))
-    cfg = engine.model.cfg
     ref = copy.deepcopy(hf)
     sd = ref.state_dict()
     for i, lw in enumerate(engine.model.trunk.layers):
@@ -94,14 +93,7 @@ def test_quantized_runtime_matches_transformers_on_dequantized_weights(checkpoin
             if mlp is not None:
                 for n, w in zip(("gate_proj", "up_proj", "down_proj"), mlp):
                     sd[f"{prefix}.{n}.weight"].copy_(w.dequantize(torch.float32))
-    f = cfg.intermediate_size
-    for j, i in enumerate(cfg.moe_layers):
-        gate_up, down = sd[f"model.layers.{i}.mlp.experts.gate_up_proj"], sd[f"model.layers.{i}.mlp.experts.down_proj"]
-        for e in range(cfg.num_experts):
-            ew = engine.model.cache.store.weights(j, e)
-            gate_up[e, :f].copy_(ew.w1.dequantize(torch.float32))
-            gate_up[e, f:].copy_(ew.w3.dequantize(torch.float32))
-            down[e].copy_(ew.w2.dequantize(torch.float32))
+    copy_dequantized_experts(sd, engine)
     full = torch.tensor(prompt)
     with torch.no_grad():
         expected = ref(full[None]).logits[0]

@@ -22,7 +22,7 @@ from mixoff_app.config import ConfigError, ModelConfig, QuantConfig
 from mixoff_app.quant import QWeight
 from mixoff_app.tiny import make_family_checkpoint
 
-from helpers import chat_ids, greedy_ids, hf_greedy, load
+from helpers import chat_ids, copy_dequantized_experts, greedy_ids, hf_greedy, load
 
 COMMON = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
@@ -133,16 +133,7 @@ def test_quantized_runtime_matches_transformers_on_dequantized_weights(family, q
             if mlp is not None:
                 for n, w in zip(("gate_proj", "up_proj", "down_proj"), mlp):
                     put(f"{prefix}.{n}.weight", w)
-    f = cfg.intermediate_size
-    for j, i in enumerate(cfg.moe_layers):
-        gate_up = sd[f"model.layers.{i}.mlp.experts.gate_up_proj"]
-        down = sd[f"model.layers.{i}.mlp.experts.down_proj"]
-        for e in range(cfg.num_experts):
-            ew = engine.model.cache.store.weights(j, e)
-            assert ew.w1.bits == 2 and ew.w1.group_size == 16
-            gate_up[e, :f].copy_(ew.w1.dequantize(torch.float32))
-            gate_up[e, f:].copy_(ew.w3.dequantize(torch.float32))
-            down[e].copy_(ew.w2.dequantize(torch.float32))
+    copy_dequantized_experts(sd, engine, bits=2, group=16)
     expected_mlps = len(cfg.dense_layers) + (cfg.num_moe_layers if cfg.shared_intermediate_size else 0)
     assert n_quant == len(cfg.attention_shapes()) * cfg.num_layers + 3 * expected_mlps
     full = torch.tensor(prompt)

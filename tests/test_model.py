@@ -7,7 +7,7 @@ import torch
 from mixoff_app.config import QuantConfig
 from mixoff_app.quant import QWeight
 
-from helpers import chat_ids, greedy_ids, hf_greedy, load
+from helpers import chat_ids, copy_dequantized_experts, greedy_ids, hf_greedy, load
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +67,7 @@ def test_quantized_runtime_matches_transformers_on_dequantized_weights(tiny_dir,
         for name, w in zip(("q_proj", "k_proj", "v_proj", "o_proj"), (lw.wq, lw.wk, lw.wv, lw.wo)):
             assert isinstance(w, QWeight) and w.bits == 4
             sd[f"model.layers.{i}.self_attn.{name}.weight"].copy_(w.dequantize(torch.float32))
-        gate_up = sd[f"model.layers.{i}.mlp.experts.gate_up_proj"]
-        down = sd[f"model.layers.{i}.mlp.experts.down_proj"]
-        f = engine.model.cfg.intermediate_size
-        for e in range(engine.model.cfg.num_experts):
-            ew = engine.model.cache.store.weights(i, e)
-            assert ew.w1.bits == 2 and ew.w1.group_size == 16
-            gate_up[e, :f].copy_(ew.w1.dequantize(torch.float32))
-            gate_up[e, f:].copy_(ew.w3.dequantize(torch.float32))
-            down[e].copy_(ew.w2.dequantize(torch.float32))
+    copy_dequantized_experts(sd, engine, bits=2, group=16)
     full = torch.tensor(prompt)
     with torch.no_grad():
         expected = ref(full[None]).logits[0]
