@@ -224,7 +224,7 @@ def test_the_app_chats_with_a_deepseek_model(checkpoint):
     """The Gradio app on a quantized DeepSeek-V2 engine with fewer slots than experts: what streams back is the
     engine's greedy answer."""
     from gradio_client import Client
-    from test_app import engine_answer, stream
+    from test_ui_layout import engine_answer, stream
 
     from mixoff_app.ui import build_ui, launch_kwargs
 
