@@ -94,18 +94,13 @@ def reference_entries(layer: HQQLinear) -> dict[str, torch.Tensor]:
     out = {"W_q": layer.W_q}
     if getattr(layer, "bias", None) is not None:
         out["bias"] = layer.bias
-    if "meta_scale" in meta:
-        out["meta.scale_q"] = meta["scale_q"]
-        out["meta.meta_scale.scale"] = meta["meta_scale"]["scale"]
-        out["meta.meta_scale.zero"] = meta["meta_scale"]["zero"]
-    else:
-        out["meta.scale"] = meta["scale"]
-    if "meta_zero" in meta:
-        out["meta.zero_q"] = meta["zero_q"]
-        out["meta.meta_zero.scale"] = meta["meta_zero"]["scale"]
-        out["meta.meta_zero.zero"] = meta["meta_zero"]["zero"]
-    else:
-        out["meta.zero"] = meta["zero"]
+    for part in ("scale", "zero"):          # each either meta-quantized (codes + their scale/zero) or plain
+        if f"meta_{part}" in meta:
+            out[f"meta.{part}_q"] = meta[f"{part}_q"]
+            out[f"meta.meta_{part}.scale"] = meta[f"meta_{part}"]["scale"]
+            out[f"meta.meta_{part}.zero"] = meta[f"meta_{part}"]["zero"]
+        else:
+            out[f"meta.{part}"] = meta[part]
     return {k: v.contiguous() for k, v in out.items()}
 
 

@@ -14,7 +14,8 @@ link every request arrives from the tunnel's local end, so there this is one mor
 from __future__ import annotations
 
 import json
-from typing import Awaitable, Callable, Optional
+import time
+from typing import Awaitable, Callable
 
 from ..access import FailureWindow
 
@@ -27,7 +28,7 @@ MAX_BODY_BYTES = 32 << 20    # above the longest message the chat takes (10 MiB 
 
 
 async def _answer(send: Send, status: int, detail: str, headers: tuple = ()) -> None:
-    body = json.dumps({"detail": detail, "error": detail}).encode()
+    body = json.dumps({"detail": detail}).encode()       # Gradio's own errors use "detail" too
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"), *headers]})
@@ -38,9 +39,9 @@ class RequestGuard:
     """Pure ASGI middleware (``app_kwargs={"middleware": [Middleware(RequestGuard)]}`` on Gradio's app)."""
 
     def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES, max_failures: int = 20, window_s: float = 60.0,
-                 clock: Optional[Callable[[], float]] = None, log: Callable[[str], None] = lambda msg: None) -> None:
+                 clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = lambda msg: None) -> None:
         self.app, self.max_body_bytes, self.max_failures, self.log = app, max_body_bytes, max_failures, log
-        self.failures = FailureWindow(window_s, *(() if clock is None else (clock,)))
+        self.failures = FailureWindow(window_s, clock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
