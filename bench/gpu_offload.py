@@ -41,7 +41,7 @@ variant the limit when copies overlap compute perfectly
 
 (bandwidth: the expert-sized pinned copy), reported as ``fraction_of_limit`` = achieved / limit (at most 1
 up to noise), with the goals (>= 2x naive, >= 0.7 of the limit). ``limit_all_h2d`` does the same
-with every byte copied host->device (misses and prefetches). When ``bench/kernels.py`` exists its JSON is
+with every byte copied host->device (misses and prefetches). When ``bench/fused_kernels.py`` exists its JSON is
 included (``--kernels-args`` passes it arguments). Phases are timed (``phases_s``); ``--budget-s`` stops
 early (the remaining variants are listed as skipped); each variant runs under try/except so one failure
 still prints the rest. Progress goes to stderr, the JSON to stdout and, when the environment variable
@@ -489,10 +489,10 @@ def add_limits(result: dict) -> None:
 
 
 def kernels_bench(args: argparse.Namespace) -> dict:
-    """bench/kernels.py's JSON (the fused matmul micro-benchmark), when that script exists."""
-    script = Path(__file__).resolve().parent / "kernels.py"
+    """bench/fused_kernels.py's JSON (the fused matmul micro-benchmark), when that script exists."""
+    script = Path(__file__).resolve().parent / "fused_kernels.py"
     if not script.exists():
-        return {"skipped": "bench/kernels.py is not in this tree"}
+        return {"skipped": "bench/fused_kernels.py is not in this tree"}
     import shlex
     import subprocess
     cmd = [sys.executable, str(script), *shlex.split(args.kernels_args)]
@@ -540,7 +540,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="stop starting variants (and cut the timed loop) after this many seconds from start")
     ap.add_argument("--kernel", choices=KERNELS, default="auto",
                     help="quantized matmul: auto (triton on cuda, torch on cpu), triton or torch")
-    ap.add_argument("--kernels-args", default="", help="arguments for bench/kernels.py (run when it exists)")
+    ap.add_argument("--kernels-args", default="", help="arguments for bench/fused_kernels.py (run when it exists)")
     ap.add_argument("--kernels-timeout-s", type=int, default=150)
     ap.add_argument("--fail", default=None, help=argparse.SUPPRESS)   # tests: make this variant raise
     args = ap.parse_args(argv)

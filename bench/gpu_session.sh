@@ -22,7 +22,7 @@ echo "pytest -m gpu: exit $? after $(( $(date +%s) - start ))s" | tee -a "$OUT/p
 #    fully fusable tiny shape (docs/BENCHMARKS.md has the CPU counts of the same command)
 timeout 150 "$PY" bench/decode_costs.py --device "$DEVICE" --dtype "$DTYPE" --kernel torch triton --shape tiny \
     > "$OUT/decode_costs.json" 2> "$OUT/decode_costs.log"
-# 3. the benchmark at Mixtral-8x7B's shapes; variants stop starting after --budget-s, kernels.py capped
+# 3. the benchmark at Mixtral-8x7B's shapes; variants stop starting after --budget-s, fused_kernels.py capped
 left=$(( 560 - ($(date +%s) - start) ))
 budget=$(( left - 120 )); [ "$budget" -lt 60 ] && budget=60
 timeout "$left" "$PY" bench/gpu_offload.py --device "$DEVICE" --shape "$SHAPE" --tokens 32 --budget-s "$budget" \

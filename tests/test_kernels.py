@@ -275,7 +275,7 @@ def test_cli_kernel_flag_end_to_end(capsys, monkeypatch):
 
 
 def test_kernel_benchmark_runs_on_the_cpu():
-    p = subprocess.run([sys.executable, "bench/kernels.py", "--tiny", "--repeats", "2"], check=False, cwd=ROOT,
+    p = subprocess.run([sys.executable, "bench/fused_kernels.py", "--tiny", "--repeats", "2"], check=False, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)

@@ -12,8 +12,8 @@ considers is timed too, so a GPU run shows which to keep. ``gate_up`` times an e
 projections for one token as one fused launch (``kernels.swiglu``) against two GEMVs + silu + product.
 Prints one JSON object.
 
-    python bench/kernels.py                     # on a GPU: Mixtral shapes
-    python bench/kernels.py --tiny --repeats 2  # anywhere: shapes / 16, Triton's interpreter on a CPU
+    python bench/fused_kernels.py                     # on a GPU: Mixtral shapes
+    python bench/fused_kernels.py --tiny --repeats 2  # anywhere: shapes / 16, Triton's interpreter on a CPU
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.nn.functional as F
 
+from mixoff_app.config import ConfigError
 from mixoff_app.kernels import backend, fused, qlinear, resolve_kernel, swiglu
 from mixoff_app.kernels.geometry import geometry
 from mixoff_app.quant import QWeight, dequantize, pack
@@ -165,7 +166,12 @@ def main() -> None:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda:0")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    kernel = resolve_kernel(args.kernel, device)
+    try:
+        kernel = resolve_kernel(args.kernel, device)
+        mod = backend(device.type) if kernel == "triton" else None
+    except ConfigError as e:         # no triton here: say so in the JSON, as the other benchmarks do
+        print(json.dumps({"benchmark": "kernels", "device": str(device), "skipped": str(e)}, indent=1))
+        return
     # Mixtral's shapes through Triton's interpreter would take hours: a CPU run is the tiny smoke run.
     args.tiny = args.tiny or device.type != "cuda"
     args.repeats = args.repeats or (20 if device.type == "cuda" else 3)
@@ -176,7 +182,6 @@ def main() -> None:
     result = {"benchmark": "kernels", "device": str(device), "kernel": kernel, "dtype": str(dtype).replace("torch.", ""),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "tiny": args.tiny, "torch": torch.__version__, "copy_GBps": bw / 1e9, "copy_MiB": copy_mib, "cases": []}
-    mod = backend(device.type) if kernel == "triton" else None
     for name, shape, bits, group, sg in CASES:
         out, inp = (shape[0] // 16, shape[1] // 16) if args.tiny else shape
         w = random_qweight((out, inp), bits, group, sg, device)
