@@ -16,7 +16,7 @@ import ipaddress
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -125,14 +125,6 @@ class LoginThrottle:
 
 # ---- what a user may see -------------------------------------------------------------------------
 ANSWER_FIELDS = ("routing", "prefill_tokens", "prefill_s", "ttft_s", "decode_s", "answer_tokens")
-
-
-def user_snapshot(snap: Any, own_answer: bool) -> Any:
-    """A stats snapshot for someone who is not the operator: the cache and the server as they are, and the
-    latest answer's routing, prompt size and timings only when that answer was theirs."""
-    if own_answer:
-        return snap
-    return replace(snap, routing=(), prefill_tokens=0, prefill_s=0.0, ttft_s=0.0, decode_s=0.0, answer_tokens=0)
 
 
 def public_info(info: Any) -> dict:

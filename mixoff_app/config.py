@@ -256,6 +256,7 @@ FAMILY = "family"       # bits left to the model family (EXPERT_QUANT)
 # Prompts are prefilled this many tokens at a time: activations (and the planner's allowance for them) are
 # bounded by the chunk, not by the prompt.
 PREFILL_CHUNK = 512
+DEFAULT_MAX_BATCH = 4     # answers decoded together by default (docs/BENCHMARKS.md: batching on the CPU)
 
 
 @dataclass(frozen=True)
@@ -439,6 +440,17 @@ class EngineConfig:
     kernel: str = "auto"                  # quantized matmul: auto (triton on CUDA, torch elsewhere) | triton | torch
     cuda_graphs: bool = False             # replay decode steps as CUDA graphs (GPU only; off until measured)
     max_input_chars: Optional[int] = None  # message / system prompt character limit (None: from the context)
+    max_batch: Optional[int] = None       # answers decoded together (None: DEFAULT_MAX_BATCH, fewer if the plan says)
+    per_client: Optional[int] = None      # of those, at most this many for one client (None: half, rounded up)
+    max_waiting: int = 16                 # answers that may wait for a free slot; beyond, new ones are refused
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "per_client"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a whole number >= 1, not {v!r}")
+        if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
+            raise ConfigError(f"max_waiting must be a whole number >= 0, not {self.max_waiting!r}")
 
     def planned(self, device_type: str) -> bool:
         """The memory planner sizes the load on a GPU and under a budget; elsewhere memory does not limit it."""

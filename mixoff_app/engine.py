@@ -2,8 +2,9 @@
 
 The contract the UI and the CLI use: ``Engine.load(EngineConfig)``, ``stream_chat(messages, params)``
 yielding ``TokenEvent``s, ``stats()`` returning a ``StatsSnapshot``, ``reconfigure_cache(CacheConfig)``.
-One lock per model: one answer at a time; the KV cache is reused when the same session's new prompt
-extends the tokens already in it (the usual multi-turn chat); another session's turn costs a re-prefill.
+Answers run together: the scheduler's step loop batches every running answer into one decode step
+(``scheduler.py``); each answer has a KV slot of its own, reused when the same session's new prompt extends the
+tokens already in it (the usual multi-turn chat); another session's tokens are never reused.
 """
 from __future__ import annotations
 
@@ -16,14 +17,23 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, QuantConfig, SamplingParams, format_k
+from .config import (
+    DEFAULT_MAX_BATCH,
+    CacheConfig,
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    QuantConfig,
+    SamplingParams,
+    format_k,
+)
 from .events import TokenEvent
 from .expert_cache import ExpertCache
-from .generate import generate
 from .hub import REFERENCE_REPO, resolve, tokenizer_source
 from .limits import InputLimits, InputTooLong, check_chars, fit_conversation, template_overhead
 from .memory import read_memory
 from .model import MoEModel, Prefetcher
+from .scheduler import Answer, Scheduler
 from .stats import Stats, StatsSnapshot
 
 Progress = Callable[[str], None]
@@ -155,6 +165,7 @@ class Placed:
     sizes: tuple[int, ...]
     placement: str
     plan: object = None          # the memory plan, when one was made
+    max_batch: int = 1           # answers decoded together: one KV slot each
 
 
 def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dtype, progress: Progress,
@@ -180,7 +191,8 @@ def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dty
         raise ConfigError(f"--placement disk reads experts straight from a mixoff-format checkpoint, and "
                           f"{resolved.path} is {fmt}-format: convert it once with "
                           f"`python -m mixoff_app quantize {config.model} OUT_FOLDER` and pass --model OUT_FOLDER")
-    return Placed(cfg, quant, fmt, max_seq, tuple(sizes), placement, memory_plan)
+    return Placed(cfg, quant, fmt, max_seq, tuple(sizes), placement, memory_plan,
+                  config.max_batch or DEFAULT_MAX_BATCH)
 
 
 def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.device, dtype: torch.dtype,
@@ -206,7 +218,8 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     stats = Stats(cfg.num_moe_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
     try:
         cache = ExpertCache(loaded.store, sizes, config.cache.policy, device, stats)
-        model = MoEModel(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype, kernel=kernel)
+        model = MoEModel(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype, kernel=kernel,
+                         kv_slots=placed.max_batch)
     except torch.cuda.OutOfMemoryError:
         raise ConfigError(f"not enough GPU memory for {sum(sizes)} expert slots "
                           f"({loaded.store.layout.nbytes / 2**20:.1f} MiB each): lower --cache-size") from None
@@ -289,10 +302,8 @@ class Engine:
                  eos_ids: set[int]) -> None:
         self.config, self.info, self.model, self.tokenizer = config, info, model, tokenizer
         self._stats, self.eos_ids = stats, eos_ids
-        self._lock = threading.Lock()
-        self._kv_ids: list[int] = []          # tokens whose K/V sit in the cache, from position 0
-        self._kv_chunks: list[tuple[int, int]] = []    # the prefill chunks [a, b) that computed them
-        self._kv_owner: Optional[str] = None  # the session whose turn put them there
+        self.scheduler = Scheduler(model, stats, max_batch=model.kv_slots, per_client=config.per_client,
+                                   max_waiting=config.max_waiting)
         self._overhead: Optional[int] = None  # chat-template tokens per turn, measured once
         self.limits = InputLimits.for_context(info.max_context, config.max_input_chars)
         self.memory_plan = self.memory_measured = None    # set by load() when it planned memory
@@ -361,9 +372,12 @@ class Engine:
         return fitted.ids, notices
 
     def stream_chat(self, messages: list[dict], params: SamplingParams,
-                    cancel: Optional[threading.Event] = None, session: Optional[str] = None) -> Iterator[TokenEvent]:
-        """``session`` keys the KV reuse: a turn reuses the cache only after a turn of the same session
-        (None: the single-user CLI), so no conversation's tokens serve, or time, another's."""
+                    cancel: Optional[threading.Event] = None, session: Optional[str] = None,
+                    client: Optional[str] = None) -> Iterator[TokenEvent]:
+        """``session`` keys the KV reuse: a turn reuses a slot only after a turn of the same session (None: the
+        single-user CLI), so no conversation's tokens serve, or time, another's. ``client`` (default: the
+        session) is who the per-client cap on running answers counts. Bad input fails here, at once; so does
+        a full waiting line (``scheduler.Busy``)."""
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("the conversation must be a list of {role, content} messages")
         msgs = []
@@ -382,16 +396,15 @@ class Engine:
         if params.max_new_tokens > self.model.max_seq:      # the answer cap is bounded by the context
             params = replace(params, max_new_tokens=self.model.max_seq)
         ids, notices = self._fit(msgs, params)      # tokenizing needs no lock; bad input fails right here
-        return self._stream(ids, notices, params, cancel, session)
+        return self._stream(ids, notices, params, cancel, session, client)
 
-    def _stream(self, ids, notices, params, cancel, session=None) -> Iterator[TokenEvent]:
-        with self._lock:
-            for n in notices:
-                yield TokenEvent("notice", n)
-            yield from self._generate_locked(ids, params, cancel, session)
+    def _stream(self, ids, notices, params, cancel, session=None, client=None) -> Iterator[TokenEvent]:
+        """Into the step loop (``Busy`` at once when its line is full); the answer's events come back."""
+        return self.scheduler.submit(Answer(list(ids), params, cancel, session, client, notices, self.eos_ids,
+                                            self.tokenizer))
 
     def stream_prompt(self, prompt, params: SamplingParams, cancel: Optional[threading.Event] = None,
-                      session: Optional[str] = None) -> Iterator[TokenEvent]:
+                      session: Optional[str] = None, client: Optional[str] = None) -> Iterator[TokenEvent]:
         """A plain prompt (text, or token ids) continued as it is, with no chat template. Bad input fails here,
         before the answer waits for the engine; ``session`` keys the KV reuse as in ``stream_chat``."""
         if isinstance(prompt, str):
@@ -410,7 +423,7 @@ class Engine:
         if len(ids) >= self.model.max_seq:
             raise InputTooLong(f"the prompt is too long: {len(ids):,} tokens, and the context holds "
                                f"{self.model.max_seq:,}")
-        return self._stream(ids, [], params, cancel, session)
+        return self._stream(ids, [], params, cancel, session, client)
 
     def stream_ids(self, ids: list[int], params: SamplingParams,
                    cancel: Optional[threading.Event] = None) -> Iterator[TokenEvent]:
@@ -419,64 +432,33 @@ class Engine:
             raise ValueError("empty prompt")
         if len(ids) >= self.model.max_seq:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {self.model.max_seq}")
-        with self._lock:
-            yield from self._generate_locked(list(ids), params, cancel)
-
-    def _generate_locked(self, ids, params, cancel, session=None) -> Iterator[TokenEvent]:
-        if session != self._kv_owner:
-            self._kv_ids = []           # another conversation's tokens: never reused, whatever they hold
-        self._kv_owner = session
-        start = 0
-        n = min(len(ids) - 1, len(self._kv_ids))       # at least one token must be prefilled for logits
-        while start < n and self._kv_ids[start] == ids[start]:
-            start += 1
-        # Reuse stops at the start of the prefill chunk the shared prefix ends in, so the tokens after it go
-        # through the same chunk as before: a retried prompt's logits are then bit for bit those of its first
-        # answer (one token re-run alone and the same token inside a chunk differ in the last bits, enough to
-        # flip a near-tied greedy choice). Decoded tokens were each their own step: reuse ends anywhere there.
-        start = next((a for a, b in self._kv_chunks if a < start < b), start)
-        self._kv_ids = self._kv_ids[:start]
-        c = self.model.prefill_chunk
-        self._kv_chunks = [(a, b) for a, b in self._kv_chunks if b <= start] + \
-            [(a, min(a + c, len(ids))) for a in range(start, len(ids), c)]
-        try:
-            yield from generate(self.model, self.tokenizer, ids, start, params, self.eos_ids, self._stats,
-                                cancel, fed=self._kv_ids)
-        except GeneratorExit:
-            # The caller stopped reading (it had the answer, or its client left) while generation waited at a
-            # yield: every token in _kv_ids went through the model whole, so the next turn may reuse them.
-            raise
-        except BaseException:
-            self._kv_ids = []      # the cache may hold a partial step: do not trust it for the next turn
-            raise
+        return self._stream(ids, [], params, cancel)
 
     # ---- inspection -----------------------------------------------------------------------------
-    def stats(self) -> StatsSnapshot:
+    def stats(self, session: object = ...) -> StatsSnapshot:
+        """The cache and server now, with the latest answer's figures (``session``: that session's latest answer,
+        empty when it has none)."""
         store = self.model.cache.store
-        return self._stats.snapshot(read_memory(self.model.device, store.pinned_bytes, store.nbytes))
+        return self._stats.snapshot(read_memory(self.model.device, store.pinned_bytes, store.nbytes), session)
 
     def answer_counters(self) -> dict[str, dict[str, int]]:
         """The latest answer's cache counters, split into its prefill and its decode."""
         return self._stats.answer_counters()
 
-    @property
-    def kv_tokens(self) -> tuple[int, ...]:
-        """The tokens whose K/V sit in the cache, from position 0: a prompt that extends them prefills only the rest."""
-        return tuple(self._kv_ids)
-
     def forget_kv(self) -> None:
-        """Make the next answer prefill its whole prompt (a benchmark's cold start); waits for a running answer."""
-        with self._lock:
-            self._kv_ids = []
+        """Make the next answers prefill their whole prompts (a benchmark's cold start); waits for the current step."""
+        self.scheduler.forget()
 
     @property
     def busy(self) -> bool:
-        return self._lock.locked()
+        """Whether an answer is running or waiting."""
+        return any(self.scheduler.load())
 
     @property
     def answer_session(self) -> Optional[str]:
         """The session whose answer the stats' per-answer figures (routing, prompt size, timings) describe."""
-        return self._kv_owner
+        a = self._stats.answer()
+        return a.session if a is not None else None
 
     @property
     def last_routing(self) -> list:
@@ -508,7 +490,7 @@ class Engine:
         elif sizes is None:
             sizes = cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
         cache = replace(cache, sizes=sizes, placement=placement)
-        with self._lock:
+        with self.scheduler.step_lock:      # between two steps: answers go on with the new cache
             self.model.cache.resize(sizes, cache.policy)
             self.model.prefetcher = Prefetcher(cache.prefetch, cache.prefetch_layers) if cache.prefetch else None
             self.config = replace(self.config, cache=cache)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,9 @@ class TokenEvent:
     "notice" (``text`` is a message for the user, e.g. older turns were dropped), or "done"
     (``finish_reason`` is one of "eos", "stop", "length", "cancelled", "context", "oom" — the device ran out
     of memory, a notice before it says so; ``prompt_tokens`` is the length of the prompt as the model read
-    it, after any old turns were left out).
+    it, after any old turns were left out; ``answer`` is what the answer did, an ``AnswerStats``: its own
+    routing, timings and look-ups, however many other answers ran beside it).
+    "waiting" (``text`` says why: every slot is taken) may come before the first token.
     """
     kind: str
     text: str = ""
@@ -22,3 +24,4 @@ class TokenEvent:
     elapsed_s: float = 0.0
     finish_reason: Optional[str] = None
     prompt_tokens: Optional[int] = None
+    answer: Any = None

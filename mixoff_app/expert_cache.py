@@ -101,6 +101,9 @@ class ExpertCache:
     def resident(self, layer: int) -> list[int]:
         return list(self.layers[layer].expert_in)
 
+    def holds(self, layer: int, expert: int) -> bool:
+        return expert in self.layers[layer].slot_of
+
     # ---- the hot path ---------------------------------------------------------------------------
     def fetch(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights, int]]:
         """Yield (expert, weights, slot) for every requested expert: resident ones first, while the

@@ -288,12 +288,16 @@ class MoEModel:
         misses), run each expert once on the rows routed to it, add to each row in routing-rank order."""
         K, B = self.cfg.top_k, len(got)
         chosen = [[int(e) for e in g[:K]] for g in got]
-        for g, experts in zip(got, chosen):
-            self.stats.on_route(moe, tuple(experts), tuple(g[K:2 * K]))
         users: dict[int, list[tuple[int, int]]] = {}          # expert -> (row, rank) in row order
         for b, experts in enumerate(chosen):
             for r, e in enumerate(experts):
                 users.setdefault(e, []).append((b, r))
+        # One row: the cache's own hit/miss counts are the row's. Several: each row's look-ups are counted
+        # against what was resident before the step's one fetch of their union.
+        held = {e for e in users if self.cache.holds(moe, e)} if B > 1 else None
+        for b, (g, experts) in enumerate(zip(got, chosen)):
+            self.stats.on_route(moe, tuple(experts), tuple(g[K:2 * K]), b,
+                                None if held is None else sum(e in held for e in experts))
         guess = None
         if target is not None:
             guess = list(dict.fromkeys(int(e) for g in got for e in g[2 * K:]))

@@ -1,8 +1,13 @@
-"""Counters of the expert cache and the generate loop, and the immutable snapshot the UI reads.
+"""Counters of the expert cache and the step loop, and the immutable snapshot the UI reads.
 
-Counters are bumped where each event happens (cache fetch, eviction, copy, token end) with plain
-Python ints: the cache decision is made on the host anyway, so counting costs no device sync.
-``snapshot()`` copies them under a lock; the UI polls it on a timer and never touches tensors.
+Counters are bumped where each event happens (cache fetch, eviction, copy, step end) with plain Python ints:
+the cache decision is made on the host anyway, so counting costs no device sync. ``snapshot()`` copies them
+under a lock; the UI polls it on a timer and never touches tensors.
+
+The cache's counters are the server's (every answer shares the cache). What belongs to one answer - its
+routing, timings and own look-ups - lives in that answer's ``AnswerStats``; a snapshot shows the latest answer,
+or a given session's latest, beside the cache. A decode step may carry several answers (continuous batching):
+the model reports each row's routing, and ``end_step`` hands each row to its answer.
 """
 from __future__ import annotations
 
@@ -12,8 +17,11 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from .answer_stats import COUNTER_NAMES, AnswerStats
+
 ROLLING_TOKENS = 64
 HISTORY_TOKENS = 512
+MAX_SESSIONS = 256      # sessions whose latest answer stays readable (each is small: its routing)
 
 
 @dataclass(frozen=True)
@@ -75,9 +83,13 @@ class StatsSnapshot:
     decode_s: float
     prefill_tokens: int
     copy_bandwidth: float              # bytes/s moved host->device over this answer's wall time
-    generating: bool
-    routing: tuple[tuple[tuple[int, ...], ...], ...]  # last answer: token -> layer -> experts
+    generating: bool                   # some answer is running
+    routing: tuple[tuple[tuple[int, ...], ...], ...]  # that answer: token -> layer -> experts
     memory: MemoryReading
+    batch_rows: int = 0                # sequences in the latest decode step (continuous batching)
+    running_answers: int = 0           # answers holding a KV slot now (reading their prompt or generating)
+    waiting_answers: int = 0           # answers waiting for a free slot
+    max_batch: int = 1                 # how many answers may run at once
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -104,11 +116,15 @@ class Stats:
         self.layer_misses = [0] * num_moe_layers
         self.tokens_total = 0
         self.seq = 0
-        self._history: deque = deque(maxlen=HISTORY_TOKENS)   # (hits, misses) per token
-        self._token_times: deque = deque(maxlen=16)
-        self._new_token_buffers()
-        self._reset_answer()
-        self._mark_start, self._mark_prefill = self._counters(), None
+        self._history: deque = deque(maxlen=HISTORY_TOKENS)   # (hits, misses) per decode step
+        self._step_times: deque = deque(maxlen=16)             # (time, tokens) of the latest decode steps
+        self.last_token = tuple(LayerEvents() for _ in range(num_moe_layers))
+        self.latest: Optional[AnswerStats] = None              # the answer begun last
+        self._by_session: dict[Optional[str], AnswerStats] = {}   # each session's latest answer
+        self.batch_rows = self.running = self.waiting = 0
+        self.max_batch = 1
+        self._new_token_buffers(1)
+        self._step_mark = self.counters()
 
     # ---- configuration ------------------------------------------------------------------------
     def configure(self, cache_sizes: tuple[int, ...], policy: str, placement: str) -> None:
@@ -117,28 +133,17 @@ class Stats:
             self.policy, self.placement = policy, placement
             self.resident = [[-1] * k for k in self.cache_sizes]
 
-    def _new_token_buffers(self) -> None:
+    def _new_token_buffers(self, rows: int) -> None:
         n = self.num_moe_layers
         self._tok_hits = [[] for _ in range(n)]
         self._tok_misses = [[] for _ in range(n)]
         self._tok_prefetched = [[] for _ in range(n)]
         self._tok_evicted = [[] for _ in range(n)]
-        self._tok_routing = [()] * n
-        self._tok_weights = [()] * n
         self._tok_h = self._tok_m = 0
-
-    def _reset_answer(self) -> None:
-        self.answer_hits = self.answer_misses = 0
-        self.answer_tokens = 0
-        self.answer_bytes_h2d = 0
-        self.answer_start = self.first_token_at = self.last_token_at = 0.0
-        self.first_sent_at = 0.0
-        self.prefill_s = 0.0
-        self.prefill_tokens = 0
-        self.routing: list = []            # this answer: token -> layer -> experts (by routing rank)
-        self.routing_weights: list = []    # the same shape: each expert's routing weight
-        self.generating = False
-        self.last_token = tuple(LayerEvents() for _ in range(self.num_moe_layers))
+        # Per decode row: the routing, weights and own hits/misses of each expert layer.
+        self._row_routing = [[()] * n for _ in range(rows)]
+        self._row_weights = [[()] * n for _ in range(rows)]
+        self._row_hm = [[0, 0] for _ in range(rows)]
 
     # ---- cache events (called by ExpertCache) -------------------------------------------------
     def on_hit(self, layer: int, expert: int) -> None:
@@ -152,7 +157,6 @@ class Stats:
         self.layer_misses[layer] += 1
         self._tok_m += 1
         self.bytes_h2d += nbytes
-        self.answer_bytes_h2d += nbytes
         self._tok_misses[layer].append(expert)
 
     def on_evict(self, layer: int, expert: int, nbytes_written_back: int = 0) -> None:
@@ -166,7 +170,6 @@ class Stats:
     def on_prefetch(self, layer: int, expert: int, nbytes: int) -> None:
         self.prefetch_issued += 1
         self.bytes_h2d += nbytes
-        self.answer_bytes_h2d += nbytes
         self._tok_prefetched[layer].append(expert)
 
     def on_prefetch_used(self, layer: int, expert: int) -> None:
@@ -178,74 +181,110 @@ class Stats:
     def on_slot(self, layer: int, slot: int, expert: int) -> None:
         self.resident[layer][slot] = expert
 
-    def on_route(self, layer: int, experts: tuple[int, ...], weights: tuple[float, ...] = ()) -> None:
-        """A decode step's routing for one layer: the model's one home for it (ids and weights arrive in
-        the same host transfer, so recording them costs nothing)."""
-        self._tok_routing[layer] = experts
-        self._tok_weights[layer] = weights
+    def on_route(self, layer: int, experts: tuple[int, ...], weights: tuple[float, ...] = (), row: int = 0,
+                 hits: Optional[int] = None) -> None:
+        """A decode step's routing for one layer and row: the model's one home for it (ids and weights arrive in
+        the same host transfer, so recording them costs nothing). ``hits``: how many of the row's experts were
+        resident when the step fetched them (None: counted by the cache for a one-row step)."""
+        if row >= len(self._row_routing):                     # a step of more rows than announced
+            n = self.num_moe_layers
+            self._row_routing += [[()] * n for _ in range(row + 1 - len(self._row_routing))]
+            self._row_weights += [[()] * n for _ in range(row + 1 - len(self._row_weights))]
+            self._row_hm += [[0, 0] for _ in range(row + 1 - len(self._row_hm))]
+        self._row_routing[row][layer] = experts
+        self._row_weights[row][layer] = weights
+        if hits is not None:
+            self._row_hm[row][0] += hits
+            self._row_hm[row][1] += len(experts) - hits
 
-    # ---- generate-loop events -----------------------------------------------------------------
-    def _counters(self) -> tuple[int, ...]:
+    # ---- answers (called by the step loop) ------------------------------------------------------
+    def counters(self) -> tuple[int, ...]:
+        """The cache's counters in ``answer_stats.COUNTER_NAMES`` order (deltas of two readings are an answer's)."""
         return (self.hits, self.misses, self.evictions, self.bytes_h2d, self.bytes_d2h, self.bytes_disk,
                 self.prefetch_issued, self.prefetch_used, self.prefetch_wasted)
 
-    def answer_counters(self) -> dict[str, dict[str, int]]:
-        """This answer's counters, split into its prefill and its decode (one look-up per token and layer
-        and chosen expert while decoding; one per distinct expert and layer in prefill)."""
-        names = ("hits", "misses", "evictions", "bytes_h2d", "bytes_d2h", "bytes_disk",
-                 "prefetch_issued", "prefetch_used", "prefetch_wasted")
-        with self._lock:
-            now = self._counters()
-            a, b = self._mark_start, self._mark_prefill or now
-        return {"prefill": dict(zip(names, (y - x for x, y in zip(a, b)))),
-                "decode": dict(zip(names, (y - x for x, y in zip(b, now))))}
+    _counters = counters
 
-    def begin_answer(self) -> None:
+    def begin_answer(self, session: Optional[str] = None, queued_s: float = 0.0) -> AnswerStats:
+        a = AnswerStats(session=session, queued_s=queued_s, started_at=time.perf_counter())
+        a.mark = self.counters()
         with self._lock:
-            self._reset_answer()
-            self._mark_start, self._mark_prefill = self._counters(), None
-            self.answer_start = time.perf_counter()
-            self.generating = True
-            self._new_token_buffers()
+            self.latest = self._by_session[session] = a
+            if len(self._by_session) > MAX_SESSIONS:          # forget the oldest sessions' answers
+                for key in list(self._by_session)[:len(self._by_session) - MAX_SESSIONS]:
+                    del self._by_session[key]
+            self.seq += 1
+        return a
 
-    def end_prefill(self, num_tokens: int) -> None:
-        """Prefill's look-ups count in the totals but not in the per-token history."""
+    def end_prefill(self, num_tokens: int, answer: Optional[AnswerStats] = None,
+                    before: Optional[tuple[int, ...]] = None) -> None:
+        """The answer's prompt is in its KV slot: its prefill look-ups are the latest token's view on the panel,
+        but not a point of the per-token history. ``before``: the counters when its (last) chunk began, whose
+        deltas are added to its prefill (the step loop adds each earlier chunk's itself); None: since it began."""
+        a = answer or self.latest
+        self._step_mark = self.counters()
+        a.add("prefill", a.mark if before is None else before, self._step_mark)
         with self._lock:
-            self.prefill_s = time.perf_counter() - self.answer_start
-            self.prefill_tokens = num_tokens
-            self._mark_prefill = self._counters()
-            self.answer_hits += self._tok_h
-            self.answer_misses += self._tok_m
+            a.prefill_s = time.perf_counter() - a.started_at
+            a.prefill_tokens = num_tokens
             self._publish_token_events()
-            self._new_token_buffers()
+            self._new_token_buffers(1)
 
-    def first_token_sent(self) -> None:
+    def first_token_sent(self, answer: Optional[AnswerStats] = None) -> None:
         """The answer's first token event is being handed to the caller: time to first token ends here."""
-        with self._lock:
-            self.first_sent_at = time.perf_counter()
+        a = answer or self.latest
+        if a is not None and not a.first_sent_at:
+            a.first_sent_at = time.perf_counter()
 
-    def end_token(self) -> None:
-        now = time.perf_counter()
+    def begin_step(self, rows: int) -> tuple[int, ...]:
+        """A decode step of ``rows`` answers starts; returns the counters to hand to ``end_step``."""
+        self._new_token_buffers(rows)
+        self._step_mark = self.counters()
+        return self._step_mark
+
+    def end_step(self, answers: list[AnswerStats], before: Optional[tuple[int, ...]] = None) -> None:
+        """The step fed one token of each answer (row b is ``answers[b]``): each gets its row's routing and own
+        look-ups, and the cache's other counters of the step (shared by its rows)."""
+        now, after = time.perf_counter(), self.counters()
+        before = before if before is not None else self._step_mark      # by default: since the last step ended
+        self._step_mark = after
         with self._lock:
             h, m = self._tok_h, self._tok_m
-            self.answer_hits += h
-            self.answer_misses += m
             self._history.append((h, m))
-            self._token_times.append(now)
-            if self.answer_tokens == 0:
-                self.first_token_at = now
-            self.last_token_at = now
-            self.answer_tokens += 1
-            self.tokens_total += 1
-            self.routing.append(tuple(self._tok_routing))
-            self.routing_weights.append(tuple(self._tok_weights))
+            self._step_times.append((now, len(answers)))
+            self.tokens_total += len(answers)
+            for b, a in enumerate(answers):
+                for name, x, y in zip(COUNTER_NAMES[2:], before[2:], after[2:]):   # the step's, shared by its rows
+                    a.decode[name] += y - x
+                own = (h, m) if len(answers) == 1 else self._row_hm[b]     # look-ups: each row its own
+                a.decode["hits"] += own[0]
+                a.decode["misses"] += own[1]
+                if a.tokens == 0:
+                    a.first_token_at = now
+                a.last_token_at = now
+                a.tokens += 1
+                a.routing.append(tuple(self._row_routing[b]) if b < len(self._row_routing) else ())
+                a.routing_weights.append(tuple(self._row_weights[b]) if b < len(self._row_weights) else ())
+            self.batch_rows = len(answers)
             self._publish_token_events()
             self.seq += 1
-            self._new_token_buffers()
+            self._new_token_buffers(len(answers))
 
-    def end_answer(self) -> None:
+    def end_token(self, answer: Optional[AnswerStats] = None, before: Optional[tuple[int, ...]] = None) -> None:
+        """A one-row step of ``answer`` (by default the latest) ended."""
+        self.end_step([answer or self.latest or self.begin_answer()], before)
+
+    def end_answer(self, answer: Optional[AnswerStats] = None) -> None:
+        a = answer or self.latest
         with self._lock:
-            self.generating = False
+            if a is not None:
+                a.generating = False
+            self.seq += 1
+
+    def set_load(self, running: int, waiting: int, max_batch: int) -> None:
+        """How many answers hold a slot and how many wait for one (the step loop says, as they change)."""
+        with self._lock:
+            self.running, self.waiting, self.max_batch = running, waiting, max_batch
             self.seq += 1
 
     def _publish_token_events(self) -> None:
@@ -255,21 +294,34 @@ class Stats:
             for i in range(self.num_moe_layers))
 
     # ---- read side ----------------------------------------------------------------------------
-    def answer_routing(self) -> tuple[list, list]:
-        """(experts, weights) of this (or the last) answer's decoded tokens: token -> layer -> tuple."""
+    def answer(self, session: object = ...) -> Optional[AnswerStats]:
+        """The latest answer (of ``session``, when given: None when that session has none)."""
         with self._lock:
-            return list(self.routing), list(self.routing_weights)
+            return self.latest if session is ... else self._by_session.get(session)
 
-    def snapshot(self, memory: MemoryReading) -> StatsSnapshot:
+    def answer_counters(self, session: object = ...) -> dict[str, dict[str, int]]:
+        """The latest answer's counters, split into its prefill and its decode."""
+        a = self.answer(session)
+        return {"prefill": dict(a.prefill), "decode": dict(a.decode)} if a is not None else \
+            {"prefill": {}, "decode": {}}
+
+    def answer_routing(self, session: object = ...) -> tuple[list, list]:
+        """(experts, weights) of the latest answer's decoded tokens: token -> layer -> tuple."""
+        a = self.answer(session)
+        return (list(a.routing), list(a.routing_weights)) if a is not None else ([], [])
+
+    def snapshot(self, memory: MemoryReading, session: object = ...) -> StatsSnapshot:
+        """The cache and server as they are, with the latest answer's figures (``session``: that session's
+        latest answer; none of its own: those figures are empty)."""
+        a = self.answer(session) or AnswerStats(generating=False)
         with self._lock:
             hist = list(self._history)
             recent = hist[-ROLLING_TOKENS:]
             rh, rm = sum(h for h, _ in recent), sum(m for _, m in recent)
-            times = list(self._token_times)
-            current = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
-            decode_s = (self.last_token_at - self.first_token_at) if self.answer_tokens > 1 else 0.0
-            avg = (self.answer_tokens - 1) / decode_s if decode_s > 0 else 0.0
-            wall = (self.last_token_at or time.perf_counter()) - self.answer_start if self.answer_start else 0.0
+            steps = list(self._step_times)
+            span = steps[-1][0] - steps[0][0] if len(steps) > 1 else 0.0
+            current = sum(n for _, n in steps[1:]) / span if span > 0 else 0.0
+            wall = (a.last_token_at or time.perf_counter()) - a.started_at if a.prefill_tokens else 0.0
             return StatsSnapshot(
                 seq=self.seq, num_moe_layers=self.num_moe_layers, num_experts=self.num_experts, top_k=self.top_k,
                 cache_sizes=self.cache_sizes, policy=self.policy, placement=self.placement,
@@ -280,13 +332,14 @@ class Stats:
                 prefetch_wasted=self.prefetch_wasted,
                 layer_hits=tuple(self.layer_hits), layer_misses=tuple(self.layer_misses),
                 hit_rate=_rate(self.hits, self.misses),
-                answer_hit_rate=_rate(self.answer_hits, self.answer_misses),
+                answer_hit_rate=a.hit_rate,
                 rolling_hit_rate=_rate(rh, rm),
                 hit_rate_history=tuple(_rate(h, m) for h, m in hist),
-                tokens_total=self.tokens_total, answer_tokens=self.answer_tokens,
-                tokens_per_s=current, avg_tokens_per_s=avg,
-                ttft_s=(self.first_sent_at - self.answer_start) if self.first_sent_at else 0.0,
-                prefill_s=self.prefill_s, decode_s=decode_s, prefill_tokens=self.prefill_tokens,
-                copy_bandwidth=self.answer_bytes_h2d / wall if wall > 0 else 0.0,
-                generating=self.generating, routing=tuple(self.routing), memory=memory,
+                tokens_total=self.tokens_total, answer_tokens=a.tokens,
+                tokens_per_s=current, avg_tokens_per_s=a.tokens_per_s,
+                ttft_s=a.ttft_s, prefill_s=a.prefill_s, decode_s=a.decode_s, prefill_tokens=a.prefill_tokens,
+                copy_bandwidth=a.bytes_h2d / wall if wall > 0 else 0.0,
+                generating=self.running > 0 or a.generating, routing=tuple(a.routing), memory=memory,
+                batch_rows=self.batch_rows, running_answers=self.running, waiting_answers=self.waiting,
+                max_batch=self.max_batch,
             )

@@ -106,3 +106,9 @@ def graph_path_matches_eager(folder, prompt, k: int, prefetch: int = 0, n: int =
     assert runs[1][0] == runs[0][0]
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-5, atol=1e-5)
     assert runs[1][2] == runs[0][2]
+
+
+def cached_tokens(engine: Engine, session=None) -> tuple[int, ...]:
+    """The tokens whose K/V the session's most recently used KV slot holds (what its next turn may reuse)."""
+    slots = [s for s in engine.scheduler.slots if s.owner == session and s.ids]
+    return tuple(max(slots, key=lambda s: s.used_at).ids) if slots else ()

@@ -11,7 +11,7 @@ import torch
 from mixoff_app.config import NO_QUANT, ConfigError, EngineConfig, SamplingParams
 from mixoff_app.engine import Engine, default_model, resolve_device
 
-from helpers import chat_ids, load
+from helpers import cached_tokens, chat_ids, load
 
 
 @pytest.fixture(scope="module")
@@ -72,23 +72,21 @@ def test_kv_reuse_between_answers(engine, tokenizer):
     out = [e.token_id for e in evs if e.kind == "token" and e.token_id is not None]
     assert evs[-1].finish_reason == "length"
     # every generated token was fed back (its K/V serve the next turn), the last one included
-    assert engine.kv_tokens == tuple(prompt + out)
+    assert cached_tokens(engine) == tuple(prompt + out)
     extended = prompt + out + chat_ids(tokenizer, "And a tuple?")[1:]
     list(engine.stream_ids(extended, SamplingParams(max_new_tokens=2, greedy=True)))
     assert engine.stats().prefill_tokens == len(extended) - len(prompt + out)
     engine.forget_kv()
-    assert engine.kv_tokens == ()
+    assert cached_tokens(engine) == ()
     list(engine.stream_ids(extended, SamplingParams(max_new_tokens=2, greedy=True)))
     assert engine.stats().prefill_tokens == len(extended)
 
 
-def test_the_lock_is_held_while_an_answer_streams(engine):
+def test_an_answer_holds_the_engine_until_it_ends(engine):
     stream = engine.stream_chat([{"role": "user", "content": "hello"}], SamplingParams(max_new_tokens=3, greedy=True))
-    assert not engine.busy                      # nothing runs until the caller reads
-    next(stream)
-    assert engine.busy
-    list(stream)
-    assert not engine.busy
+    assert engine.busy                          # queued at once: it runs while the caller reads
+    evs = list(stream)
+    assert evs[-1].kind == "done" and not engine.busy
 
 
 def test_raw_ids_are_checked(engine):

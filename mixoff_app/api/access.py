@@ -7,7 +7,7 @@ import hashlib
 import hmac
 from typing import Optional
 
-from ..access import Access, is_loopback, user_snapshot
+from ..access import Access, is_loopback
 from .config import ENV_KEY, ApiConfig
 from .errors import ApiError
 
@@ -27,13 +27,13 @@ def session(config: ApiConfig, authorization: Optional[str] = None) -> str:
 
 
 def stats_view(engine, config: ApiConfig, authorization: Optional[str] = None) -> dict:
-    """/v1/mixoff/stats under the page's rule (``mixoff_app.access``): the operator sees everything; anyone else
-    sees the server's figures, and the latest answer's routing, prompt size and timings only when it was made
-    with the same key. The API has no login, so with ``--admin`` set no API caller is the operator."""
-    snap = engine.stats()
-    if not Access(admin=config.admin).is_operator(None, config.host, config.share):
-        snap = user_snapshot(snap, own_answer=engine.answer_session == session(config, authorization))
-    return snap.to_dict()
+    """/v1/mixoff/stats under the page's rule (``mixoff_app.access``): the operator sees everything (the latest
+    answer's routing, prompt size and timings, whoever asked); anyone else sees the server's figures and their
+    own key's latest answer, never another's. The API has no login, so with ``--admin`` set no API caller is
+    the operator."""
+    if Access(admin=config.admin).is_operator(None, config.host, config.share):
+        return engine.stats().to_dict()
+    return engine.stats(session=session(config, authorization)).to_dict()
 
 
 def _digest(text: str) -> bytes:

@@ -1,8 +1,8 @@
-"""One engine answer for an HTTP request: the engine's blocking stream runs on its own thread, the event loop
-reads it, and a client that goes away cancels it (the engine stops at its next token).
+"""One engine answer for an HTTP request: the engine's blocking stream is read on its own thread, the event loop
+reads that, and a client that goes away cancels the answer (it leaves the engine's batch at the next step).
 
-API answers wait in one FIFO line (an ``asyncio.Lock``) so at most one of them holds a thread at the engine's
-lock; there it takes turns with the page's answers, which wait in Gradio's queue the same way.
+Answers of the API and of the page run together in the engine's batch (``scheduler.py``); the engine's own
+waiting line is bounded, and a request beyond it is refused (429) before anything is streamed.
 """
 from __future__ import annotations
 
@@ -37,19 +37,20 @@ class Finish:
     mixoff: dict = field(default_factory=dict)
 
 
-def answer_view(engine: Any, completion_tokens: int, notices: list[str]) -> dict:
-    """What the cache did for this answer (read while the answer still holds the engine)."""
-    split = engine.answer_counters()
-    snap = engine.stats()
-    both = {k: split["prefill"][k] + split["decode"][k] for k in split["decode"]}
+def answer_view(a: Any, completion_tokens: int, notices: list[str]) -> dict:
+    """What the cache did for this answer: ``a`` is the ``AnswerStats`` its done event carries (its own, however
+    many answers ran beside it)."""
+    if a is None:
+        return {"completion_tokens": completion_tokens, "notices": list(notices)}
+    both = {k: a.prefill[k] + a.decode[k] for k in a.decode}
     looked = both["hits"] + both["misses"]
     return {
         "hits": both["hits"], "misses": both["misses"], "hit_rate": both["hits"] / looked if looked else 0.0,
         "evictions": both["evictions"], "bytes_h2d": both["bytes_h2d"], "bytes_disk": both["bytes_disk"],
         "prefetch_issued": both["prefetch_issued"], "prefetch_used": both["prefetch_used"],
-        "tokens_per_s": snap.avg_tokens_per_s, "completion_tokens": completion_tokens,
-        "prefill_tokens": snap.prefill_tokens, "prefill_s": snap.prefill_s, "ttft_s": snap.ttft_s,
-        "prefill": split["prefill"], "decode": split["decode"], "notices": list(notices),
+        "tokens_per_s": a.tokens_per_s, "completion_tokens": completion_tokens,
+        "prefill_tokens": a.prefill_tokens, "prefill_s": a.prefill_s, "ttft_s": a.ttft_s,
+        "queued_s": a.queued_s, "prefill": dict(a.prefill), "decode": dict(a.decode), "notices": list(notices),
     }
 
 
@@ -85,9 +86,8 @@ class Answer:
                 elif ev.kind == "notice":
                     notices.append(ev.text)
                 elif ev.kind == "done":
-                    # The engine still holds this answer here, so the counters are this answer's alone.
                     put(Finish(FINISH.get(ev.finish_reason or "eos", "stop"), ev.prompt_tokens or 0, n,
-                               answer_view(self.engine, n, notices)))
+                               answer_view(ev.answer, n, notices)))
         except BaseException as exc:      # noqa: BLE001 - handed to the request, which answers with it
             put(exc)
         finally:
@@ -96,9 +96,8 @@ class Answer:
                 close()
             done()
 
-    async def run(self, line: asyncio.Lock, is_disconnected: Callable[[], Any]) -> AsyncIterator[object]:
-        """Yield Piece ... Finish. Waits its turn in ``line``; the line is held until the engine is free."""
-        await until(line.acquire(), is_disconnected)
+    async def run(self, is_disconnected: Callable[[], Any]) -> AsyncIterator[object]:
+        """Yield Piece ... Finish as the engine makes them."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         end = object()
@@ -111,16 +110,8 @@ class Answer:
 
         def done() -> None:
             put(end)
-            try:
-                loop.call_soon_threadsafe(line.release)
-            except RuntimeError:
-                pass
 
-        try:
-            threading.Thread(target=self._work, args=(put, done), name="mixoff-api-answer", daemon=True).start()
-        except BaseException:
-            line.release()
-            raise
+        threading.Thread(target=self._work, args=(put, done), name="mixoff-api-answer", daemon=True).start()
         try:
             while True:
                 item = queue.get_nowait() if not queue.empty() else await until(queue.get(), is_disconnected)

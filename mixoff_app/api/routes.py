@@ -5,7 +5,6 @@ link as the page) and in the headless ``serve``. Every route checks access first
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from typing import Any, Awaitable, Callable
@@ -17,6 +16,7 @@ from starlette.routing import BaseRoute, Route
 
 from ..config import ConfigError
 from ..limits import InputTooLong
+from ..scheduler import Busy
 from .access import refusal, session, stats_view
 from .answer import Answer, Disconnected, Finish, Piece
 from .config import ApiConfig
@@ -56,8 +56,6 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRoute]:
     """``get_engine()`` returns the loaded engine or raises RuntimeError saying why not (still loading, failed)."""
-    line = asyncio.Lock()             # API answers wait here in arrival order (see answer.py)
-
     def engine_or_503() -> Any:
         try:
             return get_engine()
@@ -88,13 +86,16 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
             msg = str(exc)
             code = "context_length_exceeded" if isinstance(exc, InputTooLong) else "invalid_value"
             raise ApiError(400, msg[:1].upper() + msg[1:], code=code) from None
+        except Busy as exc:
+            msg = str(exc)
+            raise ApiError(429, msg[:1].upper() + msg[1:] + ".", code="server_busy") from None
         return engine, Answer(engine, events, cancel)
 
     async def respond(request: Request, answer: Answer, shape: Shape, stream: bool, include_usage: bool) -> Response:
         if not stream:
             text, finish = [], None
             try:
-                async for item in answer.run(line, request.is_disconnected):
+                async for item in answer.run(request.is_disconnected):
                     if isinstance(item, Piece):
                         text.append(item.text)
                     elif isinstance(item, Finish):
@@ -109,7 +110,7 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
             if shape.chat:
                 yield sse(shape.chunk(first=True, with_usage=include_usage))
             try:
-                async for item in answer.run(line, request.is_disconnected):
+                async for item in answer.run(request.is_disconnected):
                     if isinstance(item, Piece):
                         yield sse(shape.chunk(item.text, with_usage=include_usage))
                     elif isinstance(item, Finish):

@@ -16,7 +16,7 @@ def run(args) -> int:
                             top_k=args.top_k, greedy=args.greedy, stop=tuple(args.stop or ()), seed=args.seed)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": args.prompt}]
-    text, ids, finish, notices = [], [], None, []
+    text, ids, finish, notices, a = [], [], None, [], None
     for ev in engine.stream_chat(messages, params):
         if ev.kind == "token":
             text.append(ev.text)
@@ -28,10 +28,8 @@ def run(args) -> int:
             notices.append(ev.text)
             print(ev.text, file=sys.stderr)
         elif ev.kind == "done":
-            finish = ev.finish_reason
-    snap = engine.stats()
-    counts = engine.answer_counters()
-    dec = counts["decode"]
+            finish, a = ev.finish_reason, ev.answer        # this answer's own figures (AnswerStats)
+    dec = a.decode
     if args.json:
         sizes = engine.info.cache.layer_sizes(engine.info.num_moe_layers, engine.info.num_experts)
         looked = dec["hits"] + dec["misses"]
@@ -42,18 +40,18 @@ def run(args) -> int:
             "cache_size": min(sizes), "cache_sizes": list(sizes), "policy": engine.info.cache.policy, "kernel": engine.info.kernel,
             "stats": {"hits": dec["hits"], "misses": dec["misses"], "evictions": dec["evictions"],
                       "hit_rate": dec["hits"] / looked if looked else 0.0, "bytes_h2d": dec["bytes_h2d"],
-                      "tokens_per_s": snap.avg_tokens_per_s, "prefill_s": snap.prefill_s, "decode_s": snap.decode_s,
-                      "prefill_tokens": snap.prefill_tokens, "expert_bytes": engine.info.expert_bytes,
+                      "tokens_per_s": a.tokens_per_s, "prefill_s": a.prefill_s, "decode_s": a.decode_s,
+                      "prefill_tokens": a.prefill_tokens, "expert_bytes": engine.info.expert_bytes,
                       "prefetch_issued": dec["prefetch_issued"], "prefetch_used": dec["prefetch_used"],
-                      "prefetch_wasted": dec["prefetch_wasted"], "prefill": counts["prefill"]},
-            "routing": [[list(layer) for layer in tok] for tok in engine.last_routing],
+                      "prefetch_wasted": dec["prefetch_wasted"], "prefill": dict(a.prefill)},
+            "routing": [[list(layer) for layer in tok] for tok in a.routing],
         }
         if notices:
             out["notices"] = notices
         print(json.dumps(out))
     else:
         print(file=sys.stderr)
-        print(f"[{len(ids)} tokens, {snap.avg_tokens_per_s:.2f} tok/s, hit rate {snap.answer_hit_rate:.1%}, "
+        print(f"[{len(ids)} tokens, {a.tokens_per_s:.2f} tok/s, hit rate {a.hit_rate:.1%}, "
               f"finish: {finish}]", file=sys.stderr)
     return 0
 

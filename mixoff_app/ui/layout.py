@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import gradio as gr
 
-from ..access import OPERATOR_ONLY, Access, choice, public_info, redact_paths, user_snapshot, whole
+from ..access import OPERATOR_ONLY, Access, choice, public_info, redact_paths, whole
 from ..config import POLICIES, CacheConfig, ConfigError
 from . import panel
 from .chat import (
@@ -111,10 +111,8 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
                                   bool(getattr(demo, "share", False)))
 
     def visible_stats(engine, request: Optional[gr.Request]):
-        snap = engine.stats()
-        if operator(request):
-            return snap
-        return user_snapshot(snap, own_answer=engine.answer_session == _session(request))
+        """The operator: the latest answer's figures, whoever asked; anyone else: their own latest answer's."""
+        return engine.stats() if operator(request) else engine.stats(session=_session(request))
 
     # ---- chat ---------------------------------------------------------------------------------
     def add_user(message: str, history: list, request: gr.Request):
