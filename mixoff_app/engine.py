@@ -19,6 +19,7 @@ import torch
 from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, QuantConfig, SamplingParams
 from .events import TokenEvent
 from .expert_cache import ExpertCache
+from .families import DEFAULT_FAMILY
 from .generate import generate
 from .hub import REFERENCE_REPO, resolve, tokenizer_source
 from .limits import InputLimits, InputTooLong, check_chars, fit_conversation, template_overhead
@@ -46,7 +47,7 @@ class EngineInfo:
     cache: CacheConfig
     gpu_name: Optional[str]
     expert_bytes: int          # one expert in its stored (quantized) form
-    family: str = "mixtral"
+    family: str = DEFAULT_FAMILY
     expert_layers: tuple[int, ...] = ()   # decoder layer of each expert layer (labels)
     decoder_layers: int = 0               # all decoder layers, dense ones included
     shared_expert: bool = False
