@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from ..config import ConfigError, SamplingParams
+from ..messages import MessageError, Turn, conversation
 from .errors import ApiError, invalid, unsupported
 
 MAX_STOP = 4              # OpenAI's limit on stop sequences
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 @dataclass(frozen=True)
 class ChatRequest:
-    messages: tuple[dict, ...]          # {"role": system|user|assistant, "content": str}
+    messages: tuple[Turn, ...]          # normalised by messages.py's rule
     params: SamplingParams
     stream: bool
     include_usage: bool
@@ -150,51 +150,20 @@ def _stream(body: dict) -> tuple[bool, bool]:
 
 
 # ---- chat ---------------------------------------------------------------------------------------
-def _content(content: Any, where: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if not isinstance(content, list):
-        raise invalid(f"'{where}.content' must be a string or a list of content parts.", f"{where}.content")
-    out = []
-    for j, part in enumerate(content):
-        here = f"{where}.content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise invalid(f"'{here}.text' must be a string.", f"{here}.text")
-            out.append(part["text"])
-        elif kind in ("image_url", "input_image", "image", "input_audio", "audio", "file", "video_url"):
-            raise unsupported(f"'{here}' is {kind}: this model reads text only; send text content parts.",
-                              f"{here}.type")
-        else:
-            raise invalid(f"'{here}' must be a content part such as {{\"type\": \"text\", \"text\": \"...\"}}.",
-                          f"{here}.type")
-    return "".join(out)
-
-
-def _messages(body: dict) -> tuple[dict, ...]:
+def _messages(body: dict) -> tuple[Turn, ...]:
+    """The conversation by the one rule (messages.py), its refusals in OpenAI's shape with the field's name."""
     msgs = body.get("messages")
     if msgs is None:
         raise invalid("'messages' is required: a list of {\"role\", \"content\"} objects.", "messages",
                       code="missing_required_parameter")
-    if not isinstance(msgs, list) or not msgs:
-        raise invalid("'messages' must be a non-empty list of {\"role\", \"content\"} objects.", "messages")
-    out = []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise invalid(f"'{where}' must be an object with 'role' and 'content'.", where)
-        role = m.get("role")
-        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
-            raise unsupported(f"'{where}' is a tool {'result' if role in ('tool', 'function') else 'call'}: "
-                              f"this model has no tool or function calling.", f"{where}.role")
-        if role not in ROLES:
-            raise invalid(f"'{where}.role' must be one of system, user or assistant, not {json.dumps(role)[:40]}.",
-                          f"{where}.role")
-        out.append({"role": ROLES[role], "content": _content(m.get("content"), where)})
-    if out[-1]["role"] != "user":
-        raise invalid("the conversation must end with a user message.", f"messages[{len(out) - 1}].role")
-    return tuple(out)
+    try:
+        return tuple(conversation(msgs))
+    except MessageError as exc:
+        msg = str(exc)
+        msg = msg[:1].upper() + msg[1:]
+        if exc.unsupported:
+            raise unsupported(msg, exc.where or "messages") from None
+        raise invalid(msg, exc.where) from None
 
 
 def parse_chat(body: dict, default_max_tokens: int) -> ChatRequest:
