@@ -12,6 +12,9 @@ from ..messages import MessageError, Turn, conversation
 from .errors import ApiError, invalid, unsupported
 
 MAX_STOP = 4              # OpenAI's limit on stop sequences
+# Nesting a request body may have: OpenAI's bodies nest under 10 levels (a content part's image_url is 5), tool
+# schemas some more; far past that a body can only exhaust the stack of the parser or of what reads it.
+MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -33,15 +36,34 @@ class CompletionRequest:
 def parse_json(raw: bytes) -> dict:
     def no_constant(name: str):
         raise ValueError(f"{name} is not a JSON number")
+    too_deep = ApiError(400, f"The JSON body of your request is nested more than {MAX_DEPTH} levels deep; "
+                             f"requests to this server need far fewer.", code="invalid_json")
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+    except RecursionError:          # deeper than the interpreter's stack: the parser gave up
+        raise too_deep from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, f"We could not parse the JSON body of your request ({exc}). Send a JSON object with "
                             f"`Content-Type: application/json`.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"The request body must be a JSON object, not a JSON {type(body).__name__}.",
                        code="invalid_json")
+    if _depth(body) > MAX_DEPTH:    # parsed, but deep enough to exhaust the stack of whatever reads it next
+        raise too_deep
     return body
+
+
+def _depth(value: object) -> int:
+    """How deeply lists and objects nest in ``value`` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if items is None:
+            continue
+        deepest = max(deepest, d)
+        stack.extend((x, d + 1) for x in items if isinstance(x, (dict, list)))
+    return deepest
 
 
 # ---- fields -------------------------------------------------------------------------------------
