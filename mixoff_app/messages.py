@@ -57,8 +57,8 @@ def _field(message: Any, key: str) -> Any:
 def _short(value: Any) -> str:
     try:
         text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
+    except (TypeError, ValueError, RecursionError):     # not JSON, or nested past the stack
+        text = type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."
 
 
