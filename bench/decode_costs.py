@@ -17,10 +17,12 @@ trained demo model's) is fused throughout, as Mixtral's shapes are.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,10 +51,18 @@ def costs(path: Path, quant, prefetch: int, device: str, dtype, kernel: str) -> 
         # A fresh engine per run: the same prompt must be prefilled in full both times.
         eng = Engine.load(EngineConfig(model=str(path), device=device, quant=quant, dtype=dtype, max_context=128,
                                        kernel=kernel, cache=CacheConfig(sizes=(2,), prefetch=prefetch)))
-        with count_syncs() as s, count_ops() as o:
+        ops = Counter()
+
+        @contextlib.contextmanager
+        def counted():             # the steps run on the engine's step loop thread: count ops there
+            with count_ops() as o:
+                yield
+            ops.update(o.by_op)
+        eng.scheduler.step_context = counted
+        with count_syncs() as s:
             evs = list(eng.stream_ids(ids, SamplingParams(max_new_tokens=n, greedy=True)))
         steps = sum(e.token_id is not None for e in evs if e.kind == "token")
-        got[n] = (s.total, o.total, steps)
+        got[n] = (s.total, sum(ops.values()), steps)
     (s1, o1, n1), (s2, o2, n2) = got[2], got[10]
     L = eng.model.cfg.num_layers
     return {"round_trips_per_token": (s2 - s1) / (n2 - n1), "ops_per_token": (o2 - o1) / (n2 - n1),

@@ -65,7 +65,7 @@ def measure(model: str, placement: str = "auto", cache_size=None, vram_budget=No
            if ev.kind == "token"]
     cuda = eng.model.device.type == "cuda"
     p = eng.memory_plan
-    return {"placement": eng.info.cache.placement, "sizes": list(eng.model.cache.sizes),
+    return {"placement": eng.info.cache.placement, "sizes": list(eng.model.cache.sizes), "kv_slots": eng.model.kv_slots,
             "expert_bytes": eng.info.expert_bytes, "tokens": out,
             "device_bytes": torch.cuda.max_memory_allocated() if cuda else device_tensor_bytes(eng.model),
             "rss_growth_load": loaded_rss, "rss_peak_growth": peak_rss_bytes() - rss0, "rss_peak_load": load_peak,

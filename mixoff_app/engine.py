@@ -121,18 +121,33 @@ def _peek(folder: Path, config: EngineConfig) -> tuple:
 
 
 def _memory_plan(config: EngineConfig, peeked: tuple, device: torch.device, dtype: torch.dtype, name: str):
-    """The planner, on the user's k and placement: fills in what ``config.cache`` leaves None, checks what it
-    fixes; ConfigError when that cannot fit."""
+    """The planner, on the user's k, placement and batch: fills in what ``config.cache`` leaves None, checks what
+    it fixes; ConfigError when that cannot fit. Without ``--max-batch``, as many answers at once (one KV cache
+    each) as fit, up to DEFAULT_MAX_BATCH, in memory the expert cache does not need: one chat on a small card
+    keeps every expert slot it would have alone."""
     from .plan import plan_for
     cfg, quant, fmt = peeked
     cache = config.cache
     fixed = None if cache.sizes is None else cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
-    p = plan_for(cfg, quant, min(config.max_context, cfg.max_position_embeddings), device=device, dtype=dtype,
-                 placement=cache.placement, sizes=fixed, vram_budget=config.vram_budget,
-                 ram_budget=config.ram_budget, disk_ok=fmt == "mixoff", model_name=name)
-    if not p.feasible:
-        raise ConfigError(f"{name} does not fit: {p.reason}")
-    return p
+
+    def plan(n: int):
+        return plan_for(cfg, quant, min(config.max_context, cfg.max_position_embeddings), device=device,
+                        dtype=dtype, placement=cache.placement, sizes=fixed, vram_budget=config.vram_budget,
+                        ram_budget=config.ram_budget, disk_ok=fmt == "mixoff", model_name=name, sequences=n)
+
+    if config.max_batch is not None:
+        p = plan(config.max_batch)
+        if not p.feasible:
+            raise ConfigError(f"{name} with --max-batch {config.max_batch} does not fit: {p.reason}")
+        return p
+    alone = plan(1)
+    if not alone.feasible:
+        raise ConfigError(f"{name} does not fit: {alone.reason}")
+    for n in range(DEFAULT_MAX_BATCH, 1, -1):
+        p = plan(n)
+        if p.feasible and sum(p.sizes) >= sum(alone.sizes) and p.placement == alone.placement:
+            return p
+    return alone
 
 
 def _precheck(config: EngineConfig, device: torch.device, dtype: torch.dtype, made: dict, folder: Path) -> None:
@@ -184,7 +199,7 @@ def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dty
                           f"{resolved.path} is {fmt}-format: convert it once with "
                           f"`python -m mixoff_app quantize {config.model} OUT_FOLDER` and pass --model OUT_FOLDER")
     return Placed(cfg, quant, fmt, max_seq, tuple(sizes), placement, memory_plan,
-                  config.max_batch or DEFAULT_MAX_BATCH)
+                  memory_plan.sequences if memory_plan is not None else config.max_batch or DEFAULT_MAX_BATCH)
 
 
 def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.device, dtype: torch.dtype,

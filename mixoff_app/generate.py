@@ -1,16 +1,12 @@
-"""Prefill, then one token at a time: sampling, stop handling and the stream of token events."""
+"""Sampling a token from logits, and turning tokens into text with stop strings: what each answer of the
+scheduler's step loop (``scheduler.py``) uses between two steps."""
 from __future__ import annotations
 
-import threading
-import time
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .config import SamplingParams
-from .events import TokenEvent
-from .model import MoEModel
-from .stats import Stats
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: Optional[torch.Generator]) -> torch.Tensor:
@@ -75,84 +71,3 @@ class TextStream:
         delta = self.text[self.emitted:]
         self.emitted = len(self.text)
         return delta
-
-
-def generate(model: MoEModel, tokenizer, ids: list[int], start: int, params: SamplingParams,
-             eos_ids: set[int], stats: Stats, cancel: Optional[threading.Event] = None,
-             fed: Optional[list[int]] = None) -> Iterator[TokenEvent]:
-    """Generate after ``ids`` (whose first ``start`` tokens are already in the KV cache).
-
-    ``fed`` (if given) is extended with every token whose K/V now sit in the cache, so a caller can reuse
-    them for the next turn. Each sampled token is fed through the model too (EOS included): the chat
-    template of the next turn starts with exactly these tokens, and every generated token gets routed.
-    """
-    dev = model.device
-    gen = None
-    if not params.is_greedy:
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % (1 << 62)))
-    t0 = time.perf_counter()
-    if cancel is not None and cancel.is_set():       # stopped while it waited for the engine: no prefill
-        yield TokenEvent("done", "", None, 0, 0.0, finish_reason="cancelled", prompt_tokens=len(ids))
-        return
-    stats.begin_answer()
-    context = [len(ids)]           # tokens of context the current step needs (for the out-of-memory message)
-    try:
-        try:
-            yield from _decode(model, tokenizer, ids, start, params, eos_ids, stats, cancel, fed, gen, t0, context)
-            return
-        except torch.OutOfMemoryError:
-            pass           # leave the except block first: its traceback would keep the turn's tensors alive
-        model.free_scratch()
-        yield TokenEvent("notice", f"out of GPU memory at {context[0]} tokens of context: "
-                                   f"lower --max-context or --cache-size")
-        yield TokenEvent("done", "", None, 0, time.perf_counter() - t0, finish_reason="oom", prompt_tokens=len(ids))
-    finally:
-        stats.end_answer()
-
-
-def _decode(model: MoEModel, tokenizer, ids: list[int], start: int, params: SamplingParams, eos_ids: set[int],
-            stats: Stats, cancel, fed, gen, t0: float, context: list[int]) -> Iterator[TokenEvent]:
-    dev = model.device
-    logits = model.forward(torch.tensor(ids[start:], dtype=torch.long, device=dev), pos=start)
-    if fed is not None:
-        fed.extend(ids[start:])
-    stats.end_prefill(len(ids) - start)
-    stream = TextStream(tokenizer, params.stop)
-    pos = len(ids)
-    step = torch.empty(1, dtype=torch.long, device=dev)
-    finish = "length"
-    for i in range(params.max_new_tokens):
-        if cancel is not None and cancel.is_set():
-            finish = "cancelled"
-            break
-        step.copy_(sample(logits, params, gen))
-        tok = int(step.item())                         # the one deliberate sync per token: the host needs the id
-        is_eos = tok in eos_ids
-        delta, stopped = ("", False) if is_eos else stream.push(tok)
-        if not is_eos:
-            if i == 0:
-                stats.first_token_sent()
-            yield TokenEvent("token", delta, tok, i, time.perf_counter() - t0)
-        if pos >= model.max_seq:
-            finish = "context"
-            break
-        context[0] = pos + 1
-        logits = model.forward(step, pos=pos)
-        pos += 1
-        if fed is not None:
-            fed.append(tok)
-        stats.end_token()
-        if is_eos:
-            if i == 0:
-                stats.first_token_sent()
-            yield TokenEvent("token", "", tok, i, time.perf_counter() - t0)
-            finish = "eos"
-            break
-        if stopped:
-            finish = "stop"
-            break
-    rest = stream.flush() if finish != "stop" else ""
-    if rest:
-        yield TokenEvent("token", rest, None, params.max_new_tokens, time.perf_counter() - t0)
-    yield TokenEvent("done", "", None, 0, time.perf_counter() - t0, finish_reason=finish, prompt_tokens=len(ids))

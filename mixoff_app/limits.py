@@ -42,6 +42,11 @@ class InputLimits:
         return cls(message=chars, system=chars, history=2 * chars)
 
 
+class Busy(RuntimeError):
+    """Every answer slot is taken and the waiting line is full (``--max-batch``, ``--max-waiting``): the request
+    is refused at once (the API answers 429), never queued without bound."""
+
+
 class InputTooLong(ValueError):
     """A request over a limit: the message is one sentence for the person who sent it."""
 

@@ -118,7 +118,9 @@ def prefill_activations(cfg: ModelConfig, max_context: int, dtype: torch.dtype, 
     return T * per_token + T * S * (1 + b) + unfused
 
 
-def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: torch.dtype) -> Sizes:
+def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: torch.dtype,
+                sequences: int = 1) -> Sizes:
+    """Bytes of every part; ``sequences`` KV caches of ``max_context`` tokens (one per answer of a batch)."""
     h, hd, L, Lm = cfg.hidden_size, cfg.head_dim, cfg.num_layers, cfg.num_moe_layers
     b = _elt(dtype)
     attn_shapes = cfg.attention_shapes()
@@ -147,7 +149,7 @@ def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: t
         expert=layout.nbytes, attention=attention,
         embed=cfg.vocab_size * h * b, lm_head=0 if cfg.tie_word_embeddings else cfg.vocab_size * h * b,
         norms=(2 * L + 1) * h * b, router=Lm * cfg.num_experts * h * b + gate,
-        kv=L * max_context * cfg.kv_width * b, rope=2 * max_context * cfg.rope_dim * b,
+        kv=sequences * L * max_context * cfg.kv_width * b, rope=2 * max_context * cfg.rope_dim * b,
         scratch=scratch, activations=prefill_activations(cfg, max_context, dtype),
         num_moe_layers=Lm, num_experts=cfg.num_experts, mlp=extra)
 
@@ -220,6 +222,7 @@ class Plan:
     misses_per_token: float = 0.0
     rows: list = field(default_factory=list)     # (where, what, bytes)
     cuda: bool = True
+    sequences: int = 1                  # KV caches planned: answers decoded together
 
     @property
     def k_range(self) -> str:
@@ -233,8 +236,9 @@ class Plan:
         on = sum(self.sizes)
         tot = self.bytes.num_moe_layers * self.bytes.num_experts
         moved = self.misses_per_token * self.bytes.expert
+        kv = f", KV caches for {self.sequences} answers at once" if self.sequences > 1 else ""
         return (f"{self.placement}, {kdesc} per layer ({on}/{tot} experts on the "
-                f"{'GPU' if self.cuda else 'device'}); expected misses/token ~{self.misses_per_token:.1f} "
+                f"{'GPU' if self.cuda else 'device'}{kv}); expected misses/token ~{self.misses_per_token:.1f} "
                 f"(uniform routing), {moved / GiB:.2f} GiB moved per token")
 
     def table(self, markdown: bool = False) -> str:
@@ -272,7 +276,8 @@ def _rows(p: Plan) -> list:
              (dev, "embeddings + lm_head", s.embed + s.lm_head),
              (dev, "norms + routers", s.norms + s.router),
              *([(dev, "dense MLPs / shared experts, biases, q/k norms", s.mlp)] if s.mlp else []),
-             (dev, f"KV cache + RoPE ({p.max_context} tokens)", s.kv + s.rope),
+             (dev, f"KV cache{'s' if p.sequences > 1 else ''} + RoPE ({p.max_context} tokens"
+                   f"{f' x {p.sequences} answers' if p.sequences > 1 else ''})", s.kv + s.rope),
              (dev, f"expert slots: {kdesc}, {sum(p.sizes)} x {s.expert / MiB:.1f} MiB", sum(p.sizes) * s.expert)]
     if cuda:
         if p.placement == "exclusive" and sum(p.sizes) < tot:
@@ -298,7 +303,7 @@ def plan_for(model_cfg: ModelConfig, quant: QuantConfig, max_context: int, vram_
              dtype: Optional[torch.dtype] = None, placement: Optional[str] = None,
              sizes: Optional[Sequence[int]] = None, vram_budget: Optional[int] = None,
              ram_budget: Optional[int] = None, disk_ok: bool = True, model_name: str = "model",
-             host_overhead: Optional[int] = None) -> Plan:
+             host_overhead: Optional[int] = None, sequences: int = 1) -> Plan:
     """Plan the expert placement and k per layer for a model on a machine.
 
     ``vram_bytes``/``ram_bytes``: physical free VRAM / available RAM (measured with pynvml/torch and psutil
@@ -314,7 +319,7 @@ def plan_for(model_cfg: ModelConfig, quant: QuantConfig, max_context: int, vram_
     dtype = dtype or (torch.float16 if cuda else torch.float32)
     quant = quant.for_family(model_cfg.family)
     max_context = min(max_context, model_cfg.max_position_embeddings)
-    s = model_sizes(model_cfg, quant, max_context, dtype)
+    s = model_sizes(model_cfg, quant, max_context, dtype, sequences)
     L, E = model_cfg.num_moe_layers, model_cfg.num_experts
     overhead = host_overhead if host_overhead is not None else (HOST_OVERHEAD_CUDA if cuda else HOST_OVERHEAD_CPU)
     qdesc = f"attention {quant.attn.describe()}, experts {quant.experts.describe()}"
@@ -347,7 +352,8 @@ def plan_for(model_cfg: ModelConfig, quant: QuantConfig, max_context: int, vram_
                  device_total=device_need(s, pl, sz, cuda) if sz else 0,
                  host_total=host_need(s, pl, sz, cuda, overhead) if sz else 0,
                  vram=vram_bytes, ram=ram_bytes, context_allowance=context, host_overhead=overhead,
-                 misses_per_token=expected_misses(sz, E, model_cfg.top_k) if sz else 0.0, cuda=cuda)
+                 misses_per_token=expected_misses(sz, E, model_cfg.top_k) if sz else 0.0, cuda=cuda,
+                 sequences=sequences)
         if sz:
             p.rows = _rows(p)
         if ok:

@@ -34,6 +34,7 @@ import torch
 from .config import SamplingParams
 from .events import TokenEvent
 from .generate import TextStream, sample
+from .limits import Busy
 from .model import MoEModel
 from .stats import Stats
 
@@ -47,10 +48,6 @@ def _stop_loops() -> None:
     while it is torn down aborts the process."""
     for s in list(_RUNNING):
         s.close()
-
-
-class Busy(RuntimeError):
-    """Every slot is taken and the waiting line is full: try again in a moment."""
 
 
 @dataclass
@@ -132,10 +129,11 @@ class Scheduler:
     def submit(self, answer: Answer) -> Iterator[TokenEvent]:
         """Queue the answer (``Busy`` when the line is full) and return its events."""
         with self._cv:
-            if len(self.waiting) >= self.max_waiting:
+            # Those the loop has not admitted yet but will at its next turn (free slots) are not waiting.
+            if len(self.waiting) - max(0, self.max_batch - len(self.active)) >= self.max_waiting:
                 raise Busy(f"the server is busy: {len(self.active)} answers are running and {len(self.waiting)} "
                            f"are waiting; try again in a moment")
-            mine = sum(a.client == answer.client for a in self.active)
+            mine = sum(a.client == answer.client for a in (*self.active, *self.waiting))
             if len(self.active) + len(self.waiting) >= self.max_batch or mine >= self.per_client:
                 answer.put(TokenEvent("waiting", f"{len(self.active)} answers are running; this one starts when "
                                                  f"one of them ends ({len(self.waiting)} waiting before it)"))
@@ -215,7 +213,8 @@ class Scheduler:
         self._publish_load()
 
     def _slot_for(self, a: Answer) -> Optional[int]:
-        """The free slot sharing the longest prefix with this session's new prompt, else the least recently used."""
+        """The free slot sharing the longest prefix with this session's new prompt, else an empty one, else the
+        least recently used (whose tokens another session's next turn is then the least likely to want)."""
         free = [i for i, s in enumerate(self.slots) if not s.busy]
         if not free:
             return None
@@ -229,9 +228,7 @@ class Scheduler:
                     break
                 n += 1
             return n
-        best = max(free, key=lambda i: (shared(i), -self.slots[i].used_at if self.slots[i].owner is None else 0,
-                                        -self.slots[i].used_at))
-        return best
+        return max(free, key=lambda i: (shared(i), not self.slots[i].ids, -self.slots[i].used_at))
 
     def _start(self, a: Answer, i: int) -> None:
         s = self.slots[i]

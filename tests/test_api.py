@@ -495,16 +495,15 @@ def test_each_key_is_a_caller_of_its_own(engine):
         client(url, key="ann-key").chat.completions.create(model="m", messages=conv2, temperature=0, max_tokens=3)
         full = len(engine.prompt_ids(conv2))
         assert stats("ann-key")["prefill_tokens"] < full
-        # Her tokens never serve Bob: his same conversation prefills whole.
-        client(url, key="bob-key").chat.completions.create(model="m", messages=conv2, temperature=0, max_tokens=3)
-        assert stats("bob-key")["prefill_tokens"] < full      # his own first turn is his to reuse
-        engine.forget_kv()
-        client(url, key="bob-key").chat.completions.create(model="m", messages=conv2, temperature=0, max_tokens=3)
-        assert stats("bob-key")["prefill_tokens"] == full
         # Ann's next turn right after her second one reuses her own cache.
         client(url, key="ann-key").chat.completions.create(model="m", messages=conv2 + [
             {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Thanks"}], temperature=0, max_tokens=3)
         assert stats("ann-key")["prefill_tokens"] < full
+        # Her tokens never serve Bob: with his own slot forgotten, his copy of her conversation prefills whole.
+        engine.forget_kv()
+        client(url, key="ann-key").chat.completions.create(model="m", messages=conv2, temperature=0, max_tokens=3)
+        client(url, key="bob-key").chat.completions.create(model="m", messages=conv2, temperature=0, max_tokens=3)
+        assert stats("bob-key")["prefill_tokens"] == full
         with pytest.raises(openai.AuthenticationError):
             client(url, key="carol-key").models.list()
 
@@ -524,3 +523,52 @@ def test_stats_show_other_sessions_answer_details_only_to_the_operator(engine):
         assert after["prefill_tokens"] == mine["prefill_tokens"]
         assert after["hits"] + after["misses"] > mine["hits"] + mine["misses"], "the server's figures stay public"
         assert engine.answer_session == "someone else" and len(engine.last_routing) == 3     # the latest overall
+
+
+def test_concurrent_streams_are_each_their_single_answer(engine):
+    """Four /v1 streams at once (the official client, one thread each) run in one batch, and each streams the
+    text it streams alone; the answers' own figures come back in mixoff.usage-like fields."""
+    questions = ["What is a set?", "What does zip do?", "Explain the with statement.", "What is a tuple?"]
+    with Headless(lambda: engine, ApiConfig(host="127.0.0.1")) as url:
+        def ask(q):
+            stream = client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": q}],
+                                                           temperature=0, max_tokens=12, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        alone = [ask(q) for q in questions]
+        got: dict = {}
+        rows = []
+        real = engine.model.decode
+
+        def watched(ids, pos, seqs):
+            rows.append(len(seqs))
+            return real(ids, pos, seqs)
+        engine.model.decode = watched
+        try:
+            threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, ask(questions[i]))) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        finally:
+            del engine.model.decode
+        assert [got[i] for i in range(4)] == alone
+        assert max(rows) >= 2, rows
+
+
+def test_a_full_line_answers_429_at_once(tiny_dir):
+    """One slot and no waiting line: a second request while the first streams gets 429 with one sentence."""
+    eng = Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=QuantConfig.from_bits(4, 2),
+                                   cache=CacheConfig(sizes=(2,)), max_batch=1, max_waiting=0))
+    with Headless(lambda: eng, ApiConfig(host="127.0.0.1")) as url:
+        first = client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+                                                    temperature=0, max_tokens=60, stream=True)
+        next(iter(first))                                  # it is running
+        t0 = time.time()
+        with pytest.raises(openai.RateLimitError) as err:
+            client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "Hello"}],
+                                                temperature=0, max_tokens=4)
+        assert time.time() - t0 < 5
+        assert err.value.status_code == 429 and "the server is busy" in str(err.value).lower()
+        assert err.value.body["code"] == "server_busy"
+        rest = "".join(c.choices[0].delta.content or "" for c in first if c.choices)
+        assert isinstance(rest, str)

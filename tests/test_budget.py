@@ -58,6 +58,10 @@ def test_ram_budget_too_small_for_a_host_copy_picks_the_disk_tier_and_holds(synt
     assert got["placement"] == "disk" and got["sizes"] == list(p.sizes)
     assert got["host_expert_bytes"] == 2 * got["expert_bytes"]
     assert got["bytes_disk"] > 0
+    # The budget left room for KV caches of several answers at the same k: the engine took them.
+    assert got["kv_slots"] > 1
+    p = cpu_plan(synthetic, ram_budget=budget, sequences=got["kv_slots"])
+    assert p.feasible and got["sizes"] == list(p.sizes)
     assert got["device_bytes"] == p.device_total            # the device tier, tensor by tensor
     assert got["rss_peak_growth"] <= budget, got            # load + generation, measured
 
@@ -90,6 +94,8 @@ def test_vram_budget_sets_k(synthetic):
     eng = Engine.load(EngineConfig(model=str(synthetic), device="cpu", max_context=CONTEXT,
                                    cache=CacheConfig(placement="inclusive"), vram_budget=p2.device_total))
     assert eng.model.cache.sizes == (2, 2)
+    # At this budget more answers' KV caches would cost expert slots: one answer at a time keeps k = 2.
+    assert eng.model.kv_slots == 1
     assert eng.memory_measured["device_bytes"] == p2.device_total
 
 

@@ -268,8 +268,9 @@ def test_ten_thousand_turns_are_answered(url, engine):
 
 
 def test_kv_reuse_through_the_app_is_per_session(url, engine):
-    """Turn 2 of a browser session prefills only its new tokens (read from its own /stats); another
-    session's turn in between costs a full re-prefill and changes nothing."""
+    """Turn 2 of a browser session prefills only its new tokens (read from its own /stats); another session's
+    turn in between runs in a KV slot of its own, so turn 3 still prefills only its new tokens, and the answer is
+    the one a fresh engine gives."""
     alice, bob = client(url), client(url, "bob")
     conv = [{"role": "user", "content": "What does len do?"}]
     a = chat(alice, conv[0]["content"], [])
@@ -281,7 +282,8 @@ def test_kv_reuse_through_the_app_is_per_session(url, engine):
     chat(bob, "What does len do?", [])
     conv += [{"role": "assistant", "content": b}, {"role": "user", "content": "And map?"}]
     c = chat(alice, "And map?", conv[:4])
-    assert alice.predict(api_name="/stats")["prefill_tokens"] == len(engine.prompt_ids(conv))
+    turn3 = alice.predict(api_name="/stats")["prefill_tokens"]
+    assert turn3 <= len(engine.prompt_ids(conv)) - len(engine.prompt_ids(conv[:3])), turn3
     assert c == engine_answer(engine, conv)
 
 

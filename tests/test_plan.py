@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from mixoff_app.config import CacheConfig, ConfigError, EngineConfig, QuantConfig
+from mixoff_app.config import DEFAULT_MAX_BATCH, CacheConfig, ConfigError, EngineConfig, QuantConfig
 from mixoff_app.engine import Engine
 from mixoff_app.memory import device_tensor_bytes
 from mixoff_app.plan import GiB, MiB, dequant_scratch, device_need, model_sizes, plan_for, reference_markdown
@@ -50,7 +50,8 @@ def test_sizes_match_the_tiny_model_to_the_byte(tiny_dir):
     eng = Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=quant, max_context=300,
                                    cache=CacheConfig(sizes=(3,))))
     m, cfg = eng.model, eng.model.cfg
-    s = model_sizes(cfg, quant, 300, torch.float32)
+    s = model_sizes(cfg, quant, 300, torch.float32, sequences=m.kv_slots)     # a KV cache per answer slot
+    assert m.kv_slots == DEFAULT_MAX_BATCH
 
     def nb(t):
         return sum(v.numel() * v.element_size() for v in t.tensors().values()) if hasattr(t, "tensors") \

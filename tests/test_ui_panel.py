@@ -109,12 +109,15 @@ def test_speed_shows_the_snapshots_figures(snap):
     live = replace(snap, tokens_per_s=12.34, avg_tokens_per_s=9.5, ttft_s=0.0851, generating=True,
                    answer_tokens=7, prefill_tokens=40, prefill_s=1.5, tokens_total=1234)
     speed = panel.render_speed(live)
-    for label, value in (("current", "12.3 tok/s"), ("average (answer)", "9.5 tok/s"),
+    for label, value in (("current (all answers)", "12.3 tok/s"), ("average (answer)", "9.5 tok/s"),
                          ("time to first token", "85 ms")):
         assert re.search(rf'mx-stat-v">{re.escape(value)}</div><div class="mx-stat-l">{re.escape(label)}<', speed), \
             (label, value)
     assert "● generating" in speed and "idle" not in speed
     assert "7 tokens this answer · prompt 40 tokens in 1.50 s · 1,234 tokens since start" in speed
+    assert "no answer running" in speed
+    busy = panel.render_speed(replace(live, running_answers=3, waiting_answers=2, batch_rows=3, max_batch=4))
+    assert "3 of 4 answers running · 3 in the latest step · 2 waiting" in busy
     # before any token: dashes, not zeros, and idle
     idle = panel.render_speed(Stats(2, 8, 2, (2, 2)).snapshot(NO_GPU))
     assert idle.count('mx-stat-v">—<') == 3 and "idle" in idle and "generating" not in idle

@@ -15,8 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from ..config import ConfigError
-from ..limits import InputTooLong
-from ..scheduler import Busy
+from ..limits import Busy, InputTooLong
 from .access import refusal, session, stats_view
 from .answer import Answer, Disconnected, Finish, Piece
 from .config import ApiConfig

@@ -6,6 +6,7 @@ import math
 from typing import Optional, Union
 
 from ..config import (
+    DEFAULT_MAX_BATCH,
     FAMILY,
     KERNELS,
     PLACEMENTS,
@@ -95,6 +96,15 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
     p.add_argument("--max-input-chars", type=positive_int, default=None,
                    help="longest message or system prompt in characters, refused before tokenizing; history is "
                         "cut at twice this (default: 8 per token of --max-context)")
+    p.add_argument("--max-batch", type=positive_int, default=None,
+                   help=f"answers decoded together, each with its own KV cache (default {DEFAULT_MAX_BATCH}, fewer "
+                        f"when the memory plan cannot hold their KV caches); more wait for a free slot")
+    p.add_argument("--per-client", type=positive_int, default=None,
+                   help="of those, at most this many for one client (an API key, a browser session; default: "
+                        "half of --max-batch, rounded up)")
+    p.add_argument("--max-waiting", type=int, default=16,
+                   help="answers that may wait for a free slot; beyond, a new one is refused at once (the API "
+                        "answers 429) (default 16)")
     p.add_argument("--kernel", choices=KERNELS, default="auto",
                    help="quantized matmul: triton (fused kernels reading the packed codes; on a CPU they run in "
                         "Triton's interpreter, slowly, for tests), torch (dequantize, then matmul), or auto "
@@ -120,4 +130,6 @@ def engine_config(args) -> EngineConfig:
                         max_context=args.max_context, dtype=args.dtype, tokenizer=args.tokenizer,
                         vram_budget=getattr(args, "vram_budget", None), ram_budget=getattr(args, "ram_budget", None),
                         kernel=getattr(args, "kernel", "auto"), cuda_graphs=getattr(args, "cuda_graphs", False),
-                        max_input_chars=getattr(args, "max_input_chars", None))
+                        max_input_chars=getattr(args, "max_input_chars", None),
+                        max_batch=getattr(args, "max_batch", None), per_client=getattr(args, "per_client", None),
+                        max_waiting=getattr(args, "max_waiting", 16))

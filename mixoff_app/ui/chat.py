@@ -219,11 +219,12 @@ class Canceller:
 
 
 def stream_answer(engine: Any, messages: list[dict], params: SamplingParams, cancel: threading.Event,
-                  on_notice: Callable[[str], None] = lambda text: None, session: Optional[str] = None
-                  ) -> Iterator[tuple[str, int, Optional[str]]]:
-    """Yield (answer so far, tokens so far, finish_reason or None) as tokens arrive; closes the engine
-    stream on exit so the engine's lock is released even when the client goes away mid-answer.
-    ``session`` keys the engine's KV reuse to this browser session."""
+                  on_notice: Callable[[str], None] = lambda text: None, session: Optional[str] = None,
+                  on_wait: Callable[[str], None] = lambda text: None) -> Iterator[tuple[str, int, Optional[str]]]:
+    """Yield (answer so far, tokens so far, finish_reason or None) as tokens arrive (and once, with nothing yet,
+    when the answer has to wait for a free slot: ``on_wait`` gets why); closes the engine stream on exit so the
+    answer leaves the engine's batch even when the client goes away mid-answer. ``session`` keys the engine's
+    KV reuse to this browser session."""
     text, n = "", 0
     it = engine.stream_chat(messages, params, cancel=cancel, session=session)
     try:
@@ -235,6 +236,9 @@ def stream_answer(engine: Any, messages: list[dict], params: SamplingParams, can
                     yield text, n, None
             elif ev.kind == "notice":
                 on_notice(ev.text)
+            elif ev.kind == "waiting":
+                on_wait(ev.text)
+                yield text, n, None
             elif ev.kind == "done":
                 yield text, n, ev.finish_reason or "eos"
                 return

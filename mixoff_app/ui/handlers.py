@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from ..access import OPERATOR_ONLY, choice, public_info, redact_paths, whole
 from ..config import POLICIES, ConfigError
+from ..limits import Busy
 from ..messages import MessageError
 from . import panel
 from .chat import (
@@ -118,6 +119,7 @@ class Handlers:
             raise Refused("answer", str(exc)) from None
         shown = _messages("answer", history)
         notices: list[str] = []
+        waiting: list[str] = []
 
         def notice(text: str) -> None:
             notices.append(text)
@@ -129,17 +131,20 @@ class Handlers:
         start = None
         try:
             for text, n, reason in stream_answer(engine, messages, params, cancel, on_notice=notice,
-                                                 session=viewer.session):
+                                                 session=viewer.session, on_wait=waiting.append):
                 if self.canceller.turn(viewer.session) != turn:
                     # After Clear this stream writes the empty chat last, so no token still in flight can bring
                     # the old conversation back.
                     if self.canceller.cleared(viewer.session):
                         yield [], ""
                     return
+                if n == 0 and reason is None and waiting:      # every slot is busy: say so while it waits
+                    yield shown + [{"role": "assistant", "content": text}], f"waiting: {waiting[-1]}"
+                    continue
                 start = start or time.perf_counter()
                 status = " · ".join([status_line(n, time.perf_counter() - start, reason), *notices])
                 yield shown + [{"role": "assistant", "content": text}], status
-        except (ValueError, ConfigError) as exc:
+        except (ValueError, ConfigError, Busy) as exc:
             raise Refused("answer", str(exc)) from None
 
     def retry(self, history: Any, viewer: Viewer) -> tuple[list[dict], int]:

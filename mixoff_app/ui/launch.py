@@ -167,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     slot.progress(f"model: {cfg.model} — {reason}")
     slot.load_in_background(lambda progress: Engine.load(cfg, progress=progress, reason=reason))
     demo = build_ui(slot, max_new_tokens=args.max_new_tokens, examples=examples_for(cfg.model),
-                    access=Access(admin=admin[0] if admin else None))
+                    access=Access(admin=admin[0] if admin else None), max_batch=cfg.max_batch)
 
     port = args.port or int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT))
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host

@@ -1,8 +1,10 @@
 """The page: chat on the left, the expert cache's live panel on the right; what its events do is ``handlers.py``.
 
 ``build_ui(engine_or_slot)`` returns a ``gr.Blocks``; ``launch_kwargs()`` gives the theme and css that
-Gradio 6 takes at ``launch()``. Generation runs one at a time (concurrency group ``generate``); others
-wait in Gradio's queue with their place shown. The panel polls ``engine.stats()`` on a timer.
+Gradio 6 takes at ``launch()``. Answers run together in the engine's batch: the page lets twice ``max_batch``
+of them reach the engine at once (concurrency group ``generate``; an answer that finds every slot busy says
+so while it waits), others wait in Gradio's queue with their place shown. A cache re-plan runs alone. The
+panel polls ``engine.stats()`` on a timer.
 """
 from __future__ import annotations
 
@@ -15,14 +17,15 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import gradio as gr
 
 from ..access import Access, redact_paths
-from ..config import POLICIES, CacheConfig
+from ..config import DEFAULT_MAX_BATCH, POLICIES, CacheConfig
 from . import panel
 from .chat import EngineSlot, refuse
 from .handlers import Controls, Handlers, Refused, Viewer, shown_info
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 PANEL_EVERY = 0.3         # seconds between panel refreshes (over 3 a second)
-GENERATE = "generate"     # the one concurrency group every generation (and cache re-plan) shares
+GENERATE = "generate"     # the concurrency group every generation shares (twice the engine's batch at once)
+REPLAN = "replan"         # cache re-plans: one at a time (the engine applies it between two steps)
 
 TITLE = "mixoff · Mixture-of-Experts chat with expert offloading"
 
@@ -100,12 +103,15 @@ def _or_skip(value: Any) -> Any:
 
 
 def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, max_new_tokens: int = 256,
-             system_prompt: str = "", panel_every: float = PANEL_EVERY, access: Optional[Access] = None
-             ) -> gr.Blocks:
+             system_prompt: str = "", panel_every: float = PANEL_EVERY, access: Optional[Access] = None,
+             max_batch: Optional[int] = None) -> gr.Blocks:
     """``access``: who is the operator (``access.Access``); by default, whoever reaches an app that listens
-    on loopback without a share link, decided at each request from how the app was launched. The handlers
-    are ``handlers.Handlers``; this function lays out the page and wires them."""
+    on loopback without a share link, decided at each request from how the app was launched. ``max_batch``:
+    the engine's (default: the loaded engine's, else ``DEFAULT_MAX_BATCH``). The handlers are
+    ``handlers.Handlers``; this function lays out the page and wires them."""
     slot = engine_or_slot if isinstance(engine_or_slot, EngineSlot) else EngineSlot(engine_or_slot)
+    if max_batch is None:
+        max_batch = slot.engine.scheduler.max_batch if slot.engine is not None else DEFAULT_MAX_BATCH
     access = access or Access()
     h = Handlers(slot)
     title = title_for(slot.engine.info.model_name if slot.engine else None)
@@ -118,16 +124,16 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
                 getattr(request, "username", None), getattr(demo, "server_name", None),
                 bool(getattr(demo, "share", False))))
 
-        _wire_page(page, h, viewer)
-        _wire_api(h, viewer)
+        _wire_page(page, h, viewer, 2 * max_batch)
+        _wire_api(h, viewer, 2 * max_batch)
     demo.queue(default_concurrency_limit=1)
     demo.mixoff_slot = slot          # for tests and the launcher
     return demo
 
 
-def _wire_page(page: SimpleNamespace, h: Handlers, viewer: Callable[[Any], Viewer]) -> None:
-    """The page's events: Send / Enter, Retry, Stop, Clear, the panel's timer, Apply. Generation (and a cache
-    re-plan) runs one at a time in the GENERATE group; everything else answers at once."""
+def _wire_page(page: SimpleNamespace, h: Handlers, viewer: Callable[[Any], Viewer], answers: int) -> None:
+    """The page's events: Send / Enter, Retry, Stop, Clear, the panel's timer, Apply. Up to ``answers``
+    generations at once (the GENERATE group), a re-plan alone; everything else answers at once."""
     def add_user(message: str, history: list, request: gr.Request):
         with _refusals():
             return h.add_user(message, history, viewer(request))
@@ -160,7 +166,8 @@ def _wire_page(page: SimpleNamespace, h: Handlers, viewer: Callable[[Any], Viewe
         with _refusals():
             return h.set_cache(k, policy, prefetch, viewer(request))
 
-    gen_opts = dict(concurrency_limit=1, concurrency_id=GENERATE, api_visibility="private", show_progress="minimal")
+    gen_opts = dict(concurrency_limit=answers, concurrency_id=GENERATE, api_visibility="private",
+                    show_progress="minimal")
     fast = dict(concurrency_limit=None, show_progress="hidden", api_visibility="private")
     p = page
     p.timer.tick(tick, [p.seen], [p.panel, p.info, p.k, p.policy, p.prefetch, p.apply, p.max_new, p.seen],
@@ -175,10 +182,10 @@ def _wire_page(page: SimpleNamespace, h: Handlers, viewer: Callable[[Any], Viewe
     p.clear.click(clear, None, [p.chatbot, p.status], **fast)
     p.chatbot.clear(end_turn, None, None, **fast)    # the chatbot's own trash icon
     p.apply.click(set_cache, [p.k, p.policy, p.prefetch], [p.info, p.cache_msg], api_name="apply_cache",
-                  api_visibility="private", concurrency_limit=1, concurrency_id=GENERATE)
+                  api_visibility="private", concurrency_limit=1, concurrency_id=REPLAN)
 
 
-def _wire_api(h: Handlers, viewer: Callable[[Any], Viewer]) -> None:
+def _wire_api(h: Handlers, viewer: Callable[[Any], Viewer], answers: int) -> None:
     """The gradio API endpoints (gradio_client): their signatures and docstrings are the API's schema."""
     def set_cache(k: int, policy: str, prefetch: int = 0, request: gr.Request = None) -> tuple[str, str]:
         """Operator only: re-plan the device cache (k experts per layer, eviction policy, prefetch); returns the
@@ -205,8 +212,8 @@ def _wire_api(h: Handlers, viewer: Callable[[Any], Viewer]) -> None:
         with _refusals():
             return h.info()
 
-    gr.api(set_cache, api_name="set_cache", concurrency_limit=1, concurrency_id=GENERATE)
-    gr.api(chat, api_name="chat", concurrency_limit=1, concurrency_id=GENERATE)
+    gr.api(set_cache, api_name="set_cache", concurrency_limit=1, concurrency_id=REPLAN)
+    gr.api(chat, api_name="chat", concurrency_limit=answers, concurrency_id=GENERATE)
     gr.api(stats, api_name="stats", concurrency_limit=None)
     gr.api(info, api_name="info", concurrency_limit=None)
 

@@ -269,13 +269,24 @@ def render_hit_rate(snap) -> str:
 
 
 # ---- speed --------------------------------------------------------------------------------------
+def fmt_answers(snap) -> str:
+    """How many answers run (and wait) now, and how many rows the latest decode step carried."""
+    running, waiting = getattr(snap, "running_answers", 0), getattr(snap, "waiting_answers", 0)
+    if not running and not waiting:
+        return "no answer running"
+    text = f"{running} of {getattr(snap, 'max_batch', 1)} answers running"
+    if getattr(snap, "batch_rows", 0) > 1:
+        text += f" · {snap.batch_rows} in the latest step"
+    return text + (f" · {waiting} waiting" if waiting else "")
+
+
 def render_speed(snap) -> str:
     state = '<span class="mx-live">● generating</span>' if snap.generating else '<span class="mx-idle">idle</span>'
-    stats = (_stat("current", fmt_tps(snap.tokens_per_s), "mx-big")
+    stats = (_stat("current (all answers)", fmt_tps(snap.tokens_per_s), "mx-big")
              + _stat("average (answer)", fmt_tps(snap.avg_tokens_per_s))
              + _stat("time to first token", fmt_secs(snap.ttft_s)))
-    foot = (f'{snap.answer_tokens:,} tokens this answer · prompt {snap.prefill_tokens:,} tokens in '
-            f'{fmt_secs(snap.prefill_s)} · {snap.tokens_total:,} tokens since start')
+    foot = (f'{fmt_answers(snap)} · {snap.answer_tokens:,} tokens this answer · prompt {snap.prefill_tokens:,} '
+            f'tokens in {fmt_secs(snap.prefill_s)} · {snap.tokens_total:,} tokens since start')
     return (f'<div class="mx-card"><div class="mx-card-h"><span>Speed</span>{state}</div>'
             f'<div class="mx-stats">{stats}</div><div class="mx-foot">{foot}</div></div>')
 
