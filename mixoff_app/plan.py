@@ -224,6 +224,17 @@ class Plan:
     cuda: bool = True
     sequences: int = 1                  # KV caches planned: answers decoded together
 
+    def sequences_that_fit(self) -> Optional[int]:
+        """Answers at once (one KV cache of max_context tokens each) this plan's k leaves room for; None when no
+        cap bounds it (the CPU without budgets)."""
+        one = self.bytes.kv // max(1, self.sequences)
+        room = [cap - total for cap, total in ((self.device_cap, self.device_total),
+                                               (self.host_cap, self.host_total - self.host_overhead))
+                if cap is not None]
+        if not self.feasible or not one or not room:
+            return None
+        return self.sequences + max(0, min(room) // one)
+
     @property
     def k_range(self) -> str:
         """Experts per layer as people read them: "4", or "5-6" when the plan gives layers different k."""
@@ -262,6 +273,10 @@ class Plan:
             lines.append(f"{hdr[0]:<{w0}}  {hdr[1]:<{w1}}  {hdr[2]:>12}")
             lines += [f"{a:<{w0}}  {b:<{w1}}  {c:>12}" for a, b, c in body]
         lines.append(("plan: " if self.feasible else "") + self.summary())
+        fit = self.sequences_that_fit()
+        if fit is not None:
+            lines.append(f"answers at once: KV caches for {fit} fit beside this k ({self.max_context} tokens each; "
+                         f"--max-batch)")
         return "\n".join(lines)
 
 

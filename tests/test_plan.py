@@ -187,3 +187,18 @@ def test_unplanned_load_keeps_every_expert_inclusive(tiny_dir):
     assert eng.memory_plan is None
     assert eng.model.cache.sizes == (cfg.num_experts,) * cfg.num_layers
     assert eng.info.cache == eng.config.cache == CacheConfig(sizes=(cfg.num_experts,), placement="inclusive")
+
+
+def test_a_kv_cache_per_answer_and_how_many_fit():
+    """--max-batch N plans N KV caches; the table says how many fit beside the chosen k."""
+    from mixoff_app.presets import from_name
+    cfg, q = from_name("mixtral-8x7b"), QuantConfig()
+    one = plan_for(cfg, q, 4096, vram_bytes=24 << 30, ram_bytes=32 << 30, device="cuda")
+    four = plan_for(cfg, q, 4096, vram_bytes=24 << 30, ram_bytes=32 << 30, device="cuda", sequences=4)
+    assert one.feasible and four.feasible and one.sizes == four.sizes
+    assert four.bytes.kv == 4 * one.bytes.kv and four.device_total - one.device_total == 3 * one.bytes.kv
+    fit = one.sequences_that_fit()
+    assert fit >= 4 and four.sequences_that_fit() == fit
+    assert f"KV caches for {fit} fit" in one.table() and "KV caches for 4 answers" in four.summary()
+    tight = plan_for(cfg, q, 4096, vram_bytes=15 << 30, ram_bytes=int(12.7 * (1 << 30)), device="cuda")
+    assert tight.sequences_that_fit() == 1            # a free T4: every spare byte is an expert slot

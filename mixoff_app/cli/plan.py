@@ -25,7 +25,8 @@ def run(args) -> int:
         return 0
     p = plan_for(cfg, quant, args.max_context, vram_bytes=args.vram, ram_bytes=args.ram, device=args.device,
                  dtype=dtype, placement=None if args.placement == "auto" else args.placement,
-                 vram_budget=args.vram_budget, ram_budget=args.ram_budget, disk_ok=disk_ok, model_name=name)
+                 vram_budget=args.vram_budget, ram_budget=args.ram_budget, disk_ok=disk_ok, model_name=name,
+                 sequences=args.max_batch)
     if not p.feasible:
         raise ConfigError(f"{name} does not fit: {p.reason}")
     print(p.table(markdown=args.markdown))
@@ -43,6 +44,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cuda", help="plan for cuda (default) or cpu")
     p.add_argument("--placement", choices=("auto",) + PLACEMENTS, default="auto")
     p.add_argument("--max-context", type=positive_int, default=4096)
+    p.add_argument("--max-batch", type=positive_int, default=1,
+                   help="answers decoded together: one KV cache each (default 1; the table says how many fit)")
     p.add_argument("--attn-bits", type=bits, default=4)
     p.add_argument("--expert-bits", type=bits, default=FAMILY, help="default: the model family's (see README)")
     p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
