@@ -12,11 +12,15 @@ import torch
 from mixoff_app.config import NO_QUANT, CacheConfig, EngineConfig, QuantConfig, SamplingParams
 from mixoff_app.engine import Engine
 
+ENGINE_KEYS = ("max_batch", "per_client", "max_waiting")
+
 
 def load(tiny_dir, k=None, quant: QuantConfig = NO_QUANT, policy="lru", prefetch=0, max_context=512, **kw) -> Engine:
+    """An engine on the CPU; ``kw``: CacheConfig fields, or the batch's (max_batch, per_client, max_waiting)."""
+    batch = {key: kw.pop(key) for key in ENGINE_KEYS if key in kw}
     return Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=quant,
                                     cache=CacheConfig(sizes=None if k is None else (k,), policy=policy, prefetch=prefetch, **kw),
-                                    max_context=max_context))
+                                    max_context=max_context, **batch))
 
 
 def greedy_ids(engine: Engine, ids, n=32) -> list[int]:

@@ -125,30 +125,38 @@ def test_an_answer_joins_a_running_batch_and_one_leaves_it_early(tiny_dir):
 
 
 def test_one_client_cannot_hold_every_slot(tiny_dir):
-    """max_batch 2, per client 1: a client's second answer waits (and says so) while another client's runs."""
+    """max_batch 2, per client 1: while key-a's first answer runs, its second waits (and says so) and key-b's
+    runs beside the first; once the first ends, the second starts."""
     eng = engine_for(tiny_dir, max_batch=2, per_client=1)
-    params = SamplingParams(max_new_tokens=30, greedy=True)
-    order, got = [], {}
+    long, short = SamplingParams(max_new_tokens=200, greedy=True), SamplingParams(max_new_tokens=6, greedy=True)
+    stop_first = threading.Event()
+    got: dict = {}
+    streaming = {k: threading.Event() for k in ("k1", "k2", "k3")}
 
-    def go(q, session, client):
+    def go(q, session, client, params, cancel=None):
         evs = []
-        for ev in eng.stream_chat([{"role": "user", "content": q}], params, session=session, client=client):
-            if ev.kind == "token" and not any(e.kind == "token" for e in evs):
-                order.append(session)          # its first token
+        for ev in eng.stream_chat([{"role": "user", "content": q}], params, cancel=cancel, session=session,
+                                  client=client):
             evs.append(ev)
+            if ev.kind == "token":
+                streaming[session].set()
         got[session] = evs
-    threads = [threading.Thread(target=go, args=(QUESTIONS[0], "k1", "key-a")),
-               threading.Thread(target=go, args=(QUESTIONS[1], "k2", "key-a")),
-               threading.Thread(target=go, args=(QUESTIONS[2], "k3", "key-b"))]
-    for t in threads:
-        t.start()
-        time.sleep(0.02)
-    for t in threads:
-        t.join(120)
+    t1 = threading.Thread(target=go, args=(QUESTIONS[0], "k1", "key-a", long, stop_first))
+    t1.start()
+    assert streaming["k1"].wait(60)
+    t2 = threading.Thread(target=go, args=(QUESTIONS[1], "k2", "key-a", short))
+    t2.start()
+    time.sleep(0.05)
+    t3 = threading.Thread(target=go, args=(QUESTIONS[2], "k3", "key-b", short))
+    t3.start()
+    t3.join(60)
+    assert got["k3"][-1].finish_reason == "length" and not streaming["k2"].is_set()   # b ran; a's second waited
+    stop_first.set()
+    t1.join(60)
+    t2.join(60)
     waited = [e for e in got["k2"] if e.kind == "waiting"]
     assert waited and "answers are running" in waited[0].text
-    assert order.index("k3") < order.index("k2")      # key-b ran beside key-a's first answer; key-a's second waited
-    assert all(got[s][-1].finish_reason == "length" for s in got)
+    assert got["k1"][-1].finish_reason == "cancelled" and got["k2"][-1].finish_reason == "length"
 
 
 def test_the_waiting_line_is_bounded_and_refuses_at_once(tiny_dir):

@@ -127,7 +127,7 @@ def test_yarn_numbers_are_transformers_for_deepseek_v2_lite():
 def test_the_kv_cache_is_the_latent(checkpoint):
     engine = load(checkpoint[0], k=4, max_context=256)
     m, cfg = engine.model, engine.model.cfg
-    assert m.kv.data.shape == (1, cfg.num_layers, 256, 24 + 8)       # latent + rotated key, no heads
+    assert m.kv.data.shape == (m.kv_slots, cfg.num_layers, 256, 24 + 8)    # per answer slot: latent + rotated key, no heads
     assert cfg.kv_width * 2 < 2 * cfg.num_heads * (cfg.head_dim + cfg.v_head_dim)
 
 

@@ -259,7 +259,7 @@ def test_planner_sizes_are_the_family_models_bytes(family, quantized):
     from mixoff_app.memory import device_tensor_bytes
     from mixoff_app.plan import device_need, model_sizes
     m = quantized.model
-    s = model_sizes(m.cfg, quantized.quant, m.max_seq, torch.float32)
+    s = model_sizes(m.cfg, quantized.quant, m.max_seq, torch.float32, sequences=m.kv_slots)
     assert s.num_moe_layers == m.cfg.num_moe_layers and s.expert == m.cache.store.layout.nbytes
     assert s.all_experts == m.cache.store.nbytes
     assert device_tensor_bytes(m) == device_need(s, "inclusive", m.cache.sizes, cuda=False)

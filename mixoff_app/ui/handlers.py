@@ -186,7 +186,7 @@ class Handlers:
             # for the operator (the server checks again on Apply).
             seen["controls"] = viewer.operator
             info = engine.info
-            out = replace(out, controls=Controls(k=info.cache.sizes[0], num_experts=info.num_experts,
+            out = replace(out, controls=Controls(k=min(info.cache.sizes), num_experts=info.num_experts,
                                                  policy=info.cache.policy, prefetch=info.cache.prefetch,
                                                  editable=viewer.operator, max_context=info.max_context))
         return out

@@ -273,8 +273,9 @@ def _cache_settings(p: SimpleNamespace, engine: Any) -> None:
     top_k = engine.info.top_k if engine else 2
     with gr.Accordion("Cache settings (re-plans the device cache without reloading)", open=False):
         with gr.Row():
-            p.k = gr.Slider(1, n_exp, value=cache.sizes[0] if cache.sizes else top_k, step=1,
-                            label="k: experts per layer on device", elem_id="mx-k", interactive=False)
+            p.k = gr.Slider(1, n_exp, value=min(cache.sizes) if cache.sizes else top_k, step=1,
+                            label="k: experts per layer on device (the smallest where the plan gives layers "
+                                  "different k; Apply sets one k for all)", elem_id="mx-k", interactive=False)
             p.policy = gr.Dropdown(list(POLICIES), value=cache.policy, label="Eviction policy",
                                    elem_id="mx-policy", interactive=False)
             p.prefetch = gr.Slider(0, n_exp, value=cache.prefetch, step=1, label="Prefetch (experts guessed per layer)",
