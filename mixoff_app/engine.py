@@ -50,7 +50,7 @@ class EngineInfo:
     expert_layers: tuple[int, ...] = ()   # decoder layer of each expert layer (labels)
     decoder_layers: int = 0               # all decoder layers, dense ones included
     shared_expert: bool = False
-    kernel: str = "torch"      # the quantized matmul in use: "triton" (fused kernels) or "torch"
+    kernel: str = "torch"      # the quantized matmul in use: "triton" (fused kernels), "cpu" (torch's CPU kernels) or "torch"
 
 
 def default_model() -> tuple[str, str]:
@@ -136,20 +136,34 @@ class Placed:
     plan: object = None          # the memory plan, when one was made
 
 
-def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dtype, progress: Progress) -> Placed:
+def _hold(kernel: str):
+    """On the CPU kernel path the weights are held in its formats (cpu_weights.cpu_quant), else as stored (None)."""
+    if kernel != "cpu":
+        return None
+    from .cpu_weights import cpu_hold
+    from .kernels.cpu import probe
+    return cpu_hold(probe().layout)
+
+
+def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dtype, progress: Progress,
+          kernel: str = "torch") -> Placed:
     """k per layer and the placement: the planner fills in what ``config.cache`` leaves None (on a GPU or
-    under a budget, and checks what it fixes); elsewhere None means every expert, inclusive."""
+    under a budget, and checks what it fixes); elsewhere None means every expert, inclusive. Sizes are those
+    of the formats held in memory (``_hold``); experts converted at load cannot be read from disk as stored."""
     from .checkpoints import peek_checkpoint
     from .plan import plan_for
     cfg, quant, layout = peek_checkpoint(resolved.path, config.quant)
+    hold = _hold(kernel)
+    held = hold(quant, cfg) if hold else quant
+    converted = held.experts != quant.experts
     max_seq = min(config.max_context, cfg.max_position_embeddings)
     cache = config.cache
     fixed = None if cache.sizes is None else cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
     memory_plan = None
     if config.planned(device.type):
-        memory_plan = plan_for(cfg, quant, max_seq, device=device, dtype=dtype, placement=cache.placement,
+        memory_plan = plan_for(cfg, held, max_seq, device=device, dtype=dtype, placement=cache.placement,
                                sizes=fixed, vram_budget=config.vram_budget, ram_budget=config.ram_budget,
-                               disk_ok=layout == "mixoff", model_name=resolved.name)
+                               disk_ok=layout == "mixoff" and not converted, model_name=resolved.name)
         if not memory_plan.feasible:
             raise ConfigError(f"{resolved.name} does not fit: {memory_plan.reason}")
         sizes, placement = memory_plan.sizes, memory_plan.placement
@@ -160,7 +174,18 @@ def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dty
         raise ConfigError(f"--placement disk reads experts straight from a mixoff-format checkpoint, and "
                           f"{resolved.path} is {layout}-layout: convert it once with "
                           f"`python -m mixoff_app quantize {config.model} OUT_FOLDER` and pass --model OUT_FOLDER")
+    if placement == "disk" and converted:
+        raise ConfigError(f"--placement disk reads experts as {resolved.path} stores them "
+                          f"({_stored(quant.experts)}), and the CPU kernels hold them as {held.experts.describe()}: "
+                          f"write them in this CPU's format once with `python -m mixoff_app quantize {config.model} "
+                          f"OUT_FOLDER --for-cpu`, or use --kernel torch (the reference path, slower)")
     return Placed(cfg, quant, layout, max_seq, tuple(sizes), placement, memory_plan)
+
+
+def _stored(spec) -> str:
+    if spec.packing == "int4":
+        return f"{spec.describe()}, packed for another kind of CPU (int4 layout {spec.int4_layout})"
+    return spec.describe()
 
 
 def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.device, dtype: torch.dtype,
@@ -171,6 +196,8 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     from .memory import device_tensor_bytes, rss_bytes
     from .stores import make_store
     sizes, placement, pin = placed.sizes, placed.placement, device.type == "cuda"
+    if kernel == "cpu":
+        _say_cpu_formats(placed, progress)
     rss0 = rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -178,7 +205,7 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
         loaded = load_checkpoint_placed(
             path, config.quant, device, dtype,
             lambda cfg, elayout, _layout, folder: make_store(placement, cfg, elayout, sizes, device, folder, pin),
-            progress=progress)
+            progress=progress, hold=_hold(kernel))
     except torch.cuda.OutOfMemoryError:
         raise ConfigError("not enough GPU memory for the attention, embeddings and KV cache of this model: "
                           "use a smaller --max-context, free the GPU, or run on --device cpu") from None
@@ -214,6 +241,14 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     progress(f"device cache: {_k(sizes)} experts per layer on {device} "
              f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
     return loaded, model, stats, measured
+
+
+def _say_cpu_formats(placed: Placed, progress: Progress) -> None:
+    """One line per weight family that stays on the reference path, and why (said at load, never mid-answer)."""
+    from .cpu_weights import cpu_quant
+    from .kernels.cpu import probe
+    for note in cpu_quant(placed.quant, placed.cfg, probe().layout)[1]:
+        progress(note)
 
 
 def _warm_up_kernels(model: Mixtral, layout, device: torch.device, dtype: torch.dtype) -> int:
@@ -293,8 +328,12 @@ class Engine:
         dtype = resolve_dtype(config.dtype, device)
         from .kernels import resolve_kernel
         kernel = resolve_kernel(config.kernel, device)       # before any download: a bad --kernel fails at once
+        if device.type == "cpu" and config.kernel in ("auto", "cpu"):
+            from .kernels.cpu import probe
+            progress(f"kernel {kernel}: {probe().describe()}" + ("" if kernel == "cpu" else "; using the reference "
+                     "path (dequantize, then matmul)"))
         resolved = resolve(config.model, progress, precheck=partial(_precheck, config, device, dtype))
-        placed = _plan(config, resolved, device, dtype, progress)
+        placed = _plan(config, resolved, device, dtype, progress, kernel)
         check_prefetch(config.cache, placed.cfg.num_experts)     # before any weight is read
         loaded, model, stats, measured = _build(config, resolved.path, placed, device, dtype, kernel, progress)
         tokenizer, eos = _tokenizer(config, resolved, loaded.cfg, progress)

@@ -129,7 +129,7 @@ class Mixtral:
                  max_seq: int, device: torch.device, dtype: torch.dtype,
                  prefill_chunk: int = PREFILL_CHUNK, kernel: str = "torch") -> None:
         self.cfg, self.trunk, self.cache, self.stats = cfg, trunk, cache, stats
-        self.kernel = kernel              # "torch" | "triton", as kernels.resolve_kernel decided
+        self.kernel = kernel              # "torch" | "triton" | "cpu", as kernels.resolve_kernel decided
         self.device, self.dtype = torch.device(device), dtype
         self.max_seq = max_seq
         self.prefill_chunk = prefill_chunk
@@ -189,7 +189,7 @@ class Mixtral:
                 if not last_only:
                     kept.append(x)
             x = torch.cat(kept) if not last_only else x[-1:]
-        return F.linear(rms_norm(x, self.trunk.norm, self.cfg.rms_norm_eps), self.trunk.lm_head).float()
+        return qlinear(rms_norm(x, self.trunk.norm, self.cfg.rms_norm_eps), self.trunk.lm_head, self.kernel).float()
 
     def _layers(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """ids: [T] (one chunk) -> the last hidden states [T, H]; fills the KV cache at pos..pos+T-1."""

@@ -514,7 +514,7 @@ def presets_markdown(quant: QuantConfig, vram_gib: float, ram_gib: float, max_co
     the README's table of what runs where."""
     out = ["| model | family | experts | placement | k per layer | experts on GPU | GPU use | RAM use | "
            "misses/token (uniform) |", "|---|---|---|---|---|---|---|---|---|"]
-    for name in names or [n for n, c in PRESETS.items() if not n.startswith(("tiny", "mid", "memory"))]:
+    for name in names or [n for n, c in PRESETS.items() if not n.startswith(("tiny", "mid", "memory", "cpu-bench"))]:
         cfg = PRESETS[name]
         q = quant.for_family(cfg.family)
         p = plan_for(cfg, q, max_context, vram_bytes=int(vram_gib * GiB), ram_bytes=int(ram_gib * GiB),

@@ -13,10 +13,11 @@ from mixoff_app.config import NO_QUANT, CacheConfig, EngineConfig, QuantConfig, 
 from mixoff_app.engine import Engine
 
 
-def load(tiny_dir, k=None, quant: QuantConfig = NO_QUANT, policy="lru", prefetch=0, max_context=512, **kw) -> Engine:
+def load(tiny_dir, k=None, quant: QuantConfig = NO_QUANT, policy="lru", prefetch=0, max_context=512,
+         kernel="auto", **kw) -> Engine:
     return Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=quant,
                                     cache=CacheConfig(sizes=None if k is None else (k,), policy=policy, prefetch=prefetch, **kw),
-                                    max_context=max_context))
+                                    max_context=max_context, kernel=kernel))
 
 
 def greedy_ids(engine: Engine, ids, n=32) -> list[int]:
