@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .config import ConfigError, ModelConfig, QuantConfig, QuantSpec
+from .cpu_weights import aligned
 from .families import DENSE_NAMES
 from .model import LayerWeights, TrunkWeights
 from .outputs import check_new_folder, new_folder
@@ -255,10 +256,11 @@ def _dense(t: torch.Tensor, device, dtype) -> torch.Tensor:
     return t.to(device=device, dtype=dtype).contiguous()
 
 
-def _qdevice(q: QWeight, device) -> QWeight:
+def _qdevice(q, device):
+    """A QWeight or CPU-format weight on ``device``; a CPU-format one on the CPU with its tensors aligned."""
     for k, v in q.tensors().items():
         setattr(q, k, v.to(device))
-    return q
+    return q if isinstance(q, QWeight) or torch.device(device).type != "cpu" else aligned(q)
 
 
 def load_checkpoint(folder: str | os.PathLike, quant: QuantConfig, device: str | torch.device,
@@ -290,7 +292,8 @@ def _mixoff_quant(src: TensorSource, cfg: Optional[ModelConfig] = None) -> Quant
                               f"{cfg.family}; quantize the checkpoint again")
     try:
         q = json.loads(src.metadata["mixoff.quant"])
-        return QuantConfig(attn=QuantSpec(**q["attn"]), experts=QuantSpec(**q["experts"]))
+        return QuantConfig(attn=QuantSpec(**q["attn"]), experts=QuantSpec(**q["experts"]),
+                           lm_head=QuantSpec(**q.get("lm_head", {"bits": None})))
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{src.folder}: mixoff metadata is damaged ({e}); quantize the checkpoint again")
 
@@ -390,8 +393,7 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress, held=Non
                 lw.shared_gate = _dense(src.get(f"{p}mlp.shared_expert_gate.weight"), device, dtype)
         layers.append(lw)
     embed = _dense(src.get("model.embed_tokens.weight"), device, dtype)
-    lm_head = (_dense(src.get("lm_head.weight"), device, dtype) if "lm_head.weight" in src
-               else embed if cfg.tie_word_embeddings else _dense(src.get("lm_head.weight"), device, dtype))
+    lm_head = _lm_head(src, cfg, layout, quant, held, embed, device, dtype, qdev)
     trunk = TrunkWeights(embed=embed, layers=layers, norm=_dense(src.get("model.norm.weight"), device, dtype),
                          lm_head=lm_head)
     check_tensors(_trunk_rows(trunk, cfg), src.where)
@@ -401,12 +403,33 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress, held=Non
     return trunk
 
 
+def _lm_head(src, cfg, layout, quant, held, embed, device, dtype, qdev):
+    """The output projection as held: dense in the model's dtype (the embeddings themselves when tied), or a CPU
+    format (int8 per row), quantized once here or read as a mixoff file stored it."""
+    stored = quant.lm_head if layout == "mixoff" else QuantSpec()
+    shape = (cfg.vocab_size, cfg.hidden_size)
+    if stored.enabled:
+        fields = weight_fields("lm_head", shape, stored, dtype)
+        w = qweight_from({f.name: src.get(f.name) for f in fields}, "lm_head", shape, stored)
+    elif "lm_head.weight" in src or not cfg.tie_word_embeddings:
+        w = src.get("lm_head.weight")
+    else:
+        w = embed
+    if held.lm_head != stored:
+        w = requantize(w, held.lm_head, qdev)
+    return _dense(w, device, dtype) if isinstance(w, torch.Tensor) else _qdevice(w, device)
+
+
 def _trunk_rows(trunk: TrunkWeights, cfg: ModelConfig):
     """(name, tensor, expected shape) for every trunk tensor, in checkpoint names."""
     V, H, E = cfg.vocab_size, cfg.hidden_size, cfg.num_experts
     yield "model.embed_tokens.weight", trunk.embed, (V, H)
     yield "model.norm.weight", trunk.norm, (H,)
-    yield "lm_head.weight", trunk.lm_head, (V, H)
+    if isinstance(trunk.lm_head, torch.Tensor):
+        yield "lm_head.weight", trunk.lm_head, (V, H)
+    else:
+        for k, v in trunk.lm_head.tensors().items():
+            yield f"lm_head.{k}", v, None
     shapes = cfg.attention_shapes()
     for i, lw in enumerate(trunk.layers):
         p = f"model.layers.{i}."
@@ -500,8 +523,11 @@ def _write_quantized(src_folder: Path, out: Path, cfg: ModelConfig, quant: Quant
                      progress: Progress, hold: Optional[Hold] = None) -> None:
     import shutil
 
+    stored = {"attn": spec_dict(q.attn), "experts": spec_dict(q.experts)}
+    if q.lm_head.enabled:
+        stored["lm_head"] = spec_dict(q.lm_head)
     meta = {"mixoff.format": MIXOFF_FORMAT, "format": "pt", "mixoff.family": cfg.family,
-            "mixoff.quant": json.dumps({"attn": spec_dict(q.attn), "experts": spec_dict(q.experts)})}
+            "mixoff.quant": json.dumps(stored)}
     writer: list[_LayerWriter] = []
 
     def make_writer(mcfg, elayout, layout, folder):
@@ -511,14 +537,16 @@ def _write_quantized(src_folder: Path, out: Path, cfg: ModelConfig, quant: Quant
     loaded = load_checkpoint_placed(src_folder, quant, "cpu", torch.float16, make_writer, progress=progress,
                                     hold=hold)
     trunk = loaded.trunk
-    tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": trunk.embed,
-                                        "model.norm.weight": trunk.norm, "lm_head.weight": trunk.lm_head}
+    tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": trunk.embed, "model.norm.weight": trunk.norm}
+
     def put(prefix: str, w) -> None:
         if not isinstance(w, torch.Tensor):
             for k, v in w.tensors().items():
                 tensors[f"{prefix}.{k}"] = v
         else:
             tensors[f"{prefix}.weight"] = w
+
+    put("lm_head", trunk.lm_head)
 
     for i, lw in enumerate(trunk.layers):
         p = f"model.layers.{i}."

@@ -310,10 +310,16 @@ class QuantSpec:
 @dataclass(frozen=True)
 class QuantConfig:
     """``family_default``: the experts' spec is the model family's (``EXPERT_QUANT``), decided once the
-    config is read; ``experts`` then only stands for Mixtral's."""
+    config is read; ``experts`` then only stands for Mixtral's. ``lm_head`` stays in the model's dtype unless
+    a CPU format holds it (cpu_weights.cpu_quant: int8 per row, read by its kernel)."""
     attn: QuantSpec = QuantSpec(bits=4, group_size=64, scale_group=256)
     experts: QuantSpec = QuantSpec(bits=2, group_size=16, scale_group=128)
     family_default: bool = False
+    lm_head: QuantSpec = QuantSpec(bits=None)
+
+    def describe(self) -> str:
+        lm = f", lm_head {self.lm_head.describe()}" if self.lm_head.enabled else ""
+        return f"attention {self.attn.describe()}, experts {self.experts.describe()}{lm}"
 
     @classmethod
     def from_bits(cls, attn_bits: Optional[int], expert_bits: "Optional[int] | str") -> "QuantConfig":

@@ -234,6 +234,18 @@ def cpu_fields(prefix: str, shape: tuple[int, int], spec: QuantSpec) -> list[Fie
             Field(f"{prefix}.scale_zero", (inp // spec.group_size, out, 2), BF16)]
 
 
+ALIGN = 64       # torch's own allocations are 64-byte aligned, and the int8 kernel's wider paths rely on it
+
+
+def aligned(w: CpuWeight) -> CpuWeight:
+    """``w`` with every tensor 64-byte aligned: tensors read from a file may start anywhere (safetensors packs
+    them back to back), and ``_weight_int8pack_mm`` crashes on such a weight for more than one row of x."""
+    for name, t in w.tensors().items():
+        if t.data_ptr() % ALIGN:
+            setattr(w, name, t.clone())
+    return w
+
+
 def cpu_weight_from(tensors: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int],
                     spec: QuantSpec) -> CpuWeight:
     """Assemble a weight from tensors named as ``cpu_fields`` names them (views stay views)."""
@@ -288,7 +300,11 @@ def cpu_quant(quant: QuantConfig, cfg: ModelConfig, layout: str) -> tuple[QuantC
     notes = [f"{what} stay {spec.describe()} on the reference path: the int4 kernel cannot take {why}"
              for what, spec, why in (("attention weights", quant.attn, why_a), ("experts", quant.experts, why_e))
              if why]
-    return replace(quant, attn=attn, experts=experts), notes
+    # lm_head is read whole for every token (151936 x 2048 for Qwen: 1.2 GB in float32): in a quantized model it
+    # is held int8 per row, a quarter of that, with an error far below the 4-bit weights' (bench/cpu_formats.py);
+    # an unquantized model stays unquantized.
+    lm_head = QuantSpec(bits=8, packing="int8") if quant.attn.enabled or quant.experts.enabled else quant.lm_head
+    return replace(quant, attn=attn, experts=experts, lm_head=lm_head), notes
 
 
 def cpu_hold(layout: str):

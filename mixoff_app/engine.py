@@ -296,7 +296,7 @@ def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: i
         model=config.model, model_path=str(resolved.path), model_name=resolved.name,
         reason=reason or f"model {config.model!r} as asked", device=str(device),
         dtype=str(dtype).replace("torch.", ""),
-        quant=f"attention {q.attn.describe()}, experts {q.experts.describe()}", layout=loaded.layout,
+        quant=q.describe(), layout=loaded.layout,
         num_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
         family=cfg.family, expert_layers=cfg.moe_layers, decoder_layers=cfg.num_layers,
         shared_expert=bool(cfg.shared_intermediate_size), cache=cache,

@@ -118,6 +118,13 @@ def prefill_activations(cfg: ModelConfig, max_context: int, dtype: torch.dtype, 
     return T * per_token + T * S * (1 + b) + unfused
 
 
+def _lm_head_bytes(cfg: ModelConfig, quant: QuantConfig, dtype: torch.dtype) -> int:
+    """The output projection: its own tensor, or none when tied to the embeddings and held as they are."""
+    if cfg.tie_word_embeddings and not quant.lm_head.enabled:
+        return 0
+    return _nbytes(weight_fields("lm_head", (cfg.vocab_size, cfg.hidden_size), quant.lm_head, dtype))
+
+
 def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: torch.dtype) -> Sizes:
     h, hd, L, Lm = cfg.hidden_size, cfg.head_dim, cfg.num_layers, cfg.num_moe_layers
     b = _elt(dtype)
@@ -145,7 +152,7 @@ def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: t
                   + [dequant_scratch(s, quant.attn, dtype) for s in list(attn_shapes.values()) + mlp_shapes])
     return Sizes(
         expert=layout.nbytes, attention=attention,
-        embed=cfg.vocab_size * h * b, lm_head=0 if cfg.tie_word_embeddings else cfg.vocab_size * h * b,
+        embed=cfg.vocab_size * h * b, lm_head=_lm_head_bytes(cfg, quant, dtype),
         norms=(2 * L + 1) * h * b, router=Lm * cfg.num_experts * h * b + gate,
         kv=L * max_context * cfg.kv_width * b, rope=2 * max_context * cfg.rope_dim * b,
         scratch=scratch, activations=prefill_activations(cfg, max_context, dtype),
@@ -323,7 +330,7 @@ def plan_for(model_cfg: ModelConfig, quant: QuantConfig, max_context: int, vram_
     s = model_sizes(model_cfg, quant, max_context, dtype)
     L, E = model_cfg.num_moe_layers, model_cfg.num_experts
     overhead = host_overhead if host_overhead is not None else (HOST_OVERHEAD_CUDA if cuda else HOST_OVERHEAD_CPU)
-    qdesc = f"attention {quant.attn.describe()}, experts {quant.experts.describe()}"
+    qdesc = quant.describe()
 
     if cuda and vram_bytes is None and vram_budget is None:
         from .memory import gpu_free_total, nvml_available

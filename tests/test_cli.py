@@ -35,7 +35,8 @@ def test_quantized_generation_runs(tiny_dir):
             "--device", "cpu", "--json", "--quiet")
     out = json.loads(cli(*args).stdout)
     if probe().ok:
-        assert out["kernel"] == "cpu" and out["quant"] == "attention 4-bit g64 (cpu int4), experts 4-bit g64 (cpu int4)"
+        assert out["kernel"] == "cpu" and out["quant"] == ("attention 4-bit g64 (cpu int4), experts 4-bit g64 "
+                                                           "(cpu int4), lm_head 8-bit per row (cpu int8)")
     assert len(out["token_ids"]) == 6
     out = json.loads(cli(*args, "--kernel", "torch").stdout)
     assert out["kernel"] == "torch" and out["quant"] == "attention 4-bit g64, experts 2-bit g16"

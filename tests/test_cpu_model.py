@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from mixoff_app.checkpoints import ATTN_FIELDS, save_quantized
 from mixoff_app.config import CacheConfig, ConfigError, EngineConfig, QuantConfig
-from mixoff_app.cpu_weights import Int4Weight, cpu_hold
+from mixoff_app.cpu_weights import Int4Weight, Int8Weight, cpu_hold
 from mixoff_app.engine import Engine
 from mixoff_app.kernels import cpu
 from mixoff_app.tiny import make_family_checkpoint
@@ -45,6 +45,7 @@ CASES = {
                         kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
                         norm_topk_prob=False),
 }
+HELD = "attention 4-bit g64 (cpu int4), experts 4-bit g64 (cpu int4), lm_head 8-bit per row (cpu int8)"
 TOL = 1e-4                # float32 against float32: summation order
 BF16_STEP = 2e-2          # the same roundings, another summation order: a few bfloat16 steps on these logits
 
@@ -71,6 +72,8 @@ def reference_on_our_weights(hf, engine: Engine):
             sd[key].copy_(w.dequantize(torch.float32))
             n += 1
     copy_dequantized_experts(sd, engine, bits=4, group=64)
+    assert isinstance(engine.model.trunk.lm_head, Int8Weight)
+    sd["lm_head.weight"].copy_(engine.model.trunk.lm_head.dequantize(torch.float32))
     assert n >= len(cfg.attention_shapes()) * cfg.num_layers
     return ref
 
@@ -119,7 +122,7 @@ def test_mixtral_on_the_cpu_kernels_matches_transformers(tiny_dir, hf_model, pro
     random model has near-tied routers: the bf16 roundings move a few tokens to another expert in the last layer
     (measured: relative logit error 4-10%, against under 1% for the families below, where none moves)."""
     engine = cpu_engine(tiny_dir, quant=QuantConfig.from_bits(4, "family"), k=3)
-    assert engine.info.kernel == "cpu" and engine.info.quant == "attention 4-bit g64 (cpu int4), experts 4-bit g64 (cpu int4)"
+    assert engine.info.kernel == "cpu" and engine.info.quant == HELD
     check_logits(engine, reference_on_our_weights(hf_model, engine), prompt + list(range(20, 40)), monkeypatch,
                  rel_bound=0.15)
 
@@ -144,7 +147,7 @@ def test_cpu_format_checkpoints_load_as_written_on_any_cpu(tiny_dir, prompt, tmp
     logits = []
     for folder in (here, there):
         engine = cpu_engine(folder)
-        assert engine.info.quant == "attention 4-bit g64 (cpu int4), experts 4-bit g64 (cpu int4)"
+        assert engine.info.quant == HELD
         for a, b in ((engine.model.trunk.layers[1].wo, hub.model.trunk.layers[1].wo),
                      (engine.model.cache.store.weights(2, 5).w2, hub.model.cache.store.weights(2, 5).w2)):
             assert a.layout == cpu.probe().layout and torch.equal(a.W_int4, b.W_int4)

@@ -146,8 +146,12 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor | QWeight, w3: torch.Tensor | QWeig
            kernel: str = "torch") -> torch.Tensor:
     """silu(x @ W1.T) * (x @ W3.T), an expert's gate and up projections. With ``kernel="triton"``, one token
     and two fused weights of one format, it is one launch that reads x once and writes only the product (on
-    a GPU three launches fewer per expert); otherwise the two matmuls, silu and the product."""
+    a GPU three launches fewer per expert); otherwise the two matmuls, silu and the product. With
+    ``kernel="cpu"`` and CPU-format weights the product is bfloat16 (``cpu.swiglu``), as is then the expert's
+    output: callers add it into their own dtype."""
     if kernel == "cpu":
+        if isinstance(w1, (Int4Weight, Int8Weight)) and isinstance(w3, (Int4Weight, Int8Weight)):
+            return cpu.swiglu(x, w1, w3)          # bfloat16: the down projection's kernel reads it as it is
         return F.silu(qlinear(x, w1, kernel)) * qlinear(x, w3, kernel)
     if (kernel == "triton" and x.shape[0] == 1 and x.dim() == 2 and fused(w1) and isinstance(w3, QWeight)
             and _format(w1) == _format(w3)):
