@@ -83,8 +83,9 @@ def dequant_scratch(shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype)
     tests/test_plan.py): the unpacked codes in ``dtype`` (N values; 3-bit packs unpack their padded rows),
     which are then scaled in place, plus the larger of two transients: unpacking's integer codes (one byte
     each, four at 3 bits; none at 8 bits, which converts directly) or making the zero / scale row (two rows
-    of M = N / group values alive at once, plus up to four scalars). Dense: none."""
-    if not spec.enabled:
+    of M = N / group values alive at once, plus up to four scalars). Dense and the CPU kernels' formats
+    (read in place by their kernels): none."""
+    if not spec.enabled or spec.packing != "hqq":
         return 0
     m = shape[0] * shape[1] // spec.group_size
     rows = 10 * math.ceil(spec.group_size / 10) if spec.bits == 3 else spec.group_size

@@ -159,5 +159,13 @@ def test_cpu_format_checkpoints_load_as_written_on_any_cpu(tiny_dir, prompt, tmp
         assert greedy_ids(cpu_engine(here, k=2, placement=placement), prompt, 8) == want, placement
     with pytest.raises(ConfigError, match="another kind of CPU"):
         cpu_engine(there, placement="disk")
+    # under a RAM budget that cannot hold every expert, the planner reads them from this CPU's file (README)
+    from mixoff_app.plan import plan_for
+    q = hub.quant
+    full = plan_for(hub.model.cfg, q, 256, device="cpu", placement="exclusive", ram_bytes=1 << 40)
+    disk = plan_for(hub.model.cfg, q, 256, device="cpu", placement="disk", sizes=(2,) * 4, ram_bytes=1 << 40)
+    budget = (disk.host_total + full.host_total) // 2
+    planned = Engine.load(EngineConfig(model=str(here), device="cpu", kernel="cpu", max_context=256, ram_budget=budget))
+    assert planned.info.cache.placement == "disk" and planned.model.cache.sizes[0] < 8
     with pytest.raises(ConfigError, match="quantize .* --for-cpu"):            # hqq experts, converted at load
         cpu_engine(save_quantized(tiny_dir, tmp_path / "hqq", QuantConfig.from_bits(4, 2)), placement="disk")
