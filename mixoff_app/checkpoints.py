@@ -1,11 +1,12 @@
 """Read MoE checkpoints in three layouts and write our own.
 
 Layouts, told apart by the keys found:
-- ``hf``: Hugging Face fp16/bf16/fp32 weights with the hub's per-expert names of the family
-  (``model.layers.L.block_sparse_moe.experts.E.w1.weight`` for Mixtral, ``model.layers.L.mlp.experts.E.
-  gate_proj.weight`` for Qwen-MoE and OLMoE; see families.py), quantized while loading, tensor by tensor,
-  so peak host memory stays near the quantized size.
-- ``reference``: the reference project's pre-quantized checkpoint (hqq 0.1.x, ``P.W_q`` + ``P.meta.*``).
+- ``hf``: Hugging Face fp16/bf16/fp32 weights with the hub's per-expert names of the family (its row in
+  families.py: ``model.layers.L.block_sparse_moe.experts.E.w1.weight`` for Mixtral, ``model.layers.L.mlp.
+  experts.E.gate_proj.weight`` for the others), quantized while loading, tensor by tensor, so peak host memory
+  stays near the quantized size.
+- ``reference``: the reference project's pre-quantized checkpoint (hqq 0.1.x, ``P.W_q`` + ``P.meta.*``), under
+  the family's names (the reference project is Mixtral's).
 - ``mixoff``: ours (``python -m mixoff_app quantize``): trunk tensors by field name, each expert as one
   ``...experts.E.packed`` blob in the store's layout, so loading an expert is one copy. The metadata records
   the family (``mixoff.family``) beside the quantization.
@@ -24,11 +25,12 @@ import torch
 
 from .config import ConfigError, ModelConfig, QuantConfig, QuantSpec
 from .cpu_weights import aligned
-from .families import DENSE_NAMES
+from .families import DEFAULT_FAMILY, DENSE_NAMES, FAMILIES, hub_expert_suffixes
 from .model import LayerWeights, TrunkWeights
 from .outputs import check_new_folder, new_folder
 from .quant import QWeight, pack, quantize, qweight_from, requantize, unpack, weight_fields
 from .stores import ExpertLayout, ExpertStore, ExpertWeights, InclusiveStore, expert_tensors_from_dense
+from .validation import CheckpointError, check_config_object, check_config_values, check_tensors, sample_experts
 
 Progress = Callable[[str], None]
 Hold = Callable[[QuantConfig, ModelConfig], QuantConfig]     # stored quantization -> the one held in memory
@@ -42,9 +44,6 @@ ATTN_FIELDS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "
 REFERENCE_FIELDS = {"W_q": "W_q", "meta.scale": "scale", "meta.zero": "zero", "meta.scale_q": "scale_q",
                "meta.meta_scale.scale": "scale_s", "meta.meta_scale.zero": "scale_z", "meta.zero_q": "zero_q",
                "meta.meta_zero.scale": "zero_s", "meta.meta_zero.zero": "zero_z"}
-
-
-from .validation import CheckpointError, check_config_object, check_config_values, check_tensors, sample_experts  # noqa: E402
 
 
 def _noop(msg: str) -> None:
@@ -125,9 +124,6 @@ class TensorSource:
             raise CheckpointError(f"cannot read tensor {key!r} from {self.folder / shard}: {e} — the file is "
                                   f"corrupt or incomplete; delete it and download it again") from None
 
-    def shard_of(self, key: str) -> Path:
-        return self.folder / self.weight_map[key]
-
     def where(self, key: str) -> Path:
         """The file a tensor comes from (the folder when the name is not in the index)."""
         shard = self.weight_map.get(key)
@@ -138,20 +134,21 @@ class TensorSource:
         self._shard_keys.clear()
 
 
-def detect_layout(keys: Iterable[str], metadata: Optional[dict] = None) -> str:
+def detect_format(keys: Iterable[str], metadata: Optional[dict] = None) -> str:
     if metadata and metadata.get("mixoff.format"):
         return "mixoff"
     ks = set(keys)
-    if any(k.endswith("experts.0.w1.W_q") for k in ks):
+    hub = hub_expert_suffixes()
+    if any(k.endswith(tuple(s.removesuffix(".weight") + ".W_q" for s in hub)) for k in ks):
         return "reference"
-    if any(k.endswith(("experts.0.w1.weight", "experts.0.gate_proj.weight")) for k in ks):
+    if any(k.endswith(hub) for k in ks):
         return "hf"
     if any("experts.gate_up_proj" in k for k in ks):
         raise CheckpointError("this checkpoint stores experts fused (experts.gate_up_proj); save it with "
                               "transformers' save_pretrained, which writes the hub's per-expert names")
-    raise CheckpointError("not a supported MoE checkpoint: found no expert weights (expected keys like "
-                          "model.layers.0.block_sparse_moe.experts.0.w1.weight or "
-                          "model.layers.0.mlp.experts.0.gate_proj.weight)")
+    examples = sorted({f"{f.expert_prefix(0, 0)}.{f.expert_names[0]}.weight" for f in FAMILIES.values()})
+    raise CheckpointError(f"not a supported MoE checkpoint: found no expert weights (expected keys like "
+                          f"{' or '.join(examples)})")
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -249,7 +246,7 @@ class Loaded:
     trunk: TrunkWeights
     store: ExpertStore
     quant: QuantConfig           # what is actually in memory (a pre-quantized checkpoint decides it)
-    layout: str
+    checkpoint_format: str     # "hf" | "reference" | "mixoff": how the file stores its weights
 
 
 def _dense(t: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -286,7 +283,7 @@ def _check_specs(cfg: ModelConfig, quant: QuantConfig) -> None:
 
 
 def _mixoff_quant(src: TensorSource, cfg: Optional[ModelConfig] = None) -> QuantConfig:
-    fam = src.metadata.get("mixoff.family", "mixtral")    # format 1 files before families were Mixtral
+    fam = src.metadata.get("mixoff.family", DEFAULT_FAMILY)    # format 1 files before families were Mixtral
     if cfg is not None and fam != cfg.family:
         raise CheckpointError(f"{src.folder}: the weights were quantized from a {fam} model but config.json says "
                               f"{cfg.family}; quantize the checkpoint again")
@@ -301,17 +298,19 @@ def _mixoff_quant(src: TensorSource, cfg: Optional[ModelConfig] = None) -> Quant
 def _reference_quant(src: TensorSource, cfg: ModelConfig) -> QuantConfig:
     h, f = cfg.hidden_size, cfg.intermediate_size
     a = spec_of(reference_qweight(src, "model.layers.0.self_attn.q_proj", (cfg.num_heads * cfg.head_dim, h)))
-    e = spec_of(reference_qweight(src, "model.layers.0.block_sparse_moe.experts.0.w1", (f, h)))
+    fam = cfg.traits
+    first = cfg.moe_layers[0]
+    e = spec_of(reference_qweight(src, f"{fam.expert_prefix(first, 0)}.{fam.expert_names[0]}", (f, h)))
     return QuantConfig(attn=a, experts=e)
 
 
-def _trunk_linear(src, layout, prefix, shape, spec, device, dtype, qdev, held=None):
-    """One always-resident linear (attention, a dense MLP, a shared expert) in any layout, stored as ``spec``
+def _trunk_linear(src, fmt, prefix, shape, spec, device, dtype, qdev, held=None):
+    """One always-resident linear (attention, a dense MLP, a shared expert) in any fmt, stored as ``spec``
     (the attention spec) and held as ``held`` (default: as stored; another format: converted, once, here)."""
     held = held or spec
-    if layout == "reference":
+    if fmt == "reference":
         w = reference_qweight(src, prefix, shape)
-    elif layout == "mixoff" and spec.enabled:
+    elif fmt == "mixoff" and spec.enabled:
         fields = weight_fields(prefix, shape, spec, dtype)
         got = {f.name: src.get(f.name) for f in fields}
         check_tensors(((f.name, got[f.name], f.shape) for f in fields), src.where, finite=False)
@@ -326,9 +325,9 @@ def _trunk_linear(src, layout, prefix, shape, spec, device, dtype, qdev, held=No
     return _dense(w, device, dtype) if isinstance(w, torch.Tensor) else _qdevice(w, device)
 
 
-def _resident_mlp(src, layout, prefix, size, h, spec, device, dtype, qdev, held=None) -> ExpertWeights:
+def _resident_mlp(src, fmt, prefix, size, h, spec, device, dtype, qdev, held=None) -> ExpertWeights:
     shapes = ((size, h), (size, h), (h, size))
-    return ExpertWeights(*(_trunk_linear(src, layout, f"{prefix}.{n}", s, spec, device, dtype, qdev, held)
+    return ExpertWeights(*(_trunk_linear(src, fmt, f"{prefix}.{n}", s, spec, device, dtype, qdev, held)
                            for n, s in zip(DENSE_NAMES, shapes)))
 
 
@@ -354,10 +353,10 @@ def _mla_kv_b(lw: LayerWeights) -> torch.Tensor:
     return torch.cat((lw.wk_b, lw.wv_b.transpose(1, 2)), dim=1).reshape(-1, lw.wk_b.shape[-1])
 
 
-def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress, held=None) -> TrunkWeights:
+def _load_trunk(src, cfg, fmt, quant, device, dtype, qdev, progress, held=None) -> TrunkWeights:
     held = held or quant
     shapes = cfg.attention_shapes()
-    fam, h = cfg.spec, cfg.hidden_size
+    fam, h = cfg.traits, cfg.hidden_size
     layers = []
 
     def opt(key):
@@ -365,7 +364,7 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress, held=Non
 
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        attn = {name: _trunk_linear(src, layout, f"{p}self_attn.{name}", shape, quant.attn, device, dtype,
+        attn = {name: _trunk_linear(src, fmt, f"{p}self_attn.{name}", shape, quant.attn, device, dtype,
                                     qdev, held.attn) for name, shape in shapes.items()}
         bias = {n: opt(f"{p}self_attn.{n}_proj.bias") if cfg.attn_bias else None for n in "qkvo"}
         if cfg.attn_bias and any(bias[n] is None for n in "qkv"):
@@ -384,16 +383,16 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress, held=Non
             lw.q_norm = _dense(src.get(p + "self_attn.q_norm.weight"), device, dtype)
             lw.k_norm = _dense(src.get(p + "self_attn.k_norm.weight"), device, dtype)
         if not moe:
-            lw.mlp = _resident_mlp(src, layout, f"{p}mlp", cfg.dense_intermediate_size, h, quant.attn, device,
+            lw.mlp = _resident_mlp(src, fmt, f"{p}mlp", cfg.dense_intermediate_size, h, quant.attn, device,
                                    dtype, qdev, held.attn)
         elif cfg.shared_intermediate_size:
-            lw.shared = _resident_mlp(src, layout, f"{p}mlp.{fam.shared_name}", cfg.shared_intermediate_size, h,
+            lw.shared = _resident_mlp(src, fmt, f"{p}mlp.{fam.shared_name}", cfg.shared_intermediate_size, h,
                                       quant.attn, device, dtype, qdev, held.attn)
             if fam.shared_gate:
                 lw.shared_gate = _dense(src.get(f"{p}mlp.shared_expert_gate.weight"), device, dtype)
         layers.append(lw)
     embed = _dense(src.get("model.embed_tokens.weight"), device, dtype)
-    lm_head = _lm_head(src, cfg, layout, quant, held, embed, device, dtype, qdev)
+    lm_head = _lm_head(src, cfg, fmt, quant, held, embed, device, dtype, qdev)
     trunk = TrunkWeights(embed=embed, layers=layers, norm=_dense(src.get("model.norm.weight"), device, dtype),
                          lm_head=lm_head)
     check_tensors(_trunk_rows(trunk, cfg), src.where)
@@ -403,10 +402,10 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress, held=Non
     return trunk
 
 
-def _lm_head(src, cfg, layout, quant, held, embed, device, dtype, qdev):
+def _lm_head(src, cfg, fmt, quant, held, embed, device, dtype, qdev):
     """The output projection as held: dense in the model's dtype (the embeddings themselves when tied), or a CPU
     format (int8 per row), quantized once here or read as a mixoff file stored it."""
-    stored = quant.lm_head if layout == "mixoff" else QuantSpec()
+    stored = quant.lm_head if fmt == "mixoff" else QuantSpec()
     shape = (cfg.vocab_size, cfg.hidden_size)
     if stored.enabled:
         fields = weight_fields("lm_head", shape, stored, dtype)
@@ -436,7 +435,7 @@ def _trunk_rows(trunk: TrunkWeights, cfg: ModelConfig):
         yield p + "input_layernorm.weight", lw.attn_norm, (H,)
         yield p + "post_attention_layernorm.weight", lw.ffn_norm, (H,)
         if lw.gate is not None:
-            yield cfg.spec.router_key(i), lw.gate, (E, H)
+            yield cfg.traits.router_key(i), lw.gate, (E, H)
         if cfg.mla:
             yield p + "self_attn.kv_a_layernorm.weight", lw.kv_a_norm, (cfg.kv_lora_rank,)
             yield p + "self_attn.kv_b_proj.weight", lw.wk_b, None       # shape checked when split
@@ -467,7 +466,7 @@ class _LayerWriter:
         self.weight_map: dict[str, str] = {}
 
     def load_targets(self):
-        fam = self.cfg.spec
+        fam = self.cfg.traits
         for j, i in enumerate(self.cfg.moe_layers):
             self.buf.zero_()          # padding bytes stay zero: files are byte-for-byte reproducible
             for e in range(self.cfg.num_experts):
@@ -553,7 +552,7 @@ def _write_quantized(src_folder: Path, out: Path, cfg: ModelConfig, quant: Quant
         tensors[p + "input_layernorm.weight"] = lw.attn_norm
         tensors[p + "post_attention_layernorm.weight"] = lw.ffn_norm
         if lw.gate is not None:
-            tensors[cfg.spec.router_key(i)] = lw.gate
+            tensors[cfg.traits.router_key(i)] = lw.gate
         for name in cfg.attention_shapes():
             put(f"{p}self_attn.{name}", getattr(lw, ATTN_FIELDS[name]))
         if cfg.mla:
@@ -566,7 +565,7 @@ def _write_quantized(src_folder: Path, out: Path, cfg: ModelConfig, quant: Quant
                 tensors[f"{p}self_attn.{n}_proj.bias"] = b
         if lw.q_norm is not None:
             tensors[p + "self_attn.q_norm.weight"], tensors[p + "self_attn.k_norm.weight"] = lw.q_norm, lw.k_norm
-        for prefix, mlp in ((f"{p}mlp", lw.mlp), (f"{p}mlp.{cfg.spec.shared_name}", lw.shared)):
+        for prefix, mlp in ((f"{p}mlp", lw.mlp), (f"{p}mlp.{cfg.traits.shared_name}", lw.shared)):
             if mlp is not None:
                 for n, w in zip(DENSE_NAMES, mlp):
                     put(f"{prefix}.{n}", w)
@@ -596,26 +595,26 @@ def spec_dict(s: QuantSpec) -> dict:
 # ---- placed loading (exclusive and disk placements) ----------------------------------------------
 
 def peek_checkpoint(folder: str | os.PathLike, quant: QuantConfig) -> tuple[ModelConfig, QuantConfig, str]:
-    """(config, the quantization that will be in memory, layout) without loading any weights, for planning."""
+    """(config, the quantization that will be in memory, checkpoint format) without loading any weights, for planning."""
     folder = Path(folder)
     cfg = read_config(folder)
     quant = quant.for_family(cfg.family)
     src = TensorSource(folder)
     try:
-        layout = detect_layout(src.keys(), src.metadata)
-        if layout == "mixoff":
+        fmt = detect_format(src.keys(), src.metadata)
+        if fmt == "mixoff":
             quant = _mixoff_quant(src, cfg)
-        elif layout == "reference":
+        elif fmt == "reference":
             quant = _reference_quant(src, cfg)
     finally:
         src.close()
-    return cfg, quant, layout
+    return cfg, quant, fmt
 
 
 def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device: str | torch.device,
                            dtype: torch.dtype, make_store: Callable, progress: Progress = _noop,
                            quant_device: Optional[str] = None, hold: Optional[Hold] = None) -> Loaded:
-    """``load_checkpoint`` with the expert store built by ``make_store(cfg, expert_layout, layout, folder)``.
+    """``load_checkpoint`` with the expert store built by ``make_store(cfg, expert_layout, checkpoint_format, folder)``.
 
     The store says what to read and where (``store.load_targets()``: host rows or device slots); a
     disk-backed store reads nothing now. Mixoff blobs are read with positioned reads straight into their
@@ -629,15 +628,15 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
     cfg = read_config(folder)
     quant = quant.for_family(cfg.family)
     src = TensorSource(folder)
-    layout = detect_layout(src.keys(), src.metadata)
+    fmt = detect_format(src.keys(), src.metadata)
     device = torch.device(device)
     qdev = quant_device or ("cuda" if device.type == "cuda" else "cpu")
-    progress(f"reading a {layout}-layout checkpoint from {folder}")
+    progress(f"reading a {fmt}-format checkpoint from {folder}")
     fds: dict[Path, int] = {}
     try:
-        if layout == "mixoff":
+        if fmt == "mixoff":
             quant = _mixoff_quant(src, cfg)
-        elif layout == "reference":
+        elif fmt == "reference":
             quant = _reference_quant(src, cfg)
         held = hold(quant, cfg) if hold else quant
         _check_specs(cfg, quant)
@@ -645,18 +644,18 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
         elayout = ExpertLayout.for_model(cfg, held.experts, dtype)
         flayout = ExpertLayout.for_model(cfg, quant.experts, dtype)      # as stored in a mixoff file
         convert = held.experts != quant.experts
-        store = make_store(cfg, elayout, layout, folder)
-        trunk = _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress, held)
+        store = make_store(cfg, elayout, fmt, folder)
+        trunk = _load_trunk(src, cfg, fmt, quant, device, dtype, qdev, progress, held)
         f, h = cfg.intermediate_size, cfg.hidden_size
-        names = cfg.spec.expert_names
-        blobs = expert_blob_offsets(folder, cfg, flayout.nbytes) if layout == "mixoff" else {}
+        names = cfg.traits.expert_names
+        blobs = expert_blob_offsets(folder, cfg, flayout.nbytes) if fmt == "mixoff" else {}
         bounce = None
         n = 0
         sample = sample_experts(len(cfg.moe_layers), cfg.num_experts)
         for j, e, target in store.load_targets():
             i = cfg.moe_layers[j]
-            p = cfg.spec.expert_prefix(i, e)
-            if layout == "mixoff":
+            p = cfg.traits.expert_prefix(i, e)
+            if fmt == "mixoff":
                 path, off = blobs[(j, e)]
                 if path not in fds:
                     fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -670,9 +669,9 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
                         elayout.fill(target, _held_expert(flayout.weights(bounce), held.experts, qdev))
                     else:
                         target.copy_(bounce)
-            elif layout == "reference":
+            elif fmt == "reference":
                 ws = [reference_qweight(src, f"{p}.{name}", shape)
-                      for name, shape in (("w1", (f, h)), ("w3", (f, h)), ("w2", (h, f)))]
+                      for name, shape in zip(names, ((f, h), (f, h), (h, f)))]
                 elayout.fill(target, _held_expert(ws, held.experts if convert else None, qdev))
             else:
                 ws = []
@@ -683,8 +682,8 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
                     ws.append(w)
                 elayout.fill(target, expert_tensors_from_dense(*ws, held.experts, qdev))
             if (j, e) in sample:
-                stored = "weight" if layout == "hf" else "W_q"     # the file of the linear a field belongs to
-                where = ((lambda name, j=j, e=e: blobs[(j, e)][0]) if layout == "mixoff" else
+                stored = "weight" if fmt == "hf" else "W_q"     # the file of the linear a field belongs to
+                where = ((lambda name, j=j, e=e: blobs[(j, e)][0]) if fmt == "mixoff" else
                          (lambda name: src.where(f"{name.rsplit('.', 1)[0]}.{stored}")))
                 check_tensors(((f"{p}.{k}", v, None) for k, v in elayout.views(target).items()), where)
             n += 1
@@ -694,7 +693,7 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
         for fd in fds.values():
             os.close(fd)
         src.close()
-    return Loaded(cfg, trunk, store, held, layout)
+    return Loaded(cfg, trunk, store, held, fmt)
 
 
 def _held_expert(ws, spec: Optional[QuantSpec], qdev) -> dict[str, torch.Tensor]:

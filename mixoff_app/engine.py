@@ -16,14 +16,16 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, QuantConfig, SamplingParams
+from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, QuantConfig, SamplingParams, format_k
 from .events import TokenEvent
 from .expert_cache import ExpertCache
+from .families import DEFAULT_FAMILY
 from .generate import generate
 from .hub import REFERENCE_REPO, resolve, tokenizer_source
 from .limits import InputLimits, InputTooLong, check_chars, fit_conversation, template_overhead
 from .memory import read_memory
-from .model import Mixtral, Prefetcher
+from .messages import Turn, conversation
+from .model import MoEModel, Prefetcher
 from .stats import Stats, StatsSnapshot
 
 Progress = Callable[[str], None]
@@ -38,15 +40,15 @@ class EngineInfo:
     device: str
     dtype: str
     quant: str
-    layout: str
-    num_layers: int            # expert layers: what the cache, stats, panel and traces count
+    checkpoint_format: str     # "hf" | "reference" | "mixoff"
+    num_moe_layers: int        # expert layers: what the cache, stats, panel and traces count
     num_experts: int
     top_k: int
     max_context: int
     cache: CacheConfig
     gpu_name: Optional[str]
     expert_bytes: int          # one expert in its stored (quantized) form
-    family: str = "mixtral"
+    family: str = DEFAULT_FAMILY
     expert_layers: tuple[int, ...] = ()   # decoder layer of each expert layer (labels)
     decoder_layers: int = 0               # all decoder layers, dense ones included
     shared_expert: bool = False
@@ -90,16 +92,6 @@ def resolve_dtype(name: Optional[str], device: torch.device,
     return dtype
 
 
-def _text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)):
-        return "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
-    if isinstance(content, dict):
-        return str(content.get("text", ""))
-    return "" if content is None else str(content)
-
-
 def check_prefetch(cache: CacheConfig, num_experts: int) -> None:
     """A prefetch wider than the experts would break every answer (top-k of more than there are)."""
     if cache.prefetch > num_experts:
@@ -107,29 +99,53 @@ def check_prefetch(cache: CacheConfig, num_experts: int) -> None:
                           f"model: use 0 to {num_experts}")
 
 
-def _k(sizes: tuple[int, ...]) -> object:
-    return sizes[0] if len(set(sizes)) == 1 else sizes
+def _peek(folder: Path, config: EngineConfig) -> tuple:
+    """(cfg, quant in memory, checkpoint format or None): from the weights' headers when they are here, else from
+    config.json alone (a hub model before its download; the format is then not known yet)."""
+    from .checkpoints import CheckpointError, peek_checkpoint, read_config
+    try:
+        return peek_checkpoint(folder, config.quant)
+    except (CheckpointError, OSError):
+        cfg = read_config(folder)
+        return cfg, config.quant.for_family(cfg.family), None
 
 
-def _precheck(config: EngineConfig, device: torch.device, dtype: torch.dtype, folder: Path) -> None:
-    """From config.json alone, before any weight is downloaded or read: refuse what cannot fit."""
+def _memory_plan(config: EngineConfig, peeked: tuple, device: torch.device, dtype: torch.dtype, name: str,
+                 kernel: str = "torch"):
+    """The planner, on the user's k and placement, sized in the formats held in memory (``_held``): fills in
+    what ``config.cache`` leaves None, checks what it fixes; ConfigError when that cannot fit."""
+    from .plan import plan_for
+    cfg, _quant, fmt = peeked
+    held, converted = _held(peeked, kernel)
+    cache = config.cache
+    fixed = None if cache.sizes is None else cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
+    p = plan_for(cfg, held, min(config.max_context, cfg.max_position_embeddings), device=device, dtype=dtype,
+                 placement=cache.placement, sizes=fixed, vram_budget=config.vram_budget,
+                 ram_budget=config.ram_budget, disk_ok=fmt == "mixoff" and not converted, model_name=name)
+    if not p.feasible:
+        raise ConfigError(f"{name} does not fit: {p.reason}")
+    return p
+
+
+def _precheck(config: EngineConfig, device: torch.device, dtype: torch.dtype, made: dict, folder: Path,
+              kernel: str = "torch") -> None:
+    """Before any weight is downloaded (a hub model: from its config.json) or read (a local folder: from the
+    weights' headers): refuse what cannot fit, the user's k and placement included. A plan made from the
+    checkpoint itself is kept in ``made`` for the plan step, so a local model is planned once."""
     if not config.planned(device.type):
         return
-    from .checkpoints import read_config
-    from .plan import plan_for
-    pre = read_config(folder)
-    p = plan_for(pre, config.quant, min(config.max_context, pre.max_position_embeddings), device=device,
-                 dtype=dtype, vram_budget=config.vram_budget, ram_budget=config.ram_budget, model_name=config.model)
-    if not p.feasible:
-        raise ConfigError(f"{config.model} does not fit: {p.reason}")
+    peeked = _peek(folder, config)
+    p = _memory_plan(config, peeked, device, dtype, config.model, kernel)
+    if peeked[2] is not None:
+        made[str(folder)] = (peeked, p)
 
 
 @dataclass(frozen=True)
 class Placed:
-    """What the plan step settled: the checkpoint's shape and layout, k per layer and the placement."""
+    """What the plan step settled: the checkpoint's shape and format, k per layer and the placement."""
     cfg: ModelConfig
     quant: QuantConfig
-    layout: str
+    checkpoint_format: str
     max_seq: int
     sizes: tuple[int, ...]
     placement: str
@@ -145,41 +161,45 @@ def _hold(kernel: str):
     return cpu_hold(probe().layout)
 
 
-def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dtype, progress: Progress,
-          kernel: str = "torch") -> Placed:
-    """k per layer and the placement: the planner fills in what ``config.cache`` leaves None (on a GPU or
-    under a budget, and checks what it fixes); elsewhere None means every expert, inclusive. Sizes are those
-    of the formats held in memory (``_hold``); experts converted at load cannot be read from disk as stored."""
-    from .checkpoints import peek_checkpoint
-    from .plan import plan_for
-    cfg, quant, layout = peek_checkpoint(resolved.path, config.quant)
+def _held(peeked: tuple, kernel: str) -> tuple[QuantConfig, bool]:
+    """(the quantization held in memory, whether the experts are converted at load from what is stored)."""
+    cfg, quant, _fmt = peeked
     hold = _hold(kernel)
     held = hold(quant, cfg) if hold else quant
-    converted = held.experts != quant.experts
+    return held, held.experts != quant.experts
+
+
+def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dtype, progress: Progress,
+          made: Optional[dict] = None, kernel: str = "torch") -> Placed:
+    """k per layer and the placement: the planner fills in what ``config.cache`` leaves None (on a GPU or
+    under a budget, and checks what it fixes); elsewhere None means every expert, inclusive. The precheck's
+    plan is used when it was made from this checkpoint (a hub model is planned again once its weights are
+    here: only then is its format, and so its in-memory quantization, known). Sizes are those of the formats
+    held in memory (``_hold``); experts converted at load cannot be read from disk as stored."""
+    from .checkpoints import peek_checkpoint
+    earlier = (made or {}).get(str(resolved.path))
+    peeked = earlier[0] if earlier else peek_checkpoint(resolved.path, config.quant)
+    cfg, quant, fmt = peeked
+    held, converted = _held(peeked, kernel)
     max_seq = min(config.max_context, cfg.max_position_embeddings)
-    cache = config.cache
-    fixed = None if cache.sizes is None else cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
     memory_plan = None
     if config.planned(device.type):
-        memory_plan = plan_for(cfg, held, max_seq, device=device, dtype=dtype, placement=cache.placement,
-                               sizes=fixed, vram_budget=config.vram_budget, ram_budget=config.ram_budget,
-                               disk_ok=layout == "mixoff" and not converted, model_name=resolved.name)
-        if not memory_plan.feasible:
-            raise ConfigError(f"{resolved.name} does not fit: {memory_plan.reason}")
+        memory_plan = earlier[1] if earlier else _memory_plan(config, peeked, device, dtype, resolved.name, kernel)
         sizes, placement = memory_plan.sizes, memory_plan.placement
         progress(f"memory plan: {memory_plan.summary()}")
     else:
+        cache = config.cache
         sizes, placement = cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts), cache.placement or "inclusive"
-    if placement == "disk" and layout != "mixoff":
+    if placement == "disk" and fmt != "mixoff":
         raise ConfigError(f"--placement disk reads experts straight from a mixoff-format checkpoint, and "
-                          f"{resolved.path} is {layout}-layout: convert it once with "
+                          f"{resolved.path} is {fmt}-format: convert it once with "
                           f"`python -m mixoff_app quantize {config.model} OUT_FOLDER` and pass --model OUT_FOLDER")
     if placement == "disk" and converted:
         raise ConfigError(f"--placement disk reads experts as {resolved.path} stores them "
                           f"({_stored(quant.experts)}), and the CPU kernels hold them as {held.experts.describe()}: "
                           f"write them in this CPU's format once with `python -m mixoff_app quantize {config.model} "
                           f"OUT_FOLDER --for-cpu`, or use --kernel torch (the reference path, slower)")
-    return Placed(cfg, quant, layout, max_seq, tuple(sizes), placement, memory_plan)
+    return Placed(cfg, quant, fmt, max_seq, tuple(sizes), placement, memory_plan)
 
 
 def _stored(spec) -> str:
@@ -204,7 +224,7 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     try:
         loaded = load_checkpoint_placed(
             path, config.quant, device, dtype,
-            lambda cfg, elayout, _layout, folder: make_store(placement, cfg, elayout, sizes, device, folder, pin),
+            lambda cfg, elayout, _fmt, folder: make_store(placement, cfg, elayout, sizes, device, folder, pin),
             progress=progress, hold=_hold(kernel))
     except torch.cuda.OutOfMemoryError:
         raise ConfigError("not enough GPU memory for the attention, embeddings and KV cache of this model: "
@@ -213,7 +233,7 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     stats = Stats(cfg.num_moe_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
     try:
         cache = ExpertCache(loaded.store, sizes, config.cache.policy, device, stats)
-        model = Mixtral(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype, kernel=kernel)
+        model = MoEModel(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype, kernel=kernel)
     except torch.cuda.OutOfMemoryError:
         raise ConfigError(f"not enough GPU memory for {sum(sizes)} expert slots "
                           f"({loaded.store.layout.nbytes / 2**20:.1f} MiB each): lower --cache-size") from None
@@ -231,14 +251,9 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     if config.cache.prefetch:
         model.prefetcher = Prefetcher(config.cache.prefetch, config.cache.prefetch_layers)
     if config.cuda_graphs:
-        if device.type != "cuda":
-            raise ConfigError("--cuda-graphs needs a CUDA GPU (the CPU path has no graphs to replay)")
-        if loaded.cfg.family != "mixtral":
-            # The captured decode step is Mixtral's layer; the other families' hooks are not in it yet.
-            raise ConfigError(f"--cuda-graphs runs Mixtral only for now, not {loaded.cfg.family}; drop the flag")
         from .cuda_graphs import DecodeGraphs
         model.graphs = DecodeGraphs(model)
-    progress(f"device cache: {_k(sizes)} experts per layer on {device} "
+    progress(f"device cache: {format_k(sizes)} experts per layer on {device} "
              f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
     return loaded, model, stats, measured
 
@@ -251,7 +266,7 @@ def _say_cpu_formats(placed: Placed, progress: Progress) -> None:
         progress(note)
 
 
-def _warm_up_kernels(model: Mixtral, layout, device: torch.device, dtype: torch.dtype) -> int:
+def _warm_up_kernels(model: MoEModel, layout, device: torch.device, dtype: torch.dtype) -> int:
     """Compile and tune the fused kernels for this model's weight formats: attention from the first layer, a
     dense MLP and a shared expert where the model has them, experts from a zero-filled expert in the store's
     layout (no cache traffic, no stats)."""
@@ -296,8 +311,8 @@ def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: i
         model=config.model, model_path=str(resolved.path), model_name=resolved.name,
         reason=reason or f"model {config.model!r} as asked", device=str(device),
         dtype=str(dtype).replace("torch.", ""),
-        quant=q.describe(), layout=loaded.layout,
-        num_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
+        quant=q.describe(), checkpoint_format=loaded.checkpoint_format,
+        num_moe_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
         family=cfg.family, expert_layers=cfg.moe_layers, decoder_layers=cfg.num_layers,
         shared_expert=bool(cfg.shared_intermediate_size), cache=cache,
         gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -305,7 +320,7 @@ def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: i
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, info: EngineInfo, model: Mixtral, tokenizer, stats: Stats,
+    def __init__(self, config: EngineConfig, info: EngineInfo, model: MoEModel, tokenizer, stats: Stats,
                  eos_ids: set[int]) -> None:
         self.config, self.info, self.model, self.tokenizer = config, info, model, tokenizer
         self._stats, self.eos_ids = stats, eos_ids
@@ -332,8 +347,12 @@ class Engine:
             from .kernels.cpu import probe
             progress(f"kernel {kernel}: {probe().describe()}" + ("" if kernel == "cpu" else "; using the reference "
                      "path (dequantize, then matmul)"))
-        resolved = resolve(config.model, progress, precheck=partial(_precheck, config, device, dtype))
-        placed = _plan(config, resolved, device, dtype, progress, kernel)
+        if config.cuda_graphs and device.type != "cuda":
+            raise ConfigError("--cuda-graphs needs a CUDA GPU (the CPU path has no graphs to replay)")
+        made: dict = {}
+        resolved = resolve(config.model, progress, precheck=partial(_precheck, config, device, dtype, made,
+                                                                    kernel=kernel))
+        placed = _plan(config, resolved, device, dtype, progress, made, kernel)
         check_prefetch(config.cache, placed.cfg.num_experts)     # before any weight is read
         loaded, model, stats, measured = _build(config, resolved.path, placed, device, dtype, kernel, progress)
         tokenizer, eos = _tokenizer(config, resolved, loaded.cfg, progress)
@@ -381,22 +400,13 @@ class Engine:
                            f"the {fitted.dropped_turns} oldest exchange(s) were left out of this answer.")
         return fitted.ids, notices
 
-    def stream_chat(self, messages: list[dict], params: SamplingParams,
+    def stream_chat(self, messages: "list[dict] | list[Turn]", params: SamplingParams,
                     cancel: Optional[threading.Event] = None, session: Optional[str] = None) -> Iterator[TokenEvent]:
-        """``session`` keys the KV reuse: a turn reuses the cache only after a turn of the same session
-        (None: the single-user CLI), so no conversation's tokens serve, or time, another's."""
-        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
-            raise ValueError("the conversation must be a list of {role, content} messages")
-        msgs = []
-        for m in messages:
-            role = m.get("role")
-            if role not in ("system", "user", "assistant"):
-                raise ValueError(f"a message has role {str(role)[:40]!r}: use system, user or assistant")
-            msgs.append({"role": role, "content": _text(m.get("content"))})
-        if not msgs or msgs[-1]["role"] != "user":
-            raise ValueError("the conversation must end with a user message")
-        if any(m["role"] == "system" for m in msgs[1:]):
-            raise ValueError("only the first message may be a system prompt")
+        """``messages``: normalised ``Turn``s, or raw {role, content} messages, normalised here by the one rule
+        (``messages.py``; a ``MessageError`` says what is wrong). ``session`` keys the KV reuse: a turn reuses
+        the cache only after a turn of the same session (None: the single-user CLI), so no conversation's
+        tokens serve, or time, another's."""
+        msgs = [t.message() for t in conversation(messages)]
         check_chars("message", msgs[-1]["content"], self.limits.message)     # before stripping a huge text
         if not msgs[-1]["content"].strip():
             raise ValueError("the message is empty: type something to ask")
@@ -524,7 +534,7 @@ class Engine:
                          ram_budget=self.config.ram_budget, disk_ok=placement == "disk",
                          model_name=self.info.model_name)
             if not p.feasible:
-                raise ConfigError(f"k = {_k(sizes) if sizes else 'any'} does not fit: {p.reason}")
+                raise ConfigError(f"k = {format_k(sizes) if sizes else 'any'} does not fit: {p.reason}")
             sizes = p.sizes
         elif sizes is None:
             sizes = cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)

@@ -17,13 +17,13 @@ from typing import Optional, Sequence
 import torch
 
 from .config import (
-    FAMILY_QUANT,
     PLACEMENTS,
     PREFILL_CHUNK,
     ConfigError,
     ModelConfig,
     QuantConfig,
     QuantSpec,
+    format_k,
 )
 from .presets import PRESETS, from_name, preset_name
 from .quant import weight_fields
@@ -65,7 +65,7 @@ class Sizes:
     rope: int                   # cos + sin tables for max_context positions
     scratch: int                # dequantizing the largest matrix: codes, minus zero, times scale (+ meta)
     activations: int            # a prefill of max_context tokens (upper estimate)
-    num_layers: int             # expert layers (dense layers have no experts)
+    num_moe_layers: int         # expert layers (dense layers have no experts)
     num_experts: int
     mlp: int = 0                # resident MLPs (dense layers', shared experts; quantized like attention), biases, q/k norms
 
@@ -75,7 +75,7 @@ class Sizes:
 
     @property
     def all_experts(self) -> int:
-        return self.expert * self.num_layers * self.num_experts
+        return self.expert * self.num_moe_layers * self.num_experts
 
 
 def dequant_scratch(shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype) -> int:
@@ -133,8 +133,8 @@ def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: t
     attention = L * sum(_nbytes(weight_fields(n, s, quant.attn, dtype)) for n, s in attn_shapes.items())
     # Biases and q/k norms: small, but counted (they are on the device).
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    extra = L * b * ((q + 2 * kv + (h if cfg.spec.bias_o else 0)) if cfg.attn_bias else 0)
-    extra += L * b * {"none": 0, "head": 2 * hd, "proj": q + kv}[cfg.spec.qk_norm]
+    extra = L * b * ((q + 2 * kv + (h if cfg.traits.bias_o else 0)) if cfg.attn_bias else 0)
+    extra += L * b * {"none": 0, "head": 2 * hd, "proj": q + kv}[cfg.traits.qk_norm]
     if cfg.mla:      # the latent's (and the q LoRA's) norm, and kv_b_proj in the model's dtype
         nope = hd - cfg.qk_rope_head_dim
         extra += L * b * (cfg.kv_lora_rank + cfg.q_lora_rank
@@ -147,7 +147,7 @@ def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: t
             mlp_shapes += shapes
             mlp = count * sum(_nbytes(weight_fields("w", s, quant.attn, dtype)) for s in shapes)
             extra += mlp
-    gate = Lm * h * b if cfg.shared_intermediate_size and cfg.spec.shared_gate else 0
+    gate = Lm * h * b if cfg.shared_intermediate_size and cfg.traits.shared_gate else 0
     layout = ExpertLayout.for_model(cfg, quant.experts, dtype)
     scratch = max([dequant_scratch(s, quant.experts, dtype) for s in layout.shapes]
                   + [dequant_scratch(s, quant.attn, dtype) for s in list(attn_shapes.values()) + mlp_shapes])
@@ -157,7 +157,7 @@ def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: t
         norms=(2 * L + 1) * h * b, router=Lm * cfg.num_experts * h * b + gate,
         kv=L * max_context * cfg.kv_width * b, rope=2 * max_context * cfg.rope_dim * b,
         scratch=scratch, activations=prefill_activations(cfg, max_context, dtype),
-        num_layers=Lm, num_experts=cfg.num_experts, mlp=extra)
+        num_moe_layers=Lm, num_experts=cfg.num_experts, mlp=extra)
 
 
 def host_experts(s: Sizes, placement: str, sizes: Sequence[int], staging: int = DISK_STAGING) -> int:
@@ -165,7 +165,7 @@ def host_experts(s: Sizes, placement: str, sizes: Sequence[int], staging: int = 
     if placement == "inclusive":
         return s.all_experts
     if placement == "exclusive":
-        return (s.num_layers * s.num_experts - sum(sizes) + 1) * s.expert     # + the swap's spare row
+        return (s.num_moe_layers * s.num_experts - sum(sizes) + 1) * s.expert     # + the swap's spare row
     return staging * s.expert                                               # disk: staging buffers only
 
 
@@ -175,7 +175,7 @@ def device_need(s: Sizes, placement: str, sizes: Sequence[int], cuda: bool) -> i
     base = s.trunk + s.kv + s.rope + sum(sizes) * s.expert
     if not cuda:
         return base
-    swaps = placement == "exclusive" and sum(sizes) < s.num_layers * s.num_experts
+    swaps = placement == "exclusive" and sum(sizes) < s.num_moe_layers * s.num_experts
     stage = s.expert if swaps else 0
     return base + stage + s.scratch + s.activations
 
@@ -189,13 +189,13 @@ def host_need(s: Sizes, placement: str, sizes: Sequence[int], cuda: bool, overhe
     return h
 
 
-def spread(total_slots: int, num_layers: int, num_experts: int) -> tuple[int, ...]:
+def spread(total_slots: int, num_moe_layers: int, num_experts: int) -> tuple[int, ...]:
     """``total_slots`` over the layers as evenly as possible (extra slots spaced out, not bunched)."""
-    total_slots = min(total_slots, num_layers * num_experts)
-    k, extra = divmod(total_slots, num_layers)
-    sizes = [k] * num_layers
+    total_slots = min(total_slots, num_moe_layers * num_experts)
+    k, extra = divmod(total_slots, num_moe_layers)
+    sizes = [k] * num_moe_layers
     for j in range(extra):
-        sizes[(j * num_layers) // extra] += 1
+        sizes[(j * num_moe_layers) // extra] += 1
     return tuple(sizes)
 
 
@@ -230,21 +230,16 @@ class Plan:
     cuda: bool = True
 
     @property
-    def k(self) -> int:
-        return min(self.sizes) if self.sizes else 0
-
-    @property
     def k_range(self) -> str:
         """Experts per layer as people read them: "4", or "5-6" when the plan gives layers different k."""
-        ks = sorted(set(self.sizes))
-        return "" if not ks else str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]}"
+        return format_k(self.sizes)
 
     def summary(self) -> str:
         if not self.feasible:
             return f"does not fit: {self.reason}"
         kdesc = f"k={self.k_range}"
         on = sum(self.sizes)
-        tot = self.bytes.num_layers * self.bytes.num_experts
+        tot = self.bytes.num_moe_layers * self.bytes.num_experts
         moved = self.misses_per_token * self.bytes.expert
         return (f"{self.placement}, {kdesc} per layer ({on}/{tot} experts on the "
                 f"{'GPU' if self.cuda else 'device'}); expected misses/token ~{self.misses_per_token:.1f} "
@@ -276,9 +271,8 @@ class Plan:
 
 def _rows(p: Plan) -> list:
     s, dev, cuda = p.bytes, ("GPU" if p.cuda else "device"), p.cuda
-    tot = s.num_layers * s.num_experts
-    ks = sorted(set(p.sizes))
-    kdesc = f"k={ks[0]}" if len(ks) == 1 else f"k={ks[0]}-{ks[-1]}"
+    tot = s.num_moe_layers * s.num_experts
+    kdesc = f"k={format_k(p.sizes)}"
     rows = []
     if cuda:
         rows.append((dev, "CUDA context (allowance)", p.context_allowance))
@@ -469,28 +463,6 @@ def model_for_planning(name: str, quant: QuantConfig) -> tuple[ModelConfig, Quan
                       f"checkpoint folder")
 
 
-def startup_plan(model: str, device: Optional[str] = None, quant: Optional[QuantConfig] = None,
-                 max_context: int = 4096, vram_bytes: Optional[int] = None,
-                 ram_bytes: Optional[int] = None) -> Plan:
-    """The app's start-up plan from free VRAM/RAM (measured unless given): a ``Plan`` with ``.k`` (smallest k
-    per layer), ``.sizes``, ``.placement``, ``.reason``. Hub ids listed in ``presets.HUB_IDS`` plan from their
-    preset, so this works before any download. Raises ConfigError when nothing fits (the message says what would)."""
-    quant = quant or FAMILY_QUANT
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    low = model.lower()
-    if low in PRESETS or os.path.isdir(model) or low == "tiny":
-        cfg, quant, disk_ok, name = model_for_planning(model, quant)
-    elif preset_name(model) is not None:
-        cfg, disk_ok, name = from_name(model), False, model
-    else:
-        raise ConfigError(f"cannot plan memory for {model!r} before it is downloaded; pass --cache-size")
-    p = plan_for(cfg, quant, max_context, vram_bytes=vram_bytes, ram_bytes=ram_bytes, device=dev,
-                 disk_ok=disk_ok, model_name=name)
-    if not p.feasible:
-        raise ConfigError(f"{name} does not fit: {p.reason}")
-    return p
-
-
 def reference_plans(cfg: ModelConfig, quant: QuantConfig, max_context: int = 4096, name: str = "model") -> list:
     return [(m, plan_for(cfg, quant, max_context, vram_bytes=int(v * GiB), ram_bytes=int(r * GiB),
                          device="cuda", model_name=name))
@@ -509,9 +481,7 @@ def _plan_cells(p: Plan, cfg: ModelConfig) -> str:
     """placement | k per layer | experts on GPU | GPU use | RAM use | misses/token |"""
     if not p.feasible:
         return "does not fit | | | | | |"
-    ks = sorted(set(p.sizes))
-    kd = str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]} ({', '.join(f'{p.sizes.count(k)}x{k}' for k in ks)})"
-    return (f"{p.placement} | {kd} | {sum(p.sizes)}/{cfg.num_moe_layers * cfg.num_experts} | "
+    return (f"{p.placement} | {format_k(p.sizes, counts=True)} | {sum(p.sizes)}/{cfg.num_moe_layers * cfg.num_experts} | "
             f"{(p.device_total + p.context_allowance) / GiB:.1f} GiB | {p.host_total / GiB:.1f} GiB | "
             f"{p.misses_per_token:.1f} |")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixoff_app.checkpoints import CheckpointError, detect_layout, load_checkpoint
+from mixoff_app.checkpoints import CheckpointError, detect_format, load_checkpoint
 from mixoff_app.config import NO_QUANT, ConfigError, QuantConfig
 from mixoff_app.hub import ModelNotAvailable, resolve
 
@@ -84,9 +84,9 @@ def test_corrupt_file_names_the_file(tiny_dir, tmp_path):
 
 def test_not_a_supported_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="expected keys like"):
-        detect_layout(["model.embed_tokens.weight", "lm_head.weight"])
+        detect_format(["model.embed_tokens.weight", "lm_head.weight"])
     with pytest.raises(CheckpointError, match="fused"):
-        detect_layout(["model.layers.0.mlp.experts.gate_up_proj"])
+        detect_format(["model.layers.0.mlp.experts.gate_up_proj"])
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="config.json: model_type is 'llama'; mixoff runs these MoE families: mixtral, qwen2_moe"):
@@ -125,3 +125,16 @@ def test_a_model_that_cannot_fit_is_refused_before_its_weights_are_read(tiny_dir
     with pytest.raises(ConfigError, match="does not fit"):
         Engine.load(EngineConfig(model=str(folder), device="cpu", cache=CacheConfig(sizes=(2,)),
                                  vram_budget=1024, ram_budget=1024))
+    # The user's k is what is checked: a budget that k = 1 fits refuses k = 8 before anything is read.
+    from mixoff_app.checkpoints import read_config
+    from mixoff_app.plan import plan_for
+    cfg, q = read_config(folder), QuantConfig()
+    need = {k: plan_for(cfg, q.for_family(cfg.family), 512, device="cpu", sizes=(k,) * cfg.num_moe_layers,
+                        ram_bytes=1 << 40).device_total for k in (1, 8)}
+    budget = (need[1] + need[8]) // 2
+    with pytest.raises(ConfigError, match="does not fit"):
+        Engine.load(EngineConfig(model=str(folder), device="cpu", cache=CacheConfig(sizes=(8,)), max_context=512,
+                                 quant=q, vram_budget=budget))
+    with pytest.raises(CheckpointError, match="no model.safetensors"):     # k = 1 fits: then the missing weights
+        Engine.load(EngineConfig(model=str(folder), device="cpu", cache=CacheConfig(sizes=(1,)), max_context=512,
+                                 quant=q, vram_budget=budget))

@@ -64,7 +64,7 @@ def reference_on_our_weights(hf, engine: Engine):
     for i, lw in enumerate(engine.model.trunk.layers):
         p = f"model.layers.{i}."
         linears = [(f"{p}self_attn.{name}.weight", getattr(lw, ATTN_FIELDS[name])) for name in cfg.attention_shapes()]
-        for prefix, mlp in ((f"{p}mlp", lw.mlp), (f"{p}mlp.{cfg.spec.shared_name}", lw.shared)):
+        for prefix, mlp in ((f"{p}mlp", lw.mlp), (f"{p}mlp.{cfg.traits.shared_name}", lw.shared)):
             if mlp is not None:
                 linears += [(f"{prefix}.{name}.weight", w) for name, w in zip(("gate_proj", "up_proj", "down_proj"), mlp)]
         for key, w in linears:

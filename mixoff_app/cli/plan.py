@@ -69,7 +69,7 @@ def run(args) -> int:
 def plan_json(p, proj) -> dict:
     """The plan as one JSON object (the keys are a contract: extend, never rename)."""
     out = {"model": p.model, "device": p.device, "feasible": p.feasible, "placement": p.placement,
-           "sizes": list(p.sizes), "k": p.k, "quant": p.quant, "max_context": p.max_context,
+           "sizes": list(p.sizes), "k": min(p.sizes), "quant": p.quant, "max_context": p.max_context,
            "expert_bytes": p.bytes.expert, "device_total": p.device_total, "host_total": p.host_total,
            "device_cap": p.device_cap, "host_cap": p.host_cap, "misses_per_token": p.misses_per_token,
            "summary": p.summary(), "bytes": asdict(p.bytes),

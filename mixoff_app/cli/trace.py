@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Callable, Optional
 
+from ..config import format_k
 from ..outputs import check_new_file, new_file
 from ..trace import (
     POLICY_NAMES,
@@ -26,7 +27,7 @@ def format_table(trace: Trace, results: dict[str, ReplayResult], title: str = ""
     names = list(results)
     any_r = next(iter(results.values()))
     sizes = any_r.cache_sizes
-    k = str(sizes[0]) if len(set(sizes)) == 1 else ",".join(map(str, sizes))
+    k = format_k(sizes, counts=True)
     lines = []
     if title:
         lines.append(title)
@@ -133,7 +134,7 @@ def engine_generate(args: argparse.Namespace) -> tuple:
         weights = [[tuple(float(x) for x in w) for w in tok] for tok in weights]
     info = engine.info
     header = {"model": info.model_name, "device": info.device, "quant": info.quant,
-              "num_layers": info.num_layers, "num_experts": info.num_experts, "top_k": info.top_k,
+              "num_layers": info.num_moe_layers, "num_experts": info.num_experts, "top_k": info.top_k,
               # layers count expert layers; these are their decoder layers (dense layers have no routing)
               "family": info.family, "expert_layers": list(info.expert_layers)}
     return routing, weights, header
