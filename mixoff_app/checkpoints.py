@@ -412,6 +412,7 @@ def _lm_head(src, cfg, fmt, quant, held, embed, device, dtype, qdev):
         w = qweight_from({f.name: src.get(f.name) for f in fields}, "lm_head", shape, stored)
     elif "lm_head.weight" in src or not cfg.tie_word_embeddings:
         w = src.get("lm_head.weight")
+        check_tensors([("lm_head.weight", w, shape)], src.where)    # before a CPU format hides its shape
     else:
         w = embed
     if held.lm_head != stored:

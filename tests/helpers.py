@@ -20,6 +20,14 @@ def load(tiny_dir, k=None, quant: QuantConfig = NO_QUANT, policy="lru", prefetch
                                     max_context=max_context, kernel=kernel))
 
 
+def for_this_cpu():
+    """``save_quantized``'s hold that writes what ``--kernel auto`` holds on this machine: the CPU kernels'
+    formats where they run (so every placement, disk included, reads them as stored), else None (hqq)."""
+    from mixoff_app.cpu_weights import cpu_hold
+    from mixoff_app.kernels.cpu import probe
+    return cpu_hold(probe().layout) if probe().ok else None
+
+
 def greedy_ids(engine: Engine, ids, n=32) -> list[int]:
     return [ev.token_id for ev in engine.stream_ids(ids, SamplingParams(max_new_tokens=n, greedy=True))
             if ev.kind == "token" and ev.token_id is not None]
