@@ -73,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--kernel", nargs="+", default=["torch"], choices=("auto", "torch", "triton"),
+    ap.add_argument("--kernel", nargs="+", default=["torch"], choices=("auto", "torch", "triton", "cpu"),
                     help="matmul kernels to count (each a set of configs)")
     ap.add_argument("--shape", default="tiny-random", choices=("tiny-random", "tiny"))
     args = ap.parse_args()

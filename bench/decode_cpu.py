@@ -72,8 +72,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", default="tiny,mid")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--kernel", choices=("auto", "triton", "torch"), default="auto",
-                    help="quantized matmul (auto = torch on the CPU; the models here are not quantized)")
+    ap.add_argument("--kernel", choices=("auto", "triton", "torch", "cpu"), default="auto",
+                    help="matmul kernel (auto = cpu on the CPU: oneDNN for these unquantized models)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer, MixtralForCausalLM

@@ -1,6 +1,7 @@
 """Measure what a load and a short generation really take against the planner's numbers; prints JSON.
 
     python bench/memory.py --model PATH [--placement P] [--cache-size K] [--vram-budget GB] [--ram-budget GB]
+                           [--kernel auto|torch|cpu]
     python bench/memory.py --make-synthetic OUT --tokenizer-from TINY_DIR [--layers 2 --hidden 1024 --inter 4096]
     python bench/memory.py --make-hub OUT --family qwen3_moe --tokenizer-from TINY_DIR [--layers 2 --hidden 512
                            --inter 256 --experts 32]     # a bf16 hub-layout checkpoint, quantized while loading
@@ -35,7 +36,7 @@ def synthetic_shape(layers: int, hidden: int, inter: int):
 
 
 def measure(model: str, placement: str = "auto", cache_size=None, vram_budget=None, ram_budget=None,
-            max_context: int = 256, tokens: int = 2, device: str = "cpu") -> dict:
+            max_context: int = 256, tokens: int = 2, device: str = "cpu", kernel: str = "auto") -> dict:
     import torch
     import transformers  # noqa: F401  (imported before the baseline: libraries are not the model)
     from transformers import AutoTokenizer  # noqa: F401
@@ -47,7 +48,7 @@ def measure(model: str, placement: str = "auto", cache_size=None, vram_budget=No
     from mixoff_app.memory import device_tensor_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 
     argv = ["generate", "--model", model, "--prompt", "x", "--device", device, "--placement", placement,
-            "--max-context", str(max_context)]
+            "--max-context", str(max_context), "--kernel", kernel]
     if cache_size:
         argv += ["--cache-size", str(cache_size)]
     if vram_budget:
@@ -84,6 +85,7 @@ def main() -> int:
     ap.add_argument("--max-context", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--kernel", default="auto", help="auto, torch, triton or cpu (the weights' format follows it)")
     ap.add_argument("--make-synthetic", default=None, metavar="OUT")
     ap.add_argument("--tokenizer-from", default=None)
     ap.add_argument("--layers", type=int, default=2)
@@ -115,7 +117,7 @@ def main() -> int:
         print(json.dumps({"wrote": str(out)}))
         return 0
     print(json.dumps(measure(a.model, a.placement, a.cache_size, a.vram_budget, a.ram_budget, a.max_context,
-                             a.tokens, a.device)))
+                             a.tokens, a.device, a.kernel)))
     return 0
 
 

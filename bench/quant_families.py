@@ -101,14 +101,15 @@ def logits_divergence(families, tmp: Path, quick: bool) -> dict:
     for fam in families:
         cfg = dict(COMMON, **TINY[fam])
         folder = make_family_checkpoint(tmp / fam, fam, tok_dir, seed=0, **cfg)
-        base = Engine.load(EngineConfig(model=str(folder), device="cpu", quant=NO_QUANT,
+        base = Engine.load(EngineConfig(model=str(folder), device="cpu", quant=NO_QUANT, kernel="torch",
                                         cache=CacheConfig(), max_context=512))
         ref = torch.log_softmax(base.model.forward(ids, 0, last_only=False), -1)
         row = {}
         # "experts fp": attention 4-bit only, the floor the expert specs add to
         for name, spec in [("experts fp", QuantSpec(bits=None))] + list(SPECS.items()):
             t = time.perf_counter()
-            eng = Engine.load(EngineConfig(model=str(folder), device="cpu", cache=CacheConfig(),
+            # kernel torch: the hqq formats as specified (the CPU kernels' formats: bench/cpu_formats.py)
+            eng = Engine.load(EngineConfig(model=str(folder), device="cpu", cache=CacheConfig(), kernel="torch",
                                            quant=QuantConfig(attn=QuantSpec(bits=4, group_size=64, scale_group=256),
                                                              experts=spec), max_context=512))
             lp = torch.log_softmax(eng.model.forward(ids, 0, last_only=False), -1)

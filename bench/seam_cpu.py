@@ -30,7 +30,8 @@ def old(x, w, kernel="torch"):
 
 models = {}
 for qname, q in (("quantized_4_2", QuantConfig()), ("dense", NO_QUANT)):
-    eng = Engine.load(EngineConfig(model="tiny", device="cpu", quant=q, cache=CacheConfig(), max_context=256))
+    eng = Engine.load(EngineConfig(model="tiny", device="cpu", quant=q, cache=CacheConfig(), max_context=256,
+                                   kernel="torch"))      # the reference path this A/B is about
     prompt = list(range(5, 25))
     runs = {"old_quant_linear": [], "new_qlinear": []}
     for _ in range(int(sys.argv[1]) if len(sys.argv) > 1 else 5):

@@ -24,14 +24,16 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .config import ConfigError, ModelConfig, QuantConfig, QuantSpec
+from .cpu_weights import aligned
 from .families import DEFAULT_FAMILY, DENSE_NAMES, FAMILIES, hub_expert_suffixes
 from .model import LayerWeights, TrunkWeights
 from .outputs import check_new_folder, new_folder
-from .quant import QWeight, pack, quantize, qweight_from, unpack, weight_fields
+from .quant import QWeight, pack, quantize, qweight_from, requantize, unpack, weight_fields
 from .stores import ExpertLayout, ExpertStore, ExpertWeights, InclusiveStore, expert_tensors_from_dense
 from .validation import CheckpointError, check_config_object, check_config_values, check_tensors, sample_experts
 
 Progress = Callable[[str], None]
+Hold = Callable[[QuantConfig, ModelConfig], QuantConfig]     # stored quantization -> the one held in memory
 
 MIXOFF_FORMAT = "1"
 # The attention's quantized linears: hub name -> LayerWeights field (ModelConfig.attention_shapes says which a
@@ -251,10 +253,11 @@ def _dense(t: torch.Tensor, device, dtype) -> torch.Tensor:
     return t.to(device=device, dtype=dtype).contiguous()
 
 
-def _qdevice(q: QWeight, device) -> QWeight:
+def _qdevice(q, device):
+    """A QWeight or CPU-format weight on ``device``; a CPU-format one on the CPU with its tensors aligned."""
     for k, v in q.tensors().items():
         setattr(q, k, v.to(device))
-    return q
+    return q if isinstance(q, QWeight) or torch.device(device).type != "cpu" else aligned(q)
 
 
 def load_checkpoint(folder: str | os.PathLike, quant: QuantConfig, device: str | torch.device,
@@ -286,7 +289,8 @@ def _mixoff_quant(src: TensorSource, cfg: Optional[ModelConfig] = None) -> Quant
                               f"{cfg.family}; quantize the checkpoint again")
     try:
         q = json.loads(src.metadata["mixoff.quant"])
-        return QuantConfig(attn=QuantSpec(**q["attn"]), experts=QuantSpec(**q["experts"]))
+        return QuantConfig(attn=QuantSpec(**q["attn"]), experts=QuantSpec(**q["experts"]),
+                           lm_head=QuantSpec(**q.get("lm_head", {"bits": None})))
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{src.folder}: mixoff metadata is damaged ({e}); quantize the checkpoint again")
 
@@ -300,25 +304,30 @@ def _reference_quant(src: TensorSource, cfg: ModelConfig) -> QuantConfig:
     return QuantConfig(attn=a, experts=e)
 
 
-def _trunk_linear(src, fmt, prefix, shape, spec, device, dtype, qdev):
-    """One always-resident linear (attention, a dense MLP, a shared expert) in any layout, quantized with
-    ``spec`` (the attention spec) when it is enabled."""
+def _trunk_linear(src, fmt, prefix, shape, spec, device, dtype, qdev, held=None):
+    """One always-resident linear (attention, a dense MLP, a shared expert) in any fmt, stored as ``spec``
+    (the attention spec) and held as ``held`` (default: as stored; another format: converted, once, here)."""
+    held = held or spec
     if fmt == "reference":
-        return _qdevice(reference_qweight(src, prefix, shape), device)
-    if fmt == "mixoff" and spec.enabled:
+        w = reference_qweight(src, prefix, shape)
+    elif fmt == "mixoff" and spec.enabled:
         fields = weight_fields(prefix, shape, spec, dtype)
         got = {f.name: src.get(f.name) for f in fields}
         check_tensors(((f.name, got[f.name], f.shape) for f in fields), src.where, finite=False)
-        return qweight_from({k: v.to(device) for k, v in got.items()}, prefix, shape, spec)
-    dense = src.get(prefix + ".weight")
-    if tuple(dense.shape) != shape:
-        raise CheckpointError(f"{prefix}.weight has shape {tuple(dense.shape)}, config says {shape}")
-    return _qdevice(quantize(dense, spec, qdev), device) if spec.enabled else _dense(dense, device, dtype)
+        w = qweight_from(got, prefix, shape, spec)
+    else:
+        dense = src.get(prefix + ".weight")
+        if tuple(dense.shape) != shape:
+            raise CheckpointError(f"{prefix}.weight has shape {tuple(dense.shape)}, config says {shape}")
+        return _qdevice(quantize(dense, held, qdev), device) if held.enabled else _dense(dense, device, dtype)
+    if held != spec:
+        w = requantize(w, held, qdev)
+    return _dense(w, device, dtype) if isinstance(w, torch.Tensor) else _qdevice(w, device)
 
 
-def _resident_mlp(src, fmt, prefix, size, h, spec, device, dtype, qdev) -> ExpertWeights:
+def _resident_mlp(src, fmt, prefix, size, h, spec, device, dtype, qdev, held=None) -> ExpertWeights:
     shapes = ((size, h), (size, h), (h, size))
-    return ExpertWeights(*(_trunk_linear(src, fmt, f"{prefix}.{n}", s, spec, device, dtype, qdev)
+    return ExpertWeights(*(_trunk_linear(src, fmt, f"{prefix}.{n}", s, spec, device, dtype, qdev, held)
                            for n, s in zip(DENSE_NAMES, shapes)))
 
 
@@ -344,7 +353,8 @@ def _mla_kv_b(lw: LayerWeights) -> torch.Tensor:
     return torch.cat((lw.wk_b, lw.wv_b.transpose(1, 2)), dim=1).reshape(-1, lw.wk_b.shape[-1])
 
 
-def _load_trunk(src, cfg, fmt, quant, device, dtype, qdev, progress) -> TrunkWeights:
+def _load_trunk(src, cfg, fmt, quant, device, dtype, qdev, progress, held=None) -> TrunkWeights:
+    held = held or quant
     shapes = cfg.attention_shapes()
     fam, h = cfg.traits, cfg.hidden_size
     layers = []
@@ -355,7 +365,7 @@ def _load_trunk(src, cfg, fmt, quant, device, dtype, qdev, progress) -> TrunkWei
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         attn = {name: _trunk_linear(src, fmt, f"{p}self_attn.{name}", shape, quant.attn, device, dtype,
-                                    qdev) for name, shape in shapes.items()}
+                                    qdev, held.attn) for name, shape in shapes.items()}
         bias = {n: opt(f"{p}self_attn.{n}_proj.bias") if cfg.attn_bias else None for n in "qkvo"}
         if cfg.attn_bias and any(bias[n] is None for n in "qkv"):
             raise CheckpointError(f"config.json says the attention has biases, but {src.folder} has no "
@@ -374,23 +384,40 @@ def _load_trunk(src, cfg, fmt, quant, device, dtype, qdev, progress) -> TrunkWei
             lw.k_norm = _dense(src.get(p + "self_attn.k_norm.weight"), device, dtype)
         if not moe:
             lw.mlp = _resident_mlp(src, fmt, f"{p}mlp", cfg.dense_intermediate_size, h, quant.attn, device,
-                                   dtype, qdev)
+                                   dtype, qdev, held.attn)
         elif cfg.shared_intermediate_size:
             lw.shared = _resident_mlp(src, fmt, f"{p}mlp.{fam.shared_name}", cfg.shared_intermediate_size, h,
-                                      quant.attn, device, dtype, qdev)
+                                      quant.attn, device, dtype, qdev, held.attn)
             if fam.shared_gate:
                 lw.shared_gate = _dense(src.get(f"{p}mlp.shared_expert_gate.weight"), device, dtype)
         layers.append(lw)
     embed = _dense(src.get("model.embed_tokens.weight"), device, dtype)
-    lm_head = (_dense(src.get("lm_head.weight"), device, dtype) if "lm_head.weight" in src
-               else embed if cfg.tie_word_embeddings else _dense(src.get("lm_head.weight"), device, dtype))
+    lm_head = _lm_head(src, cfg, fmt, quant, held, embed, device, dtype, qdev)
     trunk = TrunkWeights(embed=embed, layers=layers, norm=_dense(src.get("model.norm.weight"), device, dtype),
                          lm_head=lm_head)
     check_tensors(_trunk_rows(trunk, cfg), src.where)
     extra = (", dense MLPs" if cfg.dense_layers else "") + (", shared experts" if cfg.shared_intermediate_size else "")
     progress(f"attention, router{extra} and embeddings placed on {device} "
-             f"(attention {quant.attn.describe()})")
+             f"(attention {held.attn.describe()})")
     return trunk
+
+
+def _lm_head(src, cfg, fmt, quant, held, embed, device, dtype, qdev):
+    """The output projection as held: dense in the model's dtype (the embeddings themselves when tied), or a CPU
+    format (int8 per row), quantized once here or read as a mixoff file stored it."""
+    stored = quant.lm_head if fmt == "mixoff" else QuantSpec()
+    shape = (cfg.vocab_size, cfg.hidden_size)
+    if stored.enabled:
+        fields = weight_fields("lm_head", shape, stored, dtype)
+        w = qweight_from({f.name: src.get(f.name) for f in fields}, "lm_head", shape, stored)
+    elif "lm_head.weight" in src or not cfg.tie_word_embeddings:
+        w = src.get("lm_head.weight")
+        check_tensors([("lm_head.weight", w, shape)], src.where)    # before a CPU format hides its shape
+    else:
+        w = embed
+    if held.lm_head != stored:
+        w = requantize(w, held.lm_head, qdev)
+    return _dense(w, device, dtype) if isinstance(w, torch.Tensor) else _qdevice(w, device)
 
 
 def _trunk_rows(trunk: TrunkWeights, cfg: ModelConfig):
@@ -398,7 +425,11 @@ def _trunk_rows(trunk: TrunkWeights, cfg: ModelConfig):
     V, H, E = cfg.vocab_size, cfg.hidden_size, cfg.num_experts
     yield "model.embed_tokens.weight", trunk.embed, (V, H)
     yield "model.norm.weight", trunk.norm, (H,)
-    yield "lm_head.weight", trunk.lm_head, (V, H)
+    if isinstance(trunk.lm_head, torch.Tensor):
+        yield "lm_head.weight", trunk.lm_head, (V, H)
+    else:
+        for k, v in trunk.lm_head.tensors().items():
+            yield f"lm_head.{k}", v, None
     shapes = cfg.attention_shapes()
     for i, lw in enumerate(trunk.layers):
         p = f"model.layers.{i}."
@@ -414,7 +445,7 @@ def _trunk_rows(trunk: TrunkWeights, cfg: ModelConfig):
                 yield p + "self_attn.q_a_layernorm.weight", lw.q_a_norm, (cfg.q_lora_rank,)
         for name in shapes:
             w = getattr(lw, ATTN_FIELDS[name])
-            if isinstance(w, QWeight):
+            if not isinstance(w, torch.Tensor):       # a QWeight or a CPU-format weight
                 for k, v in w.tensors().items():
                     yield f"{p}self_attn.{name}.{k}", v, None
             else:
@@ -466,20 +497,21 @@ def _check_output(src: Path, out: Path, force: bool) -> None:
 
 
 def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike, quant: QuantConfig,
-                   progress: Progress = _noop, force: bool = False) -> Path:
+                   progress: Progress = _noop, force: bool = False, hold: Optional[Hold] = None) -> Path:
     """Quantize any readable checkpoint into the mixoff format (tokenizer and config copied along).
 
     Nothing the user has is clobbered: a non-empty output folder is refused unless ``force``; the source is
     never written to; everything is written into a temporary sibling folder that is renamed into place
     only once complete, so a crash or Ctrl-C leaves no half-written output (and, with ``force``, the old
-    contents until the new ones are whole)."""
+    contents until the new ones are whole). ``hold`` writes the weights in another format than ``quant``'s
+    (cpu_weights.cpu_hold: the CPU kernels'), converted as loading would convert them."""
 
     src_folder, out = Path(src_folder), Path(out_folder)
     _check_output(src_folder, out, force)
     cfg, q, _layout = peek_checkpoint(src_folder, quant)
     try:
         with new_folder(out) as tmp:
-            _write_quantized(src_folder, tmp, cfg, quant, q, progress)
+            _write_quantized(src_folder, tmp, cfg, quant, hold(q, cfg) if hold else q, progress, hold)
     except OSError as e:
         raise CheckpointError(f"cannot write the output folder {out}: {e.strerror or e} — nothing was written "
                               f"(check free disk space and permissions, and that you can write there)") from None
@@ -488,27 +520,33 @@ def save_quantized(src_folder: str | os.PathLike, out_folder: str | os.PathLike,
 
 
 def _write_quantized(src_folder: Path, out: Path, cfg: ModelConfig, quant: QuantConfig, q: QuantConfig,
-                     progress: Progress) -> None:
+                     progress: Progress, hold: Optional[Hold] = None) -> None:
     import shutil
 
+    stored = {"attn": spec_dict(q.attn), "experts": spec_dict(q.experts)}
+    if q.lm_head.enabled:
+        stored["lm_head"] = spec_dict(q.lm_head)
     meta = {"mixoff.format": MIXOFF_FORMAT, "format": "pt", "mixoff.family": cfg.family,
-            "mixoff.quant": json.dumps({"attn": spec_dict(q.attn), "experts": spec_dict(q.experts)})}
+            "mixoff.quant": json.dumps(stored)}
     writer: list[_LayerWriter] = []
 
     def make_writer(mcfg, elayout, layout, folder):
         writer.append(_LayerWriter(mcfg, elayout, out, meta, progress))
         return writer[0]
 
-    loaded = load_checkpoint_placed(src_folder, quant, "cpu", torch.float16, make_writer, progress=progress)
+    loaded = load_checkpoint_placed(src_folder, quant, "cpu", torch.float16, make_writer, progress=progress,
+                                    hold=hold)
     trunk = loaded.trunk
-    tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": trunk.embed,
-                                        "model.norm.weight": trunk.norm, "lm_head.weight": trunk.lm_head}
+    tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": trunk.embed, "model.norm.weight": trunk.norm}
+
     def put(prefix: str, w) -> None:
-        if isinstance(w, QWeight):
+        if not isinstance(w, torch.Tensor):
             for k, v in w.tensors().items():
                 tensors[f"{prefix}.{k}"] = v
         else:
             tensors[f"{prefix}.weight"] = w
+
+    put("lm_head", trunk.lm_head)
 
     for i, lw in enumerate(trunk.layers):
         p = f"model.layers.{i}."
@@ -547,8 +585,12 @@ def _write_quantized(src_folder: Path, out: Path, cfg: ModelConfig, quant: Quant
 
 
 def spec_dict(s: QuantSpec) -> dict:
-    """A QuantSpec as stored in a mixoff checkpoint's ``mixoff.quant`` metadata."""
-    return {"bits": s.bits, "group_size": s.group_size, "scale_group": s.scale_group, "quant_zero": s.quant_zero}
+    """A QuantSpec as stored in a mixoff checkpoint's ``mixoff.quant`` metadata (a CPU packing and its int4
+    layout only where there is one, so hqq checkpoints read and write as before)."""
+    d = {"bits": s.bits, "group_size": s.group_size, "scale_group": s.scale_group, "quant_zero": s.quant_zero}
+    if s.packing != "hqq":
+        d |= {"packing": s.packing, "int4_layout": s.int4_layout}
+    return d
 
 
 # ---- placed loading (exclusive and disk placements) ----------------------------------------------
@@ -572,12 +614,15 @@ def peek_checkpoint(folder: str | os.PathLike, quant: QuantConfig) -> tuple[Mode
 
 def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device: str | torch.device,
                            dtype: torch.dtype, make_store: Callable, progress: Progress = _noop,
-                           quant_device: Optional[str] = None) -> Loaded:
+                           quant_device: Optional[str] = None, hold: Optional[Hold] = None) -> Loaded:
     """``load_checkpoint`` with the expert store built by ``make_store(cfg, expert_layout, checkpoint_format, folder)``.
 
     The store says what to read and where (``store.load_targets()``: host rows or device slots); a
     disk-backed store reads nothing now. Mixoff blobs are read with positioned reads straight into their
-    target, so loading adds no transient copy (and no mapped pages) to the host footprint."""
+    target, so loading adds no transient copy (and no mapped pages) to the host footprint.
+
+    ``hold(stored quant, cfg)`` names the format held in memory when it differs from the stored one (the CPU
+    kernels' formats): hub weights are quantized straight into it, quantized weights converted once here."""
     from .stores.disk import expert_blob_offsets, pread_into
 
     folder = Path(folder)
@@ -594,13 +639,17 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
             quant = _mixoff_quant(src, cfg)
         elif fmt == "reference":
             quant = _reference_quant(src, cfg)
+        held = hold(quant, cfg) if hold else quant
         _check_specs(cfg, quant)
-        elayout = ExpertLayout.for_model(cfg, quant.experts, dtype)
+        _check_specs(cfg, held)
+        elayout = ExpertLayout.for_model(cfg, held.experts, dtype)
+        flayout = ExpertLayout.for_model(cfg, quant.experts, dtype)      # as stored in a mixoff file
+        convert = held.experts != quant.experts
         store = make_store(cfg, elayout, fmt, folder)
-        trunk = _load_trunk(src, cfg, fmt, quant, device, dtype, qdev, progress)
+        trunk = _load_trunk(src, cfg, fmt, quant, device, dtype, qdev, progress, held)
         f, h = cfg.intermediate_size, cfg.hidden_size
         names = cfg.traits.expert_names
-        blobs = expert_blob_offsets(folder, cfg, elayout.nbytes) if fmt == "mixoff" else {}
+        blobs = expert_blob_offsets(folder, cfg, flayout.nbytes) if fmt == "mixoff" else {}
         bounce = None
         n = 0
         sample = sample_experts(len(cfg.moe_layers), cfg.num_experts)
@@ -611,19 +660,20 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
                 path, off = blobs[(j, e)]
                 if path not in fds:
                     fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-                if target.device.type == "cpu":
+                if target.device.type == "cpu" and not convert:
                     pread_into(fds[path], target, off)
                 else:
                     if bounce is None:
-                        bounce = torch.empty(elayout.nbytes, dtype=torch.uint8)
+                        bounce = torch.empty(flayout.nbytes, dtype=torch.uint8)
                     pread_into(fds[path], bounce, off)
-                    target.copy_(bounce)
+                    if convert:
+                        elayout.fill(target, _held_expert(flayout.weights(bounce), held.experts, qdev))
+                    else:
+                        target.copy_(bounce)
             elif fmt == "reference":
-                tensors = {}
-                for ours, name, shape in zip(("w1", "w3", "w2"), names, ((f, h), (f, h), (h, f))):
-                    for k, v in reference_qweight(src, f"{p}.{name}", shape).tensors().items():
-                        tensors[f"{ours}.{k}"] = v
-                elayout.fill(target, tensors)
+                ws = [reference_qweight(src, f"{p}.{name}", shape)
+                      for name, shape in zip(names, ((f, h), (f, h), (h, f)))]
+                elayout.fill(target, _held_expert(ws, held.experts if convert else None, qdev))
             else:
                 ws = []
                 for name, shape in zip(names, ((f, h), (f, h), (h, f))):
@@ -631,16 +681,28 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
                     if tuple(w.shape) != shape:
                         raise CheckpointError(f"{p}.{name}.weight has shape {tuple(w.shape)}, config says {shape}")
                     ws.append(w)
-                elayout.fill(target, expert_tensors_from_dense(*ws, quant.experts, qdev))
+                elayout.fill(target, expert_tensors_from_dense(*ws, held.experts, qdev))
             if (j, e) in sample:
                 stored = "weight" if fmt == "hf" else "W_q"     # the file of the linear a field belongs to
                 where = ((lambda name, j=j, e=e: blobs[(j, e)][0]) if fmt == "mixoff" else
                          (lambda name: src.where(f"{name.rsplit('.', 1)[0]}.{stored}")))
                 check_tensors(((f"{p}.{k}", v, None) for k, v in elayout.views(target).items()), where)
             n += 1
-        progress(f"experts placed ({store.placement}): {n} read now, experts {quant.experts.describe()}")
+        done = f"experts {held.experts.describe()}" + (f", converted from {quant.experts.describe()}" if convert else "")
+        progress(f"experts placed ({store.placement}): {n} read now, {done}")
     finally:
         for fd in fds.values():
             os.close(fd)
         src.close()
-    return Loaded(cfg, trunk, store, quant, fmt)
+    return Loaded(cfg, trunk, store, held, fmt)
+
+
+def _held_expert(ws, spec: Optional[QuantSpec], qdev) -> dict[str, torch.Tensor]:
+    """An expert's three quantized weights (w1, w3, w2) as named tensors, converted to ``spec`` if given."""
+    out = {}
+    for name, w in zip(("w1", "w3", "w2"), ws):
+        if spec is not None:
+            w = requantize(w, spec, qdev)
+        for k, v in (w.tensors().items() if not isinstance(w, torch.Tensor) else (("weight", w),)):
+            out[f"{name}.{k}"] = v.cpu()
+    return out

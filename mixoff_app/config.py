@@ -259,17 +259,29 @@ PREFILL_CHUNK = 512
 DEFAULT_MAX_BATCH = 4     # answers decoded together by default (docs/BENCHMARKS.md: batching on the CPU)
 
 
+# How a quantized weight's codes are held: "hqq" (groups along the output dimension, hqq's axis 0, read by the
+# reference dequantization and the Triton kernels); "int4" and "int8", the formats of torch's CPU kernels
+# (cpu_weights.py): 4-bit codes in groups along the input dimension, and 8-bit codes with one scale per row.
+PACKINGS = ("hqq", "int4", "int8")
+INT4_GROUPS = (32, 64, 128, 256)      # the group sizes torch's int4 CPU kernel takes
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """HQQ settings for one family of linear layers; ``bits=None`` keeps them in floating point.
 
     ``scale_group``/``zero_group`` quantize the per-group scales and zeros to 8 bits, as the reference
     checkpoint does (scale: channel-wise groups of ``scale_group``; zero: one group for the tensor).
+    ``packing`` is how the codes are held (``PACKINGS``); the CPU formats ignore ``scale_group`` and
+    ``quant_zero`` (their scales and zeros are bfloat16), and int4 codes are ordered the way torch's kernel
+    reads them on one kind of CPU (``int4_layout``, cpu_weights.LAYOUTS).
     """
     bits: Optional[int] = None
     group_size: int = 64
     scale_group: Optional[int] = 128
     quant_zero: bool = True
+    packing: str = "hqq"
+    int4_layout: str = ""
 
     def __post_init__(self) -> None:
         if self.bits is not None and self.bits not in SUPPORTED_BITS:
@@ -277,22 +289,39 @@ class QuantSpec:
                               f"{', '.join(map(str, SUPPORTED_BITS))} or 'none'")
         if self.bits is not None and (self.group_size <= 0 or self.group_size % 8):
             raise ConfigError(f"group size {self.group_size} must be a positive multiple of 8")
+        if self.packing not in PACKINGS:
+            raise ConfigError(f"unknown packing {self.packing!r}: one of {', '.join(PACKINGS)}")
+        if self.packing == "int4" and (self.bits != 4 or self.group_size not in INT4_GROUPS or not self.int4_layout):
+            raise ConfigError(f"int4 packing holds 4-bit codes in groups of {', '.join(map(str, INT4_GROUPS))} "
+                              f"with an int4_layout, not {self.bits}-bit g{self.group_size} {self.int4_layout!r}")
+        if self.packing == "int8" and self.bits != 8:
+            raise ConfigError(f"int8 packing holds 8-bit codes, not {self.bits}-bit")
 
     @property
     def enabled(self) -> bool:
         return self.bits is not None
 
     def describe(self) -> str:
-        return "none" if self.bits is None else f"{self.bits}-bit g{self.group_size}"
+        if self.bits is None:
+            return "none"
+        if self.packing == "int8":
+            return "8-bit per row (cpu int8)"
+        return f"{self.bits}-bit g{self.group_size}" + (" (cpu int4)" if self.packing == "int4" else "")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     """``family_default``: the experts' spec is the model family's (``expert_quant``), decided once the
-    config is read; ``experts`` then only stands for Mixtral's."""
+    config is read; ``experts`` then only stands for Mixtral's. ``lm_head`` stays in the model's dtype unless
+    a CPU format holds it (cpu_weights.cpu_quant: int8 per row, read by its kernel)."""
     attn: QuantSpec = QuantSpec(bits=4, group_size=64, scale_group=256)
     experts: QuantSpec = QuantSpec(bits=2, group_size=16, scale_group=128)
     family_default: bool = False
+    lm_head: QuantSpec = QuantSpec(bits=None)
+
+    def describe(self) -> str:
+        lm = f", lm_head {self.lm_head.describe()}" if self.lm_head.enabled else ""
+        return f"attention {self.attn.describe()}, experts {self.experts.describe()}{lm}"
 
     @classmethod
     def from_bits(cls, attn_bits: Optional[int], expert_bits: "Optional[int] | str") -> "QuantConfig":
@@ -338,7 +367,7 @@ def parse_bits(text: str | int | None) -> "Optional[int] | str":
 
 
 POLICIES = ("lru", "lfu", "lrfu")
-KERNELS = ("auto", "triton", "torch")     # quantized matmul: see mixoff_app/kernels
+KERNELS = ("auto", "triton", "torch", "cpu")     # quantized matmul: see mixoff_app/kernels
 PLACEMENTS = ("inclusive", "exclusive", "disk")
 
 
@@ -429,7 +458,7 @@ class EngineConfig:
     tokenizer: Optional[str] = None       # overrides where the tokenizer and chat template come from
     vram_budget: Optional[int] = None     # bytes mixoff may allocate on the device (torch peak allocated)
     ram_budget: Optional[int] = None      # bytes loading may add to the process RSS
-    kernel: str = "auto"                  # quantized matmul: auto (triton on CUDA, torch elsewhere) | triton | torch
+    kernel: str = "auto"                  # quantized matmul: auto (triton on CUDA, cpu on a CPU) | triton | torch | cpu
     cuda_graphs: bool = False             # replay decode steps as CUDA graphs (GPU only; off until measured)
     max_input_chars: Optional[int] = None  # message / system prompt character limit (None: from the context)
     max_batch: Optional[int] = None       # answers decoded together (None: DEFAULT_MAX_BATCH, fewer if the plan says)

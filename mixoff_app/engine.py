@@ -62,7 +62,7 @@ class EngineInfo:
     expert_layers: tuple[int, ...] = ()   # decoder layer of each expert layer (labels)
     decoder_layers: int = 0               # all decoder layers, dense ones included
     shared_expert: bool = False
-    kernel: str = "torch"      # the quantized matmul in use: "triton" (fused kernels) or "torch"
+    kernel: str = "torch"      # the quantized matmul in use: "triton" (fused kernels), "cpu" (torch's CPU kernels) or "torch"
 
 
 def default_model() -> tuple[str, str]:
@@ -120,20 +120,23 @@ def _peek(folder: Path, config: EngineConfig) -> tuple:
         return cfg, config.quant.for_family(cfg.family), None
 
 
-def _memory_plan(config: EngineConfig, peeked: tuple, device: torch.device, dtype: torch.dtype, name: str):
-    """The planner, on the user's k, placement and batch: fills in what ``config.cache`` leaves None, checks what
-    it fixes; ConfigError when that cannot fit. Without ``--max-batch``, as many answers at once (one KV cache
-    each) as fit, up to DEFAULT_MAX_BATCH, in memory the expert cache does not need: one chat on a small card
-    keeps every expert slot it would have alone."""
+def _memory_plan(config: EngineConfig, peeked: tuple, device: torch.device, dtype: torch.dtype, name: str,
+                 kernel: str = "torch"):
+    """The planner, on the user's k, placement and batch, sized in the formats held in memory (``_held``): fills
+    in what ``config.cache`` leaves None, checks what it fixes; ConfigError when that cannot fit. Without
+    ``--max-batch``, as many answers at once (one KV cache each) as fit, up to DEFAULT_MAX_BATCH, in memory the
+    expert cache does not need: one chat on a small card keeps every expert slot it would have alone."""
     from .plan import plan_for
-    cfg, quant, fmt = peeked
+    cfg, _quant, fmt = peeked
+    held, converted = _held(peeked, kernel)
     cache = config.cache
     fixed = None if cache.sizes is None else cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
 
     def plan(n: int):
-        return plan_for(cfg, quant, min(config.max_context, cfg.max_position_embeddings), device=device,
+        return plan_for(cfg, held, min(config.max_context, cfg.max_position_embeddings), device=device,
                         dtype=dtype, placement=cache.placement, sizes=fixed, vram_budget=config.vram_budget,
-                        ram_budget=config.ram_budget, disk_ok=fmt == "mixoff", model_name=name, sequences=n)
+                        ram_budget=config.ram_budget, disk_ok=fmt == "mixoff" and not converted, model_name=name,
+                        sequences=n)
 
     if config.max_batch is not None:
         p = plan(config.max_batch)
@@ -150,14 +153,15 @@ def _memory_plan(config: EngineConfig, peeked: tuple, device: torch.device, dtyp
     return alone
 
 
-def _precheck(config: EngineConfig, device: torch.device, dtype: torch.dtype, made: dict, folder: Path) -> None:
+def _precheck(config: EngineConfig, device: torch.device, dtype: torch.dtype, made: dict, folder: Path,
+              kernel: str = "torch") -> None:
     """Before any weight is downloaded (a hub model: from its config.json) or read (a local folder: from the
     weights' headers): refuse what cannot fit, the user's k and placement included. A plan made from the
     checkpoint itself is kept in ``made`` for the plan step, so a local model is planned once."""
     if not config.planned(device.type):
         return
     peeked = _peek(folder, config)
-    p = _memory_plan(config, peeked, device, dtype, config.model)
+    p = _memory_plan(config, peeked, device, dtype, config.model, kernel)
     if peeked[2] is not None:
         made[str(folder)] = (peeked, p)
 
@@ -175,20 +179,39 @@ class Placed:
     max_batch: int = 1           # answers decoded together: one KV slot each
 
 
+def _hold(kernel: str):
+    """On the CPU kernel path the weights are held in its formats (cpu_weights.cpu_quant), else as stored (None)."""
+    if kernel != "cpu":
+        return None
+    from .cpu_weights import cpu_hold
+    from .kernels.cpu import probe
+    return cpu_hold(probe().layout)
+
+
+def _held(peeked: tuple, kernel: str) -> tuple[QuantConfig, bool]:
+    """(the quantization held in memory, whether the experts are converted at load from what is stored)."""
+    cfg, quant, _fmt = peeked
+    hold = _hold(kernel)
+    held = hold(quant, cfg) if hold else quant
+    return held, held.experts != quant.experts
+
+
 def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dtype, progress: Progress,
-          made: Optional[dict] = None) -> Placed:
+          made: Optional[dict] = None, kernel: str = "torch") -> Placed:
     """k per layer and the placement: the planner fills in what ``config.cache`` leaves None (on a GPU or
     under a budget, and checks what it fixes); elsewhere None means every expert, inclusive. The precheck's
     plan is used when it was made from this checkpoint (a hub model is planned again once its weights are
-    here: only then is its format, and so its in-memory quantization, known)."""
+    here: only then is its format, and so its in-memory quantization, known). Sizes are those of the formats
+    held in memory (``_hold``); experts converted at load cannot be read from disk as stored."""
     from .checkpoints import peek_checkpoint
     earlier = (made or {}).get(str(resolved.path))
     peeked = earlier[0] if earlier else peek_checkpoint(resolved.path, config.quant)
     cfg, quant, fmt = peeked
+    held, converted = _held(peeked, kernel)
     max_seq = min(config.max_context, cfg.max_position_embeddings)
     memory_plan = None
     if config.planned(device.type):
-        memory_plan = earlier[1] if earlier else _memory_plan(config, peeked, device, dtype, resolved.name)
+        memory_plan = earlier[1] if earlier else _memory_plan(config, peeked, device, dtype, resolved.name, kernel)
         sizes, placement = memory_plan.sizes, memory_plan.placement
         progress(f"memory plan: {memory_plan.summary()}")
     else:
@@ -198,8 +221,19 @@ def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dty
         raise ConfigError(f"--placement disk reads experts straight from a mixoff-format checkpoint, and "
                           f"{resolved.path} is {fmt}-format: convert it once with "
                           f"`python -m mixoff_app quantize {config.model} OUT_FOLDER` and pass --model OUT_FOLDER")
+    if placement == "disk" and converted:
+        raise ConfigError(f"--placement disk reads experts as {resolved.path} stores them "
+                          f"({_stored(quant.experts)}), and the CPU kernels hold them as {held.experts.describe()}: "
+                          f"write them in this CPU's format once with `python -m mixoff_app quantize {config.model} "
+                          f"OUT_FOLDER --for-cpu`, or use --kernel torch (the reference path, slower)")
     return Placed(cfg, quant, fmt, max_seq, tuple(sizes), placement, memory_plan,
                   memory_plan.sequences if memory_plan is not None else config.max_batch or DEFAULT_MAX_BATCH)
+
+
+def _stored(spec) -> str:
+    if spec.packing == "int4":
+        return f"{spec.describe()}, packed for another kind of CPU (int4 layout {spec.int4_layout})"
+    return spec.describe()
 
 
 def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.device, dtype: torch.dtype,
@@ -210,6 +244,8 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     from .memory import device_tensor_bytes, rss_bytes
     from .stores import make_store
     sizes, placement, pin = placed.sizes, placed.placement, device.type == "cuda"
+    if kernel == "cpu":
+        _say_cpu_formats(placed, progress)
     rss0 = rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -217,7 +253,7 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
         loaded = load_checkpoint_placed(
             path, config.quant, device, dtype,
             lambda cfg, elayout, _fmt, folder: make_store(placement, cfg, elayout, sizes, device, folder, pin),
-            progress=progress)
+            progress=progress, hold=_hold(kernel))
     except torch.cuda.OutOfMemoryError:
         raise ConfigError("not enough GPU memory for the attention, embeddings and KV cache of this model: "
                           "use a smaller --max-context, free the GPU, or run on --device cpu") from None
@@ -249,6 +285,14 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     progress(f"device cache: {format_k(sizes)} experts per layer on {device} "
              f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
     return loaded, model, stats, measured
+
+
+def _say_cpu_formats(placed: Placed, progress: Progress) -> None:
+    """One line per weight family that stays on the reference path, and why (said at load, never mid-answer)."""
+    from .cpu_weights import cpu_quant
+    from .kernels.cpu import probe
+    for note in cpu_quant(placed.quant, placed.cfg, probe().layout)[1]:
+        progress(note)
 
 
 def _warm_up_kernels(model: MoEModel, layout, device: torch.device, dtype: torch.dtype) -> int:
@@ -296,7 +340,7 @@ def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: i
         model=config.model, model_path=str(resolved.path), model_name=resolved.name,
         reason=reason or f"model {config.model!r} as asked", device=str(device),
         dtype=str(dtype).replace("torch.", ""),
-        quant=f"attention {q.attn.describe()}, experts {q.experts.describe()}", checkpoint_format=loaded.checkpoint_format,
+        quant=q.describe(), checkpoint_format=loaded.checkpoint_format,
         num_moe_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
         family=cfg.family, expert_layers=cfg.moe_layers, decoder_layers=cfg.num_layers,
         shared_expert=bool(cfg.shared_intermediate_size), cache=cache,
@@ -326,11 +370,16 @@ class Engine:
         dtype = resolve_dtype(config.dtype, device)
         from .kernels import resolve_kernel
         kernel = resolve_kernel(config.kernel, device)       # before any download: a bad --kernel fails at once
+        if device.type == "cpu" and config.kernel in ("auto", "cpu"):
+            from .kernels.cpu import probe
+            progress(f"kernel {kernel}: {probe().describe()}" + ("" if kernel == "cpu" else "; using the reference "
+                     "path (dequantize, then matmul)"))
         if config.cuda_graphs and device.type != "cuda":
             raise ConfigError("--cuda-graphs needs a CUDA GPU (the CPU path has no graphs to replay)")
         made: dict = {}
-        resolved = resolve(config.model, progress, precheck=partial(_precheck, config, device, dtype, made))
-        placed = _plan(config, resolved, device, dtype, progress, made)
+        resolved = resolve(config.model, progress, precheck=partial(_precheck, config, device, dtype, made,
+                                                                    kernel=kernel))
+        placed = _plan(config, resolved, device, dtype, progress, made, kernel)
         check_prefetch(config.cache, placed.cfg.num_experts)     # before any weight is read
         loaded, model, stats, measured = _build(config, resolved.path, placed, device, dtype, kernel, progress)
         tokenizer, eos = _tokenizer(config, resolved, loaded.cfg, progress)

@@ -210,7 +210,7 @@ class MoEModel:
             if not last_only:
                 kept.append(x)
         x = torch.cat(kept) if not last_only else x[-1:]
-        return F.linear(rms_norm(x, self.trunk.norm, self.cfg.rms_norm_eps), self.trunk.lm_head).float()
+        return qlinear(rms_norm(x, self.trunk.norm, self.cfg.rms_norm_eps), self.trunk.lm_head, self.kernel).float()
 
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor, pos: list[int], seqs: list[int]) -> torch.Tensor:
@@ -225,7 +225,8 @@ class MoEModel:
             step = Decode(self, seqs, pos)
             x = self.decode_hidden(ids, step)
         h = rms_norm(x, self.trunk.norm, self.cfg.rms_norm_eps)
-        return (F.linear(h, self.trunk.lm_head) if step is None else step.linear(h, self.trunk.lm_head)).float()
+        lm = self.trunk.lm_head          # dense, or int8 on the CPU kernels
+        return (qlinear(h, lm, self.kernel) if step is None else step.linear(h, lm, self.kernel)).float()
 
     def decode_hidden(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
         """ids [B] -> the last hidden states [B, H]; fills each row's KV slot at its position."""

@@ -83,8 +83,9 @@ def dequant_scratch(shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype)
     tests/test_plan.py): the unpacked codes in ``dtype`` (N values; 3-bit packs unpack their padded rows),
     which are then scaled in place, plus the larger of two transients: unpacking's integer codes (one byte
     each, four at 3 bits; none at 8 bits, which converts directly) or making the zero / scale row (two rows
-    of M = N / group values alive at once, plus up to four scalars). Dense: none."""
-    if not spec.enabled:
+    of M = N / group values alive at once, plus up to four scalars). Dense and the CPU kernels' formats
+    (read in place by their kernels): none."""
+    if not spec.enabled or spec.packing != "hqq":
         return 0
     m = shape[0] * shape[1] // spec.group_size
     rows = 10 * math.ceil(spec.group_size / 10) if spec.bits == 3 else spec.group_size
@@ -118,6 +119,13 @@ def prefill_activations(cfg: ModelConfig, max_context: int, dtype: torch.dtype, 
     return T * per_token + T * S * (1 + b) + unfused
 
 
+def _lm_head_bytes(cfg: ModelConfig, quant: QuantConfig, dtype: torch.dtype) -> int:
+    """The output projection: its own tensor, or none when tied to the embeddings and held as they are."""
+    if cfg.tie_word_embeddings and not quant.lm_head.enabled:
+        return 0
+    return _nbytes(weight_fields("lm_head", (cfg.vocab_size, cfg.hidden_size), quant.lm_head, dtype))
+
+
 def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: torch.dtype,
                 sequences: int = 1) -> Sizes:
     """Bytes of every part; ``sequences`` KV caches of ``max_context`` tokens (one per answer of a batch)."""
@@ -147,7 +155,7 @@ def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: t
                   + [dequant_scratch(s, quant.attn, dtype) for s in list(attn_shapes.values()) + mlp_shapes])
     return Sizes(
         expert=layout.nbytes, attention=attention,
-        embed=cfg.vocab_size * h * b, lm_head=0 if cfg.tie_word_embeddings else cfg.vocab_size * h * b,
+        embed=cfg.vocab_size * h * b, lm_head=_lm_head_bytes(cfg, quant, dtype),
         norms=(2 * L + 1) * h * b, router=Lm * cfg.num_experts * h * b + gate,
         kv=sequences * L * max_context * cfg.kv_width * b, rope=2 * max_context * cfg.rope_dim * b,
         scratch=scratch, activations=prefill_activations(cfg, max_context, dtype),
@@ -337,7 +345,7 @@ def plan_for(model_cfg: ModelConfig, quant: QuantConfig, max_context: int, vram_
     s = model_sizes(model_cfg, quant, max_context, dtype, sequences)
     L, E = model_cfg.num_moe_layers, model_cfg.num_experts
     overhead = host_overhead if host_overhead is not None else (HOST_OVERHEAD_CUDA if cuda else HOST_OVERHEAD_CPU)
-    qdesc = f"attention {quant.attn.describe()}, experts {quant.experts.describe()}"
+    qdesc = quant.describe()
 
     if cuda and vram_bytes is None and vram_budget is None:
         from .memory import gpu_free_total, nvml_available
@@ -505,7 +513,7 @@ def presets_markdown(quant: QuantConfig, vram_gib: float, ram_gib: float, max_co
     the README's table of what runs where."""
     out = ["| model | family | experts | placement | k per layer | experts on GPU | GPU use | RAM use | "
            "misses/token (uniform) |", "|---|---|---|---|---|---|---|---|---|"]
-    for name in names or [n for n, c in PRESETS.items() if not n.startswith(("tiny", "mid", "memory"))]:
+    for name in names or [n for n, c in PRESETS.items() if not n.startswith(("tiny", "mid", "memory", "cpu-bench"))]:
         cfg = PRESETS[name]
         q = quant.for_family(cfg.family)
         p = plan_for(cfg, q, max_context, vram_bytes=int(vram_gib * GiB), ram_bytes=int(ram_gib * GiB),

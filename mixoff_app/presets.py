@@ -58,6 +58,10 @@ PRESETS: dict[str, ModelConfig] = {
     # bench/decode_cpu.py: Mixtral's structure with smaller matrices, fits in RAM unquantized
     "mid": ModelConfig(vocab_size=2048, hidden_size=512, intermediate_size=1792, num_layers=8, num_heads=8,
                        num_kv_heads=2, head_dim=64, num_experts=8, top_k=2, max_position_embeddings=4096),
+    # bench/llama_cpp_cpu.py and bench/cpu_formats.py: the CPU comparison with llama.cpp (Mixtral's structure; every
+    # matrix large enough that decode is bound by reading weights, small enough to convert and quantize in seconds)
+    "cpu-bench": ModelConfig(vocab_size=2048, hidden_size=768, intermediate_size=2048, num_layers=8, num_heads=12,
+                             num_kv_heads=4, head_dim=64, num_experts=8, top_k=2, max_position_embeddings=4096),
     # bench/memory.py and the budget tests: few layers, large experts, so experts dominate a process's RSS
     "memory-bench": ModelConfig(vocab_size=512, hidden_size=1024, intermediate_size=4096, num_layers=2, num_heads=8,
                                 num_kv_heads=2, head_dim=128, num_experts=8, top_k=2, max_position_embeddings=2048),

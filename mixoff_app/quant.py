@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 
 from .config import QuantSpec
+from .cpu_weights import CpuWeight, Int4Weight, cpu_fields, cpu_weight_from, dequantize_cpu, quantize_cpu, repack_int4
+from .fields import Field
 
 FP = torch.float16   # dtype of scales/zeros at rest (what the reference checkpoint stores)
 
@@ -108,12 +110,15 @@ def _meta_group(n: int, want: Optional[int]) -> Optional[int]:
     return want if n % want == 0 else None
 
 
-def quantize(W: torch.Tensor, spec: QuantSpec, device: str | torch.device = "cpu") -> QWeight:
-    """Quantize a 2-D weight with hqq's optimiser (axis 0) and 8-bit meta-quantize its scale and zero."""
+def quantize(W: torch.Tensor, spec: QuantSpec, device: str | torch.device = "cpu") -> QWeight | CpuWeight:
+    """Quantize a 2-D weight with hqq's optimiser (axis 0) and 8-bit meta-quantize its scale and zero; a CPU
+    packing goes to its own quantizer (cpu_weights.py)."""
     from hqq.core.quantize import Quantizer
 
     if W.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
+    if spec.packing != "hqq":
+        return quantize_cpu(W.to(device), spec)
     if W.numel() % spec.group_size:
         raise ValueError(f"group size {spec.group_size} does not divide a weight of shape {tuple(W.shape)}")
     dev = str(device)
@@ -158,6 +163,20 @@ def dequantize(q: QWeight, dtype: torch.dtype = FP) -> torch.Tensor:
     return W.sub_(_zero(q, dtype)).mul_(_scale(q, dtype)).reshape(q.shape)
 
 
+def requantize(w: torch.Tensor | QWeight | CpuWeight, spec: QuantSpec,
+               device: str | torch.device = "cpu") -> torch.Tensor | QWeight | CpuWeight:
+    """``w`` in the format ``spec`` names. Exact when only an int4 weight's layout changes (the bytes move);
+    otherwise the weight is dequantized to float32 and quantized again, which adds the new format's error to
+    the old one's (bench/cpu_formats.py measures it)."""
+    if isinstance(w, Int4Weight) and spec.packing == "int4" and spec.group_size == w.group_size:
+        return repack_int4(w, spec.int4_layout)
+    if isinstance(w, QWeight):
+        w = dequantize(w, torch.float32)
+    elif not isinstance(w, torch.Tensor):
+        w = dequantize_cpu(w)
+    return quantize(w, spec, device) if spec.enabled else w
+
+
 def linear(x: torch.Tensor, w) -> torch.Tensor:
     """x @ W.T for a dense tensor or a QWeight (dequantized on the fly in x's dtype)."""
     if isinstance(w, QWeight):
@@ -167,21 +186,12 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
 
 # ---- sizes and layouts (shared by the store, the checkpoint writer and the planner) ---------------
 
-@dataclass(frozen=True)
-class Field:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
-
 def weight_fields(prefix: str, shape: tuple[int, int], spec: QuantSpec, dense_dtype: torch.dtype) -> list[Field]:
     """The tensors that represent one linear weight under ``spec`` (in the order they are stored)."""
     if not spec.enabled:
         return [Field(f"{prefix}.weight", tuple(shape), dense_dtype)]
+    if spec.packing != "hqq":
+        return cpu_fields(prefix, tuple(shape), spec)
     out, inp = shape
     n = out * inp
     if n % spec.group_size:
@@ -205,8 +215,12 @@ def weight_fields(prefix: str, shape: tuple[int, int], spec: QuantSpec, dense_dt
     return fields
 
 
-def qweight_from(tensors: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int], spec: QuantSpec) -> QWeight:
-    """Assemble a QWeight from tensors named like ``weight_fields`` produces."""
+def qweight_from(tensors: dict[str, torch.Tensor], prefix: str, shape: tuple[int, int],
+                 spec: QuantSpec) -> QWeight | CpuWeight:
+    """Assemble a QWeight (or a CPU-format weight) from tensors named like ``weight_fields`` produces."""
+    if spec.packing != "hqq":
+        return cpu_weight_from(tensors, prefix, shape, spec)
+
     def get(n):
         return tensors.get(f"{prefix}.{n}")
     return QWeight(shape=tuple(shape), bits=spec.bits, group_size=spec.group_size, W_q=get("W_q"),

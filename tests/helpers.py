@@ -15,12 +15,21 @@ from mixoff_app.engine import Engine
 ENGINE_KEYS = ("max_batch", "per_client", "max_waiting")
 
 
-def load(tiny_dir, k=None, quant: QuantConfig = NO_QUANT, policy="lru", prefetch=0, max_context=512, **kw) -> Engine:
+def load(tiny_dir, k=None, quant: QuantConfig = NO_QUANT, policy="lru", prefetch=0, max_context=512,
+         kernel="auto", **kw) -> Engine:
     """An engine on the CPU; ``kw``: CacheConfig fields, or the batch's (max_batch, per_client, max_waiting)."""
     batch = {key: kw.pop(key) for key in ENGINE_KEYS if key in kw}
     return Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=quant,
                                     cache=CacheConfig(sizes=None if k is None else (k,), policy=policy, prefetch=prefetch, **kw),
-                                    max_context=max_context, **batch))
+                                    max_context=max_context, kernel=kernel, **batch))
+
+
+def for_this_cpu():
+    """``save_quantized``'s hold that writes what ``--kernel auto`` holds on this machine: the CPU kernels'
+    formats where they run (so every placement, disk included, reads them as stored), else None (hqq)."""
+    from mixoff_app.cpu_weights import cpu_hold
+    from mixoff_app.kernels.cpu import probe
+    return cpu_hold(probe().layout) if probe().ok else None
 
 
 def greedy_ids(engine: Engine, ids, n=32) -> list[int]:

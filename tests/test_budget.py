@@ -5,7 +5,8 @@ refused with the planner's message before anything is allocated.
 The model is a random Mixtral-shaped checkpoint (2 layers, H=1024, F=4096, 2-bit experts of 4.5 MiB) written
 straight into the mixoff format, big enough that its experts, not the libraries, dominate the RSS. Each
 measurement runs in a fresh process (bench/memory.py), after all imports, so freed memory from other tests
-cannot hide growth."""
+cannot hide growth. The engines run the reference path (``kernel="torch"``), which holds the 2-bit experts as
+stored (the CPU kernels hold them as 4-bit, converted at load, and cannot read them from disk)."""
 from __future__ import annotations
 
 import json
@@ -33,7 +34,8 @@ def synthetic(tiny_dir, tmp_path_factory):
 
 
 def run_bench(model, **kw) -> dict:
-    args = [sys.executable, str(ROOT / "bench" / "memory.py"), "--model", str(model), "--max-context", str(CONTEXT)]
+    args = [sys.executable, str(ROOT / "bench" / "memory.py"), "--model", str(model), "--max-context", str(CONTEXT),
+            "--kernel", "torch"]
     for k, v in kw.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
@@ -82,16 +84,16 @@ def test_ram_budget_that_fits_exclusive_but_not_inclusive(synthetic):
 
 def test_impossible_budget_is_a_clear_refusal(synthetic):
     with pytest.raises(ConfigError, match="does not fit.*needs"):
-        Engine.load(EngineConfig(model=str(synthetic), device="cpu", max_context=CONTEXT,
+        Engine.load(EngineConfig(model=str(synthetic), device="cpu", max_context=CONTEXT, kernel="torch",
                                  ram_budget=40 * MiB))
     with pytest.raises(ConfigError, match="needs at least .* device memory with k=1"):
-        Engine.load(EngineConfig(model=str(synthetic), device="cpu", max_context=CONTEXT,
+        Engine.load(EngineConfig(model=str(synthetic), device="cpu", max_context=CONTEXT, kernel="torch",
                                  vram_budget=4 * MiB))
 
 
 def test_vram_budget_sets_k(synthetic):
     p2 = cpu_plan(synthetic, placement="inclusive", sizes=(2, 2), ram_budget=1 << 40)
-    eng = Engine.load(EngineConfig(model=str(synthetic), device="cpu", max_context=CONTEXT,
+    eng = Engine.load(EngineConfig(model=str(synthetic), device="cpu", max_context=CONTEXT, kernel="torch",
                                    cache=CacheConfig(placement="inclusive"), vram_budget=p2.device_total))
     assert eng.model.cache.sizes == (2, 2)
     # At this budget more answers' KV caches would cost expert slots: one answer at a time keeps k = 2.
@@ -107,7 +109,7 @@ def test_a_re_plan_that_breaks_the_budget_is_refused_before_anything_moves(tiny_
                         sizes=[k] * cfg.num_layers, ram_bytes=1 << 34).device_total for k in (2, 8)}
     assert need[2] < need[8]
     budget = (need[2] + need[8]) // 2
-    eng = Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=quant, max_context=256,
+    eng = Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=quant, max_context=256, kernel="torch",
                                    cache=CacheConfig(sizes=(2,), placement="inclusive"), vram_budget=budget))
     with pytest.raises(ConfigError, match="does not fit"):
         eng.reconfigure_cache(CacheConfig(sizes=(8,), placement="inclusive"))

@@ -29,9 +29,18 @@ def test_generate_json_matches_transformers_for_every_cache_size(tiny_dir, hf_mo
 
 
 def test_quantized_generation_runs(tiny_dir):
-    out = json.loads(cli("generate", "--model", tiny_dir, "--prompt", "Hi", "--max-new-tokens", 6, "--greedy",
-                         "--cache-size", 2, "--device", "cpu", "--json", "--quiet").stdout)
-    assert out["quant"] == "attention 4-bit g64, experts 2-bit g16"
+    """On a CPU the default kernel is torch's CPU kernels, which hold the weights in their own format; --kernel
+    torch keeps the hqq formats (attention 4-bit g64, Mixtral's experts 2-bit g16)."""
+    from mixoff_app.kernels.cpu import probe
+    args = ("generate", "--model", tiny_dir, "--prompt", "Hi", "--max-new-tokens", 6, "--greedy", "--cache-size", 2,
+            "--device", "cpu", "--json", "--quiet")
+    out = json.loads(cli(*args).stdout)
+    if probe().ok:
+        assert out["kernel"] == "cpu" and out["quant"] == ("attention 4-bit g64 (cpu int4), experts 4-bit g64 "
+                                                           "(cpu int4), lm_head 8-bit per row (cpu int8)")
+    assert len(out["token_ids"]) == 6
+    out = json.loads(cli(*args, "--kernel", "torch").stdout)
+    assert out["kernel"] == "torch" and out["quant"] == "attention 4-bit g64, experts 2-bit g16"
     assert len(out["token_ids"]) == 6
 
 
@@ -67,11 +76,13 @@ def test_make_tiny_is_deterministic(tmp_path, tiny_dir):
 
 
 def test_quantize_then_generate_from_our_format(tiny_dir, tmp_path):
+    """The same codes from the hub weights and from our format (on the reference path, which holds them as stored;
+    ``quantize --for-cpu`` and the CPU kernels: tests/test_cpu_model.py)."""
     cli("quantize", tiny_dir, tmp_path / "q", "--attn-bits", "4", "--expert-bits", "2")
     a = json.loads(cli("generate", "--model", tiny_dir, "--prompt", "Hi", "--max-new-tokens", 8, "--greedy",
-                       "--device", "cpu", "--json", "--quiet").stdout)
+                       "--device", "cpu", "--json", "--quiet", "--kernel", "torch").stdout)
     b = json.loads(cli("generate", "--model", tmp_path / "q", "--prompt", "Hi", "--max-new-tokens", 8, "--greedy",
-                       "--device", "cpu", "--json", "--quiet").stdout)
+                       "--device", "cpu", "--json", "--quiet", "--kernel", "torch").stdout)
     assert a["token_ids"] == b["token_ids"]
 
 

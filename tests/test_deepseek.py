@@ -80,7 +80,7 @@ def test_quantized_runtime_matches_transformers_on_dequantized_weights(checkpoin
     """q_a_proj, q_b_proj, kv_a_proj_with_mqa and o_proj 4-bit, experts 2-bit, through qlinear; the latent's
     kv_b_proj stays in the model's dtype (the absorbed attention multiplies by it per head)."""
     folder, hf = checkpoint
-    engine = load(folder, k=3, quant=QuantConfig.from_bits(4, 2))
+    engine = load(folder, k=3, quant=QuantConfig.from_bits(4, 2), kernel="torch")      # the hqq formats as asked
     ref = copy.deepcopy(hf)
     sd = ref.state_dict()
     for i, lw in enumerate(engine.model.trunk.layers):

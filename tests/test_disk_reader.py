@@ -61,7 +61,8 @@ def test_disk_prefetch_does_not_block_decode(tiny_dir, tmp_path, monkeypatch):
     from mixoff_app.engine import Engine
     from mixoff_app.stores import disk as disk_store
 
-    path = save_quantized(tiny_dir, tmp_path / "q", QuantConfig())
+    from helpers import for_this_cpu
+    path = save_quantized(tiny_dir, tmp_path / "q", QuantConfig(), hold=for_this_cpu())     # what disk reads as stored
 
     def load(prefetch):
         return Engine.load(EngineConfig(model=str(path), device="cpu", max_context=128,

@@ -114,8 +114,9 @@ def cfg_layers(engine) -> int:
 
 @pytest.fixture(scope="module")
 def quantized(family):
-    """The family's checkpoint quantized while loading (attention 4-bit g64, experts 2-bit g16)."""
-    return load(family[1], k=3, quant=QuantConfig.from_bits(4, 2))
+    """The family's checkpoint quantized while loading (attention 4-bit g64, experts 2-bit g16), on the reference
+    path, which holds the hqq formats as asked (the CPU kernels' formats: tests/test_cpu_model.py)."""
+    return load(family[1], k=3, quant=QuantConfig.from_bits(4, 2), kernel="torch")
 
 
 def test_quantized_runtime_matches_transformers_on_dequantized_weights(family, quantized, prompt):
@@ -160,13 +161,13 @@ def test_own_format_records_the_family_and_reloads_identically(family, quantized
     from safetensors import safe_open
     with safe_open(str(out / "trunk.safetensors"), "pt") as fh:
         assert fh.metadata()["mixoff.family"] == name
-    b = load(out, k=2)
+    b = load(out, k=2, kernel="torch")
     assert b.info.checkpoint_format == "mixoff" and b.info.family == name
     ids = torch.tensor(prompt)
     # Same codes; the format stores the unquantized trunk (norms, biases, embeddings) in float16.
     torch.testing.assert_close(b.model.forward(ids, 0, last_only=False),
                                quantized.model.forward(ids, 0, last_only=False), rtol=1e-2, atol=1e-2)
-    disk = load(out, k=2, placement="disk")
+    disk = load(out, k=2, placement="disk", kernel="torch")
     assert greedy_ids(disk, prompt, 8) == greedy_ids(b, prompt, 8)
 
 

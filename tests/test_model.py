@@ -57,10 +57,11 @@ def test_prefetch_does_not_change_outputs(tiny_dir, prompt):
 
 
 def test_quantized_runtime_matches_transformers_on_dequantized_weights(tiny_dir, hf_model, prompt):
-    """With quantization on, our logits equal transformers' run on the weights we dequantize."""
+    """With quantization on, our logits equal transformers' run on the weights we dequantize (the reference path,
+    which holds the hqq formats as asked; the CPU kernels' formats: tests/test_cpu_model.py)."""
     import copy
     quant = QuantConfig.from_bits(4, 2)
-    engine = load(tiny_dir, k=3, quant=quant)
+    engine = load(tiny_dir, k=3, quant=quant, kernel="torch")
     ref = copy.deepcopy(hf_model)
     sd = ref.state_dict()
     for i, lw in enumerate(engine.model.trunk.layers):

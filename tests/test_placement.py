@@ -19,7 +19,9 @@ def mixoff_dir(tiny_dir, tmp_path_factory):
 
 
 def load(path, placement, k, prefetch=0, policy="lru"):
-    return Engine.load(EngineConfig(model=str(path), device="cpu", max_context=256,
+    # The reference path holds the 2-bit experts as stored, which the disk tier reads; the CPU kernels' own
+    # format is held to the same invariance in tests/test_cpu_model.py.
+    return Engine.load(EngineConfig(model=str(path), device="cpu", max_context=256, kernel="torch",
                                     cache=CacheConfig(sizes=(k,), placement=placement, prefetch=prefetch,
                                                       policy=policy)))
 

@@ -45,12 +45,18 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def test_sizes_match_the_tiny_model_to_the_byte(tiny_dir):
-    quant = QuantConfig()
-    eng = Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=quant, max_context=300,
-                                   cache=CacheConfig(sizes=(3,))))
+@pytest.mark.parametrize("kernel", ["torch", "cpu"])
+def test_sizes_match_the_tiny_model_to_the_byte(tiny_dir, kernel):
+    """Sized from the quantization the engine holds: as asked on the reference path, the CPU kernels' formats
+    (int4 along the input dimension) on the CPU kernel path."""
+    from mixoff_app.kernels.cpu import probe
+    if kernel == "cpu" and not probe().ok:
+        pytest.skip(probe().reason)
+    eng = Engine.load(EngineConfig(model=str(tiny_dir), device="cpu", quant=QuantConfig(), max_context=300,
+                                   cache=CacheConfig(sizes=(3,)), kernel=kernel))
     m, cfg = eng.model, eng.model.cfg
-    s = model_sizes(cfg, quant, 300, torch.float32, sequences=m.kv_slots)     # a KV cache per answer slot
+    assert (eng.quant.experts.packing == "int4") == (kernel == "cpu")
+    s = model_sizes(cfg, eng.quant, 300, torch.float32, sequences=m.kv_slots)     # a KV cache per answer slot
     assert m.kv_slots == DEFAULT_MAX_BATCH
 
     def nb(t):

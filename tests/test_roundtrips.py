@@ -19,7 +19,10 @@ from mixoff_app.op_counts import count_syncs
 @pytest.fixture(scope="module")
 def mixoff_dir(tiny_dir, tmp_path_factory):
     from mixoff_app.checkpoints import save_quantized
-    return save_quantized(tiny_dir, tmp_path_factory.mktemp("rt") / "tiny-q", QuantConfig())
+
+    from helpers import for_this_cpu
+    # in the format the default kernel holds, which every placement reads as stored
+    return save_quantized(tiny_dir, tmp_path_factory.mktemp("rt") / "tiny-q", QuantConfig(), hold=for_this_cpu())
 
 
 def run_cli(monkeypatch, capsys, path, n, *extra) -> tuple[int, int]:

@@ -221,13 +221,15 @@ def test_builtins_survive_phrasings_held_out_of_training(shipped, report):
     assert not any("zip" in q for q in wrong)
 
 
-def test_the_app_answers_zip_as_it_runs_the_demo():
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_the_app_answers_zip_as_it_runs_the_demo(kernel):
     """The question as a user asks it, through mixoff's runtime at the app's default quantization (the family's:
-    4-bit attention, 2-bit experts) on the CPU."""
+    4-bit attention, 2-bit experts) on the CPU: on the CPU kernels (the default there), which hold the experts
+    as 4-bit, and on the reference path, which holds them as asked."""
     from mixoff_app.config import EngineConfig, SamplingParams
     from mixoff_app.engine import Engine
-    engine = Engine.load(EngineConfig(model=str(ASSET_DIR), device="cpu"))
-    assert engine.quant.experts.bits == 2
+    engine = Engine.load(EngineConfig(model=str(ASSET_DIR), device="cpu", kernel=kernel))
+    assert engine.quant.experts.bits == (4 if engine.info.kernel == "cpu" else 2)
     for q in ("What does the built-in function zip() do?", "What does the built-in function zip do?",
               "What does len do?"):
         text = "".join(ev.text for ev in engine.stream_chat([{"role": "user", "content": q}],

@@ -107,8 +107,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
                         "answers 429) (default 16)")
     p.add_argument("--kernel", choices=KERNELS, default="auto",
                    help="quantized matmul: triton (fused kernels reading the packed codes; on a CPU they run in "
-                        "Triton's interpreter, slowly, for tests), torch (dequantize, then matmul), or auto "
-                        "(triton on a CUDA GPU, torch elsewhere; the default)")
+                        "Triton's interpreter, slowly, for tests), cpu (torch's int4/int8 CPU kernels, weights "
+                        "held in their formats, dense weights through oneDNN), torch (dequantize, then matmul), or "
+                        "auto (triton on a CUDA GPU, cpu on a CPU that runs it, torch elsewhere; the default)")
 
 
 def _sizes(cache_size) -> Optional[tuple[int, ...]]:

@@ -1,10 +1,12 @@
 """Quantized matmul behind one seam: ``qlinear(x, w, kernel)``, and ``swiglu(x, w1, w3, kernel)`` for an
 expert's gate and up projections (one fused launch for a decoded token).
 
-``kernel`` is what ``resolve_kernel`` made of ``--kernel auto|triton|torch`` for the model's device:
-``"torch"`` dequantizes the whole weight and multiplies (the reference, and the CPU default);
+``kernel`` is what ``resolve_kernel`` made of ``--kernel auto|triton|torch|cpu`` for the model's device:
+``"torch"`` dequantizes the whole weight and multiplies (the reference);
 ``"triton"`` reads the packed codes inside fused Triton kernels (``qmatmul``). On a CPU the Triton kernels
-run in Triton's interpreter, which is slow and there for tests.
+run in Triton's interpreter, which is slow and there for tests;
+``"cpu"`` runs torch's own int4/int8 CPU kernels on weights held in their formats (``cpu.py``,
+``cpu_weights.py``), and dense weights through oneDNN: the CPU default where ``cpu.probe()`` passes.
 
 Triton decides between compiling and interpreting when a kernel is decorated, from ``TRITON_INTERPRET``.
 So the kernels' source is loaded as two modules: ``qmatmul`` as the environment says, and, for CPU tensors,
@@ -26,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import KERNELS, ConfigError
+from ..cpu_weights import Int4Weight, Int8Weight
 from ..quant import QWeight, dequantize
+from . import cpu
 from .geometry import geometry
 
 MIN_CAPABILITY = (7, 0)      # Triton's NVIDIA backend starts at Volta
@@ -67,13 +71,23 @@ def backend(device_type: str) -> ModuleType:
 
 
 def resolve_kernel(kernel: str, device: torch.device | str) -> str:
-    """``auto`` | ``triton`` | ``torch`` on ``device`` -> ``"triton"`` or ``"torch"``.
+    """``auto`` | ``triton`` | ``torch`` | ``cpu`` on ``device`` -> ``"triton"``, ``"cpu"`` or ``"torch"``.
 
-    auto: triton on a CUDA GPU that Triton supports and where triton imports, torch elsewhere. An explicit
-    ``triton`` that cannot work is a ConfigError with one sentence saying why."""
+    auto: triton on a CUDA GPU that Triton supports and where triton imports, cpu on a CPU where torch's CPU
+    kernels pass ``cpu.probe()``, torch elsewhere. An explicit ``triton`` or ``cpu`` that cannot work is a
+    ConfigError with one sentence saying why."""
     if kernel not in KERNELS:
         raise ConfigError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
     dev = torch.device(device)
+    if kernel == "cpu" or (kernel == "auto" and dev.type == "cpu"):
+        if dev.type != "cpu":
+            raise ConfigError("--kernel cpu runs torch's CPU kernels, for --device cpu: on a GPU use auto, "
+                              "triton or torch")
+        if cpu.probe().ok:
+            return "cpu"
+        if kernel == "auto":
+            return "torch"
+        raise ConfigError(f"--kernel cpu: {cpu.probe().describe()}; use --kernel torch")
     if kernel == "torch" or (kernel == "auto" and dev.type != "cuda"):
         return "torch"
     if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < MIN_CAPABILITY:
@@ -132,7 +146,13 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor | QWeight, w3: torch.Tensor | QWeig
            kernel: str = "torch") -> torch.Tensor:
     """silu(x @ W1.T) * (x @ W3.T), an expert's gate and up projections. With ``kernel="triton"``, one token
     and two fused weights of one format, it is one launch that reads x once and writes only the product (on
-    a GPU three launches fewer per expert); otherwise the two matmuls, silu and the product."""
+    a GPU three launches fewer per expert); otherwise the two matmuls, silu and the product. With
+    ``kernel="cpu"`` and CPU-format weights the product is bfloat16 (``cpu.swiglu``), as is then the expert's
+    output: callers add it into their own dtype."""
+    if kernel == "cpu":
+        if isinstance(w1, (Int4Weight, Int8Weight)) and isinstance(w3, (Int4Weight, Int8Weight)):
+            return cpu.swiglu(x, w1, w3)          # bfloat16: the down projection's kernel reads it as it is
+        return F.silu(qlinear(x, w1, kernel)) * qlinear(x, w3, kernel)
     if (kernel == "triton" and x.shape[0] == 1 and x.dim() == 2 and fused(w1) and isinstance(w3, QWeight)
             and _format(w1) == _format(w3)):
         g = _geometry(tuple(w1.shape), w1.bits, w1.group_size)
@@ -147,7 +167,15 @@ def qlinear(x: torch.Tensor, w: torch.Tensor | QWeight, kernel: str = "torch") -
 
     With ``kernel="triton"`` a QWeight is read by the fused kernels; the one shape they do not take (a
     group that straddles output rows: out not a multiple of the group size, which only toy models have)
-    falls back to dequantize + matmul."""
+    falls back to dequantize + matmul.
+
+    With ``kernel="cpu"`` CPU-format and dense weights run in torch's CPU kernels; an hqq weight the int4
+    kernel could not take (the engine said which at load) takes the reference path. A CPU-format weight under
+    another kernel is dequantized (the reference)."""
+    if kernel == "cpu" and not isinstance(w, QWeight):
+        return cpu.qlinear(x, w)
+    if isinstance(w, (Int4Weight, Int8Weight)):
+        return cpu.reference(x, w)
     if not isinstance(w, QWeight):
         return F.linear(x, w)
     if kernel == "triton":
@@ -167,17 +195,28 @@ def qlinear(x: torch.Tensor, w: torch.Tensor | QWeight, kernel: str = "torch") -
 # compute each row the same whatever the others are. The weight is still fetched (and dequantized) once.
 
 def _row_invariant(kernel: str, w) -> bool:
-    """Whether ``qlinear(x, w, kernel)`` gives each row of x the bits it gets as a one-row call."""
-    return False
+    """Whether ``qlinear(x, w, kernel)`` gives each row of x the bits it gets as a one-row call: the CPU
+    kernels' int4/int8 weights where the probe measured it at load; nothing else (dense fp32 GEMM and GEMV round
+    differently, and the reference path's dequantized matmul is dense)."""
+    return kernel == "cpu" and isinstance(w, (Int4Weight, Int8Weight)) and cpu.probe().rows_alone
 
 
 def qlinear_rows(x: torch.Tensor, w: torch.Tensor | QWeight, kernel: str = "torch") -> torch.Tensor:
     """``qlinear`` over the rows of x [B, in], each row bit for bit ``qlinear(x[b:b+1], w, kernel)``."""
     if x.shape[0] == 1 or _row_invariant(kernel, w):
         return qlinear(x, w, kernel)
-    if isinstance(w, QWeight) and kernel == "torch":
-        w = dequantize(w, x.dtype)          # once for all rows: the same tensor each one-row call would make
+    if kernel == "torch":
+        w = _dequantized(w, x.dtype)        # once for all rows: the same tensor each one-row call would make
     return torch.cat([qlinear(x[b:b + 1], w, kernel) for b in range(x.shape[0])])
+
+
+def _dequantized(w, dtype: torch.dtype):
+    """What the reference path multiplies by: an hqq or CPU-format weight dequantized, a dense one as it is."""
+    if isinstance(w, QWeight):
+        return dequantize(w, dtype)
+    if isinstance(w, (Int4Weight, Int8Weight)):
+        return cpu.dequantize_cpu(w, dtype)
+    return w
 
 
 def swiglu_rows(x: torch.Tensor, w1: torch.Tensor | QWeight, w3: torch.Tensor | QWeight,
@@ -186,6 +225,5 @@ def swiglu_rows(x: torch.Tensor, w1: torch.Tensor | QWeight, w3: torch.Tensor | 
     if x.shape[0] == 1 or (_row_invariant(kernel, w1) and _row_invariant(kernel, w3)):
         return swiglu(x, w1, w3, kernel)
     if kernel == "torch":
-        w1 = dequantize(w1, x.dtype) if isinstance(w1, QWeight) else w1
-        w3 = dequantize(w3, x.dtype) if isinstance(w3, QWeight) else w3
+        w1, w3 = _dequantized(w1, x.dtype), _dequantized(w3, x.dtype)
     return torch.cat([swiglu(x[b:b + 1], w1, w3, kernel) for b in range(x.shape[0])])
