@@ -24,6 +24,7 @@ from .hub import REFERENCE_REPO, resolve, tokenizer_source
 from .limits import InputLimits, InputTooLong, check_chars, fit_conversation, template_overhead
 from .memory import read_memory
 from .model import Mixtral, Prefetcher
+from .route_log import RouteLog
 from .stats import Stats, StatsSnapshot
 
 Progress = Callable[[str], None]
@@ -278,6 +279,8 @@ class Engine:
         self._kv_ids: list[int] = []          # tokens whose K/V sit in the cache, from position 0
         self._kv_chunks: list[tuple[int, int]] = []    # the prefill chunks [a, b) that computed them
         self._kv_owner: Optional[str] = None  # the session whose turn put them there
+        self._routes = RouteLog()             # the routing of each token in _kv_ids, by position
+        self._prompt_prefix: Optional[list] = []   # the current (or last) answer's reused positions' routing
         self._overhead: Optional[int] = None  # chat-template tokens per turn, measured once
         self.limits = InputLimits.for_context(info.max_context, config.max_input_chars)
         self.memory_plan = self.memory_measured = None    # set by load() when it planned memory
@@ -418,6 +421,9 @@ class Engine:
         # flip a near-tied greedy choice). Decoded tokens were each their own step: reuse ends anywhere there.
         start = next((a for a, b in self._kv_chunks if a < start < b), start)
         self._kv_ids = self._kv_ids[:start]
+        self._routes.keep(start)
+        # Shorter than start only if an earlier answer's rows could not be lined up: then the prompt has no routing.
+        self._prompt_prefix = self._routes.segments() if len(self._routes) == start else None
         c = self.model.prefill_chunk
         self._kv_chunks = [(a, b) for a, b in self._kv_chunks if b <= start] + \
             [(a, min(a + c, len(ids))) for a in range(start, len(ids), c)]
@@ -431,6 +437,8 @@ class Engine:
         except BaseException:
             self._kv_ids = []      # the cache may hold a partial step: do not trust it for the next turn
             raise
+        finally:
+            self._routes.settle(len(self._kv_ids), self._stats.answer_route_segments())
 
     # ---- inspection -----------------------------------------------------------------------------
     def stats(self) -> StatsSnapshot:
@@ -463,6 +471,13 @@ class Engine:
     @property
     def last_routing(self) -> list:
         return self._stats.answer_routing()[0]
+
+    def answer_prompt_routing(self) -> Optional[list]:
+        """The routing of this (or the last) answer's whole prompt, token -> layer -> experts: the tokens it found
+        in the KV cache (kept from earlier answers) and those it prefilled. None where the log cannot vouch for it."""
+        if self._prompt_prefix is None:
+            return None
+        return [r for s in self._prompt_prefix + self._stats.prefill_routing for r in s.rows()]
 
     @property
     def last_routing_weights(self) -> list:

@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from .route_log import Segment
+
 ROLLING_TOKENS = 64
 HISTORY_TOKENS = 512
 
@@ -135,6 +137,9 @@ class Stats:
         self.prefill_tokens = 0
         self.routing: list = []            # this answer: token -> layer -> experts (by routing rank)
         self.routing_weights: list = []    # the same shape: each expert's routing weight
+        self.prefill_routing: list = []    # this answer's prefilled tokens: route_log segments, in order
+        self._prefill_chunks: list = []    # while prefilling: per chunk, per layer, [T, k] expert ids
+        self._prefill_chunk: Optional[list] = None
         self.generating = False
         self.last_token = tuple(LayerEvents() for _ in range(self.num_layers))
 
@@ -176,6 +181,15 @@ class Stats:
     def on_slot(self, layer: int, slot: int, expert: int) -> None:
         self.resident[layer][slot] = expert
 
+    def on_prefill_route(self, layer: int, experts) -> None:
+        """A prefill chunk's routing for one layer, ``experts`` [T, k] as the router left it (kept, not read:
+        the host reads it only if someone asks for the prompt's routing). Layers arrive in order, chunk by chunk."""
+        chunk = self._prefill_chunk
+        if not chunk or len(chunk) == self.num_layers:
+            chunk = self._prefill_chunk = []
+            self._prefill_chunks.append(chunk)
+        chunk.append(experts)
+
     def on_route(self, layer: int, experts: tuple[int, ...], weights: tuple[float, ...] = ()) -> None:
         """A decode step's routing for one layer: the model's one home for it (ids and weights arrive in
         the same host transfer, so recording them costs nothing)."""
@@ -212,10 +226,18 @@ class Stats:
             self.prefill_s = time.perf_counter() - self.answer_start
             self.prefill_tokens = num_tokens
             self._mark_prefill = self._counters()
+            self._keep_prefill_routing()
             self.answer_hits += self._tok_h
             self.answer_misses += self._tok_m
             self._publish_token_events()
             self._new_token_buffers()
+
+    def _keep_prefill_routing(self) -> None:
+        # A one-token chunk (a prompt of one new token, or a chunked prompt's last token) ran the decode path:
+        # its routing is this step's, recorded by on_route.
+        single = [Segment((tuple(self._tok_routing),))] if all(self._tok_routing) and self.num_layers else []
+        self.prefill_routing = [Segment(chunk=c) for c in self._prefill_chunks] + single
+        self._prefill_chunks, self._prefill_chunk = [], None
 
     def first_token_sent(self) -> None:
         """The answer's first token event is being handed to the caller: time to first token ends here."""
@@ -257,6 +279,11 @@ class Stats:
         """(experts, weights) of this (or the last) answer's decoded tokens: token -> layer -> tuple."""
         with self._lock:
             return list(self.routing), list(self.routing_weights)
+
+    def answer_route_segments(self) -> list:
+        """This answer's routing by position: its prefilled tokens, then its decoded ones (route_log segments)."""
+        with self._lock:
+            return list(self.prefill_routing) + [Segment(tuple(self.routing))]
 
     def snapshot(self, memory: MemoryReading) -> StatsSnapshot:
         with self._lock:
