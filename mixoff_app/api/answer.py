@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from ..events import TokenEvent
 
@@ -35,6 +35,7 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     mixoff: dict = field(default_factory=dict)
+    routing: Optional[dict] = None    # prompt_routed_experts and routed_experts, when the request asked for them
 
 
 def answer_view(engine: Any, completion_tokens: int, notices: list[str]) -> dict:
@@ -51,6 +52,18 @@ def answer_view(engine: Any, completion_tokens: int, notices: list[str]) -> dict
         "prefill_tokens": snap.prefill_tokens, "prefill_s": snap.prefill_s, "ttft_s": snap.ttft_s,
         "prefill": split["prefill"], "decode": split["decode"], "notices": list(notices),
     }
+
+
+def routing_view(engine: Any, prompt_tokens: int) -> dict:
+    """vLLM's routing fields for this answer (read while it still holds the engine): per prompt token and per
+    generated token, per expert layer, the chosen experts. What cannot be vouched for is null, as in vLLM."""
+    prompt = engine.answer_prompt_routing()
+    return {"prompt_routed_experts": _lists(prompt) if prompt is not None and len(prompt) == prompt_tokens else None,
+            "routed_experts": _lists(engine.last_routing)}
+
+
+def _lists(routing) -> list:
+    return [[list(ex) for ex in tok] for tok in routing]
 
 
 async def until(awaitable, is_disconnected: Callable[[], Any]):
@@ -71,8 +84,9 @@ async def until(awaitable, is_disconnected: Callable[[], Any]):
 class Answer:
     """``events``: the engine's event iterator, validated but not yet begun, made with ``cancel``."""
 
-    def __init__(self, engine: Any, events: Iterator[TokenEvent], cancel: threading.Event) -> None:
-        self.engine, self.events, self.cancel = engine, events, cancel
+    def __init__(self, engine: Any, events: Iterator[TokenEvent], cancel: threading.Event,
+                 routed: bool = False) -> None:
+        self.engine, self.events, self.cancel, self.routed = engine, events, cancel, routed
 
     def _work(self, put: Callable[[object], None], done: Callable[[], None]) -> None:
         n, notices = 0, []
@@ -86,8 +100,10 @@ class Answer:
                     notices.append(ev.text)
                 elif ev.kind == "done":
                     # The engine still holds this answer here, so the counters are this answer's alone.
-                    put(Finish(FINISH.get(ev.finish_reason or "eos", "stop"), ev.prompt_tokens or 0, n,
-                               answer_view(self.engine, n, notices)))
+                    prompt = ev.prompt_tokens or 0
+                    put(Finish(FINISH.get(ev.finish_reason or "eos", "stop"), prompt, n,
+                               answer_view(self.engine, n, notices),
+                               routing_view(self.engine, prompt) if self.routed else None))
         except BaseException as exc:      # noqa: BLE001 - handed to the request, which answers with it
             put(exc)
         finally:

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from ..access import public_info
 from ..config import ConfigError
 from ..limits import InputTooLong
 from .access import refusal, session, stats_view
@@ -78,7 +79,8 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
                 return error_response(ApiError(500, f"The server failed to answer: {type(exc).__name__}: {exc}"))
         return handle
 
-    async def start(request: Request, call: Callable[[threading.Event], Any]) -> tuple[Any, Answer]:
+    async def start(request: Request, call: Callable[[threading.Event], Any], routed: bool = False
+                    ) -> tuple[Any, Answer]:
         """Validate against the engine (tokenizing, context fit) before waiting in line: bad input fails at once."""
         engine = engine_or_503()
         cancel = threading.Event()
@@ -88,7 +90,7 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
             msg = str(exc)
             code = "context_length_exceeded" if isinstance(exc, InputTooLong) else "invalid_value"
             raise ApiError(400, msg[:1].upper() + msg[1:], code=code) from None
-        return engine, Answer(engine, events, cancel)
+        return engine, Answer(engine, events, cancel, routed or config.return_routed_experts)
 
     async def respond(request: Request, answer: Answer, shape: Shape, stream: bool, include_usage: bool) -> Response:
         if not stream:
@@ -144,7 +146,8 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
         req = parse_chat(parse_json(await read_body(request, config.max_body_bytes)), config.default_max_tokens)
         who = session(config, request.headers.get("authorization"))
         engine, answer = await start(request, lambda e, cancel: e.stream_chat(list(req.messages), req.params,
-                                                                             cancel=cancel, session=who))
+                                                                             cancel=cancel, session=who),
+                                     req.routed_experts)
         return await respond(request, answer, Shape(True, model_id(engine.info)), req.stream, req.include_usage)
 
     async def completions(request: Request) -> Response:
@@ -152,16 +155,22 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
                                config.default_max_tokens)
         who = session(config, request.headers.get("authorization"))
         engine, answer = await start(request, lambda e, cancel: e.stream_prompt(req.prompt, req.params,
-                                                                               cancel=cancel, session=who))
+                                                                               cancel=cancel, session=who),
+                                     req.routed_experts)
         return await respond(request, answer, Shape(False, model_id(engine.info)), req.stream, req.include_usage)
 
     async def stats(request: Request) -> Response:
         engine = engine_or_503()
         return JSONResponse(await run_in_threadpool(stats_view, engine, config, request.headers.get("authorization")))
 
+    async def info(request: Request) -> Response:
+        """The served model's shape, quantization and cache, without server paths: what a page driving this server
+        from elsewhere (``app.py --backend``) shows in its header."""
+        return JSONResponse(public_info(engine_or_503().info))
+
     table = [("/v1/models", list_models, "GET"), ("/v1/models/{model:path}", get_model, "GET"),
              ("/v1/chat/completions", chat_completions, "POST"), ("/v1/completions", completions, "POST"),
-             ("/v1/mixoff/stats", stats, "GET")]
+             ("/v1/mixoff/stats", stats, "GET"), ("/v1/mixoff/info", info, "GET")]
     routes: list[BaseRoute] = [Route(path, endpoint(fn), methods=[method]) for path, fn, method in table]
 
     async def unknown(request: Request) -> Response:
