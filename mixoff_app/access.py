@@ -132,6 +132,8 @@ def user_snapshot(snap: Any, own_answer: bool) -> Any:
     latest answer's routing, prompt size and timings only when that answer was theirs."""
     if own_answer:
         return snap
+    if hasattr(snap, "without_answer"):        # a remote backend's view (remote/snapshot.py) hides its own fields
+        return snap.without_answer()
     return replace(snap, routing=(), prefill_tokens=0, prefill_s=0.0, ttft_s=0.0, decode_s=0.0, answer_tokens=0)
 
 

@@ -29,6 +29,7 @@ from .chat import (
     strip_to_last_user,
     to_messages,
 )
+from .remote_panel import render_any_info, render_any_panel
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 PANEL_EVERY = 0.3         # seconds between panel refreshes (over 3 a second)
@@ -197,12 +198,12 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
             out_info = info_html if info_html != seen.get("info") else gr.skip()
             seen["panel"], seen["info"] = html, info_html
             return (html, out_info, *(gr.skip(),) * 5, seen)
-        html = panel.render_panel(visible_stats(engine, request), engine.info)
+        html = render_any_panel(visible_stats(engine, request), engine.info)
         out = [gr.skip()] * 7
         if html != seen.get("panel"):
             out[0] = seen["panel"] = html
         info = engine.info
-        info_html = panel.render_info(_shown_info(info))
+        info_html = render_any_info(_shown_info(info))
         if info_html != seen.get("info"):
             out[1] = seen["info"] = info_html
         may = operator(request)
@@ -210,11 +211,12 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
             # The controls take the loaded model's ranges and values once it is there, and are editable
             # only for the operator (the server checks again on Apply).
             seen["controls"] = may
-            out[2] = gr.update(value=info.cache.sizes[0], minimum=1, maximum=info.num_experts, interactive=may)
+            experts = getattr(info, "experts_bound", None) or info.num_experts    # a remote model's may be unknown
+            out[2] = gr.update(value=info.cache.sizes[0], minimum=1, maximum=experts, interactive=may)
             out[3] = gr.update(value=info.cache.policy, interactive=may)
-            out[4] = gr.update(value=info.cache.prefetch, maximum=info.num_experts, interactive=may)
+            out[4] = gr.update(value=info.cache.prefetch, maximum=experts, interactive=may)
             out[5] = gr.update(interactive=may, value="Apply" if may else "Apply (operator only)")
-            out[6] = gr.update(maximum=info.max_context)
+            out[6] = gr.update(maximum=info.max_context or max_new_tokens)
         return (*out, seen)
 
     def set_cache(k: float, policy: str, prefetch: float, request: gr.Request = None) -> tuple:
@@ -224,16 +226,17 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         if not operator(request):
             raise refuse("set_cache", OPERATOR_ONLY)
         info = engine.info
+        experts = getattr(info, "experts_bound", None) or info.num_experts
         try:
-            k = whole(k, "k (experts per layer on the device)", 1, info.num_experts)
-            prefetch = whole(prefetch, "prefetch", 0, info.num_experts)
+            k = whole(k, "k (experts per layer on the device)", 1, experts)
+            prefetch = whole(prefetch, "prefetch", 0, experts)
             policy = choice(policy, "the eviction policy", POLICIES)
             # keep what the UI does not set (placement, prefetch depth) as the engine has it
             cfg = replace(info.cache, sizes=(k,), policy=policy, prefetch=prefetch)
             engine.reconfigure_cache(cfg)
         except (ConfigError, ValueError) as exc:
             raise refuse("set_cache", str(exc)) from None
-        return panel.render_info(engine.info), f"Cache re-planned: k = {k}, {policy}, prefetch {prefetch}."
+        return render_any_info(engine.info), f"Cache re-planned: k = {k}, {policy}, prefetch {prefetch}."
 
     # ---- API-only endpoints ------------------------------------------------------------------
     def set_cache_api(k: int, policy: str, prefetch: int = 0, request: gr.Request = None) -> tuple[str, str]:
@@ -280,7 +283,7 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
     with gr.Blocks(title=TITLE, fill_width=True) as demo:
         with gr.Row(elem_id="mx-header"):
             gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="mx-title")
-        info_html = gr.HTML(panel.render_info(_shown_info(slot.engine.info)) if slot.engine else
+        info_html = gr.HTML(render_any_info(_shown_info(slot.engine.info)) if slot.engine else
                             '<div class="mx-info"><span class="mx-chip">loading the model…</span></div>',
                             elem_id="mx-info")
         with gr.Row(equal_height=False):
@@ -311,14 +314,15 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
             with gr.Column(scale=6, min_width=440):
                 panel_html = gr.HTML(panel.render_loading([redact_paths(x) for x in slot.lines])
                                      if slot.engine is None else
-                                     panel.render_panel(slot.engine.stats(), slot.engine.info),
+                                     render_any_panel(slot.engine.stats(), slot.engine.info),
                                      elem_id="mx-panel")
                 with gr.Accordion("Cache settings (re-plans the device cache without reloading)", open=False):
                     with gr.Row():
                         cache = slot.engine.info.cache if slot.engine else CacheConfig()
-                        n_exp = slot.engine.info.num_experts if slot.engine else 8
+                        n_exp = (getattr(slot.engine.info, "experts_bound", None) or slot.engine.info.num_experts
+                                 if slot.engine else 8)
                         # Read-only until the first panel tick says who is looking (and the model is loaded).
-                        top_k = slot.engine.info.top_k if slot.engine else 2
+                        top_k = (slot.engine.info.top_k or 2) if slot.engine else 2
                         k_slider = gr.Slider(1, n_exp, value=cache.sizes[0] if cache.sizes else top_k, step=1,
                                              label="k: experts per layer on device", elem_id="mx-k", interactive=False)
                         policy = gr.Dropdown(list(POLICIES), value=cache.policy, label="Eviction policy",
