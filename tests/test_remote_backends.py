@@ -104,6 +104,15 @@ def remote(url: str, key: str | None = None, **kw) -> RemoteEngine:
     return RemoteEngine(BackendConfig(url=url, key=key, **kw))
 
 
+def settled(engine: RemoteEngine, timeout: float = 60) -> RemoteSnapshot:
+    """The engine's view once the replay (computed beside, not in a panel tick) is done."""
+    deadline = time.time() + timeout
+    while (snap := engine.stats()).replaying:
+        assert time.time() < deadline, "the replay did not finish"
+        time.sleep(0.05)
+    return snap
+
+
 def answer(engine: RemoteEngine, messages=ASK, params=GREEDY) -> str:
     return "".join(ev.text for ev in engine.stream_chat(messages, params) if ev.kind == "token")
 
@@ -120,7 +129,7 @@ def test_a_vllm_answer_feeds_the_panel_and_the_replay():
         sent = vllm.requests[-1]
         assert sent["authorization"] == "Bearer vk" and sent["body"]["stream"] is True
         assert sent["body"]["return_routed_experts"] is True and sent["body"]["temperature"] == 0
-        snap = engine.stats()
+        snap = settled(engine)
     assert isinstance(snap, RemoteSnapshot) and snap.backend == "vllm"
     gen, prompt = whole["choices"][0]["routed_experts"], whole["prompt_routed_experts"]
     assert [[list(ex) for ex in tok] for tok in snap.routing] == gen
@@ -144,7 +153,7 @@ def test_the_replay_follows_the_k_the_operator_sets():
         engine = remote(vllm.url)
         answer(engine)
         engine.reconfigure_cache(CacheConfig(sizes=(3,), policy="lfu"))
-        snap = engine.stats()
+        snap = settled(engine)
         assert snap.replay_k == 3 and "k = 3" in {r.label for r in snap.replay}
         with pytest.raises(ConfigError, match="prefetch"):
             engine.reconfigure_cache(CacheConfig(sizes=(3,), prefetch=1))
@@ -168,7 +177,7 @@ def test_an_sglang_answer_is_read_with_a_known_models_shape():
         engine = remote(sglang.url)
         assert answer(engine) == "Each token uses four of sixty experts."
         assert sglang.requests[-1]["body"]["return_routed_experts"] is True, "SGLang asks per request"
-        snap = engine.stats()
+        snap = settled(engine)
     assert (engine.info.num_layers, engine.info.top_k) == (24, 4)
     assert len(snap.prompt_routing) == 9 and len(snap.routing) == 5, "9 + 6 - 1 positions, split at the prompt"
     assert all(len(tok) == 24 and all(len(ex) == 4 for ex in tok) for tok in snap.routing)
@@ -305,3 +314,41 @@ def test_trace_record_from_a_vllm_backend(tmp_path, capsys, monkeypatch):
     rc, err = cli_here(capsys, "trace", "record", "--backend", f"http://127.0.0.1:{free_port()}", "--prompt", "Hi",
                        tmp_path / "none.jsonl")
     assert rc == 2 and "could not reach" in err and not (tmp_path / "none.jsonl").exists()
+
+
+# ---- the page in front of vLLM ---------------------------------------------------------------------
+def test_the_page_in_front_of_vllm_shows_routing_replay_and_what_is_absent():
+    from gradio_client import Client
+
+    from mixoff_app.ui import EngineSlot, build_ui, launch_kwargs
+    from mixoff_app.ui.remote_panel import render_any_info, render_any_panel
+
+    whole = fixture("vllm_chat.json")
+    with engine_like(fixture("vllm_models.json"), fixture("vllm_chat_stream.txt"), whole) as vllm:
+        engine = remote(vllm.url)
+        demo = build_ui(EngineSlot(engine), max_new_tokens=24, examples=[])
+        port = free_port()
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                    **launch_kwargs())
+        try:
+            client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            text = client.predict("What does a mixture of experts do?", [], "", 0.0, 1.0, 24, api_name="/chat")
+            assert text == whole["choices"][0]["message"]["content"]
+            settled(engine)
+            stats = client.predict(api_name="/stats")
+            assert stats["backend"] == "vllm" and len(stats["routing"]) == 24 and len(stats["prompt_routing"]) == 14
+            assert [r["label"] for r in stats["replay"]][:3] == ["k = 2", "k = 4", "k = 6"]
+            info = client.predict(api_name="/info")
+            assert info["backend"] == "vllm" and info["num_experts"] == 8 and info["where"] == vllm.url
+            _, msg = client.predict(4, "lru", 0, api_name="/set_cache")
+            assert engine.info.cache.sizes == (4,) and "k = 4" in msg
+        finally:
+            demo.close()
+    html = render_any_panel(settled(engine), engine.info)
+    for shown in ("What an expert cache would have done", "Belady", "12 GB card, 32 GB RAM (mixtral-8x7b, planner)",
+                  "measured by this page", "absent here, not zero", 'class="mx-routing"',
+                  "14 prompt tokens routed too"):
+        assert shown in html, shown
+    assert "vLLM at " + vllm.url in render_any_info(engine.info)
+    other = engine.stats().without_answer()
+    assert "What an expert cache" not in render_any_panel(other, engine.info), "another session's answer stays hidden"

@@ -97,8 +97,6 @@ class RemoteEngine:
             if old.connected and info.backend != "mixoff":
                 info = replace(info, cache=old.cache)
             self._info, self._seq = info, self._seq + 1
-        if info.backend != "mixoff" and self._card is None:
-            self._card = card_plan((info.model, *info.models))
         return info
 
     def _set_problem(self, message: str) -> None:
@@ -274,13 +272,14 @@ class RemoteEngine:
         if ans is None:
             return base
         generated = ans.routing.generated or ()
+        replay = self._replay(info, ans)
         tokens = int(ans.usage.get("completion_tokens") or ans.pieces)
         decode = ans.last - ans.first if ans.pieces > 1 else 0.0
         return replace(base, answer_tokens=tokens, prompt_tokens=int(ans.usage.get("prompt_tokens") or 0),
                        ttft_s=ans.first - ans.started if ans.first else 0.0, decode_s=decode,
                        tokens_per_s=(tokens - 1) / decode if decode > 0 and tokens > 1 else 0.0,
                        finish_reason=ans.finish, routing=generated, prompt_routing=ans.routing.prompt or (),
-                       routing_note=self._routing_note(info, ans), replay=self._replay(info, ans))
+                       routing_note=self._routing_note(info, ans), replay=replay or (), replaying=replay is None)
 
     def _routing_note(self, info: RemoteInfo, ans: _Answer) -> str:
         if ans.routing.generated:
@@ -295,16 +294,34 @@ class RemoteEngine:
             return "vLLM sent no routing: start it with --enable-return-routed-experts"
         return f"{info.engine_name} sent no routing with this answer"
 
-    def _replay(self, info: RemoteInfo, ans: _Answer) -> tuple:
+    def _replay(self, info: RemoteInfo, ans: _Answer) -> Optional[tuple]:
+        """The replay rows at the chosen k; None while they are being computed. A long answer of a model with many
+        experts takes seconds in pure Python (Qwen3-30B-A3B, 256 tokens: about 12 s here), so a thread does it and
+        the panel says so meanwhile, instead of a panel tick waiting on it."""
         rows = ans.routing.generated
         if not rows:
             return ()
         k = info.cache.sizes[0]
-        if k not in ans.replays:
-            experts = max(info.num_experts or 0, info.experts_seen)
-            ks = candidate_ks(experts, len(rows[0][0]), min(k, experts))
-            ans.replays[k] = replay_answer(rows, experts, ks, self._card)
-        return ans.replays[k]
+        with self._lock:
+            if k in ans.replays:
+                return ans.replays[k]
+            ans.replays[k] = None
+        threading.Thread(target=self._replay_work, args=(info, ans, k), name="mixoff-replay", daemon=True).start()
+        return None
+
+    def _replay_work(self, info: RemoteInfo, ans: _Answer, k: int) -> None:
+        rows = ans.routing.generated
+        experts = max(info.num_experts or 0, info.experts_seen)
+        if self._card is None and info.num_experts:
+            self._card = card_plan((info.model, *info.models)) or CardPlan("", (), 0)
+        card = self._card if self._card and self._card.sizes else None
+        try:
+            out = replay_answer(rows, experts, candidate_ks(experts, len(rows[0][0]), min(k, experts)), card)
+        except ValueError:       # an expert id beyond the model's count: the routing does not fit what was said
+            out = ()
+        with self._lock:
+            ans.replays[k] = out
+            self._seq += 1
 
     def reconfigure_cache(self, cache: CacheConfig) -> None:
         """Ours: the cache is the server's, changed where it runs. Others: the k the panel replays answers with."""

@@ -33,12 +33,14 @@ class RemoteSnapshot:
     prompt_routing: tuple = ()        # prompt tokens -> expert layer -> experts
     routing_note: str = ""            # why there is no routing, when there is none
     replay: tuple[ReplayRow, ...] = ()
+    replaying: bool = False           # the replay is being computed (seconds, for a long answer of many experts)
     replay_k: int = 0                 # the k the operator chose (Cache settings)
 
     def without_answer(self) -> "RemoteSnapshot":
         """For someone whose answer the latest one was not."""
         return replace(self, answer_tokens=0, prompt_tokens=0, ttft_s=0.0, decode_s=0.0, tokens_per_s=0.0,
-                       finish_reason="", routing=(), prompt_routing=(), routing_note="", replay=())
+                       finish_reason="", routing=(), prompt_routing=(), routing_note="", replay=(),
+                       replaying=False)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -95,13 +95,16 @@ def _routing(snap: RemoteSnapshot, info: Any) -> str:
     experts = max(snap.num_experts or 0, 1 + max(e for tok in snap.routing for ex in tok for e in ex))
     view = SimpleNamespace(routing=snap.routing, num_layers=layers, num_experts=experts, top_k=k)
     html = panel.render_routing(view, info=None)
-    if snap.prompt_routing:
-        html = html.replace("</span></div>", f" · the prompt's {len(snap.prompt_routing)} tokens were routed too"
-                                             "</span></div>", 1)
+    if snap.prompt_routing:     # returned too; the strip draws the answer's tokens, as for a local engine
+        html = html.replace("</span></div>", f" · {len(snap.prompt_routing)} prompt tokens routed too</span></div>", 1)
     return html
 
 
 def _replay(snap: RemoteSnapshot) -> str:
+    if snap.replaying:
+        return (f'<div class="mx-card"><div class="mx-card-h"><span>What an expert cache would have done</span></div>'
+                f'<div class="mx-placeholder">replaying this answer\'s {len(snap.routing)} tokens through the cache '
+                f'simulator…</div></div>')
     if not snap.replay:
         return ""
     head = "".join(f"<th>{name}</th>" for _, name in POLICY_COLUMNS)
