@@ -117,6 +117,7 @@ def test_the_page_streams_the_local_engines_greedy_text(page, local, server):
     streamed = [o for o in job.outputs() if isinstance(o, str)]
     assert len(streamed) > 3, "the answer reached the page piece by piece"
     assert server_stats(server)["answer_tokens"] == TOKENS, "the server answered it"
+    assert f"backend: mixoff serve at {server}/v1 serving tiny" in proc.output()
     assert KEY not in proc.output(), "the key is never logged"
     assert KEY not in " ".join(proc.proc.args), "the key is not in the process list"
 
@@ -134,6 +135,7 @@ def test_the_page_shows_the_servers_live_panel(page, server):
     assert KEY not in json.dumps(info) + json.dumps(stats)
     html = httpx.get(url, timeout=30).text
     assert KEY not in html
+    assert httpx.get(url + "v1/models", timeout=30).status_code == 404, "no /v1 here: the API is the backend's"
 
 
 def test_stop_closes_the_remote_stream_and_the_server_sees_it(page, server):

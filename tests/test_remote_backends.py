@@ -42,9 +42,9 @@ def fixture(name: str):
 class Served:
     """A Starlette app under uvicorn in a thread, on a free loopback port."""
 
-    def __init__(self, routes: list) -> None:
+    def __init__(self, routes: list, port: int | None = None) -> None:
         self.requests: list[dict] = []
-        port = free_port()
+        port = port or free_port()
         self.server = uvicorn.Server(uvicorn.Config(Starlette(routes=routes), host="127.0.0.1", port=port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -63,7 +63,8 @@ class Served:
         self.thread.join(timeout=10)
 
 
-def engine_like(models: dict, stream: str, whole: dict | None = None, key: str | None = None) -> Served:
+def engine_like(models: dict, stream: str, whole: dict | None = None, key: str | None = None,
+                port: int | None = None) -> Served:
     """vLLM or SGLang as their fixtures say they answer; records each request's body and Authorization header."""
     served: Served
 
@@ -85,7 +86,7 @@ def engine_like(models: dict, stream: str, whole: dict | None = None, key: str |
             return JSONResponse(whole)
         return StreamingResponse(iter([stream]), media_type="text/event-stream")
 
-    served = Served([Route("/v1/models", list_models), Route("/v1/chat/completions", chat, methods=["POST"])])
+    served = Served([Route("/v1/models", list_models), Route("/v1/chat/completions", chat, methods=["POST"])], port)
     return served
 
 
@@ -352,3 +353,36 @@ def test_the_page_in_front_of_vllm_shows_routing_replay_and_what_is_absent():
     assert "vLLM at " + vllm.url in render_any_info(engine.info)
     other = engine.stats().without_answer()
     assert "What an expert cache" not in render_any_panel(other, engine.info), "another session's answer stays hidden"
+
+
+def test_a_backend_that_comes_up_later_is_found_without_a_restart():
+    port = free_port()
+    engine = RemoteEngine(BackendConfig(url=f"http://127.0.0.1:{port}/v1", probe_s=0.2))
+    assert "could not reach" in engine.stats().problem and not engine.info.connected
+    with engine_like(fixture("vllm_models.json"), fixture("vllm_chat_stream.txt"), port=port):
+        deadline = time.time() + 10
+        while not engine.stats().connected:
+            assert time.time() < deadline, "the page did not ask again"
+            time.sleep(0.1)
+        assert engine.stats().problem == "" and engine.info.backend == "vllm"
+        assert answer(engine).startswith("A mixture")
+
+
+def test_the_launcher_takes_backend_flags_and_refuses_local_ones(monkeypatch):
+    from mixoff_app.ui import launch
+    monkeypatch.setattr(launch, "first_contact", lambda engine, say: None)     # no connection to 10.1.2.3 here
+
+    def config(argv, environ=None):
+        return launch.backend_config(launch.build_parser().parse_args(argv), environ or {})
+
+    c = config(["--backend", "gpu-box:8000", "--backend-model", "m"], {ENV_KEY: "k"})
+    assert (c.url, c.key, c.model) == ("http://gpu-box:8000/v1", "k", "m")
+    for extra in (["--model", "tiny"], ["--cache-size", "3"]):
+        with pytest.raises(ConfigError, match="drop one of them"):
+            config(["--backend", "http://x:1/v1", *extra])
+    said = []
+    slot = launch.remote_slot(BackendConfig(url="http://10.1.2.3:8000/v1", key="k"),
+                              launch.build_parser().parse_args(["--backend", "x", "--backend-key", "k"]), said.append)
+    assert isinstance(slot.engine, RemoteEngine) and slot.engine is slot.get()
+    assert any("plain http" in line for line in said) and any("process list" in line for line in said)
+    assert not any("k" == w for line in said for w in line.split()), "the key itself is never printed"
