@@ -52,6 +52,8 @@ def render_remote_info(info: RemoteInfo) -> str:
              ("device", info.device if info.backend == "mixoff" else ""), ("shape", _shape(info) if info.connected
                                                                            else ""),
              ("context", f"{info.max_context:,}" if info.max_context else ""), ("cache", cache)]
+    if len(info.models) > 1:      # the server's whole list; --backend-model picks another
+        chips.insert(2, ("models", ", ".join(info.models)))
     if info.server:
         chips.insert(3, ("weights", f"{info.server.get('dtype', '')} · {info.server.get('quant', '')}"))
     items = "".join(f'<span class="mx-chip"><small>{escape(k)}</small> {escape(str(v))}</span>' for k, v in chips if v)
