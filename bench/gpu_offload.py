@@ -75,7 +75,7 @@ import torch  # noqa: E402
 from mixoff_app.config import KERNELS, ModelConfig, QuantSpec  # noqa: E402
 from mixoff_app.expert_cache import ExpertCache  # noqa: E402
 from mixoff_app.kernels import resolve_kernel  # noqa: E402
-from mixoff_app.model import LayerWeights, Mixtral, Prefetcher, TrunkWeights  # noqa: E402
+from mixoff_app.model import LayerWeights, MoEModel, Prefetcher, TrunkWeights  # noqa: E402
 from mixoff_app.op_counts import count_ops, count_syncs  # noqa: E402
 from mixoff_app.presets import from_name  # noqa: E402
 from mixoff_app.quant import QWeight, qweight_from, weight_fields  # noqa: E402
@@ -200,7 +200,7 @@ def build_trunk(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> T
 
 # ---- trace-driven routing, prefetch, and the no-cache baseline -----------------------------------
 
-class TraceMixtral(Mixtral):
+class TraceMixtral(MoEModel):
     """Routing from a trace: the current token's experts and weights for each layer, read from device tensors
     [T, L, K] at a device scalar token index (no host->device copy per layer, and graph-safe)."""
 

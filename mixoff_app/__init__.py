@@ -1,4 +1,5 @@
-"""mixoff: Mixtral with offloaded MoE experts and a live view of its device expert cache."""
+"""mixoff: Mixture-of-Experts models (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2) with offloaded experts and a live
+view of the device expert cache."""
 import os as _os
 
 __version__ = "0.1.0"

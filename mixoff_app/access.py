@@ -140,6 +140,11 @@ def user_snapshot(snap: Any, own_answer: bool) -> Any:
 def public_info(info: Any) -> dict:
     """EngineInfo as a dict without server paths: the model is named, not located."""
     d = asdict(info)
+    # The JSON's original names, kept for API clients beside the clearer ones.
+    if "num_moe_layers" in d:
+        d["num_layers"] = d["num_moe_layers"]
+    if "checkpoint_format" in d:
+        d["layout"] = d["checkpoint_format"]
     path = d.pop("model_path", None)
     asked = d.get("model")
     name = d.get("model_name") or "model"

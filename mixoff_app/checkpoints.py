@@ -136,7 +136,7 @@ class TensorSource:
         self._shard_keys.clear()
 
 
-def detect_layout(keys: Iterable[str], metadata: Optional[dict] = None) -> str:
+def detect_format(keys: Iterable[str], metadata: Optional[dict] = None) -> str:
     if metadata and metadata.get("mixoff.format"):
         return "mixoff"
     ks = set(keys)
@@ -247,7 +247,7 @@ class Loaded:
     trunk: TrunkWeights
     store: ExpertStore
     quant: QuantConfig           # what is actually in memory (a pre-quantized checkpoint decides it)
-    layout: str
+    checkpoint_format: str     # "hf" | "reference" | "mixoff": how the file stores its weights
 
 
 def _dense(t: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -301,12 +301,12 @@ def _reference_quant(src: TensorSource, cfg: ModelConfig) -> QuantConfig:
     return QuantConfig(attn=a, experts=e)
 
 
-def _trunk_linear(src, layout, prefix, shape, spec, device, dtype, qdev):
+def _trunk_linear(src, fmt, prefix, shape, spec, device, dtype, qdev):
     """One always-resident linear (attention, a dense MLP, a shared expert) in any layout, quantized with
     ``spec`` (the attention spec) when it is enabled."""
-    if layout == "reference":
+    if fmt == "reference":
         return _qdevice(reference_qweight(src, prefix, shape), device)
-    if layout == "mixoff" and spec.enabled:
+    if fmt == "mixoff" and spec.enabled:
         fields = weight_fields(prefix, shape, spec, dtype)
         got = {f.name: src.get(f.name) for f in fields}
         check_tensors(((f.name, got[f.name], f.shape) for f in fields), src.where, finite=False)
@@ -317,9 +317,9 @@ def _trunk_linear(src, layout, prefix, shape, spec, device, dtype, qdev):
     return _qdevice(quantize(dense, spec, qdev), device) if spec.enabled else _dense(dense, device, dtype)
 
 
-def _resident_mlp(src, layout, prefix, size, h, spec, device, dtype, qdev) -> ExpertWeights:
+def _resident_mlp(src, fmt, prefix, size, h, spec, device, dtype, qdev) -> ExpertWeights:
     shapes = ((size, h), (size, h), (h, size))
-    return ExpertWeights(*(_trunk_linear(src, layout, f"{prefix}.{n}", s, spec, device, dtype, qdev)
+    return ExpertWeights(*(_trunk_linear(src, fmt, f"{prefix}.{n}", s, spec, device, dtype, qdev)
                            for n, s in zip(DENSE_NAMES, shapes)))
 
 
@@ -345,9 +345,9 @@ def _mla_kv_b(lw: LayerWeights) -> torch.Tensor:
     return torch.cat((lw.wk_b, lw.wv_b.transpose(1, 2)), dim=1).reshape(-1, lw.wk_b.shape[-1])
 
 
-def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress) -> TrunkWeights:
+def _load_trunk(src, cfg, fmt, quant, device, dtype, qdev, progress) -> TrunkWeights:
     shapes = cfg.attention_shapes()
-    fam, h = cfg.spec, cfg.hidden_size
+    fam, h = cfg.traits, cfg.hidden_size
     layers = []
 
     def opt(key):
@@ -355,7 +355,7 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress) -> Trunk
 
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        attn = {name: _trunk_linear(src, layout, f"{p}self_attn.{name}", shape, quant.attn, device, dtype,
+        attn = {name: _trunk_linear(src, fmt, f"{p}self_attn.{name}", shape, quant.attn, device, dtype,
                                     qdev) for name, shape in shapes.items()}
         bias = {n: opt(f"{p}self_attn.{n}_proj.bias") if cfg.attn_bias else None for n in "qkvo"}
         if cfg.attn_bias and any(bias[n] is None for n in "qkv"):
@@ -374,10 +374,10 @@ def _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress) -> Trunk
             lw.q_norm = _dense(src.get(p + "self_attn.q_norm.weight"), device, dtype)
             lw.k_norm = _dense(src.get(p + "self_attn.k_norm.weight"), device, dtype)
         if not moe:
-            lw.mlp = _resident_mlp(src, layout, f"{p}mlp", cfg.dense_intermediate_size, h, quant.attn, device,
+            lw.mlp = _resident_mlp(src, fmt, f"{p}mlp", cfg.dense_intermediate_size, h, quant.attn, device,
                                    dtype, qdev)
         elif cfg.shared_intermediate_size:
-            lw.shared = _resident_mlp(src, layout, f"{p}mlp.{fam.shared_name}", cfg.shared_intermediate_size, h,
+            lw.shared = _resident_mlp(src, fmt, f"{p}mlp.{fam.shared_name}", cfg.shared_intermediate_size, h,
                                       quant.attn, device, dtype, qdev)
             if fam.shared_gate:
                 lw.shared_gate = _dense(src.get(f"{p}mlp.shared_expert_gate.weight"), device, dtype)
@@ -406,7 +406,7 @@ def _trunk_rows(trunk: TrunkWeights, cfg: ModelConfig):
         yield p + "input_layernorm.weight", lw.attn_norm, (H,)
         yield p + "post_attention_layernorm.weight", lw.ffn_norm, (H,)
         if lw.gate is not None:
-            yield cfg.spec.router_key(i), lw.gate, (E, H)
+            yield cfg.traits.router_key(i), lw.gate, (E, H)
         if cfg.mla:
             yield p + "self_attn.kv_a_layernorm.weight", lw.kv_a_norm, (cfg.kv_lora_rank,)
             yield p + "self_attn.kv_b_proj.weight", lw.wk_b, None       # shape checked when split
@@ -437,7 +437,7 @@ class _LayerWriter:
         self.weight_map: dict[str, str] = {}
 
     def load_targets(self):
-        fam = self.cfg.spec
+        fam = self.cfg.traits
         for j, i in enumerate(self.cfg.moe_layers):
             self.buf.zero_()          # padding bytes stay zero: files are byte-for-byte reproducible
             for e in range(self.cfg.num_experts):
@@ -516,7 +516,7 @@ def _write_quantized(src_folder: Path, out: Path, cfg: ModelConfig, quant: Quant
         tensors[p + "input_layernorm.weight"] = lw.attn_norm
         tensors[p + "post_attention_layernorm.weight"] = lw.ffn_norm
         if lw.gate is not None:
-            tensors[cfg.spec.router_key(i)] = lw.gate
+            tensors[cfg.traits.router_key(i)] = lw.gate
         for name in cfg.attention_shapes():
             put(f"{p}self_attn.{name}", getattr(lw, ATTN_FIELDS[name]))
         if cfg.mla:
@@ -529,7 +529,7 @@ def _write_quantized(src_folder: Path, out: Path, cfg: ModelConfig, quant: Quant
                 tensors[f"{p}self_attn.{n}_proj.bias"] = b
         if lw.q_norm is not None:
             tensors[p + "self_attn.q_norm.weight"], tensors[p + "self_attn.k_norm.weight"] = lw.q_norm, lw.k_norm
-        for prefix, mlp in ((f"{p}mlp", lw.mlp), (f"{p}mlp.{cfg.spec.shared_name}", lw.shared)):
+        for prefix, mlp in ((f"{p}mlp", lw.mlp), (f"{p}mlp.{cfg.traits.shared_name}", lw.shared)):
             if mlp is not None:
                 for n, w in zip(DENSE_NAMES, mlp):
                     put(f"{prefix}.{n}", w)
@@ -555,26 +555,26 @@ def spec_dict(s: QuantSpec) -> dict:
 # ---- placed loading (exclusive and disk placements) ----------------------------------------------
 
 def peek_checkpoint(folder: str | os.PathLike, quant: QuantConfig) -> tuple[ModelConfig, QuantConfig, str]:
-    """(config, the quantization that will be in memory, layout) without loading any weights, for planning."""
+    """(config, the quantization that will be in memory, checkpoint format) without loading any weights, for planning."""
     folder = Path(folder)
     cfg = read_config(folder)
     quant = quant.for_family(cfg.family)
     src = TensorSource(folder)
     try:
-        layout = detect_layout(src.keys(), src.metadata)
-        if layout == "mixoff":
+        fmt = detect_format(src.keys(), src.metadata)
+        if fmt == "mixoff":
             quant = _mixoff_quant(src, cfg)
-        elif layout == "reference":
+        elif fmt == "reference":
             quant = _reference_quant(src, cfg)
     finally:
         src.close()
-    return cfg, quant, layout
+    return cfg, quant, fmt
 
 
 def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device: str | torch.device,
                            dtype: torch.dtype, make_store: Callable, progress: Progress = _noop,
                            quant_device: Optional[str] = None) -> Loaded:
-    """``load_checkpoint`` with the expert store built by ``make_store(cfg, expert_layout, layout, folder)``.
+    """``load_checkpoint`` with the expert store built by ``make_store(cfg, expert_layout, checkpoint_format, folder)``.
 
     The store says what to read and where (``store.load_targets()``: host rows or device slots); a
     disk-backed store reads nothing now. Mixoff blobs are read with positioned reads straight into their
@@ -585,30 +585,30 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
     cfg = read_config(folder)
     quant = quant.for_family(cfg.family)
     src = TensorSource(folder)
-    layout = detect_layout(src.keys(), src.metadata)
+    fmt = detect_format(src.keys(), src.metadata)
     device = torch.device(device)
     qdev = quant_device or ("cuda" if device.type == "cuda" else "cpu")
-    progress(f"reading a {layout}-layout checkpoint from {folder}")
+    progress(f"reading a {fmt}-format checkpoint from {folder}")
     fds: dict[Path, int] = {}
     try:
-        if layout == "mixoff":
+        if fmt == "mixoff":
             quant = _mixoff_quant(src, cfg)
-        elif layout == "reference":
+        elif fmt == "reference":
             quant = _reference_quant(src, cfg)
         _check_specs(cfg, quant)
         elayout = ExpertLayout.for_model(cfg, quant.experts, dtype)
-        store = make_store(cfg, elayout, layout, folder)
-        trunk = _load_trunk(src, cfg, layout, quant, device, dtype, qdev, progress)
+        store = make_store(cfg, elayout, fmt, folder)
+        trunk = _load_trunk(src, cfg, fmt, quant, device, dtype, qdev, progress)
         f, h = cfg.intermediate_size, cfg.hidden_size
-        names = cfg.spec.expert_names
-        blobs = expert_blob_offsets(folder, cfg, elayout.nbytes) if layout == "mixoff" else {}
+        names = cfg.traits.expert_names
+        blobs = expert_blob_offsets(folder, cfg, elayout.nbytes) if fmt == "mixoff" else {}
         bounce = None
         n = 0
         sample = sample_experts(len(cfg.moe_layers), cfg.num_experts)
         for j, e, target in store.load_targets():
             i = cfg.moe_layers[j]
-            p = cfg.spec.expert_prefix(i, e)
-            if layout == "mixoff":
+            p = cfg.traits.expert_prefix(i, e)
+            if fmt == "mixoff":
                 path, off = blobs[(j, e)]
                 if path not in fds:
                     fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -619,7 +619,7 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
                         bounce = torch.empty(elayout.nbytes, dtype=torch.uint8)
                     pread_into(fds[path], bounce, off)
                     target.copy_(bounce)
-            elif layout == "reference":
+            elif fmt == "reference":
                 tensors = {}
                 for name, shape in (("w1", (f, h)), ("w3", (f, h)), ("w2", (h, f))):
                     for k, v in reference_qweight(src, f"{p}.{name}", shape).tensors().items():
@@ -634,8 +634,8 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
                     ws.append(w)
                 elayout.fill(target, expert_tensors_from_dense(*ws, quant.experts, qdev))
             if (j, e) in sample:
-                stored = "weight" if layout == "hf" else "W_q"     # the file of the linear a field belongs to
-                where = ((lambda name, j=j, e=e: blobs[(j, e)][0]) if layout == "mixoff" else
+                stored = "weight" if fmt == "hf" else "W_q"     # the file of the linear a field belongs to
+                where = ((lambda name, j=j, e=e: blobs[(j, e)][0]) if fmt == "mixoff" else
                          (lambda name: src.where(f"{name.rsplit('.', 1)[0]}.{stored}")))
                 check_tensors(((f"{p}.{k}", v, None) for k, v in elayout.views(target).items()), where)
             n += 1
@@ -644,4 +644,4 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
         for fd in fds.values():
             os.close(fd)
         src.close()
-    return Loaded(cfg, trunk, store, quant, layout)
+    return Loaded(cfg, trunk, store, quant, fmt)

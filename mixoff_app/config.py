@@ -78,19 +78,20 @@ class ModelConfig:
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok ({self.top_k}) must be within 1..num_local_experts "
                               f"({self.num_experts})")
-        if self.spec.attention == "mla":
+        if self.traits.attention == "mla":
             rope, nope = self.qk_rope_head_dim, self.head_dim - self.qk_rope_head_dim
             if self.kv_lora_rank < 1 or self.v_head_dim < 1 or rope < 2 or rope % 2 or nope < 1:
                 raise ConfigError(f"kv_lora_rank ({self.kv_lora_rank}), v_head_dim ({self.v_head_dim}), "
                                   f"qk_rope_head_dim ({rope}, even) and qk_nope_head_dim ({nope}) must be >= 1")
 
     @property
-    def spec(self) -> Family:
+    def traits(self) -> Family:
+        """This family's row of ``families.FAMILIES``: what differs from the other families."""
         return FAMILIES[self.family]
 
     @property
     def mla(self) -> bool:
-        return self.spec.attention == "mla"
+        return self.traits.attention == "mla"
 
     @property
     def rope_dim(self) -> int:

@@ -23,11 +23,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .model import Mixtral, expert_forward, rms_norm
+from .model import MoEModel, expert_forward, rms_norm
 
 
 class DecodeGraphs:
-    def __init__(self, model: Mixtral) -> None:
+    def __init__(self, model: MoEModel) -> None:
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         m, cfg = model, model.cfg

@@ -23,7 +23,7 @@ from .generate import generate
 from .hub import REFERENCE_REPO, resolve, tokenizer_source
 from .limits import InputLimits, InputTooLong, check_chars, fit_conversation, template_overhead
 from .memory import read_memory
-from .model import Mixtral, Prefetcher
+from .model import MoEModel, Prefetcher
 from .route_log import RouteLog
 from .stats import Stats, StatsSnapshot
 
@@ -39,8 +39,8 @@ class EngineInfo:
     device: str
     dtype: str
     quant: str
-    layout: str
-    num_layers: int            # expert layers: what the cache, stats, panel and traces count
+    checkpoint_format: str     # "hf" | "reference" | "mixoff"
+    num_moe_layers: int        # expert layers: what the cache, stats, panel and traces count
     num_experts: int
     top_k: int
     max_context: int
@@ -127,10 +127,10 @@ def _precheck(config: EngineConfig, device: torch.device, dtype: torch.dtype, fo
 
 @dataclass(frozen=True)
 class Placed:
-    """What the plan step settled: the checkpoint's shape and layout, k per layer and the placement."""
+    """What the plan step settled: the checkpoint's shape and format, k per layer and the placement."""
     cfg: ModelConfig
     quant: QuantConfig
-    layout: str
+    checkpoint_format: str
     max_seq: int
     sizes: tuple[int, ...]
     placement: str
@@ -142,7 +142,7 @@ def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dty
     under a budget, and checks what it fixes); elsewhere None means every expert, inclusive."""
     from .checkpoints import peek_checkpoint
     from .plan import plan_for
-    cfg, quant, layout = peek_checkpoint(resolved.path, config.quant)
+    cfg, quant, fmt = peek_checkpoint(resolved.path, config.quant)
     max_seq = min(config.max_context, cfg.max_position_embeddings)
     cache = config.cache
     fixed = None if cache.sizes is None else cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
@@ -150,18 +150,18 @@ def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dty
     if config.planned(device.type):
         memory_plan = plan_for(cfg, quant, max_seq, device=device, dtype=dtype, placement=cache.placement,
                                sizes=fixed, vram_budget=config.vram_budget, ram_budget=config.ram_budget,
-                               disk_ok=layout == "mixoff", model_name=resolved.name)
+                               disk_ok=fmt == "mixoff", model_name=resolved.name)
         if not memory_plan.feasible:
             raise ConfigError(f"{resolved.name} does not fit: {memory_plan.reason}")
         sizes, placement = memory_plan.sizes, memory_plan.placement
         progress(f"memory plan: {memory_plan.summary()}")
     else:
         sizes, placement = cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts), cache.placement or "inclusive"
-    if placement == "disk" and layout != "mixoff":
+    if placement == "disk" and fmt != "mixoff":
         raise ConfigError(f"--placement disk reads experts straight from a mixoff-format checkpoint, and "
-                          f"{resolved.path} is {layout}-layout: convert it once with "
+                          f"{resolved.path} is {fmt}-format: convert it once with "
                           f"`python -m mixoff_app quantize {config.model} OUT_FOLDER` and pass --model OUT_FOLDER")
-    return Placed(cfg, quant, layout, max_seq, tuple(sizes), placement, memory_plan)
+    return Placed(cfg, quant, fmt, max_seq, tuple(sizes), placement, memory_plan)
 
 
 def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.device, dtype: torch.dtype,
@@ -178,7 +178,7 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     try:
         loaded = load_checkpoint_placed(
             path, config.quant, device, dtype,
-            lambda cfg, elayout, _layout, folder: make_store(placement, cfg, elayout, sizes, device, folder, pin),
+            lambda cfg, elayout, _fmt, folder: make_store(placement, cfg, elayout, sizes, device, folder, pin),
             progress=progress)
     except torch.cuda.OutOfMemoryError:
         raise ConfigError("not enough GPU memory for the attention, embeddings and KV cache of this model: "
@@ -187,7 +187,7 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     stats = Stats(cfg.num_moe_layers, cfg.num_experts, cfg.top_k, sizes, config.cache.policy, placement)
     try:
         cache = ExpertCache(loaded.store, sizes, config.cache.policy, device, stats)
-        model = Mixtral(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype, kernel=kernel)
+        model = MoEModel(cfg, loaded.trunk, cache, stats, placed.max_seq, device, dtype, kernel=kernel)
     except torch.cuda.OutOfMemoryError:
         raise ConfigError(f"not enough GPU memory for {sum(sizes)} expert slots "
                           f"({loaded.store.layout.nbytes / 2**20:.1f} MiB each): lower --cache-size") from None
@@ -209,7 +209,7 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
             raise ConfigError("--cuda-graphs needs a CUDA GPU (the CPU path has no graphs to replay)")
         if loaded.cfg.family != "mixtral":
             # The captured decode step is Mixtral's layer; the other families' hooks are not in it yet.
-            raise ConfigError(f"--cuda-graphs runs Mixtral only for now, not {loaded.cfg.family}; drop the flag")
+            raise ConfigError(f"--cuda-graphs runs MoEModel only for now, not {loaded.cfg.family}; drop the flag")
         from .cuda_graphs import DecodeGraphs
         model.graphs = DecodeGraphs(model)
     progress(f"device cache: {_k(sizes)} experts per layer on {device} "
@@ -217,7 +217,7 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     return loaded, model, stats, measured
 
 
-def _warm_up_kernels(model: Mixtral, layout, device: torch.device, dtype: torch.dtype) -> int:
+def _warm_up_kernels(model: MoEModel, layout, device: torch.device, dtype: torch.dtype) -> int:
     """Compile and tune the fused kernels for this model's weight formats: attention from the first layer, a
     dense MLP and a shared expert where the model has them, experts from a zero-filled expert in the store's
     layout (no cache traffic, no stats)."""
@@ -262,8 +262,8 @@ def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: i
         model=config.model, model_path=str(resolved.path), model_name=resolved.name,
         reason=reason or f"model {config.model!r} as asked", device=str(device),
         dtype=str(dtype).replace("torch.", ""),
-        quant=f"attention {q.attn.describe()}, experts {q.experts.describe()}", layout=loaded.layout,
-        num_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
+        quant=f"attention {q.attn.describe()}, experts {q.experts.describe()}", checkpoint_format=loaded.checkpoint_format,
+        num_moe_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k, max_context=max_seq,
         family=cfg.family, expert_layers=cfg.moe_layers, decoder_layers=cfg.num_layers,
         shared_expert=bool(cfg.shared_intermediate_size), cache=cache,
         gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -271,7 +271,7 @@ def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: i
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, info: EngineInfo, model: Mixtral, tokenizer, stats: Stats,
+    def __init__(self, config: EngineConfig, info: EngineInfo, model: MoEModel, tokenizer, stats: Stats,
                  eos_ids: set[int]) -> None:
         self.config, self.info, self.model, self.tokenizer = config, info, model, tokenizer
         self._stats, self.eos_ids = stats, eos_ids

@@ -9,7 +9,7 @@ import torch
 
 from .config import SamplingParams
 from .events import TokenEvent
-from .model import Mixtral
+from .model import MoEModel
 from .stats import Stats
 
 
@@ -77,7 +77,7 @@ class TextStream:
         return delta
 
 
-def generate(model: Mixtral, tokenizer, ids: list[int], start: int, params: SamplingParams,
+def generate(model: MoEModel, tokenizer, ids: list[int], start: int, params: SamplingParams,
              eos_ids: set[int], stats: Stats, cancel: Optional[threading.Event] = None,
              fed: Optional[list[int]] = None) -> Iterator[TokenEvent]:
     """Generate after ``ids`` (whose first ``start`` tokens are already in the KV cache).
@@ -111,7 +111,7 @@ def generate(model: Mixtral, tokenizer, ids: list[int], start: int, params: Samp
         stats.end_answer()
 
 
-def _decode(model: Mixtral, tokenizer, ids: list[int], start: int, params: SamplingParams, eos_ids: set[int],
+def _decode(model: MoEModel, tokenizer, ids: list[int], start: int, params: SamplingParams, eos_ids: set[int],
             stats: Stats, cancel, fed, gen, t0: float, context: list[int]) -> Iterator[TokenEvent]:
     dev = model.device
     logits = model.forward(torch.tensor(ids[start:], dtype=torch.long, device=dev), pos=start)

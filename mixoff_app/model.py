@@ -106,12 +106,12 @@ class Prefetcher:
         self.count, self.distance = count, distance
         self._gates: dict[int, torch.Tensor] = {}
 
-    def target(self, model: "Mixtral", layer: int) -> Optional[int]:
+    def target(self, model: "MoEModel", layer: int) -> Optional[int]:
         """The expert layer ``distance`` ahead (layers count expert layers: dense ones have nothing to fetch)."""
         t = layer + self.distance
         return t if t < model.cfg.num_moe_layers else None
 
-    def guess(self, model: "Mixtral", target: int, n: torch.Tensor) -> torch.Tensor:
+    def guess(self, model: "MoEModel", target: int, n: torch.Tensor) -> torch.Tensor:
         """n: this layer's residual, RMS-normalised without weight [1, H] -> guessed experts [count]."""
         g = self._gates.get(target)
         if g is None:       # the target's norm weight folded into its gate: one matmul per guess
@@ -119,12 +119,12 @@ class Prefetcher:
             g = self._gates[target] = lw.gate * lw.ffn_norm
         return torch.topk(F.linear(n[-1], g), self.count).indices
 
-    def issue(self, model: "Mixtral", target: int, experts: list[int]) -> None:
+    def issue(self, model: "MoEModel", target: int, experts: list[int]) -> None:
         model.cache.hint(target, experts)
         model.cache.prefetch(target, experts)
 
 
-class Mixtral:
+class MoEModel:
     def __init__(self, cfg: ModelConfig, trunk: TrunkWeights, cache: ExpertCache, stats: Stats,
                  max_seq: int, device: torch.device, dtype: torch.dtype,
                  prefill_chunk: int = PREFILL_CHUNK, kernel: str = "torch") -> None:
@@ -232,7 +232,7 @@ class Mixtral:
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kn = self.kernel
         q, k, v = _proj(x, lw.wq, lw.bq, kn), _proj(x, lw.wk, lw.bk, kn), _proj(x, lw.wv, lw.bv, kn)
-        qk_norm, eps = cfg.spec.qk_norm, cfg.rms_norm_eps
+        qk_norm, eps = cfg.traits.qk_norm, cfg.rms_norm_eps
         if qk_norm == "proj":          # OLMoE: over the whole projection, before the heads are split
             q, k = rms_norm(q, lw.q_norm, eps), rms_norm(k, lw.k_norm, eps)
         if cfg.clip_qkv is not None:

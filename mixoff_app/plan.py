@@ -65,7 +65,7 @@ class Sizes:
     rope: int                   # cos + sin tables for max_context positions
     scratch: int                # dequantizing the largest matrix: codes, minus zero, times scale (+ meta)
     activations: int            # a prefill of max_context tokens (upper estimate)
-    num_layers: int             # expert layers (dense layers have no experts)
+    num_moe_layers: int         # expert layers (dense layers have no experts)
     num_experts: int
     mlp: int = 0                # resident MLPs (dense layers', shared experts; quantized like attention), biases, q/k norms
 
@@ -75,7 +75,7 @@ class Sizes:
 
     @property
     def all_experts(self) -> int:
-        return self.expert * self.num_layers * self.num_experts
+        return self.expert * self.num_moe_layers * self.num_experts
 
 
 def dequant_scratch(shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype) -> int:
@@ -125,8 +125,8 @@ def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: t
     attention = L * sum(_nbytes(weight_fields(n, s, quant.attn, dtype)) for n, s in attn_shapes.items())
     # Biases and q/k norms: small, but counted (they are on the device).
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    extra = L * b * ((q + 2 * kv + (h if cfg.spec.bias_o else 0)) if cfg.attn_bias else 0)
-    extra += L * b * {"none": 0, "head": 2 * hd, "proj": q + kv}[cfg.spec.qk_norm]
+    extra = L * b * ((q + 2 * kv + (h if cfg.traits.bias_o else 0)) if cfg.attn_bias else 0)
+    extra += L * b * {"none": 0, "head": 2 * hd, "proj": q + kv}[cfg.traits.qk_norm]
     if cfg.mla:      # the latent's (and the q LoRA's) norm, and kv_b_proj in the model's dtype
         nope = hd - cfg.qk_rope_head_dim
         extra += L * b * (cfg.kv_lora_rank + cfg.q_lora_rank
@@ -139,7 +139,7 @@ def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: t
             mlp_shapes += shapes
             mlp = count * sum(_nbytes(weight_fields("w", s, quant.attn, dtype)) for s in shapes)
             extra += mlp
-    gate = Lm * h * b if cfg.shared_intermediate_size and cfg.spec.shared_gate else 0
+    gate = Lm * h * b if cfg.shared_intermediate_size and cfg.traits.shared_gate else 0
     layout = ExpertLayout.for_model(cfg, quant.experts, dtype)
     scratch = max([dequant_scratch(s, quant.experts, dtype) for s in layout.shapes]
                   + [dequant_scratch(s, quant.attn, dtype) for s in list(attn_shapes.values()) + mlp_shapes])
@@ -149,7 +149,7 @@ def model_sizes(cfg: ModelConfig, quant: QuantConfig, max_context: int, dtype: t
         norms=(2 * L + 1) * h * b, router=Lm * cfg.num_experts * h * b + gate,
         kv=L * max_context * cfg.kv_width * b, rope=2 * max_context * cfg.rope_dim * b,
         scratch=scratch, activations=prefill_activations(cfg, max_context, dtype),
-        num_layers=Lm, num_experts=cfg.num_experts, mlp=extra)
+        num_moe_layers=Lm, num_experts=cfg.num_experts, mlp=extra)
 
 
 def host_experts(s: Sizes, placement: str, sizes: Sequence[int], staging: int = DISK_STAGING) -> int:
@@ -157,7 +157,7 @@ def host_experts(s: Sizes, placement: str, sizes: Sequence[int], staging: int = 
     if placement == "inclusive":
         return s.all_experts
     if placement == "exclusive":
-        return (s.num_layers * s.num_experts - sum(sizes) + 1) * s.expert     # + the swap's spare row
+        return (s.num_moe_layers * s.num_experts - sum(sizes) + 1) * s.expert     # + the swap's spare row
     return staging * s.expert                                               # disk: staging buffers only
 
 
@@ -167,7 +167,7 @@ def device_need(s: Sizes, placement: str, sizes: Sequence[int], cuda: bool) -> i
     base = s.trunk + s.kv + s.rope + sum(sizes) * s.expert
     if not cuda:
         return base
-    swaps = placement == "exclusive" and sum(sizes) < s.num_layers * s.num_experts
+    swaps = placement == "exclusive" and sum(sizes) < s.num_moe_layers * s.num_experts
     stage = s.expert if swaps else 0
     return base + stage + s.scratch + s.activations
 
@@ -181,13 +181,13 @@ def host_need(s: Sizes, placement: str, sizes: Sequence[int], cuda: bool, overhe
     return h
 
 
-def spread(total_slots: int, num_layers: int, num_experts: int) -> tuple[int, ...]:
+def spread(total_slots: int, num_moe_layers: int, num_experts: int) -> tuple[int, ...]:
     """``total_slots`` over the layers as evenly as possible (extra slots spaced out, not bunched)."""
-    total_slots = min(total_slots, num_layers * num_experts)
-    k, extra = divmod(total_slots, num_layers)
-    sizes = [k] * num_layers
+    total_slots = min(total_slots, num_moe_layers * num_experts)
+    k, extra = divmod(total_slots, num_moe_layers)
+    sizes = [k] * num_moe_layers
     for j in range(extra):
-        sizes[(j * num_layers) // extra] += 1
+        sizes[(j * num_moe_layers) // extra] += 1
     return tuple(sizes)
 
 
@@ -236,7 +236,7 @@ class Plan:
             return f"does not fit: {self.reason}"
         kdesc = f"k={self.k_range}"
         on = sum(self.sizes)
-        tot = self.bytes.num_layers * self.bytes.num_experts
+        tot = self.bytes.num_moe_layers * self.bytes.num_experts
         moved = self.misses_per_token * self.bytes.expert
         return (f"{self.placement}, {kdesc} per layer ({on}/{tot} experts on the "
                 f"{'GPU' if self.cuda else 'device'}); expected misses/token ~{self.misses_per_token:.1f} "
@@ -268,7 +268,7 @@ class Plan:
 
 def _rows(p: Plan) -> list:
     s, dev, cuda = p.bytes, ("GPU" if p.cuda else "device"), p.cuda
-    tot = s.num_layers * s.num_experts
+    tot = s.num_moe_layers * s.num_experts
     ks = sorted(set(p.sizes))
     kdesc = f"k={ks[0]}" if len(ks) == 1 else f"k={ks[0]}-{ks[-1]}"
     rows = []

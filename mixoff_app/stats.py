@@ -45,7 +45,7 @@ class LayerEvents:
 @dataclass(frozen=True)
 class StatsSnapshot:
     seq: int                           # grows with every token; equal seq means nothing changed
-    num_layers: int
+    num_moe_layers: int
     num_experts: int
     top_k: int
     cache_sizes: tuple[int, ...]
@@ -82,7 +82,9 @@ class StatsSnapshot:
     memory: MemoryReading
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["num_layers"] = self.num_moe_layers     # the JSON's original name for it, kept for API clients
+        return d
 
 
 def _rate(h: int, m: int) -> float:
@@ -92,16 +94,16 @@ def _rate(h: int, m: int) -> float:
 class Stats:
     """Mutable counters owned by the engine; one instance per loaded model."""
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, cache_sizes: tuple[int, ...],
+    def __init__(self, num_moe_layers: int, num_experts: int, top_k: int, cache_sizes: tuple[int, ...],
                  policy: str = "lru", placement: str = "inclusive") -> None:
-        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.num_moe_layers, self.num_experts, self.top_k = num_moe_layers, num_experts, top_k
         self._lock = threading.Lock()
         self.configure(cache_sizes, policy, placement)
         self.hits = self.misses = self.evictions = 0
         self.bytes_h2d = self.bytes_d2h = self.bytes_disk = 0
         self.prefetch_issued = self.prefetch_used = self.prefetch_wasted = 0
-        self.layer_hits = [0] * num_layers
-        self.layer_misses = [0] * num_layers
+        self.layer_hits = [0] * num_moe_layers
+        self.layer_misses = [0] * num_moe_layers
         self.tokens_total = 0
         self.seq = 0
         self._history: deque = deque(maxlen=HISTORY_TOKENS)   # (hits, misses) per token
@@ -118,7 +120,7 @@ class Stats:
             self.resident = [[-1] * k for k in self.cache_sizes]
 
     def _new_token_buffers(self) -> None:
-        n = self.num_layers
+        n = self.num_moe_layers
         self._tok_hits = [[] for _ in range(n)]
         self._tok_misses = [[] for _ in range(n)]
         self._tok_prefetched = [[] for _ in range(n)]
@@ -141,7 +143,7 @@ class Stats:
         self._prefill_chunks: list = []    # while prefilling: per chunk, per layer, [T, k] expert ids
         self._prefill_chunk: Optional[list] = None
         self.generating = False
-        self.last_token = tuple(LayerEvents() for _ in range(self.num_layers))
+        self.last_token = tuple(LayerEvents() for _ in range(self.num_moe_layers))
 
     # ---- cache events (called by ExpertCache) -------------------------------------------------
     def on_hit(self, layer: int, expert: int) -> None:
@@ -185,7 +187,7 @@ class Stats:
         """A prefill chunk's routing for one layer, ``experts`` [T, k] as the router left it (kept, not read:
         the host reads it only if someone asks for the prompt's routing). Layers arrive in order, chunk by chunk."""
         chunk = self._prefill_chunk
-        if not chunk or len(chunk) == self.num_layers:
+        if not chunk or len(chunk) == self.num_moe_layers:
             chunk = self._prefill_chunk = []
             self._prefill_chunks.append(chunk)
         chunk.append(experts)
@@ -235,7 +237,7 @@ class Stats:
     def _keep_prefill_routing(self) -> None:
         # A one-token chunk (a prompt of one new token, or a chunked prompt's last token) ran the decode path:
         # its routing is this step's, recorded by on_route.
-        single = [Segment((tuple(self._tok_routing),))] if all(self._tok_routing) and self.num_layers else []
+        single = [Segment((tuple(self._tok_routing),))] if all(self._tok_routing) and self.num_moe_layers else []
         self.prefill_routing = [Segment(chunk=c) for c in self._prefill_chunks] + single
         self._prefill_chunks, self._prefill_chunk = [], None
 
@@ -272,7 +274,7 @@ class Stats:
         self.last_token = tuple(
             LayerEvents(tuple(self._tok_hits[i]), tuple(self._tok_misses[i]),
                         tuple(self._tok_prefetched[i]), tuple(self._tok_evicted[i]))
-            for i in range(self.num_layers))
+            for i in range(self.num_moe_layers))
 
     # ---- read side ----------------------------------------------------------------------------
     def answer_routing(self) -> tuple[list, list]:
@@ -296,7 +298,7 @@ class Stats:
             avg = (self.answer_tokens - 1) / decode_s if decode_s > 0 else 0.0
             wall = (self.last_token_at or time.perf_counter()) - self.answer_start if self.answer_start else 0.0
             return StatsSnapshot(
-                seq=self.seq, num_layers=self.num_layers, num_experts=self.num_experts, top_k=self.top_k,
+                seq=self.seq, num_moe_layers=self.num_moe_layers, num_experts=self.num_experts, top_k=self.top_k,
                 cache_sizes=self.cache_sizes, policy=self.policy, placement=self.placement,
                 resident=tuple(tuple(r) for r in self.resident), last_token=self.last_token,
                 hits=self.hits, misses=self.misses, evictions=self.evictions,

@@ -45,7 +45,7 @@ def shape(x) -> tuple[int, int, int]:
 
 
 def test_routing_fields_have_vllms_shapes_and_equal_generate_json(engine, tiny_dir):
-    L, K = engine.info.num_layers, engine.info.top_k
+    L, K = engine.info.num_moe_layers, engine.info.top_k
     expected = json.loads(cli("generate", "--model", tiny_dir, "--device", "cpu", "--prompt", QUESTION, "--greedy",
                               "--max-new-tokens", TOKENS, "--json", "--quiet").stdout)["routing"]
     prompt_len = len(engine.prompt_ids([{"role": "user", "content": QUESTION}]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixoff_app.checkpoints import CheckpointError, detect_layout, load_checkpoint
+from mixoff_app.checkpoints import CheckpointError, detect_format, load_checkpoint
 from mixoff_app.config import NO_QUANT, ConfigError, QuantConfig
 from mixoff_app.hub import ModelNotAvailable, resolve
 
@@ -84,9 +84,9 @@ def test_corrupt_file_names_the_file(tiny_dir, tmp_path):
 
 def test_not_a_supported_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="expected keys like"):
-        detect_layout(["model.embed_tokens.weight", "lm_head.weight"])
+        detect_format(["model.embed_tokens.weight", "lm_head.weight"])
     with pytest.raises(CheckpointError, match="fused"):
-        detect_layout(["model.layers.0.mlp.experts.gate_up_proj"])
+        detect_format(["model.layers.0.mlp.experts.gate_up_proj"])
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="config.json: model_type is 'llama'; mixoff runs these MoE families: mixtral, qwen2_moe"):

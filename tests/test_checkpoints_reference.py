@@ -26,7 +26,7 @@ def loaded():
 
 
 def test_layout_and_quantization_are_recognised(loaded):
-    assert loaded.layout == "reference"
+    assert loaded.checkpoint_format == "reference"
     assert (loaded.quant.attn.bits, loaded.quant.attn.group_size, loaded.quant.attn.scale_group) == (4, 64, 256)
     assert (loaded.quant.experts.bits, loaded.quant.experts.group_size, loaded.quant.experts.scale_group) == (2, 16, 128)
     assert loaded.quant.attn.quant_zero and loaded.quant.experts.quant_zero
@@ -59,7 +59,7 @@ def test_dequantized_weights_are_close_to_the_originals(loaded, reference):
 
 def test_engine_chats_on_the_reference_layout():
     engine = Engine.load(EngineConfig(model=str(FIXTURE), device="cpu", cache=CacheConfig(sizes=(2,))))
-    assert engine.info.layout == "reference" and "experts 2-bit g16" in engine.info.quant
+    assert engine.info.checkpoint_format == "reference" and "experts 2-bit g16" in engine.info.quant
     events = list(engine.stream_chat([{"role": "user", "content": "hello"}],
                                      SamplingParams(max_new_tokens=8, greedy=True)))
     assert events[-1].kind == "done"

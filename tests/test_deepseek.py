@@ -73,7 +73,7 @@ def test_logits_and_greedy_match_transformers_through_an_offloading_cache(checkp
         torch.testing.assert_close(torch.cat(steps), expected[len(prompt) - 1:-1], rtol=1e-4, atol=1e-4)
         assert greedy_ids(engine, prompt, 12) == gen, f"cache size {size}"
         s = engine.stats()
-        assert s.misses > 0 and s.evictions > 0 and s.num_layers == 2
+        assert s.misses > 0 and s.evictions > 0 and s.num_moe_layers == 2
 
 
 def test_quantized_runtime_matches_transformers_on_dequantized_weights(checkpoint, prompt):

@@ -35,9 +35,9 @@ def test_device_choice_and_its_refusals():
 
 def test_what_a_load_reports(engine, tiny_dir):
     info, cfg = engine.info, engine.model.cfg
-    assert (info.num_layers, info.num_experts, info.top_k) == (cfg.num_layers, cfg.num_experts, cfg.top_k) == (4, 8, 2)
+    assert (info.num_moe_layers, info.num_experts, info.top_k) == (cfg.num_layers, cfg.num_experts, cfg.top_k) == (4, 8, 2)
     assert info.model_path == str(tiny_dir) and info.device == "cpu" and info.dtype == "float32"
-    assert info.layout == "hf" and info.quant == "attention none, experts none" and info.gpu_name is None
+    assert info.checkpoint_format == "hf" and info.quant == "attention none, experts none" and info.gpu_name is None
     assert info.max_context == engine.model.max_seq == 128
     assert info.expert_bytes == engine.model.cache.expert_bytes == 3 * 128 * 64 * 4      # w1, w2, w3 in fp32
     assert engine.model.cache.sizes == (3,) * 4

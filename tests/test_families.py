@@ -97,7 +97,7 @@ def test_logits_and_greedy_match_transformers(family, prompt):
         torch.testing.assert_close(torch.cat(steps), ref_logits[len(prompt) - 1:-1], rtol=1e-4, atol=1e-4)
         assert greedy_ids(engine, prompt, 12) == gen, f"cache size {size}"
     s = engine.stats()
-    assert s.num_layers == engine.model.cfg.num_moe_layers and s.top_k == k
+    assert s.num_moe_layers == engine.model.cfg.num_moe_layers and s.top_k == k
     assert all(len(ex) == k for tok in engine.last_routing for ex in tok)
 
 
@@ -129,7 +129,7 @@ def test_quantized_runtime_matches_transformers_on_dequantized_weights(family, q
         p = f"model.layers.{i}."
         for n in cfg.attention_shapes():          # q/k/v/o, or MLA's q, kv_a_proj_with_mqa and o
             put(f"{p}self_attn.{n}.weight", getattr(lw, ATTN_FIELDS[n]))
-        for prefix, mlp in ((f"{p}mlp", lw.mlp), (f"{p}mlp.{cfg.spec.shared_name}", lw.shared)):
+        for prefix, mlp in ((f"{p}mlp", lw.mlp), (f"{p}mlp.{cfg.traits.shared_name}", lw.shared)):
             if mlp is not None:
                 for n, w in zip(("gate_proj", "up_proj", "down_proj"), mlp):
                     put(f"{prefix}.{n}.weight", w)
@@ -154,7 +154,7 @@ def test_own_format_records_the_family_and_reloads_identically(family, quantized
     with safe_open(str(out / "trunk.safetensors"), "pt") as fh:
         assert fh.metadata()["mixoff.family"] == name
     b = load(out, k=2)
-    assert b.info.layout == "mixoff" and b.info.family == name
+    assert b.info.checkpoint_format == "mixoff" and b.info.family == name
     ids = torch.tensor(prompt)
     # Same codes; the format stores the unquantized trunk (norms, biases, embeddings) in float16.
     torch.testing.assert_close(b.model.forward(ids, 0, last_only=False),
@@ -232,7 +232,7 @@ def test_prefetch_guesses_k_experts_across_dense_layers_without_changing_outputs
     s = fetching.stats()
     if fetching.model.cfg.num_moe_layers > 1:
         assert s.prefetch_issued > 0
-    assert s.num_layers == fetching.model.cfg.num_moe_layers == len(s.layer_hits)
+    assert s.num_moe_layers == fetching.model.cfg.num_moe_layers == len(s.layer_hits)
 
 
 def test_plan_presets_table_has_a_row_per_model_with_its_family_quantization():
@@ -253,6 +253,6 @@ def test_planner_sizes_are_the_family_models_bytes(family, quantized):
     from mixoff_app.plan import device_need, model_sizes
     m = quantized.model
     s = model_sizes(m.cfg, quantized.quant, m.max_seq, torch.float32)
-    assert s.num_layers == m.cfg.num_moe_layers and s.expert == m.cache.store.layout.nbytes
+    assert s.num_moe_layers == m.cfg.num_moe_layers and s.expert == m.cache.store.layout.nbytes
     assert s.all_experts == m.cache.store.nbytes
     assert device_tensor_bytes(m) == device_need(s, "inclusive", m.cache.sizes, cuda=False)

@@ -125,7 +125,7 @@ def test_a_vllm_answer_feeds_the_panel_and_the_replay():
         engine = remote(vllm.url, key="vk")
         info = engine.connect()
         assert (info.backend, info.model, info.max_context) == ("vllm", "mistralai/Mixtral-8x7B-Instruct-v0.1", 32768)
-        assert (info.num_layers, info.num_experts, info.top_k, info.shape_from) == (32, 8, 2, "preset mixtral-8x7b")
+        assert (info.num_moe_layers, info.num_experts, info.top_k, info.shape_from) == (32, 8, 2, "preset mixtral-8x7b")
         assert answer(engine) == whole["choices"][0]["message"]["content"]
         sent = vllm.requests[-1]
         assert sent["authorization"] == "Bearer vk" and sent["body"]["stream"] is True
@@ -179,7 +179,7 @@ def test_an_sglang_answer_is_read_with_a_known_models_shape():
         assert answer(engine) == "Each token uses four of sixty experts."
         assert sglang.requests[-1]["body"]["return_routed_experts"] is True, "SGLang asks per request"
         snap = settled(engine)
-    assert (engine.info.num_layers, engine.info.top_k) == (24, 4)
+    assert (engine.info.num_moe_layers, engine.info.top_k) == (24, 4)
     assert len(snap.prompt_routing) == 9 and len(snap.routing) == 5, "9 + 6 - 1 positions, split at the prompt"
     assert all(len(tok) == 24 and all(len(ex) == 4 for ex in tok) for tok in snap.routing)
     assert snap.replay
@@ -193,7 +193,7 @@ def test_an_unknown_shape_or_no_routing_is_said_not_invented():
         answer(engine)
         snap = engine.stats()
     assert snap.routing == () and snap.replay == () and "top-k" in snap.routing_note
-    assert engine.info.num_experts is None and engine.info.num_layers is None
+    assert engine.info.num_experts is None and engine.info.num_moe_layers is None
     plain = fixture("vllm_models.json")
     plain["data"][0]["owned_by"] = "someone"
     stream = "".join(f"data: {json.dumps(without_routing(e))}\n\n" for e in events("vllm_chat_stream.txt"))

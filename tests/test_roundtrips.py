@@ -25,13 +25,13 @@ def mixoff_dir(tiny_dir, tmp_path_factory):
 def run_cli(monkeypatch, capsys, path, n, *extra) -> tuple[int, int]:
     """(host round trips, decode steps) of one generate run."""
     steps = [0]
-    forward = model_mod.Mixtral.forward
+    forward = model_mod.MoEModel.forward
 
     def counted(self, ids, pos, last_only=True):
         steps[0] += ids.shape[0] == 1
         return forward(self, ids, pos, last_only)
 
-    monkeypatch.setattr(model_mod.Mixtral, "forward", counted)
+    monkeypatch.setattr(model_mod.MoEModel, "forward", counted)
     with count_syncs() as syncs:
         rc = main(["generate", "--model", str(path), "--device", "cpu", "--prompt", "Tell me about len.",
                    "--max-new-tokens", str(n), "--max-context", "256", "--greedy", "--cache-size", "2",

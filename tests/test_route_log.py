@@ -56,5 +56,5 @@ def test_short_and_chunked_prompts_are_routed_whole(tiny_dir, n_ids):
     ids = list(range(3, 3 + n_ids))
     list(engine.stream_ids(ids, GREEDY))
     routing = engine.answer_prompt_routing()
-    assert len(routing) == n_ids and all(len(r) == engine.info.num_layers for r in routing)
+    assert len(routing) == n_ids and all(len(r) == engine.info.num_moe_layers for r in routing)
     assert all(len(set(ex)) == engine.info.top_k for r in routing for ex in r)

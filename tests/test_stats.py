@@ -40,7 +40,7 @@ def token(s: Stats, hits=(), misses=(), layer=0) -> None:
 
 
 def test_counters_land_where_they_happen():
-    s = Stats(num_layers=2, num_experts=8, top_k=2, cache_sizes=(2, 3), policy="lfu", placement="exclusive")
+    s = Stats(num_moe_layers=2, num_experts=8, top_k=2, cache_sizes=(2, 3), policy="lfu", placement="exclusive")
     s.begin_answer()
     s.on_hit(0, 1)
     s.on_miss(1, 4, 3 * MiB)

@@ -144,7 +144,7 @@ def test_cache_replan_through_the_api(app, engine):
     assert engine.info.cache.sizes == (3,)
     stream(client, "after the change", max_new_tokens=4)
     snap = client.predict(api_name="/stats")
-    assert snap["cache_sizes"] == [3] * engine.info.num_layers and snap["policy"] == "lfu"
+    assert snap["cache_sizes"] == [3] * engine.info.num_moe_layers and snap["policy"] == "lfu"
     assert all(len(r) == 3 for r in snap["resident"])
     client.predict(2, "lru", 0, api_name="/set_cache")
     assert engine.info.cache.sizes == (2,)
@@ -181,7 +181,7 @@ def test_page_opens_while_the_model_loads(engine):
         assert slot.lines == ["fetching nothing: the tiny model is local"]
         gate.set()
         assert slot.ready.wait(30) and slot.engine is engine
-        assert client.predict(api_name="/stats")["num_layers"] == engine.info.num_layers
+        assert client.predict(api_name="/stats")["num_layers"] == engine.info.num_moe_layers
         assert slot.lines[-1] == "experts placed"
     finally:
         gate.set()

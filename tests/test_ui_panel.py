@@ -40,7 +40,7 @@ def run_token(stats: Stats, layer_events: dict) -> None:
 
 @pytest.fixture
 def snap():
-    s = Stats(num_layers=4, num_experts=8, top_k=2, cache_sizes=(2, 2, 2, 2))
+    s = Stats(num_moe_layers=4, num_experts=8, top_k=2, cache_sizes=(2, 2, 2, 2))
     s.begin_answer()
     s.end_prefill(5)
     run_token(s, {0: ((), (1, 3), (), (), (1, 3), (1, 3)), 1: ((), (0, 2), (), (), (0, 2), (0, 2))})
@@ -156,7 +156,7 @@ def _decode_png(data: bytes):
 
 
 def test_routing_strip_encodes_tokens_by_layers(snap):
-    png = panel.routing_png(snap.routing, snap.num_layers, snap.num_experts, snap.top_k)
+    png = panel.routing_png(snap.routing, snap.num_moe_layers, snap.num_experts, snap.top_k)
     w, h, rows = _decode_png(png)
     assert (w, h) == (2, 4 * 3)                  # 2 tokens; 4 layers x (top-2 rows + separator)
     assert rows[0] == bytes([1, 1]) and rows[1] == bytes([3, 5])   # layer 0: token0 (1,3), token1 (1,5)
@@ -192,7 +192,7 @@ def test_whole_panel_and_escaping(snap):
 
     class Info:
         model_name, reason, device, dtype = "<b>x</b>", "no CUDA GPU found: tiny", "cpu", "float32"
-        quant, num_layers, num_experts, top_k, max_context = "experts 2-bit g16", 4, 8, 2, 2048
+        quant, num_moe_layers, num_experts, top_k, max_context = "experts 2-bit g16", 4, 8, 2, 2048
         cache, gpu_name = CacheConfig(sizes=(2,)), None
     info = panel.render_info(Info())
     assert "&lt;b&gt;x&lt;/b&gt;" in info and "<b>x</b>" not in info

@@ -19,7 +19,7 @@ WHERE = "http://gpu-box:8000/v1"
 def vllm_view(**kw) -> RemoteSnapshot:
     rows = tuple(tuple(tok) for tok in synthetic_trace(20).routing)
     base = RemoteSnapshot(seq=1, where=WHERE, backend="vllm", model="m", connected=True, problem="", generating=False,
-                          answers=1, num_layers=32, num_experts=8, top_k=2, answer_tokens=20, prompt_tokens=9,
+                          answers=1, num_moe_layers=32, num_experts=8, top_k=2, answer_tokens=20, prompt_tokens=9,
                           ttft_s=0.05, decode_s=0.5, tokens_per_s=38.0, finish_reason="length", routing=rows,
                           replay=replay_answer(rows, 8, candidate_ks(8, 2, 3)), replay_k=3)
     return replace(base, **kw)
@@ -50,7 +50,7 @@ def test_a_vllm_answer_shows_routing_replay_speed_and_what_is_absent():
 
 def test_the_header_says_what_is_known_and_what_is_not():
     unknown = RemoteInfo(where=WHERE, backend="sglang", model="x/y", model_name="x/y", connected=True,
-                         num_layers=24, top_k=4, shape_from="its routing", experts_seen=37,
+                         num_moe_layers=24, top_k=4, shape_from="its routing", experts_seen=37,
                          cache=CacheConfig(sizes=(4,)))
     html = render_any_info(unknown)
     assert "SGLang at http://gpu-box:8000/v1" in html and "experts: unknown (ids up to 36 seen)" in html

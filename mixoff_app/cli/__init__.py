@@ -19,7 +19,7 @@ SUBCOMMANDS = (generate, quantize, make_tiny, trace, plan, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mixoff_app", description="Mixtral with offloaded experts")
+    p = argparse.ArgumentParser(prog="python -m mixoff_app", description="Mixture-of-Experts models with offloaded experts")
     sub = p.add_subparsers(dest="command", required=True)
     for command in SUBCOMMANDS:
         command.add_parser(sub)

@@ -133,7 +133,7 @@ def engine_generate(args: argparse.Namespace) -> tuple:
         weights = [[tuple(float(x) for x in w) for w in tok] for tok in weights]
     info = engine.info
     header = {"model": info.model_name, "device": info.device, "quant": info.quant,
-              "num_layers": info.num_layers, "num_experts": info.num_experts, "top_k": info.top_k,
+              "num_layers": info.num_moe_layers, "num_experts": info.num_experts, "top_k": info.top_k,
               # layers count expert layers; these are their decoder layers (dense layers have no routing)
               "family": info.family, "expert_layers": list(info.expert_layers)}
     return routing, weights, header

@@ -92,8 +92,8 @@ class RemoteEngine:
             raise BackendError(msg) from None
         with self._lock:
             old = self._info
-            if old.connected and old.model == info.model and old.num_layers and not info.num_layers:
-                info = replace(info, num_layers=old.num_layers, top_k=old.top_k, shape_from=old.shape_from)
+            if old.connected and old.model == info.model and old.num_moe_layers and not info.num_moe_layers:
+                info = replace(info, num_moe_layers=old.num_moe_layers, top_k=old.top_k, shape_from=old.shape_from)
             if old.connected and info.backend != "mixoff":
                 info = replace(info, cache=old.cache)
             self._info, self._seq = info, self._seq + 1
@@ -267,7 +267,7 @@ class RemoteEngine:
         ans = self._answer
         base = RemoteSnapshot(seq=self._seq, where=info.where, backend=info.backend, model=info.model,
                               connected=info.connected, problem=info.problem, generating=self._streams > 0,
-                              answers=self._answers, num_layers=info.num_layers, num_experts=info.num_experts,
+                              answers=self._answers, num_moe_layers=info.num_moe_layers, num_experts=info.num_experts,
                               top_k=info.top_k, replay_k=info.cache.sizes[0])
         if ans is None:
             return base

@@ -20,7 +20,7 @@ class RemoteInfo:
     model_name: str = ""               # for display
     models: tuple[str, ...] = ()       # everything /v1/models lists
     reason: str = ""
-    num_layers: Optional[int] = None   # expert layers
+    num_moe_layers: Optional[int] = None   # expert layers
     num_experts: Optional[int] = None
     top_k: Optional[int] = None
     max_context: Optional[int] = None
@@ -83,7 +83,8 @@ def _ours(info: RemoteInfo, server: dict) -> RemoteInfo:
     sizes = tuple(cache.get("sizes") or ()) or (2,)
     device = str(server.get("device", "")) + (f" ({server['gpu_name']})" if server.get("gpu_name") else "")
     return replace(info, model_name=str(server.get("model_name") or info.model),
-                   num_layers=server.get("num_layers"), num_experts=server.get("num_experts"),
+                   num_moe_layers=server.get("num_moe_layers", server.get("num_layers")),
+                   num_experts=server.get("num_experts"),
                    top_k=server.get("top_k"), max_context=server.get("max_context") or info.max_context,
                    shape_from="the server", server=server, device=f"{device} at {info.where}",
                    cache=CacheConfig(sizes=sizes, policy=cache.get("policy", "lru"), prefetch=cache.get("prefetch", 0)))
@@ -96,7 +97,7 @@ def _known_shape(info: RemoteInfo, names: tuple[str, ...]) -> RemoteInfo:
         return info
     cfg = PRESETS[name]
     k = info.cache.sizes[0] if info.cache.sizes[0] <= cfg.num_experts else cfg.top_k
-    return replace(info, num_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
+    return replace(info, num_moe_layers=cfg.num_moe_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
                    shape_from=f"preset {name}", cache=replace(info.cache, sizes=(max(k, cfg.top_k),)))
 
 
@@ -104,7 +105,7 @@ def with_routing_shape(info: RemoteInfo, layers: int, top_k: int, seen: int) -> 
     """An answer's routing shows the layer count and top-k; the expert count only as a lower bound (``seen``), which
     is kept apart from the count."""
     info = replace(info, experts_seen=max(info.experts_seen, seen))
-    if info.num_layers is not None:
+    if info.num_moe_layers is not None:
         return info
-    return replace(info, num_layers=layers, top_k=top_k, shape_from="its routing",
+    return replace(info, num_moe_layers=layers, top_k=top_k, shape_from="its routing",
                    cache=replace(info.cache, sizes=(max(info.cache.sizes[0], top_k),)))

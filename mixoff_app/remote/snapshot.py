@@ -19,7 +19,7 @@ class RemoteSnapshot:
     problem: str                      # why the backend cannot be used right now ("" when it can)
     generating: bool
     answers: int                      # answers this page has had from the backend
-    num_layers: Optional[int]
+    num_moe_layers: Optional[int]
     num_experts: Optional[int]        # None: not known (the routing shows only a lower bound)
     top_k: Optional[int]
     # The latest answer: shown only to the session that asked it, and to the operator.

@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ..cli.args import add_engine_args, positive_int  # the same engine flags as the headless CLI
 
     p = argparse.ArgumentParser(
-        prog="app.py", description="mixoff: chat with Mixtral-8x7B whose experts are offloaded to host RAM, "
-                                   "with a live view of the GPU expert cache.")
+        prog="app.py", description="mixoff: chat with a Mixture-of-Experts model (Mixtral-8x7B by default on a "
+                                   "GPU) whose experts are offloaded to host RAM, with a live view of the expert cache.")
     add_engine_args(p, model_default=None)
     p.set_defaults(model=None)
     for action in p._actions:

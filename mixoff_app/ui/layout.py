@@ -35,7 +35,12 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 PANEL_EVERY = 0.3         # seconds between panel refreshes (over 3 a second)
 GENERATE = "generate"     # the one concurrency group every generation (and cache re-plan) shares
 
-TITLE = "mixoff · Mixtral with expert offloading"
+TITLE = "mixoff · Mixture-of-Experts chat with expert offloading"
+
+
+def title_for(model_name: Optional[str]) -> str:
+    """The page's title names the model that runs (Mixtral, Qwen3-MoE, ...) once it is known."""
+    return f"mixoff · {model_name} with expert offloading" if model_name else TITLE
 INTRO = ("Chat with a Mixture-of-Experts model whose experts live in host RAM; only *k* per layer sit in "
          "the device cache. The panel shows, token by token, which experts are cached, hit, loaded "
          "and evicted.")
@@ -280,9 +285,10 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
         return public_info(engine_or_error("info").info)
 
     # ---- page ---------------------------------------------------------------------------------
-    with gr.Blocks(title=TITLE, fill_width=True) as demo:
+    title = title_for(slot.engine.info.model_name if slot.engine else None)
+    with gr.Blocks(title=title, fill_width=True) as demo:
         with gr.Row(elem_id="mx-header"):
-            gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="mx-title")
+            gr.Markdown(f"# {title}\n{INTRO}", elem_id="mx-title")
         info_html = gr.HTML(render_any_info(_shown_info(slot.engine.info)) if slot.engine else
                             '<div class="mx-info"><span class="mx-chip">loading the model…</span></div>',
                             elem_id="mx-info")

@@ -89,7 +89,7 @@ def state_codes(snap):
     prefetch over a hit; an evicted expert that is no longer resident shows as evicted."""
     import numpy as np
 
-    L, E = snap.num_layers, snap.num_experts
+    L, E = snap.num_moe_layers, snap.num_experts
     out = np.zeros((L, E), dtype=np.uint8)
     code = {st: i for i, st in enumerate(_STATES)}
 
@@ -150,13 +150,13 @@ def _ticks(n: int, want: int = 8) -> list[int]:
 
 def _layer_names(snap, info: Any = None) -> list[str]:
     labels = tuple(getattr(info, "expert_layers", ()) or ())
-    return [str(labels[i]) if i < len(labels) else str(i) for i in range(snap.num_layers)]
+    return [str(labels[i]) if i < len(labels) else str(i) for i in range(snap.num_moe_layers)]
 
 
 def render_grid_image(snap, codes, head: str, legend: str, layer_names: Sequence[str]) -> str:
     """The many-expert grid (e.g. 128 experts x 48 layers): one PNG, axis ticks, and a hover (the page's
     script reads ``data-*``: layer names and one letter of state per cell) naming layer, expert and state."""
-    L, E = snap.num_layers, snap.num_experts
+    L, E = snap.num_moe_layers, snap.num_experts
     uri = "data:image/png;base64," + base64.b64encode(grid_png(codes)).decode()
     data = (codes + ord("0")).tobytes().decode("ascii")          # one digit per cell, row-major
     xt = "".join(f'<span style="left:{100 * (e + 0.5) / E:.2f}%">E{e}</span>' for e in _ticks(E))
@@ -177,7 +177,7 @@ def render_grid(snap, info: Any = None) -> str:
     import numpy as np
 
     codes = state_codes(snap)
-    L, E = snap.num_layers, snap.num_experts
+    L, E = snap.num_moe_layers, snap.num_experts
     n = np.bincount(codes.ravel(), minlength=len(_STATES))
     counts = {st: int(n[i]) for i, st in enumerate(_STATES)}
     legend = "".join(f'<span class="mx-key"><i class="mx-c mx-{s}"></i>{escape(text)}'
@@ -398,8 +398,8 @@ def render_routing(snap, max_tokens: int = ROUTING_TOKENS, info: Any = None) -> 
     if not routing:
         body = '<div class="mx-placeholder">The routing of the next answer appears here: one column per token.</div>'
     else:
-        png = routing_png(routing, snap.num_layers, snap.num_experts, snap.top_k)
-        rows = snap.num_layers * (snap.top_k + 1)
+        png = routing_png(routing, snap.num_moe_layers, snap.num_experts, snap.top_k)
+        rows = snap.num_moe_layers * (snap.top_k + 1)
         # Never fewer pixels than rows: scaling down would merge layers (48 x top-8 is 432 rows).
         height = max(48, min(220, rows * 4)) if rows <= 220 else rows
         width = min(100, 100 * len(routing) / 48)    # a short answer keeps square-ish cells
@@ -408,7 +408,7 @@ def render_routing(snap, max_tokens: int = ROUTING_TOKENS, info: Any = None) -> 
                  f'data-experts="{snap.num_experts}" data-first="{len(snap.routing) - len(routing)}" '
                  f'data-layers="{",".join(_layer_names(snap, info))}"') if many else ""
         body = (f'<img class="mx-routing" src="{uri}" alt="routing of the last answer: {len(routing)} tokens by '
-                f'{snap.num_layers} layers" style="width:{width:.0f}%;height:{height}px"{hover}>')
+                f'{snap.num_moe_layers} layers" style="width:{width:.0f}%;height:{height}px"{hover}>')
     return (f'<div class="mx-card mx-routing-card">{head}{body}'
             f'<div class="mx-legend">{legend}</div></div>')
 
@@ -426,10 +426,10 @@ def render_info(info: Any) -> str:
                      + (f" · prefetch {cache.prefetch}" if cache.prefetch else ""))
     device = info.device + (f" ({info.gpu_name})" if info.gpu_name else "")
     chips = [("model", info.model_name), ("device", device), ("weights", f"{info.dtype} · {info.quant}"),
-             ("shape", f"{info.num_layers} layers × {info.num_experts} experts, top-{info.top_k}"
+             ("shape", f"{info.num_moe_layers} layers × {info.num_experts} experts, top-{info.top_k}"
                        + (" + a shared expert" if getattr(info, "shared_expert", False) else "")
-                       + (f" ({getattr(info, 'decoder_layers', 0) - info.num_layers} dense layers)"
-                          if getattr(info, "decoder_layers", 0) > info.num_layers else "")
+                       + (f" ({getattr(info, 'decoder_layers', 0) - info.num_moe_layers} dense layers)"
+                          if getattr(info, "decoder_layers", 0) > info.num_moe_layers else "")
                        + f", context {info.max_context:,}"),
              ("family", getattr(info, "family", "")),
              ("cache", cache_txt)]

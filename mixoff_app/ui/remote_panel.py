@@ -34,11 +34,11 @@ def render_any_info(info: Any) -> str:
 
 # ---- header -------------------------------------------------------------------------------------
 def _shape(info: RemoteInfo) -> str:
-    if info.num_layers is None:
+    if info.num_moe_layers is None:
         return "shape unknown until an answer brings its routing"
     experts = (f"{info.num_experts} experts" if info.num_experts else
                f"experts: unknown (ids up to {info.experts_seen - 1} seen)" if info.experts_seen else "experts: unknown")
-    return f"{info.num_layers} expert layers × {experts}, top-{info.top_k} (from {info.shape_from})"
+    return f"{info.num_moe_layers} expert layers × {experts}, top-{info.top_k} (from {info.shape_from})"
 
 
 def render_remote_info(info: RemoteInfo) -> str:
@@ -95,7 +95,7 @@ def _routing(snap: RemoteSnapshot, info: Any) -> str:
                 f'<div class="mx-placeholder">{escape(note)}</div></div>')
     layers, k = len(snap.routing[0]), len(snap.routing[0][0])
     experts = max(snap.num_experts or 0, 1 + max(e for tok in snap.routing for ex in tok for e in ex))
-    view = SimpleNamespace(routing=snap.routing, num_layers=layers, num_experts=experts, top_k=k)
+    view = SimpleNamespace(routing=snap.routing, num_moe_layers=layers, num_experts=experts, top_k=k)
     html = panel.render_routing(view, info=None)
     if snap.prompt_routing:     # returned too; the strip draws the answer's tokens, as for a local engine
         html = html.replace("</span></div>", f" · {len(snap.prompt_routing)} prompt tokens routed too</span></div>", 1)
