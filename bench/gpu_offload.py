@@ -7,7 +7,7 @@ group-64. Weights are random bytes with sane scales and zeros (no inf/NaN): the 
 a matmul or a copy does not depend on the values.
 
 Routing comes from the calibrated synthetic trace (``trace.synthetic_trace``, consecutive-token repetition
-per layer matched to Mixtral's measured Table 5), not from the random gates: ``TraceMixtral`` reads the
+per layer matched to Mixtral's measured Table 5), not from the random gates: ``TraceModel`` reads the
 trace's experts and weights for the current token from device tensors, indexed by a device scalar (so the
 same code runs under CUDA graphs), and everything after the router runs exactly as in the app: one packed
 host transfer per layer, the cache's fetch, release and prefetch.
@@ -200,7 +200,7 @@ def build_trunk(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> T
 
 # ---- trace-driven routing, prefetch, and the no-cache baseline -----------------------------------
 
-class TraceMixtral(MoEModel):
+class TraceModel(MoEModel):
     """Routing from a trace: the current token's experts and weights for each layer, read from device tensors
     [T, L, K] at a device scalar token index (no host->device copy per layer, and graph-safe)."""
 
@@ -211,15 +211,15 @@ class TraceMixtral(MoEModel):
         self.token = 0
         self.tok = torch.zeros(1, dtype=torch.long, device=self.device)
 
-    def _route(self, lw: LayerWeights, h: torch.Tensor):
+    def _route(self, lw: LayerWeights, h: torch.Tensor, step=None):
         if h.shape[0] != 1:
             raise ValueError("trace routing drives decode (one token) only")
         i = self.layer_of[id(lw)]
         return self.w[:, i].index_select(0, self.tok), self.idx[:, i].index_select(0, self.tok)   # [1, K] each
 
-    def forward(self, ids: torch.Tensor, pos: int, last_only: bool = True) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pos: int, last_only: bool = True, seq: int = 0) -> torch.Tensor:
         self.tok.fill_(self.token)
-        out = super().forward(ids, pos, last_only)
+        out = super().forward(ids, pos, last_only, seq)
         self.token += 1
         return out
 
@@ -253,7 +253,7 @@ class TracePrefetcher(Prefetcher):
         self.guesses = torch.tensor(table, dtype=torch.long, device=device)      # [T, L, count]
         self.use_trace = torch.ones(count, dtype=torch.bool, device=device)
 
-    def guess(self, model: "TraceMixtral", target: int, n: torch.Tensor) -> torch.Tensor:
+    def guess(self, model: "TraceModel", target: int, n: torch.Tensor) -> torch.Tensor:
         real = super().guess(model, target, n)
         return torch.where(self.use_trace, self.guesses[:, target].index_select(0, model.tok)[0], real)
 
@@ -341,7 +341,7 @@ def counters(stats: Stats) -> dict[str, int]:
     return {c: getattr(stats, c) for c in COUNTERS}
 
 
-def decode_tokens(model: TraceMixtral, step: torch.Tensor, stats: Stats, positions: range) -> torch.Tensor:
+def decode_tokens(model: TraceModel, step: torch.Tensor, stats: Stats, positions: range) -> torch.Tensor:
     """The app's decode loop without sampling: argmax, the one host sync per token for the id."""
     logits = None
     for pos in positions:
@@ -368,7 +368,7 @@ def run_variant(name: str, ctx: dict, args: argparse.Namespace, deadline: float)
     cache = (NoCache if naive else ExpertCache)(store, sizes, policy, device, stats)
     n_timed_end = args.warmup + args.tokens
     n_total = n_timed_end + COUNTED_TOKENS
-    model = TraceMixtral(cfg, ctx["trunk"], cache, stats, n_total + 1, device, dtype,
+    model = TraceModel(cfg, ctx["trunk"], cache, stats, n_total + 1, device, dtype,
                          kernel=resolve_kernel(args.kernel, device), idx=ctx["idx"], weights=ctx["w"])
     if prefetch:
         model.prefetcher = TracePrefetcher(ctx["routing"], K, args.prefetch_accuracy, E, args.seed, device)

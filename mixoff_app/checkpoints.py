@@ -28,6 +28,7 @@ from .model import LayerWeights, TrunkWeights
 from .outputs import check_new_folder, new_folder
 from .quant import QWeight, pack, quantize, qweight_from, unpack, weight_fields
 from .stores import ExpertLayout, ExpertStore, ExpertWeights, InclusiveStore, expert_tensors_from_dense
+from .validation import CheckpointError, check_config_object, check_config_values, check_tensors, sample_experts
 
 Progress = Callable[[str], None]
 
@@ -40,9 +41,6 @@ ATTN_FIELDS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "
 REFERENCE_FIELDS = {"W_q": "W_q", "meta.scale": "scale", "meta.zero": "zero", "meta.scale_q": "scale_q",
                "meta.meta_scale.scale": "scale_s", "meta.meta_scale.zero": "scale_z", "meta.zero_q": "zero_q",
                "meta.meta_zero.scale": "zero_s", "meta.meta_zero.zero": "zero_z"}
-
-
-from .validation import CheckpointError, check_config_object, check_config_values, check_tensors, sample_experts  # noqa: E402
 
 
 def _noop(msg: str) -> None:
@@ -122,9 +120,6 @@ class TensorSource:
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {key!r} from {self.folder / shard}: {e} — the file is "
                                   f"corrupt or incomplete; delete it and download it again") from None
-
-    def shard_of(self, key: str) -> Path:
-        return self.folder / self.weight_map[key]
 
     def where(self, key: str) -> Path:
         """The file a tensor comes from (the folder when the name is not in the index)."""

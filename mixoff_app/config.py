@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from .families import FAMILIES, Family, unsupported
 
@@ -347,6 +347,16 @@ def parse_bits(text: str | int | None) -> "Optional[int] | str":
 POLICIES = ("lru", "lfu", "lrfu")
 KERNELS = ("auto", "triton", "torch")     # quantized matmul: see mixoff_app/kernels
 PLACEMENTS = ("inclusive", "exclusive", "disk")
+
+
+def format_k(sizes: Sequence[int], counts: bool = False) -> str:
+    """Experts per layer on the device as people read them, the one way every output writes it: "4", or "4-5"
+    when a plan gives layers different k (with ``counts``: "4-5 (15x4, 17x5)")."""
+    ks = sorted(set(sizes))
+    if len(ks) <= 1:
+        return "".join(map(str, ks))
+    text = f"{ks[0]}-{ks[-1]}"
+    return f"{text} ({', '.join(f'{list(sizes).count(k)}x{k}' for k in ks)})" if counts else text
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, QuantConfig, SamplingParams
+from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, QuantConfig, SamplingParams, format_k
 from .events import TokenEvent
 from .expert_cache import ExpertCache
 from .generate import generate
@@ -108,21 +108,42 @@ def check_prefetch(cache: CacheConfig, num_experts: int) -> None:
                           f"model: use 0 to {num_experts}")
 
 
-def _k(sizes: tuple[int, ...]) -> object:
-    return sizes[0] if len(set(sizes)) == 1 else sizes
+def _peek(folder: Path, config: EngineConfig) -> tuple:
+    """(cfg, quant in memory, checkpoint format or None): from the weights' headers when they are here, else from
+    config.json alone (a hub model before its download; the format is then not known yet)."""
+    from .checkpoints import CheckpointError, peek_checkpoint, read_config
+    try:
+        return peek_checkpoint(folder, config.quant)
+    except (CheckpointError, OSError):
+        cfg = read_config(folder)
+        return cfg, config.quant.for_family(cfg.family), None
 
 
-def _precheck(config: EngineConfig, device: torch.device, dtype: torch.dtype, folder: Path) -> None:
-    """From config.json alone, before any weight is downloaded or read: refuse what cannot fit."""
+def _memory_plan(config: EngineConfig, peeked: tuple, device: torch.device, dtype: torch.dtype, name: str):
+    """The planner, on the user's k and placement: fills in what ``config.cache`` leaves None, checks what it
+    fixes; ConfigError when that cannot fit."""
+    from .plan import plan_for
+    cfg, quant, fmt = peeked
+    cache = config.cache
+    fixed = None if cache.sizes is None else cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
+    p = plan_for(cfg, quant, min(config.max_context, cfg.max_position_embeddings), device=device, dtype=dtype,
+                 placement=cache.placement, sizes=fixed, vram_budget=config.vram_budget,
+                 ram_budget=config.ram_budget, disk_ok=fmt == "mixoff", model_name=name)
+    if not p.feasible:
+        raise ConfigError(f"{name} does not fit: {p.reason}")
+    return p
+
+
+def _precheck(config: EngineConfig, device: torch.device, dtype: torch.dtype, made: dict, folder: Path) -> None:
+    """Before any weight is downloaded (a hub model: from its config.json) or read (a local folder: from the
+    weights' headers): refuse what cannot fit, the user's k and placement included. A plan made from the
+    checkpoint itself is kept in ``made`` for the plan step, so a local model is planned once."""
     if not config.planned(device.type):
         return
-    from .checkpoints import read_config
-    from .plan import plan_for
-    pre = read_config(folder)
-    p = plan_for(pre, config.quant, min(config.max_context, pre.max_position_embeddings), device=device,
-                 dtype=dtype, vram_budget=config.vram_budget, ram_budget=config.ram_budget, model_name=config.model)
-    if not p.feasible:
-        raise ConfigError(f"{config.model} does not fit: {p.reason}")
+    peeked = _peek(folder, config)
+    p = _memory_plan(config, peeked, device, dtype, config.model)
+    if peeked[2] is not None:
+        made[str(folder)] = (peeked, p)
 
 
 @dataclass(frozen=True)
@@ -137,25 +158,24 @@ class Placed:
     plan: object = None          # the memory plan, when one was made
 
 
-def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dtype, progress: Progress) -> Placed:
+def _plan(config: EngineConfig, resolved, device: torch.device, dtype: torch.dtype, progress: Progress,
+          made: Optional[dict] = None) -> Placed:
     """k per layer and the placement: the planner fills in what ``config.cache`` leaves None (on a GPU or
-    under a budget, and checks what it fixes); elsewhere None means every expert, inclusive."""
+    under a budget, and checks what it fixes); elsewhere None means every expert, inclusive. The precheck's
+    plan is used when it was made from this checkpoint (a hub model is planned again once its weights are
+    here: only then is its format, and so its in-memory quantization, known)."""
     from .checkpoints import peek_checkpoint
-    from .plan import plan_for
-    cfg, quant, fmt = peek_checkpoint(resolved.path, config.quant)
+    earlier = (made or {}).get(str(resolved.path))
+    peeked = earlier[0] if earlier else peek_checkpoint(resolved.path, config.quant)
+    cfg, quant, fmt = peeked
     max_seq = min(config.max_context, cfg.max_position_embeddings)
-    cache = config.cache
-    fixed = None if cache.sizes is None else cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)
     memory_plan = None
     if config.planned(device.type):
-        memory_plan = plan_for(cfg, quant, max_seq, device=device, dtype=dtype, placement=cache.placement,
-                               sizes=fixed, vram_budget=config.vram_budget, ram_budget=config.ram_budget,
-                               disk_ok=fmt == "mixoff", model_name=resolved.name)
-        if not memory_plan.feasible:
-            raise ConfigError(f"{resolved.name} does not fit: {memory_plan.reason}")
+        memory_plan = earlier[1] if earlier else _memory_plan(config, peeked, device, dtype, resolved.name)
         sizes, placement = memory_plan.sizes, memory_plan.placement
         progress(f"memory plan: {memory_plan.summary()}")
     else:
+        cache = config.cache
         sizes, placement = cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts), cache.placement or "inclusive"
     if placement == "disk" and fmt != "mixoff":
         raise ConfigError(f"--placement disk reads experts straight from a mixoff-format checkpoint, and "
@@ -205,14 +225,9 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
     if config.cache.prefetch:
         model.prefetcher = Prefetcher(config.cache.prefetch, config.cache.prefetch_layers)
     if config.cuda_graphs:
-        if device.type != "cuda":
-            raise ConfigError("--cuda-graphs needs a CUDA GPU (the CPU path has no graphs to replay)")
-        if loaded.cfg.family != "mixtral":
-            # The captured decode step is Mixtral's layer; the other families' hooks are not in it yet.
-            raise ConfigError(f"--cuda-graphs runs MoEModel only for now, not {loaded.cfg.family}; drop the flag")
         from .cuda_graphs import DecodeGraphs
         model.graphs = DecodeGraphs(model)
-    progress(f"device cache: {_k(sizes)} experts per layer on {device} "
+    progress(f"device cache: {format_k(sizes)} experts per layer on {device} "
              f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
     return loaded, model, stats, measured
 
@@ -296,8 +311,11 @@ class Engine:
         dtype = resolve_dtype(config.dtype, device)
         from .kernels import resolve_kernel
         kernel = resolve_kernel(config.kernel, device)       # before any download: a bad --kernel fails at once
-        resolved = resolve(config.model, progress, precheck=partial(_precheck, config, device, dtype))
-        placed = _plan(config, resolved, device, dtype, progress)
+        if config.cuda_graphs and device.type != "cuda":
+            raise ConfigError("--cuda-graphs needs a CUDA GPU (the CPU path has no graphs to replay)")
+        made: dict = {}
+        resolved = resolve(config.model, progress, precheck=partial(_precheck, config, device, dtype, made))
+        placed = _plan(config, resolved, device, dtype, progress, made)
         check_prefetch(config.cache, placed.cfg.num_experts)     # before any weight is read
         loaded, model, stats, measured = _build(config, resolved.path, placed, device, dtype, kernel, progress)
         tokenizer, eos = _tokenizer(config, resolved, loaded.cfg, progress)
@@ -500,7 +518,7 @@ class Engine:
                          ram_budget=self.config.ram_budget, disk_ok=placement == "disk",
                          model_name=self.info.model_name)
             if not p.feasible:
-                raise ConfigError(f"k = {_k(sizes) if sizes else 'any'} does not fit: {p.reason}")
+                raise ConfigError(f"k = {format_k(sizes) if sizes else 'any'} does not fit: {p.reason}")
             sizes = p.sizes
         elif sizes is None:
             sizes = cache.layer_sizes(cfg.num_moe_layers, cfg.num_experts)

@@ -1,4 +1,5 @@
-"""Per-layer device cache of experts: k slots per layer, allocated once, filled by whole-buffer copies.
+"""Per-layer device cache of experts: k slots per layer, allocated at load (and again only when the cache is
+re-planned), filled by whole-buffer copies.
 
 On CUDA, copies run on the store's copy stream. Each slot has two events: ``ready`` (recorded on the copy
 stream when its copy lands; compute waits on it) and ``done`` (recorded on the compute stream after the
@@ -160,11 +161,11 @@ class ExpertCache:
         if self.cuda:
             self.layers[layer].done[slot].record(torch.cuda.current_stream(self.device))
 
-    def prefetch(self, layer: int, experts: list[int], protect: tuple[int, ...] = ()) -> int:
+    def prefetch(self, layer: int, experts: list[int]) -> int:
         """Start loading ``experts`` into ``layer`` ahead of need. Only empty slots, or slots whose expert
-        is neither guessed nor protected, are used. Returns how many copies were issued."""
+        is not itself guessed, are used. Returns how many copies were issued."""
         L, n = self.layers[layer], 0
-        keep = set(experts) | set(protect)
+        keep = set(experts)
         for e in experts:
             if e in L.slot_of:
                 continue

@@ -135,6 +135,6 @@ def device_tensor_bytes(model) -> int:
             add(getattr(lw, f.name))
     for t in model.cache.device_buffers():
         add(t)
-    for t in (model.kv, model.cos, model.sin):
+    for t in (model.kv.data, model.cos, model.sin):
         add(t)
     return sum(seen.values())

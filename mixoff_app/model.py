@@ -6,15 +6,20 @@ at one place each. Dense layers' MLPs and shared experts are trunk: always on th
 DeepSeek-V2's multi-head latent attention is the one other attention (``_mla_attention``), with its own cache
 of one compressed latent per position; everything after the attention is shared.
 
-Batch size is one (a chat). Attention, norms, router, embeddings and lm_head stay on the device; the
-experts come from ``ExpertCache`` one layer at a time. Expert outputs are summed in a fixed order (by
-routing rank when decoding, by expert id in prefill) so the result never depends on which experts
-happened to be resident: logits are identical for any cache size, policy or prefetch setting.
+A prompt is prefilled in chunks of at most ``PREFILL_CHUNK`` tokens of one sequence; a decode step takes one
+token of each of B sequences (continuous batching), each with its own KV slot and position (``steps.py``).
+Attention, norms, router, embeddings and lm_head stay on the device; the experts come from ``ExpertCache``
+one layer at a time, each expert fetched once per step for every row routed to it. Expert outputs are summed
+in a fixed order (by routing rank when decoding, by expert id in prefill), and every decode matmul gives a
+row the bits it would get alone, so the result depends neither on which experts happened to be resident nor
+on which other sequences share the step.
 
-A decode step brings exactly one small tensor per layer to the host: the router's experts and weights
-and the prefetcher's guess for a later layer, packed together (the host must know what to fetch). Prompts
-are prefilled in chunks of at most ``PREFILL_CHUNK`` tokens, so activations are bounded by the chunk, not
-the prompt.
+A decode layer is two halves, which the eager path and the CUDA graphs both call: ``layer_device`` (attention,
+a dense MLP or the shared expert, the router and the prefetch guess: device work only) and ``layer_host``
+(bring the packed routing to the host - the layer's one sync -, fetch, run and add the experts).
+
+Indices: ``layer`` is a decoder layer (0..num_layers-1); ``moe`` is an expert layer, the position of a decoder
+layer in ``cfg.moe_layers`` (what the cache, stores, stats and traces count); ``e`` is an expert.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from .kernels import qlinear, swiglu
 from .quant import QWeight
 from .rope import frequencies, softmax_scale
 from .stats import Stats
+from .steps import Decode, KVCache, Prefill, RowByRow, Step
 from .stores import ExpertWeights
 
 Weight = torch.Tensor | QWeight
@@ -86,13 +92,23 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * unit_norm(x, eps)
 
 
-def expert_forward(x: torch.Tensor, w: ExpertWeights, kernel: str = "torch") -> torch.Tensor:
-    return qlinear(swiglu(x, w.w1, w.w3, kernel), w.w2, kernel)
+def expert_forward(x: torch.Tensor, w: ExpertWeights, kernel: str = "torch", step=None) -> torch.Tensor:
+    """An expert (or a dense MLP) on x [T, H]; ``step`` chooses how its rows are multiplied (``steps.py``)."""
+    if step is None:
+        return qlinear(swiglu(x, w.w1, w.w3, kernel), w.w2, kernel)
+    return step.linear(step.swiglu(x, w.w1, w.w3, kernel), w.w2, kernel)
 
 
-def _proj(x: torch.Tensor, w: Weight, b: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
-    y = qlinear(x, w, kernel)
-    return y if b is None else y + b
+@dataclass
+class Routed:
+    """What ``layer_device`` leaves for ``layer_host``: the MoE input, routing weights in x's dtype [B, k], the
+    packed transfer [B, experts | weights | guess] (float32), the prefetch target and the shared expert's output."""
+    moe: int
+    h: torch.Tensor
+    wx: torch.Tensor
+    packed: torch.Tensor
+    target: Optional[int]
+    shared: Optional[torch.Tensor]
 
 
 class Prefetcher:
@@ -106,18 +122,18 @@ class Prefetcher:
         self.count, self.distance = count, distance
         self._gates: dict[int, torch.Tensor] = {}
 
-    def target(self, model: "MoEModel", layer: int) -> Optional[int]:
-        """The expert layer ``distance`` ahead (layers count expert layers: dense ones have nothing to fetch)."""
-        t = layer + self.distance
+    def target(self, model: "MoEModel", moe: int) -> Optional[int]:
+        """The expert layer ``distance`` ahead (dense layers have nothing to fetch)."""
+        t = moe + self.distance
         return t if t < model.cfg.num_moe_layers else None
 
     def guess(self, model: "MoEModel", target: int, n: torch.Tensor) -> torch.Tensor:
-        """n: this layer's residual, RMS-normalised without weight [1, H] -> guessed experts [count]."""
+        """n: this layer's residual, RMS-normalised without weight [B, H] -> guessed experts [B, count]."""
         g = self._gates.get(target)
         if g is None:       # the target's norm weight folded into its gate: one matmul per guess
             lw = model.trunk.layers[model.cfg.moe_layers[target]]
             g = self._gates[target] = lw.gate * lw.ffn_norm
-        return torch.topk(F.linear(n[-1], g), self.count).indices
+        return torch.topk(F.linear(n, g), self.count).indices
 
     def issue(self, model: "MoEModel", target: int, experts: list[int]) -> None:
         model.cache.hint(target, experts)
@@ -127,25 +143,26 @@ class Prefetcher:
 class MoEModel:
     def __init__(self, cfg: ModelConfig, trunk: TrunkWeights, cache: ExpertCache, stats: Stats,
                  max_seq: int, device: torch.device, dtype: torch.dtype,
-                 prefill_chunk: int = PREFILL_CHUNK, kernel: str = "torch") -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, kernel: str = "torch", kv_slots: int = 1) -> None:
         self.cfg, self.trunk, self.cache, self.stats = cfg, trunk, cache, stats
-        self.kernel = kernel              # "torch" | "triton", as kernels.resolve_kernel decided
+        self.kernel = kernel              # what kernels.resolve_kernel decided
         self.device, self.dtype = torch.device(device), dtype
         self.max_seq = max_seq
         self.prefill_chunk = prefill_chunk
         self.prefetcher: Optional[Prefetcher] = None
-        self.graphs = None       # cuda_graphs.DecodeGraphs when --cuda-graphs is on: decode steps replay graphs
-        L, nkv, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-        self.expert_layer = [-1] * L      # decoder layer -> expert layer (-1: dense)
-        for j, i in enumerate(cfg.moe_layers):
-            self.expert_layer[i] = j
+        self.graphs = None       # cuda_graphs.DecodeGraphs when --cuda-graphs is on: one-row decode replays graphs
+        self.moe_of = [-1] * cfg.num_layers      # decoder layer -> expert layer (-1: dense)
+        for moe, layer in enumerate(cfg.moe_layers):
+            self.moe_of[layer] = moe
         self.mla = cfg.mla
+        # One KV cache per sequence slot (a chat, or each sequence of a batch), allocated once.
+        L = cfg.num_layers
+        shape = (max_seq, cfg.kv_width) if self.mla else (2, cfg.num_kv_heads, max_seq, cfg.head_dim)
+        self.kv = KVCache(kv_slots, L, max_seq, shape, dtype, self.device, self.mla)
         if self.mla:
-            self._init_mla(cfg, max_seq)
+            self._mla_rope(cfg, max_seq)
             return
-        # Static KV cache, allocated once: [layer, k|v, kv_head, position, head_dim]; a head's keys are
-        # contiguous, which is what attention reads.
-        self.kv = torch.zeros((L, 2, nkv, max_seq, hd), dtype=dtype, device=self.device)
+        hd = cfg.head_dim
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
         freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv)          # [S, hd/2]
         self.cos = torch.cat((freqs, freqs), dim=-1).cos().to(dtype=dtype, device=self.device)   # [S, hd]
@@ -153,12 +170,11 @@ class MoEModel:
         # rotation is one flip instead of a negation and a concatenation.
         self.sin = torch.cat((-freqs, freqs), dim=-1).sin().to(dtype=dtype, device=self.device)
 
-    def _init_mla(self, cfg: ModelConfig, max_seq: int) -> None:
-        # The cache holds, per layer and position, the normed latent [c] and the rotated shared key [rd] side by
-        # side: [layer, position, c + rd] (576 values a position for DeepSeek-V2-Lite, against 16 * (192 + 128)
-        # for per-head K and V). Attention runs in the latent space: kv_b_proj's key half is absorbed into the
-        # query and its value half applied after the softmax, so no per-head K or V is ever expanded.
-        self.kv = torch.zeros((cfg.num_layers, max_seq, cfg.kv_width), dtype=self.dtype, device=self.device)
+    def _mla_rope(self, cfg: ModelConfig, max_seq: int) -> None:
+        # The cache holds, per position, the normed latent [c] and the rotated shared key [rd] side by side (576
+        # values a position for DeepSeek-V2-Lite, against 16 * (192 + 128) for per-head K and V). Attention runs
+        # in the latent space: kv_b_proj's key half is absorbed into the query and its value half applied after
+        # the softmax, so no per-head K or V is ever expanded.
         inv, factor = frequencies(cfg)
         freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv)           # [S, rd/2]
         # DeepSeek's rope pairs neighbours (x[2i], x[2i+1]), as transformers' complex rotation does: the
@@ -168,70 +184,166 @@ class MoEModel:
         self.sin = torch.stack((-s, s), dim=-1).flatten(-2).to(dtype=self.dtype, device=self.device)
         self.mla_scale = softmax_scale(cfg)
 
+    @property
+    def kv_slots(self) -> int:
+        return self.kv.slots
+
     def free_scratch(self) -> None:
         """After a failed step (out of memory): hand the allocator's cached blocks back to the device."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
 
+    # ---- entry points ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, pos: int, last_only: bool = True) -> torch.Tensor:
-        """ids: [T] token ids at positions pos..pos+T-1 -> logits [1 or T, V] (float32)."""
+    def forward(self, ids: torch.Tensor, pos: int, last_only: bool = True, seq: int = 0) -> torch.Tensor:
+        """ids: [T] token ids of the sequence in KV slot ``seq`` at positions pos..pos+T-1 -> logits [1 or T, V]
+        (float32). One token is a one-row decode step; more are a prefill, in chunks."""
         T = ids.shape[0]
         if pos + T > self.max_seq:
             raise ValueError(f"context of {pos + T} tokens exceeds the allocated {self.max_seq}")
-        if T == 1 and self.graphs is not None:
-            x = self.graphs.step(ids, pos)
-        else:
-            c, kept = self.prefill_chunk, []
-            for s in range(0, T, c):
-                x = self._layers(ids[s:s + c], pos + s)
-                if not last_only:
-                    kept.append(x)
-            x = torch.cat(kept) if not last_only else x[-1:]
+        if T == 1:
+            return self.decode(ids, [pos], [seq])
+        c, kept = self.prefill_chunk, []
+        for s in range(0, T, c):
+            x = self.prefill_chunk_hidden(ids[s:s + c], Prefill(self, seq, pos + s, min(c, T - s)))
+            if not last_only:
+                kept.append(x)
+        x = torch.cat(kept) if not last_only else x[-1:]
         return F.linear(rms_norm(x, self.trunk.norm, self.cfg.rms_norm_eps), self.trunk.lm_head).float()
 
-    def _layers(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        """ids: [T] (one chunk) -> the last hidden states [T, H]; fills the KV cache at pos..pos+T-1."""
-        cfg, T = self.cfg, ids.shape[0]
-        x = F.embedding(ids, self.trunk.embed)                                      # [T, H]
-        cos, sin = self.cos[pos:pos + T, None, :], self.sin[pos:pos + T, None, :]   # [T, 1, hd]
-        mask = None
-        if T > 1 and pos > 0:
-            # Query i sees keys 0..pos+i; built once per chunk and shared by every head and layer.
-            mask = torch.ones((T, pos + T), dtype=torch.bool, device=self.device).tril(diagonal=pos)
-        decode = T == 1
-        if decode:
-            self.cache.next_token()
-        attention = self._mla_attention if self.mla else self._attention
-        for i, lw in enumerate(self.trunk.layers):
-            x = x + attention(i, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), pos, cos, sin, mask)
-            j = self.expert_layer[i]
-            if j < 0:                      # a dense layer: its MLP is trunk
-                x = x + expert_forward(rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps), lw.mlp, self.kernel)
-                continue
-            shared = self._shared(lw, x) if lw.shared is not None else None     # before x is added to
-            if decode:
-                x = self._moe_decode(j, lw, x)
-            else:
-                x = x + self._moe_prefill(j, lw, rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps))
-            if shared is not None:
-                x = x + shared
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor, pos: list[int], seqs: list[int]) -> torch.Tensor:
+        """One token of each of B sequences: ids [B], row b at position pos[b] of KV slot seqs[b] -> logits
+        [B, V] float32, each row bit for bit what that sequence would get decoding alone."""
+        if max(pos) >= self.max_seq:
+            raise ValueError(f"context of {max(pos) + 1} tokens exceeds the allocated {self.max_seq}")
+        if len(seqs) == 1 and self.graphs is not None:
+            x = self.graphs.step(ids, pos[0], seqs[0])
+            step = None
+        else:
+            step = Decode(self, seqs, pos)
+            x = self.decode_hidden(ids, step)
+        h = rms_norm(x, self.trunk.norm, self.cfg.rms_norm_eps)
+        return (F.linear(h, self.trunk.lm_head) if step is None else step.linear(h, self.trunk.lm_head)).float()
+
+    def decode_hidden(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
+        """ids [B] -> the last hidden states [B, H]; fills each row's KV slot at its position."""
+        self.cache.next_token()
+        x = F.embedding(ids, self.trunk.embed)                                      # [B, H]
+        for layer in range(self.cfg.num_layers):
+            routed = self.layer_device(layer, x, step)
+            if routed is not None:
+                self.layer_host(routed, x)
         return x
 
-    def _shared(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        """The shared expert: every token, scaled by sigmoid(shared_gate h) (Qwen2-MoE) or not (DeepSeek-V2,
-        whose shared experts are one MLP of their summed width)."""
-        h = rms_norm(x, lw.ffn_norm, self.cfg.rms_norm_eps)
-        y = expert_forward(h, lw.shared, self.kernel)
-        return y if lw.shared_gate is None else torch.sigmoid(F.linear(h, lw.shared_gate)) * y
+    def prefill_chunk_hidden(self, ids: torch.Tensor, step: Prefill) -> torch.Tensor:
+        """ids [T] (one chunk of one sequence) -> the hidden states [T, H]; fills its KV at step's positions."""
+        cfg = self.cfg
+        x = F.embedding(ids, self.trunk.embed)                                      # [T, H]
+        for layer, lw in enumerate(self.trunk.layers):
+            x.add_(self._attention(layer, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), step))
+            h = rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps)
+            moe = self.moe_of[layer]
+            if moe < 0:                    # a dense layer: its MLP is trunk
+                x.add_(expert_forward(h, lw.mlp, self.kernel, step))
+                continue
+            shared = self._shared(lw, h, step) if lw.shared is not None else None
+            x.add_(self._moe_prefill(moe, lw, h))
+            if shared is not None:
+                x.add_(shared)
+        return x
 
-    def _qkv(self, lw: LayerWeights, x: torch.Tensor, cos, sin):
+    # ---- a decode layer: the device half and the host half --------------------------------------
+    def layer_device(self, layer: int, x: torch.Tensor, step: Step) -> Optional[Routed]:
+        """Device work of decoder layer ``layer`` on x [B, H], in place: attention, then a dense MLP (the whole
+        layer: returns None) or the shared expert, router and prefetch guess (returns what the host needs)."""
+        cfg, lw = self.cfg, self.trunk.layers[layer]
+        x.add_(self._attention(layer, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), step))
+        moe = self.moe_of[layer]
+        if moe < 0:
+            x.add_(expert_forward(rms_norm(x, lw.ffn_norm, cfg.rms_norm_eps), lw.mlp, self.kernel, step))
+            return None
+        n = unit_norm(x, cfg.rms_norm_eps)
+        h = lw.ffn_norm * n
+        shared = self._shared(lw, h, step) if lw.shared is not None else None
+        w, idx = self._route(lw, h, step)
+        parts = [idx.float(), w]
+        pf = self.prefetcher
+        target = pf.target(self, moe) if pf is not None else None
+        if target is not None:
+            parts.append(pf.guess(self, target, n).float())
+        return Routed(moe, h, w.to(x.dtype), torch.cat(parts, dim=-1), target, shared)
+
+    def layer_host(self, r: Routed, x: torch.Tensor, run=None) -> None:
+        """The host half: the layer's one deliberate sync (the host must know what to fetch and prefetch), then
+        the experts, added to x in place by routing rank, then the shared expert."""
+        self._experts_decode(r.moe, x, r.h, r.wx, r.packed.tolist(), r.target, run or self._run_expert)
+        if r.shared is not None:
+            x.add_(r.shared)
+
+    def _experts_decode(self, moe: int, x: torch.Tensor, h: torch.Tensor, wx: torch.Tensor, got: list,
+                        target: Optional[int], run) -> None:
+        """Record each row's routing, fetch the union of the rows' experts once (prefetch behind the layer's own
+        misses), run each expert once on the rows routed to it, add to each row in routing-rank order."""
+        K, B = self.cfg.top_k, len(got)
+        chosen = [[int(e) for e in g[:K]] for g in got]
+        for g, experts in zip(got, chosen):
+            self.stats.on_route(moe, tuple(experts), tuple(g[K:2 * K]))
+        users: dict[int, list[tuple[int, int]]] = {}          # expert -> (row, rank) in row order
+        for b, experts in enumerate(chosen):
+            for r, e in enumerate(experts):
+                users.setdefault(e, []).append((b, r))
+        guess = None
+        if target is not None:
+            guess = list(dict.fromkeys(int(e) for g in got for e in g[2 * K:]))
+        outs: list[list[Optional[torch.Tensor]]] = [[None] * K for _ in range(B)]
+        for n, (e, ew, slot) in enumerate(self.cache.fetch(moe, list(users))):
+            if guess is not None:
+                # fetch has queued this layer's own misses; the guesses go behind them on the copy stream,
+                # so a demand copy never waits for a speculative one.
+                self.prefetcher.issue(self, target, guess)
+                guess = None
+            rows = sorted({b for b, _ in users[e]})
+            y = run(moe, slot, n, h if len(rows) == B else h[rows], ew)
+            for b, r in users[e]:
+                i = rows.index(b)
+                outs[b][r] = y[i:i + 1]
+            self.cache.release(moe, slot)
+        for b in range(B):
+            xb = x[b:b + 1]
+            for r in range(K):
+                xb.addcmul_(outs[b][r], wx[b, r])
+
+    def _run_expert(self, moe: int, slot: int, n: int, h: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
+        """An expert on the decode rows routed to it, h [R, H], each row as it would be alone."""
+        return expert_forward(h, ew, self.kernel, RowByRow)
+
+    # ---- pieces -----------------------------------------------------------------------------------
+    def _proj(self, x: torch.Tensor, w: Weight, b: Optional[torch.Tensor], step: Step) -> torch.Tensor:
+        y = step.linear(x, w, self.kernel)
+        return y if b is None else y + b
+
+    def _shared(self, lw: LayerWeights, h: torch.Tensor, step: Step) -> torch.Tensor:
+        """The shared expert on the normed h: every token, scaled by sigmoid(shared_gate h) (Qwen2-MoE) or not
+        (DeepSeek-V2, whose shared experts are one MLP of their summed width)."""
+        y = expert_forward(h, lw.shared, self.kernel, step)
+        return y if lw.shared_gate is None else torch.sigmoid(step.linear(h, lw.shared_gate, self.kernel)) * y
+
+    def _attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """x [T, H] (normed) -> the attention's output [T, H], the step's K/V written to the cache."""
+        if self.mla:
+            return self._mla_attention(layer, lw, x, step)
+        cfg, T = self.cfg, x.shape[0]
+        q, k, v = self._qkv(lw, x, step)
+        o = step.gqa(self.kv, layer, q, k, v)                                     # [T, nh, hd]
+        return self._proj(o.reshape(T, cfg.num_heads * cfg.head_dim), lw.wo, lw.bo, step)
+
+    def _qkv(self, lw: LayerWeights, x: torch.Tensor, step: Step):
         """x [T, H] (normed) -> q [T, nh, hd], k and v [T, nkv, hd], q and k rotated."""
         cfg, T = self.cfg, x.shape[0]
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kn = self.kernel
-        q, k, v = _proj(x, lw.wq, lw.bq, kn), _proj(x, lw.wk, lw.bk, kn), _proj(x, lw.wv, lw.bv, kn)
+        q, k, v = self._proj(x, lw.wq, lw.bq, step), self._proj(x, lw.wk, lw.bk, step), self._proj(x, lw.wv, lw.bv, step)
         qk_norm, eps = cfg.traits.qk_norm, cfg.rms_norm_eps
         if qk_norm == "proj":          # OLMoE: over the whole projection, before the heads are split
             q, k = rms_norm(q, lw.q_norm, eps), rms_norm(k, lw.k_norm, eps)
@@ -243,64 +355,36 @@ class MoEModel:
             k = rms_norm(k.view(T, nkv, hd), lw.k_norm, eps).view(T, nkv * hd)
         # q and k side by side, so RoPE is one pass over both.
         qk = torch.cat((q, k), dim=-1).view(T, nh + nkv, hd)
-        qk = torch.addcmul(qk * cos, qk.view(T, nh + nkv, 2, hd // 2).flip(2).view(T, nh + nkv, hd), sin)
+        qk = torch.addcmul(qk * step.cos, qk.view(T, nh + nkv, 2, hd // 2).flip(2).view(T, nh + nkv, hd), step.sin)
         return qk[:, :nh], qk[:, nh:], v.view(T, nkv, hd)
 
-    def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, pos: int, cos, sin, mask) -> torch.Tensor:
-        cfg, T = self.cfg, x.shape[0]
-        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q, k, v = self._qkv(lw, x, cos, sin)
-        self.kv[i, 0, :, pos:pos + T] = k.transpose(0, 1)
-        self.kv[i, 1, :, pos:pos + T] = v.transpose(0, 1)
-        K = self.kv[i, 0, :, :pos + T]                                              # [nkv, S, hd]
-        V = self.kv[i, 1, :, :pos + T]
-        if T == 1:
-            # Grouped-query attention without repeating K/V: the g query heads that share a KV head are
-            # the g query rows against that head (query head h uses KV head h // g).
-            o = F.scaled_dot_product_attention(q.view(1, nkv, nh // nkv, hd), K[None], V[None])
-            return self._attention_out(lw, o)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None], V[None], attn_mask=mask,
-                                           is_causal=mask is None, enable_gqa=True)[0]   # [nh, T, hd]
-        return _proj(o.transpose(0, 1).reshape(T, nh * hd), lw.wo, lw.bo, self.kernel)
-
-    def _mla_attention(self, i: int, lw: LayerWeights, x: torch.Tensor, pos: int, cos, sin, mask) -> torch.Tensor:
+    def _mla_attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, step: Step) -> torch.Tensor:
         """Multi-head latent attention over the latent cache, x [T, H] (normed) -> [T, H]."""
         cfg, T, kn = self.cfg, x.shape[0], self.kernel
         nh, hd, rd, c = cfg.num_heads, cfg.head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         nope = hd - rd
         if lw.wq is not None:
-            q = qlinear(x, lw.wq, kn)
+            q = step.linear(x, lw.wq, kn)
         else:      # q_a_layernorm and kv_a_layernorm keep transformers' default eps, not rms_norm_eps
-            q = qlinear(rms_norm(qlinear(x, lw.wq_a, kn), lw.q_a_norm, MLA_NORM_EPS), lw.wq_b, kn)
+            q = step.linear(rms_norm(step.linear(x, lw.wq_a, kn), lw.q_a_norm, MLA_NORM_EPS), lw.wq_b, kn)
         q = q.view(T, nh, hd)
-        ckv = qlinear(x, lw.wkv_a, kn)                                               # [T, c + rd]
+        ckv = step.linear(x, lw.wkv_a, kn)                                           # [T, c + rd]
         # The heads' rope parts and the one shared rope key, rotated in one pass: [T, nh + 1, rd].
         pe = torch.cat((q[..., nope:], ckv[:, None, c:]), dim=1)
-        pe = torch.addcmul(pe * cos, pe.view(T, nh + 1, rd // 2, 2).flip(-1).view(T, nh + 1, rd), sin)
-        self.kv[i, pos:pos + T, :c] = rms_norm(ckv[:, :c], lw.kv_a_norm, MLA_NORM_EPS)
-        self.kv[i, pos:pos + T, c:] = pe[:, nh]
-        KV = self.kv[i, :pos + T][None, None]                                        # [1, 1, S, c + rd]
+        pe = torch.addcmul(pe * step.cos, pe.view(T, nh + 1, rd // 2, 2).flip(-1).view(T, nh + 1, rd), step.sin)
+        entry = torch.cat((rms_norm(ckv[:, :c], lw.kv_a_norm, MLA_NORM_EPS), pe[:, nh]), dim=-1)   # [T, c + rd]
         # The query in the latent space: q_nope times kv_b's key half per head, beside q's rotated part.
-        ql = torch.cat((torch.matmul(q[..., :nope].transpose(0, 1), lw.wk_b), pe[:, :nh].transpose(0, 1)),
+        ql = torch.cat((step.matmul(q[..., :nope].transpose(0, 1), lw.wk_b), pe[:, :nh].transpose(0, 1)),
                        dim=-1)                                                       # [nh, T, c + rd]
-        if T == 1:      # the heads are the query rows of the one latent "head"
-            o = F.scaled_dot_product_attention(ql.view(1, 1, nh, c + rd), KV, KV[..., :c], scale=self.mla_scale)
-            o = o.view(nh, 1, c)
-        else:
-            o = F.scaled_dot_product_attention(ql[None], KV, KV[..., :c], attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=True, scale=self.mla_scale)[0]   # [nh, T, c]
-        o = torch.matmul(o, lw.wv_b)                                                 # [nh, T, v]
-        return qlinear(o.transpose(0, 1).reshape(T, nh * cfg.v_head_dim), lw.wo, kn)
+        o = step.mla(self.kv, layer, ql, entry, self.mla_scale, c)                   # [nh, T, c]
+        o = step.matmul(o, lw.wv_b)                                                  # [nh, T, v]
+        return step.linear(o.transpose(0, 1).reshape(T, nh * cfg.v_head_dim), lw.wo, kn)
 
-    def _attention_out(self, lw: LayerWeights, o: torch.Tensor) -> torch.Tensor:
-        """One decode token's attention output [1, nkv, g, hd] -> [1, H]."""
-        return _proj(o.reshape(1, self.cfg.num_heads * self.cfg.head_dim), lw.wo, lw.bo, self.kernel)
-
-    def _route(self, lw: LayerWeights, h: torch.Tensor):
-        """Top-k experts and their weights: idx [T, k], w [T, k] float32. Renormalised over the k (a softmax
+    def _route(self, lw: LayerWeights, h: torch.Tensor, step: Optional[Step] = None):
+        """Top-k experts and their weights: w [T, k] float32, idx [T, k]. Renormalised over the k (a softmax
         over the top-k logits is the full softmax renormalised) unless the family says not (``norm_topk_prob``
         false: the full softmax's top-k probabilities)."""
-        logits = F.linear(h, lw.gate)
+        logits = F.linear(h, lw.gate) if step is None else step.linear(h, lw.gate, self.kernel)
         if self.cfg.norm_topk_prob:
             top, idx = torch.topk(logits, self.cfg.top_k, dim=-1)
             return torch.softmax(top, dim=-1, dtype=torch.float32), idx
@@ -309,51 +393,7 @@ class MoEModel:
             w = w * self.cfg.routed_scaling
         return w, idx
 
-    def _moe_decode(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        """x [1, H] (residual after attention) -> x plus the layer's experts' weighted outputs."""
-        h, wx, packed, target = self._router_decode(i, lw, x)
-        # The one deliberate sync per layer: the host must know what to fetch (and what to prefetch).
-        return self._experts_decode(i, x, h, wx, packed.tolist(), target, self._expert)
-
-    def _router_decode(self, i: int, lw: LayerWeights, x: torch.Tensor):
-        """The device side of a decode MoE step: (h [1, H], weights [k] in x's dtype, the packed transfer
-        [experts | weights | guess] float32, the prefetch target layer or None)."""
-        n = unit_norm(x, self.cfg.rms_norm_eps)
-        h = lw.ffn_norm * n
-        w, idx = self._route(lw, h)
-        parts = [idx[0].float(), w[0]]
-        pf = self.prefetcher
-        target = pf.target(self, i) if pf is not None else None
-        if target is not None:
-            parts.append(pf.guess(self, target, n).float())
-        return h, w[0].to(x.dtype), torch.cat(parts), target
-
-    def _experts_decode(self, i: int, x: torch.Tensor, h: torch.Tensor, wx: torch.Tensor, got: list,
-                        target: Optional[int], run) -> torch.Tensor:
-        """The host side: record the routing, fetch (and prefetch), run each expert, add them to x in place
-        by routing rank (the sum does not depend on cache state)."""
-        K = self.cfg.top_k
-        experts = [int(e) for e in got[:K]]
-        self.stats.on_route(i, tuple(experts), tuple(got[K:2 * K]))
-        guess = [int(e) for e in got[2 * K:]] if target is not None else None
-        outs: list[Optional[torch.Tensor]] = [None] * K
-        for e, ew, slot in self.cache.fetch(i, experts):
-            if guess is not None:
-                # fetch has queued this layer's own misses; the guesses go behind them on the copy stream,
-                # so a demand copy never waits for a speculative one.
-                self.prefetcher.issue(self, target, guess)
-                guess = None
-            r = experts.index(e)
-            outs[r] = run(i, slot, r, h, ew)
-            self.cache.release(i, slot)
-        for r in range(K):
-            x.addcmul_(outs[r], wx[r])
-        return x
-
-    def _expert(self, i: int, slot: int, r: int, h: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
-        return expert_forward(h, ew, self.kernel)
-
-    def _moe_prefill(self, i: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+    def _moe_prefill(self, moe: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         K, E = self.cfg.top_k, self.cfg.num_experts
         w, idx = self._route(lw, h)
         self.stats.on_prefill_route(i, idx)
@@ -364,11 +404,11 @@ class MoEModel:
         experts = [e for e in range(E) if counts[e]]
         wf = w.to(h.dtype).flatten()
         parts: dict[int, tuple] = {}
-        for e, ew, slot in self.cache.fetch(i, experts):
+        for e, ew, slot in self.cache.fetch(moe, experts):
             rows = order[starts[e]:starts[e] + counts[e]]
             tok = rows // K
             parts[e] = (tok, expert_forward(h[tok], ew, self.kernel) * wf[rows, None])
-            self.cache.release(i, slot)
+            self.cache.release(moe, slot)
         y = torch.zeros_like(h)
         for e in experts:                      # fixed order: the sum does not depend on cache state
             y.index_add_(0, *parts[e])

@@ -17,13 +17,13 @@ from typing import Optional, Sequence
 import torch
 
 from .config import (
-    FAMILY_QUANT,
     PLACEMENTS,
     PREFILL_CHUNK,
     ConfigError,
     ModelConfig,
     QuantConfig,
     QuantSpec,
+    format_k,
 )
 from .presets import PRESETS, from_name, preset_name
 from .quant import weight_fields
@@ -222,14 +222,9 @@ class Plan:
     cuda: bool = True
 
     @property
-    def k(self) -> int:
-        return min(self.sizes) if self.sizes else 0
-
-    @property
     def k_range(self) -> str:
         """Experts per layer as people read them: "4", or "5-6" when the plan gives layers different k."""
-        ks = sorted(set(self.sizes))
-        return "" if not ks else str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]}"
+        return format_k(self.sizes)
 
     def summary(self) -> str:
         if not self.feasible:
@@ -269,8 +264,7 @@ class Plan:
 def _rows(p: Plan) -> list:
     s, dev, cuda = p.bytes, ("GPU" if p.cuda else "device"), p.cuda
     tot = s.num_moe_layers * s.num_experts
-    ks = sorted(set(p.sizes))
-    kdesc = f"k={ks[0]}" if len(ks) == 1 else f"k={ks[0]}-{ks[-1]}"
+    kdesc = f"k={format_k(p.sizes)}"
     rows = []
     if cuda:
         rows.append((dev, "CUDA context (allowance)", p.context_allowance))
@@ -461,28 +455,6 @@ def model_for_planning(name: str, quant: QuantConfig) -> tuple[ModelConfig, Quan
                       f"checkpoint folder")
 
 
-def startup_plan(model: str, device: Optional[str] = None, quant: Optional[QuantConfig] = None,
-                 max_context: int = 4096, vram_bytes: Optional[int] = None,
-                 ram_bytes: Optional[int] = None) -> Plan:
-    """The app's start-up plan from free VRAM/RAM (measured unless given): a ``Plan`` with ``.k`` (smallest k
-    per layer), ``.sizes``, ``.placement``, ``.reason``. Hub ids listed in ``presets.HUB_IDS`` plan from their
-    preset, so this works before any download. Raises ConfigError when nothing fits (the message says what would)."""
-    quant = quant or FAMILY_QUANT
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    low = model.lower()
-    if low in PRESETS or os.path.isdir(model) or low == "tiny":
-        cfg, quant, disk_ok, name = model_for_planning(model, quant)
-    elif preset_name(model) is not None:
-        cfg, disk_ok, name = from_name(model), False, model
-    else:
-        raise ConfigError(f"cannot plan memory for {model!r} before it is downloaded; pass --cache-size")
-    p = plan_for(cfg, quant, max_context, vram_bytes=vram_bytes, ram_bytes=ram_bytes, device=dev,
-                 disk_ok=disk_ok, model_name=name)
-    if not p.feasible:
-        raise ConfigError(f"{name} does not fit: {p.reason}")
-    return p
-
-
 def reference_plans(cfg: ModelConfig, quant: QuantConfig, max_context: int = 4096, name: str = "model") -> list:
     return [(m, plan_for(cfg, quant, max_context, vram_bytes=int(v * GiB), ram_bytes=int(r * GiB),
                          device="cuda", model_name=name))
@@ -501,9 +473,7 @@ def _plan_cells(p: Plan, cfg: ModelConfig) -> str:
     """placement | k per layer | experts on GPU | GPU use | RAM use | misses/token |"""
     if not p.feasible:
         return "does not fit | | | | | |"
-    ks = sorted(set(p.sizes))
-    kd = str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]} ({', '.join(f'{p.sizes.count(k)}x{k}' for k in ks)})"
-    return (f"{p.placement} | {kd} | {sum(p.sizes)}/{cfg.num_moe_layers * cfg.num_experts} | "
+    return (f"{p.placement} | {format_k(p.sizes, counts=True)} | {sum(p.sizes)}/{cfg.num_moe_layers * cfg.num_experts} | "
             f"{(p.device_total + p.context_allowance) / GiB:.1f} GiB | {p.host_total / GiB:.1f} GiB | "
             f"{p.misses_per_token:.1f} |")
 

@@ -84,3 +84,25 @@ def copy_dequantized_experts(sd: dict, engine: Engine, bits: int | None = None, 
             gate_up[e, :f].copy_(ew.w1.dequantize(torch.float32))
             gate_up[e, f:].copy_(ew.w3.dequantize(torch.float32))
             down[e].copy_(ew.w2.dequantize(torch.float32))
+
+
+def graph_path_matches_eager(folder, prompt, k: int, prefetch: int = 0, n: int = 10) -> None:
+    """The CUDA-graph decode path (``DecodeGraphs``: the model's own device and host halves over a static step
+    whose position is a device scalar), run uncaptured on the CPU, gives the eager decode's logits, tokens and
+    cache counters, through a cache with evictions."""
+    from mixoff_app.cuda_graphs import DecodeGraphs
+    runs = []
+    for graphs in (False, True):
+        eng = load(folder, k=k, prefetch=prefetch)
+        m = eng.model
+        if graphs:
+            m.graphs = DecodeGraphs(m, capture=False)
+        logits, ids = [m.forward(torch.tensor(prompt), 0)], list(prompt)
+        for _ in range(n):
+            ids.append(int(logits[-1].argmax()))
+            logits.append(m.forward(torch.tensor(ids[-1:]), len(ids) - 1))
+        s = eng.stats()
+        runs.append((ids, torch.cat(logits), (s.hits, s.misses, s.prefetch_issued)))
+    assert runs[1][0] == runs[0][0]
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-5, atol=1e-5)
+    assert runs[1][2] == runs[0][2]

@@ -125,3 +125,16 @@ def test_a_model_that_cannot_fit_is_refused_before_its_weights_are_read(tiny_dir
     with pytest.raises(ConfigError, match="does not fit"):
         Engine.load(EngineConfig(model=str(folder), device="cpu", cache=CacheConfig(sizes=(2,)),
                                  vram_budget=1024, ram_budget=1024))
+    # The user's k is what is checked: a budget that k = 1 fits refuses k = 8 before anything is read.
+    from mixoff_app.checkpoints import read_config
+    from mixoff_app.plan import plan_for
+    cfg, q = read_config(folder), QuantConfig()
+    need = {k: plan_for(cfg, q.for_family(cfg.family), 512, device="cpu", sizes=(k,) * cfg.num_moe_layers,
+                        ram_bytes=1 << 40).device_total for k in (1, 8)}
+    budget = (need[1] + need[8]) // 2
+    with pytest.raises(ConfigError, match="does not fit"):
+        Engine.load(EngineConfig(model=str(folder), device="cpu", cache=CacheConfig(sizes=(8,)), max_context=512,
+                                 quant=q, vram_budget=budget))
+    with pytest.raises(CheckpointError, match="no model.safetensors"):     # k = 1 fits: then the missing weights
+        Engine.load(EngineConfig(model=str(folder), device="cpu", cache=CacheConfig(sizes=(1,)), max_context=512,
+                                 quant=q, vram_budget=budget))

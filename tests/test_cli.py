@@ -15,6 +15,7 @@ def test_generate_json_matches_transformers_for_every_cache_size(tiny_dir, hf_mo
                              "--attn-bits", "none", "--expert-bits", "none", "--device", "cpu", "--json",
                              "--cache-size", k, "--quiet").stdout)
         assert out["token_ids"] == expected, k
+        assert out["cache_size"] == k and out["cache_sizes"] == [k] * 4
         s, L, top_k = out["stats"], 4, 2
         assert s["hits"] + s["misses"] == top_k * L * len(out["token_ids"])
         assert s["bytes_h2d"] == s["misses"] * s["expert_bytes"]
@@ -32,6 +33,15 @@ def test_quantized_generation_runs(tiny_dir):
                          "--cache-size", 2, "--device", "cpu", "--json", "--quiet").stdout)
     assert out["quant"] == "attention 4-bit g64, experts 2-bit g16"
     assert len(out["token_ids"]) == 6
+
+
+def test_cache_size_takes_one_k_per_layer(tiny_dir):
+    """--cache-size 1,2,3,4: each expert layer its own k; --json gives them all (cache_size: the smallest)."""
+    out = json.loads(cli("generate", "--model", tiny_dir, "--prompt", "Hi", "--max-new-tokens", 4, "--greedy",
+                         "--cache-size", "1,2,3,4", "--device", "cpu", "--json", "--quiet").stdout)
+    assert out["cache_sizes"] == [1, 2, 3, 4] and out["cache_size"] == 1
+    p = cli("generate", "--model", tiny_dir, "--prompt", "Hi", "--cache-size", "1,2", "--device", "cpu", check=False)
+    assert p.returncode == 2 and "2 per-layer cache sizes given for 4 layers" in p.stderr
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -9,7 +9,7 @@ from mixoff_app.config import CacheConfig, ConfigError, EngineConfig, QuantConfi
 from mixoff_app.engine import Engine
 from mixoff_app.op_counts import count_syncs
 
-from helpers import chat_ids
+from helpers import chat_ids, graph_path_matches_eager
 
 
 def load(tiny_dir, device, graphs, prefetch=0, k=2, quant=QuantConfig()):
@@ -20,6 +20,13 @@ def load(tiny_dir, device, graphs, prefetch=0, k=2, quant=QuantConfig()):
 def test_cuda_graphs_on_the_cpu_is_refused(tiny_dir):
     with pytest.raises(ConfigError, match="--cuda-graphs needs a CUDA GPU"):
         load(tiny_dir, "cpu", True)
+
+
+@pytest.mark.parametrize("prefetch,k", [(0, 2), (2, 2), (0, 1)])
+def test_graph_path_uncaptured_is_the_eager_path(tiny_dir, tokenizer, prefetch, k):
+    """The graph path's bodies (static step, device position, whole-cache attention behind a bias) run
+    uncaptured on the CPU; the other families run it in tests/test_families.py."""
+    graph_path_matches_eager(tiny_dir, chat_ids(tokenizer), k=k, prefetch=prefetch)
 
 
 @pytest.mark.gpu

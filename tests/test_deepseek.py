@@ -127,7 +127,7 @@ def test_yarn_numbers_are_transformers_for_deepseek_v2_lite():
 def test_the_kv_cache_is_the_latent(checkpoint):
     engine = load(checkpoint[0], k=4, max_context=256)
     m, cfg = engine.model, engine.model.cfg
-    assert m.kv.shape == (cfg.num_layers, 256, 24 + 8)       # latent + rotated key, no heads
+    assert m.kv.data.shape == (1, cfg.num_layers, 256, 24 + 8)       # latent + rotated key, no heads
     assert cfg.kv_width * 2 < 2 * cfg.num_heads * (cfg.head_dim + cfg.v_head_dim)
 
 
@@ -135,14 +135,14 @@ def test_chunked_prefill_equals_one_pass(checkpoint):
     m = load(checkpoint[0], k=10, max_context=256).model
     ids = torch.randint(0, m.cfg.vocab_size, (150,), generator=torch.Generator().manual_seed(0))
     whole = m.forward(ids, 0, last_only=False)
-    kv = m.kv[:, :150].clone()
-    m.kv.zero_()
+    kv = m.kv.data[0, :, :150].clone()
+    m.kv.data.zero_()
     m.prefill_chunk = 32                         # chunks after the first are masked with an offset
     chunked = m.forward(ids, 0, last_only=False)
     last = m.forward(ids[:100], 0)
     cont = m.forward(ids[100:], 100)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(m.kv[:, :150], kv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.kv.data[0, :, :150], kv, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last, whole[99:100], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cont, whole[-1:], rtol=1e-5, atol=1e-5)
 

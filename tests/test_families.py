@@ -22,7 +22,7 @@ from mixoff_app.config import ConfigError, ModelConfig, QuantConfig
 from mixoff_app.quant import QWeight
 from mixoff_app.tiny import make_family_checkpoint
 
-from helpers import chat_ids, copy_dequantized_experts, greedy_ids, hf_greedy, load
+from helpers import chat_ids, copy_dequantized_experts, graph_path_matches_eager, greedy_ids, hf_greedy, load
 
 COMMON = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
@@ -99,6 +99,13 @@ def test_logits_and_greedy_match_transformers(family, prompt):
     s = engine.stats()
     assert s.num_moe_layers == engine.model.cfg.num_moe_layers and s.top_k == k
     assert all(len(ex) == k for tok in engine.last_routing for ex in tok)
+
+
+def test_the_cuda_graph_path_is_the_eager_path(family, prompt):
+    """``--cuda-graphs`` replays the model's own layer halves (``layer_device`` over a static step, then
+    ``layer_host``) for every family: uncaptured on the CPU, the same logits and counters as eager decode."""
+    name, folder, ref = family
+    graph_path_matches_eager(folder, prompt, k=2, prefetch=2)
 
 
 def cfg_layers(engine) -> int:

@@ -24,18 +24,19 @@ def test_out_of_memory_ends_the_answer_and_the_next_one_works(tiny_dir, tokenize
     ids = chat_ids(tokenizer)
     expected = greedy_ids(load(tiny_dir, k=2, max_context=256), ids, 12)
     m = eng.model
-    real = m._moe_prefill if at == "prefill" else m._moe_decode
+    name = "_moe_prefill" if at == "prefill" else "layer_host"      # (moe, lw, h) and (routed, x)
+    real = getattr(m, name)
     held = []
     calls = [0]
 
-    def failing(i, lw, x):
+    def failing(a, b, *rest):
         calls[0] += 1
         if calls[0] == (1 if at == "prefill" else 2 * m.cfg.num_layers + 2):   # the third decode step
-            held.append(weakref.ref(x))          # a tensor of the failing step: it must be freed
+            held.append(weakref.ref(b if at == "decode" else rest[0]))   # a tensor of the failing step: freed
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(i, lw, x)
+        return real(a, b, *rest)
 
-    setattr(m, "_moe_prefill" if at == "prefill" else "_moe_decode", failing)
+    setattr(m, name, failing)
     events = list(eng.stream_ids(ids, SamplingParams(max_new_tokens=12, greedy=True)))
     done = events[-1]
     assert done.kind == "done" and done.finish_reason == "oom"
@@ -46,7 +47,7 @@ def test_out_of_memory_ends_the_answer_and_the_next_one_works(tiny_dir, tokenize
     gc.collect()
     assert held and held[0]() is None
     assert not eng.busy and not eng.stats().generating
-    setattr(m, "_moe_prefill" if at == "prefill" else "_moe_decode", real)
+    setattr(m, name, real)
     assert greedy_ids(eng, ids, 12) == expected           # the next answer works, and is the right one
 
 

@@ -61,7 +61,7 @@ def test_sizes_match_the_tiny_model_to_the_byte(tiny_dir):
     assert s.embed == nb(tr.embed) and s.lm_head == nb(tr.lm_head)
     assert s.norms == nb(tr.norm) + sum(nb(lw.attn_norm) + nb(lw.ffn_norm) for lw in tr.layers)
     assert s.router == sum(nb(lw.gate) for lw in tr.layers)
-    assert s.kv == nb(m.kv) and s.rope == nb(m.cos) + nb(m.sin)
+    assert s.kv == nb(m.kv.data) and s.rope == nb(m.cos) + nb(m.sin)
     assert s.expert == m.cache.store.layout.nbytes == eng.info.expert_bytes
     assert s.all_experts == m.cache.store.nbytes
     assert sum(L.slots.numel() for L in m.cache.layers) == 3 * cfg.num_layers * s.expert
@@ -136,7 +136,7 @@ def test_colab_plan_k_and_misses():
     assert sum(p.sizes) == hand_slots(15.0, 1) and max(p.sizes) - min(p.sizes) <= 1
     mixed = plan_for(MIXTRAL_8X7B, QuantConfig(), 4096, vram_bytes=12 * GiB, ram_bytes=32 * GiB, device="cuda")
     assert sorted(set(mixed.sizes)) == [4, 5]
-    assert mixed.k == 4 and mixed.k_range == "4-5" and "k=4-5 per layer" in mixed.summary()   # a mixed plan says so
+    assert min(mixed.sizes) == 4 and mixed.k_range == "4-5" and "k=4-5 per layer" in mixed.summary()   # a mixed plan says so
     assert p.misses_per_token == pytest.approx(sum(2 * (1 - k / 8) for k in p.sizes))
     md = reference_markdown(MIXTRAL_8X7B, QuantConfig(), 4096, "mixtral-8x7b")
     assert md.count("\n") == 5 and "does not fit" not in md

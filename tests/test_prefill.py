@@ -22,8 +22,8 @@ def test_chunked_prefill_equals_one_pass(plain):
     ids = torch.randint(0, m.cfg.vocab_size, (150,), generator=torch.Generator().manual_seed(0))
     m.prefill_chunk = 512
     whole = m.forward(ids, 0, last_only=False)
-    kv = m.kv[:, :, :, :150].clone()
-    m.kv.zero_()
+    kv = m.kv.data[0, :, :, :, :150].clone()
+    m.kv.data.zero_()
     m.prefill_chunk = 32                           # 5 chunks, the last one short; chunks after the first are masked
     try:
         chunked = m.forward(ids, 0, last_only=False)
@@ -32,7 +32,7 @@ def test_chunked_prefill_equals_one_pass(plain):
     finally:
         m.prefill_chunk = 512
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(m.kv[:, :, :, :150], kv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.kv.data[0, :, :, :, :150], kv, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last, whole[99:100], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cont, whole[-1:], rtol=1e-5, atol=1e-5)
 
@@ -90,7 +90,7 @@ def test_expert_outputs_stay_in_the_activation_dtype(tiny_dir):
                 return fn(*a)
         return run
 
-    m._moe_prefill, m._moe_decode = watched(m._moe_prefill), watched(m._moe_decode)
+    m._moe_prefill, m.layer_host = watched(m._moe_prefill), watched(m.layer_host)
     m.forward(torch.arange(10), 0)
     m.forward(torch.tensor([3]), 10)
     assert wide == [], wide

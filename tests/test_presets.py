@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from mixoff_app.config import ConfigError, ModelConfig
-from mixoff_app.plan import startup_plan
 from mixoff_app.presets import PRESETS, from_name, preset_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,13 +20,6 @@ def test_hub_ids_and_names_are_matched_exactly():
         assert preset_name(guess) is None
     with pytest.raises(ConfigError, match="no preset named 'mixtral'"):
         from_name("mixtral")
-
-
-def test_unknown_hub_model_is_planned_after_download_not_guessed():
-    with pytest.raises(ConfigError, match="before it is downloaded"):
-        startup_plan("someone/mixtral-finetune", "cuda", vram_bytes=16 << 30, ram_bytes=32 << 30)
-    p = startup_plan("mistralai/Mixtral-8x7B-Instruct-v0.1", "cuda", vram_bytes=16 << 30, ram_bytes=32 << 30)
-    assert p.feasible and len(p.sizes) == PRESETS["mixtral-8x7b"].num_layers
 
 
 def test_tiny_is_the_shipped_demo_model():

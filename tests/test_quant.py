@@ -71,7 +71,7 @@ def test_own_format_round_trips_exactly(tiny_dir, tmp_path):
     out = save_quantized(tiny_dir, tmp_path / "q", quant)
     a = load_checkpoint(tiny_dir, quant, "cpu", torch.float16)        # quantized while loading
     b = load_checkpoint(out, QuantConfig.from_bits(None, None), "cpu", torch.float16)   # read back
-    assert (a.layout, b.layout) == ("hf", "mixoff")
+    assert (a.checkpoint_format, b.checkpoint_format) == ("hf", "mixoff")
     assert b.quant == quant                                              # the file decides, not the flags
     for la, lb in zip(a.trunk.layers, b.trunk.layers):
         for wa, wb in zip((la.wq, la.wk, la.wv, la.wo), (lb.wq, lb.wk, lb.wv, lb.wo)):

@@ -389,7 +389,7 @@ def test_cli_synthetic_then_replay(tmp_path, capsys):
     args = _parser().parse_args(["trace", "replay", str(out), "-k", "2,3,4", "--policy", "lfu"])
     assert args.func(args) == 0
     table = capsys.readouterr().out
-    assert "lfu" in table and "belady" in table and "cache k=2,3,4" in table
+    assert "lfu" in table and "belady" in table and "cache k=2-4 (1x2, 1x3, 1x4)" in table
     assert len([ln for ln in table.splitlines() if ln.strip().startswith(("0 ", "1 ", "2 ", "all"))]) == 4
 
     args = _parser().parse_args(["trace", "replay", str(out), "-k", "9"])

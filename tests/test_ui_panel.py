@@ -199,10 +199,10 @@ def test_whole_panel_and_escaping(snap):
     assert "no CUDA GPU found" in info and "k = 2 of 8" in info
     # a plan that mixes k across layers shows its range, not its first layer's k
     Info.cache = CacheConfig(sizes=(5, 6, 6, 5), policy="lrfu")
-    assert "k = 5–6 of 8 experts per layer on the device · lrfu" in panel.render_info(Info())
+    assert "k = 5-6 of 8 experts per layer on the device · lrfu" in panel.render_info(Info())
     Info.cache = CacheConfig()                  # no sizes: every expert on the device
     assert "k = 8 of 8" in panel.render_info(Info())
-    assert panel.fmt_k((4, 4)) == "4" and panel.fmt_k((6, 5, 7)) == "5–7"
+    assert panel.fmt_k((4, 4)) == "4" and panel.fmt_k((6, 5, 7)) == "5-7"
     assert "could not be loaded" in panel.render_loading(["a"], error="boom")
     assert "downloading" in panel.render_loading(["downloading 1.2 GB"])
 

@@ -59,7 +59,7 @@ def parse_cache_size(text: str) -> Union[int, tuple[int, ...]]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"cache size must be a whole number or a comma list of them, not {text!r}")
     if any(k < 1 for k in parts):
-        raise argparse.ArgumentTypeError(f"cache sizes must be >= 1, not {text!r}")
+        raise argparse.ArgumentTypeError(f"each cache size must be at least 1, got {text!r}")
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
@@ -72,8 +72,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
     p.add_argument("--expert-bits", type=bits, default=FAMILY,
                    help="expert bits: 2, 3, 4, 8 or none (default: the model family's: 2 for Mixtral, 4 for "
                         "Qwen-MoE, OLMoE and DeepSeek-V2; see docs/BENCHMARKS.md)")
-    p.add_argument("--cache-size", type=positive_int, default=None,
-                   help="experts per layer kept on the device (k); default: all experts on CPU, planned on GPU")
+    p.add_argument("--cache-size", type=parse_cache_size, default=None,
+                   help="experts per layer kept on the device (k), one number for every layer or a comma list "
+                        "with one per expert layer; default: all experts on CPU, planned on GPU")
     p.add_argument("--policy", choices=POLICIES, default="lru", help="eviction policy")
     p.add_argument("--prefetch", type=int, default=0, help="experts to prefetch per layer (0: off)")
     p.add_argument("--prefetch-layers", type=positive_int, default=1, help="how many layers ahead to guess")
@@ -100,12 +101,19 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
                         "(triton on a CUDA GPU, torch elsewhere; the default)")
 
 
+def _sizes(cache_size) -> Optional[tuple[int, ...]]:
+    """--cache-size as CacheConfig takes it: None (the planner decides), or k per layer (one value: all)."""
+    if cache_size is None:
+        return None
+    return (cache_size,) if isinstance(cache_size, int) else tuple(cache_size)
+
+
 def engine_config(args) -> EngineConfig:
     # What is not given (k, placement) stays None: the engine's planner decides it.
     placement = getattr(args, "placement", "auto")
     return EngineConfig(model=args.model, device=args.device,
                         quant=QuantConfig.from_bits(args.attn_bits, args.expert_bits),
-                        cache=CacheConfig(sizes=None if args.cache_size is None else (args.cache_size,),
+                        cache=CacheConfig(sizes=_sizes(args.cache_size),
                                           policy=args.policy, prefetch=args.prefetch,
                                           prefetch_layers=args.prefetch_layers,
                                           placement=None if placement == "auto" else placement),

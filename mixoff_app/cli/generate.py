@@ -33,11 +33,13 @@ def run(args) -> int:
     counts = engine.answer_counters()
     dec = counts["decode"]
     if args.json:
+        sizes = engine.info.cache.layer_sizes(engine.info.num_moe_layers, engine.info.num_experts)
         looked = dec["hits"] + dec["misses"]
         out = {
             "text": "".join(text), "token_ids": ids, "finish_reason": finish,
             "model": engine.info.model_name, "device": engine.info.device, "quant": engine.info.quant,
-            "cache_size": engine.info.cache.sizes[0], "policy": engine.info.cache.policy, "kernel": engine.info.kernel,
+            # cache_size: the smallest k (every layer's when they are equal); cache_sizes: k per expert layer
+            "cache_size": min(sizes), "cache_sizes": list(sizes), "policy": engine.info.cache.policy, "kernel": engine.info.kernel,
             "stats": {"hits": dec["hits"], "misses": dec["misses"], "evictions": dec["evictions"],
                       "hit_rate": dec["hits"] / looked if looked else 0.0, "bytes_h2d": dec["bytes_h2d"],
                       "tokens_per_s": snap.avg_tokens_per_s, "prefill_s": snap.prefill_s, "decode_s": snap.decode_s,

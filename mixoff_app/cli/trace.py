@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Callable, Optional
 
+from ..config import format_k
 from ..outputs import check_new_file, new_file
 from ..trace import (
     POLICY_NAMES,
@@ -26,7 +27,7 @@ def format_table(trace: Trace, results: dict[str, ReplayResult], title: str = ""
     names = list(results)
     any_r = next(iter(results.values()))
     sizes = any_r.cache_sizes
-    k = str(sizes[0]) if len(set(sizes)) == 1 else ",".join(map(str, sizes))
+    k = format_k(sizes, counts=True)
     lines = []
     if title:
         lines.append(title)

@@ -157,3 +157,35 @@ def qlinear(x: torch.Tensor, w: torch.Tensor | QWeight, kernel: str = "torch") -
             y = backend(x.device.type).qmatmul(x.reshape(-1, x.shape[-1]).contiguous(), w, g)
             return y.view(*lead, g.out)
     return F.linear(x, dequantize(w, x.dtype))
+
+
+# ---- decode rows of several sequences: each row's result is the one it would get alone ---------------
+#
+# A matmul over B rows is not, in general, B matmuls of one row: BLAS picks another kernel for M > 1 (fp32
+# GEMM against GEMV here) and its sums round differently, which is enough to flip a near-tied greedy token. A
+# batched answer must be token for token the answer alone, so rows go one by one unless the kernel is known to
+# compute each row the same whatever the others are. The weight is still fetched (and dequantized) once.
+
+def _row_invariant(kernel: str, w) -> bool:
+    """Whether ``qlinear(x, w, kernel)`` gives each row of x the bits it gets as a one-row call."""
+    return False
+
+
+def qlinear_rows(x: torch.Tensor, w: torch.Tensor | QWeight, kernel: str = "torch") -> torch.Tensor:
+    """``qlinear`` over the rows of x [B, in], each row bit for bit ``qlinear(x[b:b+1], w, kernel)``."""
+    if x.shape[0] == 1 or _row_invariant(kernel, w):
+        return qlinear(x, w, kernel)
+    if isinstance(w, QWeight) and kernel == "torch":
+        w = dequantize(w, x.dtype)          # once for all rows: the same tensor each one-row call would make
+    return torch.cat([qlinear(x[b:b + 1], w, kernel) for b in range(x.shape[0])])
+
+
+def swiglu_rows(x: torch.Tensor, w1: torch.Tensor | QWeight, w3: torch.Tensor | QWeight,
+                kernel: str = "torch") -> torch.Tensor:
+    """``swiglu`` over the rows of x [B, in], each row bit for bit the one-row call."""
+    if x.shape[0] == 1 or (_row_invariant(kernel, w1) and _row_invariant(kernel, w3)):
+        return swiglu(x, w1, w3, kernel)
+    if kernel == "torch":
+        w1 = dequantize(w1, x.dtype) if isinstance(w1, QWeight) else w1
+        w3 = dequantize(w3, x.dtype) if isinstance(w3, QWeight) else w3
+    return torch.cat([swiglu(x[b:b + 1], w1, w3, kernel) for b in range(x.shape[0])])

@@ -140,26 +140,13 @@ def engine_config(args: argparse.Namespace, say: Callable[[str], None]) -> tuple
     if args.cache_size is not None:
         say(f"cache: k = {args.cache_size} experts per layer on the device (--cache-size)")
     elif device.type == "cuda":
-        from ..plan import startup_plan
-        try:
-            plan = startup_plan(args.model, str(device), None if args.model == "tiny" else _quant(args),
-                                args.max_context)
-            say(f"memory planner: k = {plan.k_range} experts per layer on {device} from free VRAM and RAM "
-                f"({plan.summary()}); it re-checks once the checkpoint is read")
-        except ConfigError as exc:
-            if "does not fit" in str(exc):
-                raise
-            say(f"memory planner: {exc}; it picks k once the checkpoint is downloaded")
+        say(f"memory planner: k per layer on {device} is picked from free VRAM and RAM once the model's config "
+            f"is read, before its weights are (the plan shows on the page)")
     elif not budgets:
         args.cache_size = CPU_DEMO_K
         say(f"no CUDA GPU: the CPU stands in for the device, so memory does not limit k; k = {CPU_DEMO_K} "
             f"experts per layer, so the cache has work to do (--cache-size K to change)")
     return cli_engine_config(args), reason
-
-
-def _quant(args):
-    from ..config import QuantConfig
-    return QuantConfig.from_bits(args.attn_bits, args.expert_bits)
 
 
 def api_config(args: argparse.Namespace, host: str, admin: Optional[str] = None, environ=os.environ):

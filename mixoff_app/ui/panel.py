@@ -16,6 +16,7 @@ import zlib
 from html import escape
 from typing import Any, Optional, Sequence
 
+from ..config import format_k
 from ..stats import ROLLING_TOKENS
 
 # Cell states of the cache grid, in the order the legend lists them.
@@ -67,10 +68,7 @@ def fmt_secs(s: float) -> str:
     return f"{1000 * s:.0f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def fmt_k(sizes: Sequence[int]) -> str:
-    """Experts per layer on the device: "4", or "5–6" when a plan gives layers different k."""
-    ks = sorted(set(sizes))
-    return "" if not ks else str(ks[0]) if len(ks) == 1 else f"{ks[0]}–{ks[-1]}"
+fmt_k = format_k        # experts per layer on the device: "4", or "5-6" when a plan gives layers different k
 
 
 def fmt_tps(x: float) -> str:
