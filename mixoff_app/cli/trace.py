@@ -162,18 +162,18 @@ def remote_generate(args: argparse.Namespace) -> tuple:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, greedy=args.greedy)
         for _ in engine.stream_chat([{"role": "user", "content": args.prompt}], params):
             pass
-        snap, info = engine.stats(), engine.info
+        info, usage = engine.info, engine.last_usage
     finally:
         engine.close()
     routing = engine.last_routing
     if not routing:
-        note = getattr(snap, "routing_note", "") or "the server sent no routing with its answer"
+        note = engine.routing_note() or "the server sent no routing with its answer"
         raise ConfigError(f"nothing to record from {info.where}: {note}")
     if any(e < 0 for tok in routing for ex in tok for e in ex):
         raise ConfigError(f"{info.where} marked some generated tokens' experts as unknown (-1): nothing is recorded")
     header = {"model": info.model, "backend": info.backend, "backend_url": info.where,
               "num_layers": len(routing[0]), "top_k": len(routing[0][0]), "num_experts": info.num_experts,
-              "prompt_tokens": getattr(snap, "prompt_tokens", None) or getattr(snap, "prefill_tokens", None)}
+              "prompt_tokens": usage.get("prompt_tokens")}
     if info.server:
         header.update(family=info.server.get("family"), expert_layers=info.server.get("expert_layers"))
     return [[tuple(ex) for ex in tok] for tok in routing], None, header

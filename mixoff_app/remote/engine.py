@@ -239,11 +239,23 @@ class RemoteEngine:
         ans = self._answer
         return list(ans.routing.generated or ()) if ans is not None else []
 
+    @property
+    def last_usage(self) -> dict:
+        """The latest answer's ``usage`` as the server sent it ({} before any)."""
+        return dict(self._answer.usage) if self._answer is not None else {}
+
+    def routing_note(self) -> str:
+        """Why the latest answer has no routing ("" when it has)."""
+        return self._routing_note(self._info, self._answer) if self._answer is not None else ""
+
     def stats(self) -> Any:
-        """Our server's own snapshot (the live panel), else this page's view of the latest answer."""
+        """Our server's own snapshot (the live panel), else this page's view of the latest answer. While our server
+        cannot be asked, its last snapshot stays on the panel beneath the reason (the header says it too)."""
         info = self.info
-        if info.backend == "mixoff" and info.connected:
-            snap = self._server_snapshot()
+        if info.backend == "mixoff":
+            snap = self._server_snapshot() if info.connected else None
+            if snap is None:
+                snap = self._server_stats[1]
             if snap is not None:
                 return snap
         return self._remote_snapshot(self._info)

@@ -130,5 +130,5 @@ def render_remote(snap: RemoteSnapshot, info: Any = None) -> str:
     """The panel for vLLM, SGLang or another OpenAI-compatible server (``remote.snapshot.RemoteSnapshot``)."""
     top = _problem(snap.problem) if snap.problem else ""
     return ('<div class="mx-panel">' + top
-            + '<div class="mx-cols">' + _speed(snap) + _absent(snap) + '</div>'
+            + '<div class="mx-cols">' + _speed(snap) + (_absent(snap) if snap.backend != "mixoff" else "") + '</div>'
             + _routing(snap, info) + _replay(snap) + '</div>')
