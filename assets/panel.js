@@ -1,30 +1,17 @@
-// The panel's hover: names the layer and expert under the pointer on the many-expert grid and routing strip
+// The panel's hover: names the layer and expert under the pointer on the many-expert grid and routing heat map
 // (both are single images, so the page holds no per-cell elements). One delegated listener; the images carry
-// what it needs in data-* attributes. Routing colours are hues (expert e of E at hue e/E), read back from the
-// pixel under the pointer.
+// what it needs in data-* attributes: the grid one state digit per cell, the heat map each cell's count.
 (() => {
   const tip = () => {
     let t = document.getElementById("mx-tip");
     if (!t) { t = document.createElement("div"); t.id = "mx-tip"; document.body.appendChild(t); }
     return t;
   };
-  const canvases = new WeakMap();
-  const pixel = (img, x, y) => {
-    let c = canvases.get(img);
-    if (!c || c.src !== img.src) {
-      const cv = document.createElement("canvas");
-      cv.width = img.naturalWidth; cv.height = img.naturalHeight;
-      const ctx = cv.getContext("2d", { willReadFrequently: true });
-      ctx.drawImage(img, 0, 0);
-      c = { src: img.src, ctx }; canvases.set(img, c);
-    }
-    return c.ctx.getImageData(x, y, 1, 1).data;
-  };
-  const hue = (r, g, b) => {
-    const mx = Math.max(r, g, b), mn = Math.min(r, g, b), d = mx - mn;
-    if (!d) return 0;
-    let h = mx === r ? ((g - b) / d) % 6 : mx === g ? (b - r) / d + 2 : (r - g) / d + 4;
-    return ((h / 6) + 1) % 1;
+  const counts = new WeakMap();          // the heat map's counts, split once per image
+  const countsOf = (img) => {
+    let c = counts.get(img);
+    if (!c || c.src !== img.src) { c = { src: img.src, n: img.dataset.n.split(",") }; counts.set(img, c); }
+    return c.n;
   };
   document.addEventListener("mousemove", (ev) => {
     const img = ev.target instanceof Element ? ev.target.closest("img[data-mx]") : null;
@@ -40,12 +27,8 @@
       const names = Object.fromEntries(img.dataset.names.split(",").map((p) => p.split(":")));
       text = `layer ${layers[w]} · expert ${c} · ${names[img.dataset.s[w * cols + c]] || ""}`;
     } else {
-      const k = +img.dataset.k, layer = Math.floor(w / (k + 1)), rank = w % (k + 1);
-      text = `token ${+img.dataset.first + c + 1} · layer ${layers[layer]}`;
-      if (rank < k) {
-        const px = pixel(img, Math.floor(c * img.naturalWidth / cols), Math.floor(w * img.naturalHeight / rows));
-        if (px[3] > 200) text += ` · choice ${rank + 1}: expert ${Math.round(hue(px[0], px[1], px[2]) * +img.dataset.experts) % +img.dataset.experts}`;
-      }
+      const n = +countsOf(img)[w * cols + c], tokens = +img.dataset.tokens;
+      text = `layer ${layers[w]} · expert ${c} · chosen for ${n} of ${tokens} tokens (${Math.round(100 * n / tokens)}%)`;
     }
     t.textContent = text;
     t.style.left = `${ev.clientX + 14}px`; t.style.top = `${ev.clientY + 14}px`; t.style.display = "block";

@@ -90,18 +90,20 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--inter", type=int, default=4096)
     ap.add_argument("--make-hub", default=None, metavar="OUT", help="write a bf16 hub-layout checkpoint of --family")
-    ap.add_argument("--family", default="mixtral", help="with --make-hub: mixtral, qwen2_moe, qwen3_moe, olmoe")
+    ap.add_argument("--family", default="mixtral", help="with --make-hub: a model_type of mixoff_app/families.py")
     ap.add_argument("--experts", type=int, default=32)
     a = ap.parse_args()
     if a.make_hub:
         import torch
 
+        from mixoff_app.families import FAMILIES
         from mixoff_app.tiny import make_family_checkpoint
         # Eight heads of hidden/8, top-8: the families' own config keys for experts and their width.
         common = dict(hidden_size=a.hidden, num_attention_heads=8, num_key_value_heads=4, head_dim=a.hidden // 8,
                       num_hidden_layers=a.layers, num_experts_per_tok=8, max_position_embeddings=512)
-        own = ({"num_local_experts": a.experts, "intermediate_size": a.inter} if a.family == "mixtral" else
-               {"num_experts": a.experts, "moe_intermediate_size": a.inter, "intermediate_size": 4 * a.inter})
+        fam = FAMILIES[a.family]
+        # dense layers' width, where the family has its own key for the experts'
+        own = {"intermediate_size": 4 * a.inter, fam.experts_key[0]: a.experts, fam.expert_size_key: a.inter}
         out = make_family_checkpoint(a.make_hub, a.family, a.tokenizer_from, seed=0, dtype=torch.bfloat16,
                                      **common, **own)
         print(json.dumps({"wrote": str(out)}))

@@ -1,11 +1,12 @@
 """Read MoE checkpoints in three layouts and write our own.
 
 Layouts, told apart by the keys found:
-- ``hf``: Hugging Face fp16/bf16/fp32 weights with the hub's per-expert names of the family
-  (``model.layers.L.block_sparse_moe.experts.E.w1.weight`` for Mixtral, ``model.layers.L.mlp.experts.E.
-  gate_proj.weight`` for Qwen-MoE and OLMoE; see families.py), quantized while loading, tensor by tensor,
-  so peak host memory stays near the quantized size.
-- ``reference``: the reference project's pre-quantized checkpoint (hqq 0.1.x, ``P.W_q`` + ``P.meta.*``).
+- ``hf``: Hugging Face fp16/bf16/fp32 weights with the hub's per-expert names of the family (its row in
+  families.py: ``model.layers.L.block_sparse_moe.experts.E.w1.weight`` for Mixtral, ``model.layers.L.mlp.
+  experts.E.gate_proj.weight`` for the others), quantized while loading, tensor by tensor, so peak host memory
+  stays near the quantized size.
+- ``reference``: the reference project's pre-quantized checkpoint (hqq 0.1.x, ``P.W_q`` + ``P.meta.*``), under
+  the family's names (the reference project is Mixtral's).
 - ``mixoff``: ours (``python -m mixoff_app quantize``): trunk tensors by field name, each expert as one
   ``...experts.E.packed`` blob in the store's layout, so loading an expert is one copy. The metadata records
   the family (``mixoff.family``) beside the quantization.
@@ -23,7 +24,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .config import ConfigError, ModelConfig, QuantConfig, QuantSpec
-from .families import DENSE_NAMES
+from .families import DEFAULT_FAMILY, DENSE_NAMES, FAMILIES, hub_expert_suffixes
 from .model import LayerWeights, TrunkWeights
 from .outputs import check_new_folder, new_folder
 from .quant import QWeight, pack, quantize, qweight_from, unpack, weight_fields
@@ -135,16 +136,17 @@ def detect_format(keys: Iterable[str], metadata: Optional[dict] = None) -> str:
     if metadata and metadata.get("mixoff.format"):
         return "mixoff"
     ks = set(keys)
-    if any(k.endswith("experts.0.w1.W_q") for k in ks):
+    hub = hub_expert_suffixes()
+    if any(k.endswith(tuple(s.removesuffix(".weight") + ".W_q" for s in hub)) for k in ks):
         return "reference"
-    if any(k.endswith(("experts.0.w1.weight", "experts.0.gate_proj.weight")) for k in ks):
+    if any(k.endswith(hub) for k in ks):
         return "hf"
     if any("experts.gate_up_proj" in k for k in ks):
         raise CheckpointError("this checkpoint stores experts fused (experts.gate_up_proj); save it with "
                               "transformers' save_pretrained, which writes the hub's per-expert names")
-    raise CheckpointError("not a supported MoE checkpoint: found no expert weights (expected keys like "
-                          "model.layers.0.block_sparse_moe.experts.0.w1.weight or "
-                          "model.layers.0.mlp.experts.0.gate_proj.weight)")
+    examples = sorted({f"{f.expert_prefix(0, 0)}.{f.expert_names[0]}.weight" for f in FAMILIES.values()})
+    raise CheckpointError(f"not a supported MoE checkpoint: found no expert weights (expected keys like "
+                          f"{' or '.join(examples)})")
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -278,7 +280,7 @@ def _check_specs(cfg: ModelConfig, quant: QuantConfig) -> None:
 
 
 def _mixoff_quant(src: TensorSource, cfg: Optional[ModelConfig] = None) -> QuantConfig:
-    fam = src.metadata.get("mixoff.family", "mixtral")    # format 1 files before families were Mixtral
+    fam = src.metadata.get("mixoff.family", DEFAULT_FAMILY)    # format 1 files before families were Mixtral
     if cfg is not None and fam != cfg.family:
         raise CheckpointError(f"{src.folder}: the weights were quantized from a {fam} model but config.json says "
                               f"{cfg.family}; quantize the checkpoint again")
@@ -292,7 +294,9 @@ def _mixoff_quant(src: TensorSource, cfg: Optional[ModelConfig] = None) -> Quant
 def _reference_quant(src: TensorSource, cfg: ModelConfig) -> QuantConfig:
     h, f = cfg.hidden_size, cfg.intermediate_size
     a = spec_of(reference_qweight(src, "model.layers.0.self_attn.q_proj", (cfg.num_heads * cfg.head_dim, h)))
-    e = spec_of(reference_qweight(src, "model.layers.0.block_sparse_moe.experts.0.w1", (f, h)))
+    fam = cfg.traits
+    first = cfg.moe_layers[0]
+    e = spec_of(reference_qweight(src, f"{fam.expert_prefix(first, 0)}.{fam.expert_names[0]}", (f, h)))
     return QuantConfig(attn=a, experts=e)
 
 
@@ -616,9 +620,9 @@ def load_checkpoint_placed(folder: str | os.PathLike, quant: QuantConfig, device
                     target.copy_(bounce)
             elif fmt == "reference":
                 tensors = {}
-                for name, shape in (("w1", (f, h)), ("w3", (f, h)), ("w2", (h, f))):
+                for ours, name, shape in zip(("w1", "w3", "w2"), names, ((f, h), (f, h), (h, f))):
                     for k, v in reference_qweight(src, f"{p}.{name}", shape).tensors().items():
-                        tensors[f"{name}.{k}"] = v
+                        tensors[f"{ours}.{k}"] = v
                 elayout.fill(target, tensors)
             else:
                 ws = []

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional, Sequence
 
-from .families import FAMILIES, Family, unsupported
+from .families import DEFAULT_FAMILY, FAMILIES, Family, unsupported
 
 
 class ConfigError(ValueError):
@@ -47,9 +47,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
-    # What differs per family (mixoff_app/families.py); the defaults are Mixtral's. ``intermediate_size`` is
-    # always a routed expert's; dense layers and the shared expert have their own sizes.
-    family: str = "mixtral"
+    # What differs per family (mixoff_app/families.py); the defaults are DEFAULT_FAMILY's (Mixtral's).
+    # ``intermediate_size`` is always a routed expert's; dense layers and the shared expert have their own sizes.
+    family: str = DEFAULT_FAMILY
     norm_topk_prob: bool = True
     shared_intermediate_size: int = 0          # 0: no shared expert
     dense_layers: tuple[int, ...] = ()         # decoder layers with a dense MLP instead of experts
@@ -129,7 +129,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
         """Read a Hugging Face ``config.json`` dict (transformers 4 or 5 spelling) of a supported family."""
-        model_type = cfg.get("model_type", "mixtral")
+        model_type = cfg.get("model_type", DEFAULT_FAMILY)
         fam = FAMILIES.get(model_type)
         if fam is None:
             raise ConfigError(unsupported(model_type))
@@ -193,7 +193,7 @@ class ModelConfig:
     def to_hf(self) -> dict:
         """A Mixtral ``config.json`` (the tiny model and benches write Mixtral checkpoints; other families'
         test checkpoints are written by transformers' own config classes)."""
-        if self.family != "mixtral":
+        if self.family != "mixtral":      # this writer spells Mixtral's keys; other families' are transformers'
             raise ConfigError(f"to_hf writes Mixtral configs only, not {self.family}")
         return {
             "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
@@ -251,7 +251,7 @@ def _mla_fields(cfg: Mapping[str, Any], yarn: Optional[Mapping[str, Any]]) -> di
 
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-FAMILY = "family"       # bits left to the model family (EXPERT_QUANT)
+FAMILY = "family"       # bits left to the model family (its row's expert_bits, families.py)
 
 # Prompts are prefilled this many tokens at a time: activations (and the planner's allowance for them) are
 # bounded by the chunk, not by the prompt.
@@ -287,7 +287,7 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """``family_default``: the experts' spec is the model family's (``EXPERT_QUANT``), decided once the
+    """``family_default``: the experts' spec is the model family's (``expert_quant``), decided once the
     config is read; ``experts`` then only stands for Mixtral's."""
     attn: QuantSpec = QuantSpec(bits=4, group_size=64, scale_group=256)
     experts: QuantSpec = QuantSpec(bits=2, group_size=16, scale_group=128)
@@ -305,23 +305,15 @@ class QuantConfig:
         """The quantization for a model of ``family``: the family's expert spec when asked for."""
         if not self.family_default:
             return self
-        return replace(self, experts=EXPERT_QUANT.get(family, self.experts), family_default=False)
+        fam = FAMILIES.get(family)
+        return replace(self, experts=expert_quant(fam) if fam else self.experts, family_default=False)
 
 
-# Expert quantization per family (measured in bench/quant_families.py, docs/BENCHMARKS.md). On tiny
-# checkpoints of every family, 2-bit g16 experts add about 8x the logits divergence 4-bit g64 experts add
-# (3-bit g64 halves 2-bit's at 3.75 bits a weight, dominated by 4-bit's 4.25). Mixtral keeps the reference's
-# 2-bit g16 (3.02 bits a weight): it is what fits 47B parameters on small cards. The other families are small
-# enough that 4-bit still fits the reference machines (Qwen3-30B-A3B: 15.9 GiB of experts in host RAM and
-# 78-79 of 128 per layer on a 12 GB card), so they get it.
-EXPERT_QUANT = {
-    "mixtral": QuantSpec(bits=2, group_size=16, scale_group=128),
-    "qwen2_moe": QuantSpec(bits=4, group_size=64, scale_group=128),
-    "qwen3_moe": QuantSpec(bits=4, group_size=64, scale_group=128),
-    "olmoe": QuantSpec(bits=4, group_size=64, scale_group=128),
-    # DeepSeek-V2-Lite's experts have Qwen1.5-MoE's shape (1408 x 2048): 4-bit keeps all 1664 on a 12 GB card.
-    "deepseek_v2": QuantSpec(bits=4, group_size=64, scale_group=128),
-}
+def expert_quant(fam: Family) -> QuantSpec:
+    """A family's default expert quantization, from its row (why each: the note under families.FAMILIES)."""
+    return QuantSpec(bits=fam.expert_bits, group_size=fam.expert_group_size, scale_group=128)
+
+
 FAMILY_QUANT = QuantConfig(family_default=True)     # what the CLI and the app use unless bits are given
 
 

@@ -19,10 +19,12 @@ import torch
 from .config import CacheConfig, ConfigError, EngineConfig, ModelConfig, QuantConfig, SamplingParams, format_k
 from .events import TokenEvent
 from .expert_cache import ExpertCache
+from .families import DEFAULT_FAMILY
 from .generate import generate
 from .hub import REFERENCE_REPO, resolve, tokenizer_source
 from .limits import InputLimits, InputTooLong, check_chars, fit_conversation, template_overhead
 from .memory import read_memory
+from .messages import Turn, conversation
 from .model import MoEModel, Prefetcher
 from .route_log import RouteLog
 from .stats import Stats, StatsSnapshot
@@ -47,7 +49,7 @@ class EngineInfo:
     cache: CacheConfig
     gpu_name: Optional[str]
     expert_bytes: int          # one expert in its stored (quantized) form
-    family: str = "mixtral"
+    family: str = DEFAULT_FAMILY
     expert_layers: tuple[int, ...] = ()   # decoder layer of each expert layer (labels)
     decoder_layers: int = 0               # all decoder layers, dense ones included
     shared_expert: bool = False
@@ -89,16 +91,6 @@ def resolve_dtype(name: Optional[str], device: torch.device,
             raise ConfigError(f"--dtype bfloat16 needs a GPU of compute capability 8.0 or newer (this one is "
                               f"{cap[0]}.{cap[1]}, where bfloat16 is emulated and slow): use --dtype float16")
     return dtype
-
-
-def _text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)):
-        return "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
-    if isinstance(content, dict):
-        return str(content.get("text", ""))
-    return "" if content is None else str(content)
 
 
 def check_prefetch(cache: CacheConfig, num_experts: int) -> None:
@@ -363,22 +355,13 @@ class Engine:
                            f"the {fitted.dropped_turns} oldest exchange(s) were left out of this answer.")
         return fitted.ids, notices
 
-    def stream_chat(self, messages: list[dict], params: SamplingParams,
+    def stream_chat(self, messages: "list[dict] | list[Turn]", params: SamplingParams,
                     cancel: Optional[threading.Event] = None, session: Optional[str] = None) -> Iterator[TokenEvent]:
-        """``session`` keys the KV reuse: a turn reuses the cache only after a turn of the same session
-        (None: the single-user CLI), so no conversation's tokens serve, or time, another's."""
-        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
-            raise ValueError("the conversation must be a list of {role, content} messages")
-        msgs = []
-        for m in messages:
-            role = m.get("role")
-            if role not in ("system", "user", "assistant"):
-                raise ValueError(f"a message has role {str(role)[:40]!r}: use system, user or assistant")
-            msgs.append({"role": role, "content": _text(m.get("content"))})
-        if not msgs or msgs[-1]["role"] != "user":
-            raise ValueError("the conversation must end with a user message")
-        if any(m["role"] == "system" for m in msgs[1:]):
-            raise ValueError("only the first message may be a system prompt")
+        """``messages``: normalised ``Turn``s, or raw {role, content} messages, normalised here by the one rule
+        (``messages.py``; a ``MessageError`` says what is wrong). ``session`` keys the KV reuse: a turn reuses
+        the cache only after a turn of the same session (None: the single-user CLI), so no conversation's
+        tokens serve, or time, another's."""
+        msgs = [t.message() for t in conversation(messages)]
         check_chars("message", msgs[-1]["content"], self.limits.message)     # before stripping a huge text
         if not msgs[-1]["content"].strip():
             raise ValueError("the message is empty: type something to ask")

@@ -113,9 +113,9 @@ def tokenizer_source(folder: Path, repo_id: Optional[str], override: Optional[st
     if base is None:
         import json
 
-        from .families import FAMILIES
+        from .families import DEFAULT_FAMILY, FAMILIES
         cfg = json.loads((folder / "config.json").read_text())
-        fam = FAMILIES.get(cfg.get("model_type", "mixtral"))
+        fam = FAMILIES.get(cfg.get("model_type", DEFAULT_FAMILY))
         base = cfg.get("_name_or_path") or (fam.example if fam else BASE_INSTRUCT)
     progress(f"the checkpoint has no tokenizer; using {base}'s")
     return download(base, TOKENIZER_FILES, progress)

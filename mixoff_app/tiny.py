@@ -64,13 +64,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 
 
 def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights under the hub's names (per-expert w1/w2/w3), deterministic for a seed."""
+    """Random weights under the hub's names (per-expert, as the family names them), deterministic for a seed.
+    Mixtral's trunk only (no biases, q/k norms, dense layers or shared experts): the shapes it writes are
+    Mixtral presets; other families' checkpoints come from ``make_family_checkpoint``."""
     g = torch.Generator().manual_seed(seed)
 
     def normal(*shape, std=0.02):
         return (torch.randn(*shape, generator=g) * std).contiguous()
 
     h, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    fam = cfg.traits
     sd = {"model.embed_tokens.weight": normal(cfg.vocab_size, h, std=1.0),
           "model.norm.weight": 1 + normal(h, std=0.1)}
     for i in range(cfg.num_layers):
@@ -82,12 +85,13 @@ def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
         sd[p + "self_attn.v_proj.weight"] = normal(cfg.num_kv_heads * hd, h, std=h ** -0.5)
         sd[p + "self_attn.o_proj.weight"] = normal(h, cfg.num_heads * hd, std=(cfg.num_heads * hd) ** -0.5)
         # A decisive router (large logits) keeps top-k free of near-ties, so parity is well defined.
-        sd[p + "block_sparse_moe.gate.weight"] = normal(cfg.num_experts, h, std=1.0)
+        sd[fam.router_key(i)] = normal(cfg.num_experts, h, std=1.0)
+        gate, up, down = fam.expert_names
         for e in range(cfg.num_experts):
-            q = f"{p}block_sparse_moe.experts.{e}."
-            sd[q + "w1.weight"] = normal(f, h, std=h ** -0.5)
-            sd[q + "w3.weight"] = normal(f, h, std=h ** -0.5)
-            sd[q + "w2.weight"] = normal(h, f, std=f ** -0.5)
+            q = fam.expert_prefix(i, e)
+            sd[f"{q}.{gate}.weight"] = normal(f, h, std=h ** -0.5)
+            sd[f"{q}.{up}.weight"] = normal(f, h, std=h ** -0.5)
+            sd[f"{q}.{down}.weight"] = normal(h, f, std=f ** -0.5)
     sd["lm_head.weight"] = normal(cfg.vocab_size, h, std=h ** -0.5)
     return sd
 
@@ -112,18 +116,19 @@ def packed_state_dict(cfg: ModelConfig, quant: QuantConfig, seed: int) -> dict[s
          "lm_head.weight": (torch.randn(cfg.vocab_size, h, generator=g) * h ** -0.5).half()}
     shapes = {"q_proj": (nh * hd, h), "k_proj": (nkv * hd, h), "v_proj": (nkv * hd, h), "o_proj": (h, nh * hd)}
     layout = ExpertLayout.for_model(cfg, quant.experts, torch.float16)
+    fam = cfg.traits
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
         t[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
-        t[p + "block_sparse_moe.gate.weight"] = torch.randn(cfg.num_experts, h, generator=g).half()
+        t[fam.router_key(i)] = torch.randn(cfg.num_experts, h, generator=g).half()
         for name, shape in shapes.items():
             for f in weight_fields(f"{p}self_attn.{name}", shape, quant.attn, torch.float16):
                 t[f.name] = field_tensor(f)
         for e in range(cfg.num_experts):
             blob = torch.zeros(layout.nbytes, dtype=torch.uint8)
             layout.fill(blob, {f.name: field_tensor(f) for f in layout.fields})
-            t[f"{p}block_sparse_moe.experts.{e}.packed"] = blob
+            t[fam.expert_blob_key(i, e)] = blob
     return t
 
 
@@ -194,30 +199,30 @@ def ensure_tiny(path: Path | None = None, seed: int = 0) -> Path:
 
 # ---- tiny checkpoints of the other families, written by transformers itself ----------------------
 
-# transformers' config class per family (read by name so this module imports transformers lazily).
-HF_CONFIGS = {"mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig",
-              "olmoe": "OlmoeConfig", "deepseek_v2": "DeepseekV2Config"}
-
-
 def make_family_checkpoint(out_dir: str | os.PathLike, model_type: str, tokenizer_dir: str | os.PathLike,
                            seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> Path:
     """A tiny random checkpoint of ``model_type`` saved by transformers' own ``save_pretrained`` (so the file
     holds the hub's per-expert tensor names), with the tokenizer of ``tokenizer_dir`` copied beside it.
 
-    ``config`` are the family's own config.json keys. The weights are re-drawn after transformers builds the
-    model: unit-scale activations, and a decisive router (large logits) so top-k has no near-ties and parity
-    with transformers is well defined."""
+    ``config`` are the family's own config.json keys. transformers' config class is the family row's
+    (``families.py``; read by name, so this module imports transformers lazily), and config.json names the
+    family as the row does. The weights are re-drawn after transformers builds the model: unit-scale
+    activations, and a decisive router (large logits) so top-k has no near-ties and parity with transformers
+    is well defined."""
     import shutil
 
     import transformers
 
+    from .families import FAMILIES, unsupported
+    if model_type not in FAMILIES:
+        raise ValueError(unsupported(model_type))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok_files = [p for p in Path(tokenizer_dir).iterdir()
                  if p.name.startswith(("tokenizer", "special_tokens", "chat_template"))]
     gen = json.loads((Path(tokenizer_dir) / "generation_config.json").read_text())
     vocab = json.loads((Path(tokenizer_dir) / "config.json").read_text())["vocab_size"]
-    cfg = getattr(transformers, HF_CONFIGS[model_type])(
+    cfg = getattr(transformers, FAMILIES[model_type].hf_config)(
         **({"vocab_size": vocab, "bos_token_id": gen["bos_token_id"], "eos_token_id": gen["eos_token_id"],
             "pad_token_id": gen["eos_token_id"], "tie_word_embeddings": False} | config))
     torch.manual_seed(seed)
@@ -235,6 +240,9 @@ def make_family_checkpoint(out_dir: str | os.PathLike, model_type: str, tokenize
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
     model.to(dtype).save_pretrained(str(out))
+    saved = json.loads((out / "config.json").read_text())
+    if saved.get("model_type") != model_type:     # a row that reuses another family's transformers class
+        (out / "config.json").write_text(json.dumps(saved | {"model_type": model_type}, indent=2))
     for f in tok_files:
         shutil.copy2(f, out / f.name)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))

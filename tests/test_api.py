@@ -303,6 +303,23 @@ def test_bad_values_get_openai_shaped_errors(app, body, param, status):
     assert err["param"] == param and err["type"] == "invalid_request_error"
 
 
+def test_deeply_nested_bodies_are_refused_with_400(app):
+    """Nesting past what any OpenAI request uses is one sentence and a 400, never the parser's RecursionError as a
+    500; bodies at the limit are read as usual."""
+    from mixoff_app.api.request import MAX_DEPTH
+    for depth in (100_000, 2_000, MAX_DEPTH + 1):
+        inner = "[" * (depth - 1) + "]" * (depth - 1)
+        for path, body in (("v1/chat/completions", f'{{"messages": {inner}}}'), ("v1/completions",
+                                                                                f'{{"prompt": "x", "stop": {inner}}}')):
+            r = httpx.post(app + path, content=body.encode(), timeout=30, headers={"content-type": "application/json"})
+            assert r.status_code == 400, (depth, path, r.text[:200])
+            err = error_of(r)
+            assert err["code"] == "invalid_json" and f"more than {MAX_DEPTH} levels" in err["message"]
+    deep_ok = {"messages": [{"role": "user", "content": "Hi"}], "metadata": {"a": [[[[[[[[1]]]]]]]]},
+               "max_tokens": 2}
+    assert httpx.post(app + "v1/chat/completions", json=deep_ok, timeout=60).status_code == 200
+
+
 def test_malformed_and_odd_requests(app):
     r = httpx.post(app + "v1/chat/completions", content=b'{"messages": [', timeout=30,
                    headers={"content-type": "application/json"})

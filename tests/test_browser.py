@@ -292,8 +292,9 @@ def many_url(tiny_dir, tmp_path_factory):
 
 
 def test_many_expert_panel_is_images_with_a_hover(many_url):
-    """128 experts x 48 layers: the grid and the routing strip are single images (no per-cell elements), and
-    the hover names layer, expert and state; the screenshot is saved to look at."""
+    """128 experts x 48 layers: the grid and the routing heat map are single images (no per-cell elements), and
+    the hover names layer, expert and state (the grid) or how often it was chosen (the heat map); the screenshot
+    is saved to look at."""
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright_api.sync_playwright() as p:
         browser = launch_browser(p)
@@ -309,7 +310,7 @@ def test_many_expert_panel_is_images_with_a_hover(many_url):
             panel_el = page.locator("#mx-panel")
             assert panel_el.locator(".mx-grid-card i.mx-c").count() == len(panel.LEGEND)   # legend keys only
             assert panel_el.locator("*").count() < 400      # not 6,144 cells
-            grid = panel_el.locator("img.mx-gridimg")
+            grid = panel_el.locator("img[data-mx=grid]")
             box = grid.bounding_box()
             assert box["width"] > 300 and box["height"] > 100
             # hover the cell of layer 10, expert 100 (centre of the cell)
@@ -318,23 +319,26 @@ def test_many_expert_panel_is_images_with_a_hover(many_url):
             tip.wait_for(state="visible", timeout=5_000)
             assert re.fullmatch(r"layer 10 · expert 100 · (empty|resident|hit|miss|prefetch|evicted)",
                                 tip.inner_text()), tip.inner_text()
-            strip = panel_el.locator("img.mx-routing")
-            sb = strip.bounding_box()
-            assert sb["height"] >= 48 * 9 - 1               # one pixel row per choice, never scaled down
-            page.mouse.move(sb["x"] + 2, sb["y"] + 0.5)     # token 1, layer 0, first choice
+            heat = panel_el.locator("img[data-mx=heat]")         # routing: how often each expert was chosen
+            hb = heat.bounding_box()
+            assert hb["width"] > 300 and hb["height"] > 100
+            n = [int(x) for x in heat.get_attribute("data-n").split(",")]
+            tokens = int(heat.get_attribute("data-tokens"))
+            e = max(range(128), key=lambda i: n[3 * 128 + i])   # layer 3's most chosen expert
+            page.mouse.move(hb["x"] + hb["width"] * ((e + 0.5) / 128), hb["y"] + hb["height"] * (3.5 / 48))
             try:
                 page.wait_for_function(
-                    "() => /choice 1: expert \\d+/.test(document.querySelector('#mx-tip').innerText)", timeout=5_000)
+                    "() => /chosen for \\d+ of/.test(document.querySelector('#mx-tip').innerText)", timeout=5_000)
             except playwright_api.TimeoutError:
                 raise AssertionError(f"routing hover says {page.locator('#mx-tip').inner_text()!r}") from None
-            first = page.locator("#mx-tip").inner_text()
-            routed = int(re.search(r"expert (\d+)", first).group(1))
+            said = page.locator("#mx-tip").inner_text()
             html = panel_el.inner_html()
-            assert 0 <= routed < 128 and "token 1 · layer 0" in first
+            assert said.startswith(f"layer 3 · expert {e} · chosen for {n[3 * 128 + e]} of {tokens} tokens"), said
+            assert n[3 * 128 + e] > 0 and sum(n) == tokens * 48 * 8     # top-8 in each of 48 layers per token
             page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
             shot = ARTIFACTS / "browser-many-experts.png"
             panel_el.screenshot(path=str(shot))
             print(f"\nscreenshot: {shot}")
-            assert shot.stat().st_size > 20_000 and "data-mx=\"routing\"" in html
+            assert shot.stat().st_size > 20_000 and "data-mx=\"heat\"" in html
         finally:
             browser.close()

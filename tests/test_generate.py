@@ -175,8 +175,10 @@ def test_huge_and_empty_prompts_are_refused_clearly(engine):
         engine.stream_chat([{"role": "user", "content": "word " * 2000}], SamplingParams(max_new_tokens=4))
     with pytest.raises(ValueError, match="empty"):
         engine.stream_chat([{"role": "user", "content": "   "}], SamplingParams())
-    with pytest.raises(ValueError, match="end with a user message"):
+    with pytest.raises(ValueError, match="non-empty list"):
         engine.stream_chat([], SamplingParams())
+    with pytest.raises(ValueError, match="end with a user message"):
+        engine.stream_chat([{"role": "assistant", "content": "hi"}], SamplingParams())
     # Gradio 6 sends content as a list of blocks: the same prompt as the plain string, so the same answer.
     plain = run(engine, [{"role": "user", "content": "hello there"}], max_new_tokens=6)
     blocks = run(engine, [{"role": "user", "content": [{"type": "text", "text": "hello "},

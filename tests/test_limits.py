@@ -121,7 +121,7 @@ def test_malformed_conversations_get_one_sentence(engine):
         ([{"role": "wizard", "content": "a"}, {"role": "user", "content": "b"}], "role"),
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
          "system prompt"),
-        (["just a string"], "list of"),
+        (["just a string"], "'messages\\[0\\]' must be an object with 'role' and 'content'"),
         ("not a list", "list of"),
     ]
     for messages, msg in bad:

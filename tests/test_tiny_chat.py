@@ -191,3 +191,46 @@ def test_says_what_it_is_to_greetings_and_out_of_scope_questions(shipped, report
         text = answer(q)
         assert "demo model" in text and "Python" in text, (q, text)
     assert "number of items" in answer("What does the built-in function len do?")     # and it still knows Python
+
+
+def test_builtins_survive_phrasings_held_out_of_training(shipped, report):
+    """"What does the built-in function zip() do?" was answered with another docstring while "What does len do?"
+    worked: zip is a class, and the data asked classes only as types. Builtins are never held out as subjects, so
+    question forms are (tools/train_tiny/phrasing.py): their loss and greedy answers are the reported ones."""
+    from tools.train_tiny.heldout import PHRASING_HELDOUT_FILE
+    from tools.train_tiny.phrasing import HELD_FORMS, answered, build_phrasing_heldout
+    model, tok = shipped
+    held = read_heldout(ASSET_DIR, PHRASING_HELDOUT_FILE)
+    hp = report["hyperparameters"]
+    train, _ = build_examples(hp["seed"], hp["heldout_frac"])
+    asked = {e.question for e in train}
+    assert not asked & {e.question for e in held}                      # no held-out phrasing is trained
+    assert "What does the built-in function zip() do?" in {e.question for e in held}
+    assert "What does the built-in function zip do?" in asked          # classes are asked as functions too
+    if sys.version.split()[0] == report["python"]:
+        assert held == build_phrasing_heldout()
+    assert len(held) == report["phrasing"]["heldout_turns"] == 3 * sum(1 for e in held if e.question.endswith(
+        HELD_FORMS[0].split("{n}")[1]))
+    enc, _ = heldout_encoded(ASSET_DIR, tok, name=PHRASING_HELDOUT_FILE)
+    loss, n = heldout_loss(model, enc, tok.pad_token_id)
+    assert n == report["phrasing"]["heldout_answer_tokens"]
+    assert loss == pytest.approx(report["phrasing"]["heldout_loss"], abs=2e-3)
+    wrong = answered(model, tok, held)
+    assert wrong == report["phrasing"]["greedy_wrong"] and len(held) - len(wrong) == report["phrasing"]["greedy_right"]
+    assert f"{len(held) - len(wrong)} of {len(held)}" in CARD.read_text()
+    assert not any("zip" in q for q in wrong)
+
+
+def test_the_app_answers_zip_as_it_runs_the_demo():
+    """The question as a user asks it, through mixoff's runtime at the app's default quantization (the family's:
+    4-bit attention, 2-bit experts) on the CPU."""
+    from mixoff_app.config import EngineConfig, SamplingParams
+    from mixoff_app.engine import Engine
+    engine = Engine.load(EngineConfig(model=str(ASSET_DIR), device="cpu"))
+    assert engine.quant.experts.bits == 2
+    for q in ("What does the built-in function zip() do?", "What does the built-in function zip do?",
+              "What does len do?"):
+        text = "".join(ev.text for ev in engine.stream_chat([{"role": "user", "content": q}],
+                                                             SamplingParams(max_new_tokens=16, greedy=True))
+                       if ev.kind == "token")
+        assert text.strip().startswith("zip(*iterables" if "zip" in q else "`len(obj, /)`"), (q, text)

@@ -2,22 +2,34 @@
 messages, sampling controls become SamplingParams, and each session's Stop/Clear turns."""
 from __future__ import annotations
 
-from mixoff_app.ui.chat import Canceller, content_text, normalise_history, sampling, strip_to_last_user, to_messages
+import pytest
+
+from mixoff_app.messages import MessageError, Turn
+from mixoff_app.ui.chat import Canceller, normalise_history, sampling, strip_to_last_user, to_messages
 
 
 def test_history_normalisation():
-    assert content_text([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]) == "ab"
-    assert content_text({"type": "file", "path": "x"}) == ""
     hist = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
             {"role": "assistant", "content": "hello", "metadata": None},
             {"role": "assistant", "content": "note", "metadata": {"title": "notice"}},
             {"role": "user", "content": "more"}, {"role": "assistant", "content": ""}]
-    assert normalise_history(hist)[0] == {"role": "user", "content": "hi"}
+    assert normalise_history(hist)[0] == Turn("user", "hi")
+    assert len(normalise_history(hist)) == 4                     # the page's own notice is not a turn
     assert to_messages(hist, " be brief ") == [
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]
     assert strip_to_last_user(hist)[-1] == {"role": "user", "content": "more"}
     assert sampling(0, 1, 16).is_greedy and sampling(0.7, 0.9, "32").max_new_tokens == 32
+
+
+def test_a_file_in_the_history_is_refused_not_dropped():
+    """The page's rule is the API's and the engine's (messages.py): a file block is named, never skipped."""
+    hist = [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, {"path": "/tmp/cat.png"}]},
+            {"role": "assistant", "content": "a cat"}]
+    with pytest.raises(MessageError, match=r"'history\[0\]\.content\[1\]' is a file: this model reads text only"):
+        to_messages(hist)
+    with pytest.raises(MessageError, match="must be a list"):
+        normalise_history("hello")
 
 
 def test_canceller_turns():

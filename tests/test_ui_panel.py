@@ -266,21 +266,50 @@ def test_many_experts_grid_names_decoder_layers_and_states(qwen3_snap):
     assert "0:empty" in html and "3:miss" in html and "hover a cell" in html
 
 
-def test_many_experts_routing_strip_keeps_a_pixel_row_per_choice(qwen3_snap):
+def test_many_experts_routing_is_a_heat_map_of_the_answer(qwen3_snap):
+    """128 experts: one colour per expert id cannot be read, so routing is how often each expert was chosen per
+    layer over the answer, on the grid's axes; the hover reads each cell's count from data-n."""
     html = panel.render_routing(qwen3_snap)
+    assert 'data-mx="heat"' in html and 'class="mx-routing"' not in html and "mx-huebar" not in html
+    L, E, T = 48, 128, len(qwen3_snap.routing)
+    counts = [int(x) for x in re.search(r'data-n="([\d,]+)"', html).group(1).split(",")]
+    expected = [[0] * E for _ in range(L)]
+    for tok in qwen3_snap.routing:
+        for layer, ex in enumerate(tok):
+            for e in ex:
+                expected[layer][e] += 1
+    assert counts == [c for row in expected for c in row] and sum(counts) == T * L * 8
     png = base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1))
     w, h, rows = _png_pixels(png)
-    assert (w, h) == (3, 48 * 9)
-    assert re.search(r"height:(\d+)px", html).group(1) == str(48 * 9)           # never scaled down
-    assert rows[9 * 5 + 2][1] == qwen3_snap.routing[1][5][2]                     # layer 5, choice 3, token 2
-    assert "mx-huebar" in html and html.count('class="mx-key"') == 0             # a hue bar, not 128 chips
+    assert (w, h) == (E * panel.CELL, L * panel.CELL)
+    top = max(counts)
+    for layer, e in ((0, 0), (5, qwen3_snap.routing[1][5][2]), (47, 127), (2, 102)):
+        level = 0 if not expected[layer][e] else -(-expected[layer][e] * panel.HEAT_LEVELS // top)
+        assert rows[layer * panel.CELL][e * panel.CELL] == level                  # a cell's shade
+        assert rows[layer * panel.CELL][e * panel.CELL + panel.CELL - 1] == panel.HEAT_LEVELS + 1   # the gap
+    assert f"{top} of {T} tokens" in html and "hover a cell" in html
 
 
-def test_hover_reads_the_expert_back_from_its_hue():
-    """assets/panel.js names an expert from the hue of its pixel: every one of 128 colours maps back."""
-    import colorsys
-    for E in (60, 64, 128):
-        for e, c in enumerate(panel.expert_colors(E)):
-            r, g, b = panel._rgb(c)
-            h = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)[0]
-            assert round(h * E) % E == e
+def test_heat_map_shades_by_how_often_and_names_decoder_layers():
+    s = Stats(num_moe_layers=2, num_experts=64, top_k=2, cache_sizes=(8, 8))
+    s.begin_answer()
+    for t in range(8):                 # layer 0: expert 5 every token, expert 9 twice, others once
+        run_token(s, {0: ((), (), (), (), (), (5, 9 if t < 2 else 10 + t)), 1: ((), (), (), (), (), (1, 2))})
+    snap = s.snapshot(NO_GPU)
+    levels = panel.heat_levels(panel.routing_counts(snap.routing, 2, 64))
+    assert levels[0, 5] == panel.HEAT_LEVELS and levels[0, 9] == 2 and levels[0, 12] == 1 and levels[0, 0] == 0
+
+    class Info:
+        expert_layers = (1, 3)
+    html = panel.render_routing(snap, info=Info())
+    assert 'data-layers="1,3"' in html and 'data-tokens="8"' in html and "8 of 8 tokens (100%)" in html
+    s.begin_answer()
+    assert "appears here" in panel.render_routing(s.snapshot(NO_GPU))      # a new answer: nothing yet
+
+
+def test_few_experts_keep_the_strip(snap):
+    html = panel.render_routing(snap)
+    assert 'class="mx-routing"' in html and 'data-mx' not in html
+    assert html.count('class="mx-key"') == 8                                  # one chip per expert
+
+

@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from ..config import ConfigError, SamplingParams
+from ..messages import MessageError, Turn, conversation
 from .errors import ApiError, invalid, unsupported
 
 MAX_STOP = 4              # OpenAI's limit on stop sequences
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# Nesting a request body may have: OpenAI's bodies nest under 10 levels (a content part's image_url is 5), tool
+# schemas some more; far past that a body can only exhaust the stack of the parser or of what reads it.
+MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
 class ChatRequest:
-    messages: tuple[dict, ...]          # {"role": system|user|assistant, "content": str}
+    messages: tuple[Turn, ...]          # normalised by messages.py's rule
     params: SamplingParams
     stream: bool
     include_usage: bool
@@ -35,15 +38,34 @@ class CompletionRequest:
 def parse_json(raw: bytes) -> dict:
     def no_constant(name: str):
         raise ValueError(f"{name} is not a JSON number")
+    too_deep = ApiError(400, f"The JSON body of your request is nested more than {MAX_DEPTH} levels deep; "
+                             f"requests to this server need far fewer.", code="invalid_json")
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+    except RecursionError:          # deeper than the interpreter's stack: the parser gave up
+        raise too_deep from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, f"We could not parse the JSON body of your request ({exc}). Send a JSON object with "
                             f"`Content-Type: application/json`.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"The request body must be a JSON object, not a JSON {type(body).__name__}.",
                        code="invalid_json")
+    if _depth(body) > MAX_DEPTH:    # parsed, but deep enough to exhaust the stack of whatever reads it next
+        raise too_deep
     return body
+
+
+def _depth(value: object) -> int:
+    """How deeply lists and objects nest in ``value`` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if items is None:
+            continue
+        deepest = max(deepest, d)
+        stack.extend((x, d + 1) for x in items if isinstance(x, (dict, list)))
+    return deepest
 
 
 # ---- fields -------------------------------------------------------------------------------------
@@ -152,51 +174,20 @@ def _stream(body: dict) -> tuple[bool, bool]:
 
 
 # ---- chat ---------------------------------------------------------------------------------------
-def _content(content: Any, where: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if not isinstance(content, list):
-        raise invalid(f"'{where}.content' must be a string or a list of content parts.", f"{where}.content")
-    out = []
-    for j, part in enumerate(content):
-        here = f"{where}.content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise invalid(f"'{here}.text' must be a string.", f"{here}.text")
-            out.append(part["text"])
-        elif kind in ("image_url", "input_image", "image", "input_audio", "audio", "file", "video_url"):
-            raise unsupported(f"'{here}' is {kind}: this model reads text only; send text content parts.",
-                              f"{here}.type")
-        else:
-            raise invalid(f"'{here}' must be a content part such as {{\"type\": \"text\", \"text\": \"...\"}}.",
-                          f"{here}.type")
-    return "".join(out)
-
-
-def _messages(body: dict) -> tuple[dict, ...]:
+def _messages(body: dict) -> tuple[Turn, ...]:
+    """The conversation by the one rule (messages.py), its refusals in OpenAI's shape with the field's name."""
     msgs = body.get("messages")
     if msgs is None:
         raise invalid("'messages' is required: a list of {\"role\", \"content\"} objects.", "messages",
                       code="missing_required_parameter")
-    if not isinstance(msgs, list) or not msgs:
-        raise invalid("'messages' must be a non-empty list of {\"role\", \"content\"} objects.", "messages")
-    out = []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise invalid(f"'{where}' must be an object with 'role' and 'content'.", where)
-        role = m.get("role")
-        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
-            raise unsupported(f"'{where}' is a tool {'result' if role in ('tool', 'function') else 'call'}: "
-                              f"this model has no tool or function calling.", f"{where}.role")
-        if role not in ROLES:
-            raise invalid(f"'{where}.role' must be one of system, user or assistant, not {json.dumps(role)[:40]}.",
-                          f"{where}.role")
-        out.append({"role": ROLES[role], "content": _content(m.get("content"), where)})
-    if out[-1]["role"] != "user":
-        raise invalid("the conversation must end with a user message.", f"messages[{len(out) - 1}].role")
-    return tuple(out)
+    try:
+        return tuple(conversation(msgs))
+    except MessageError as exc:
+        msg = str(exc)
+        msg = msg[:1].upper() + msg[1:]
+        if exc.unsupported:
+            raise unsupported(msg, exc.where or "messages") from None
+        raise invalid(msg, exc.where) from None
 
 
 def parse_chat(body: dict, default_max_tokens: int) -> ChatRequest:

@@ -55,6 +55,63 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def endpoint(config: ApiConfig, fn: Callable[[Request], Awaitable[Response]]
+             ) -> Callable[[Request], Awaitable[Response]]:
+    """A route's handler: access checked first; an ``ApiError`` in OpenAI's shape; anything else one line in
+    the log and one sentence (500) to the client."""
+    async def handle(request: Request) -> Response:
+        try:
+            refused = refusal(config, request.headers.get("authorization"))
+            if refused is not None:
+                raise refused
+            return await fn(request)
+        except ApiError as err:
+            return error_response(err)
+        except Exception as exc:     # noqa: BLE001 - one line in the log, one sentence to the client
+            log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+            return error_response(ApiError(500, f"The server failed to answer: {type(exc).__name__}: {exc}"))
+    return handle
+
+
+async def respond(line: asyncio.Lock, request: Request, answer: Answer, shape: Shape, stream: bool,
+                  include_usage: bool) -> Response:
+    """An answer as one JSON body, or as server-sent events; ``line`` orders the answers (answer.py)."""
+    if not stream:
+        text, finish = [], None
+        try:
+            async for item in answer.run(line, request.is_disconnected):
+                if isinstance(item, Piece):
+                    text.append(item.text)
+                elif isinstance(item, Finish):
+                    finish = item
+        except Disconnected:
+            return Response(status_code=CLIENT_GONE)
+        if finish is None:
+            raise ApiError(500, "The answer ended without finishing.")
+        return JSONResponse(shape.whole("".join(text), finish))
+
+    async def events():
+        if shape.chat:
+            yield sse(shape.chunk(first=True, with_usage=include_usage))
+        try:
+            async for item in answer.run(line, request.is_disconnected):
+                if isinstance(item, Piece):
+                    yield sse(shape.chunk(item.text, with_usage=include_usage))
+                elif isinstance(item, Finish):
+                    yield sse(shape.chunk(finish=item, with_usage=include_usage))
+                    if include_usage:
+                        yield sse(shape.usage_chunk(item))
+        except Disconnected:
+            return
+        except Exception as exc:     # noqa: BLE001 - the status is sent already: the error goes in the stream
+            log.error("%s failed mid-stream: %s: %s", request.url.path, type(exc).__name__, exc)
+            yield sse(ApiError(500, f"The server failed while answering: {type(exc).__name__}: {exc}").body())
+        yield SSE_DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRoute]:
     """``get_engine()`` returns the loaded engine or raises RuntimeError saying why not (still loading, failed)."""
     line = asyncio.Lock()             # API answers wait here in arrival order (see answer.py)
@@ -64,20 +121,6 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
             return get_engine()
         except RuntimeError as exc:
             raise ApiError(503, str(exc), code="model_not_ready") from None
-
-    def endpoint(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        async def handle(request: Request) -> Response:
-            try:
-                refused = refusal(config, request.headers.get("authorization"))
-                if refused is not None:
-                    raise refused
-                return await fn(request)
-            except ApiError as err:
-                return error_response(err)
-            except Exception as exc:     # noqa: BLE001 - one line in the log, one sentence to the client
-                log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-                return error_response(ApiError(500, f"The server failed to answer: {type(exc).__name__}: {exc}"))
-        return handle
 
     async def start(request: Request, call: Callable[[threading.Event], Any], routed: bool = False
                     ) -> tuple[Any, Answer]:
@@ -91,42 +134,6 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
             code = "context_length_exceeded" if isinstance(exc, InputTooLong) else "invalid_value"
             raise ApiError(400, msg[:1].upper() + msg[1:], code=code) from None
         return engine, Answer(engine, events, cancel, routed or config.return_routed_experts)
-
-    async def respond(request: Request, answer: Answer, shape: Shape, stream: bool, include_usage: bool) -> Response:
-        if not stream:
-            text, finish = [], None
-            try:
-                async for item in answer.run(line, request.is_disconnected):
-                    if isinstance(item, Piece):
-                        text.append(item.text)
-                    elif isinstance(item, Finish):
-                        finish = item
-            except Disconnected:
-                return Response(status_code=CLIENT_GONE)
-            if finish is None:
-                raise ApiError(500, "The answer ended without finishing.")
-            return JSONResponse(shape.whole("".join(text), finish))
-
-        async def events():
-            if shape.chat:
-                yield sse(shape.chunk(first=True, with_usage=include_usage))
-            try:
-                async for item in answer.run(line, request.is_disconnected):
-                    if isinstance(item, Piece):
-                        yield sse(shape.chunk(item.text, with_usage=include_usage))
-                    elif isinstance(item, Finish):
-                        yield sse(shape.chunk(finish=item, with_usage=include_usage))
-                        if include_usage:
-                            yield sse(shape.usage_chunk(item))
-            except Disconnected:
-                return
-            except Exception as exc:     # noqa: BLE001 - the status is sent already: the error goes in the stream
-                log.error("%s failed mid-stream: %s: %s", request.url.path, type(exc).__name__, exc)
-                yield sse(ApiError(500, f"The server failed while answering: {type(exc).__name__}: {exc}").body())
-            yield SSE_DONE
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---- routes -------------------------------------------------------------------------------
     def model_card(engine: Any) -> dict:
@@ -148,7 +155,8 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
         engine, answer = await start(request, lambda e, cancel: e.stream_chat(list(req.messages), req.params,
                                                                              cancel=cancel, session=who),
                                      req.routed_experts)
-        return await respond(request, answer, Shape(True, model_id(engine.info)), req.stream, req.include_usage)
+        return await respond(line, request, answer, Shape(True, model_id(engine.info)), req.stream,
+                             req.include_usage)
 
     async def completions(request: Request) -> Response:
         req = parse_completion(parse_json(await read_body(request, config.max_body_bytes)),
@@ -157,7 +165,8 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
         engine, answer = await start(request, lambda e, cancel: e.stream_prompt(req.prompt, req.params,
                                                                                cancel=cancel, session=who),
                                      req.routed_experts)
-        return await respond(request, answer, Shape(False, model_id(engine.info)), req.stream, req.include_usage)
+        return await respond(line, request, answer, Shape(False, model_id(engine.info)), req.stream,
+                             req.include_usage)
 
     async def stats(request: Request) -> Response:
         engine = engine_or_503()
@@ -171,7 +180,7 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
     table = [("/v1/models", list_models, "GET"), ("/v1/models/{model:path}", get_model, "GET"),
              ("/v1/chat/completions", chat_completions, "POST"), ("/v1/completions", completions, "POST"),
              ("/v1/mixoff/stats", stats, "GET"), ("/v1/mixoff/info", info, "GET")]
-    routes: list[BaseRoute] = [Route(path, endpoint(fn), methods=[method]) for path, fn, method in table]
+    routes: list[BaseRoute] = [Route(path, endpoint(config, fn), methods=[method]) for path, fn, method in table]
 
     async def unknown(request: Request) -> Response:
         """Inside /v1, a wrong path or method still gets OpenAI's error shape (outside it, the page answers)."""
@@ -181,6 +190,6 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
                                code="method_not_allowed")
         raise ApiError(404, f"Invalid URL ({request.method} {request.url.path}).", code="unknown_url")
 
-    routes.append(Route("/v1/{rest:path}", endpoint(unknown),
+    routes.append(Route("/v1/{rest:path}", endpoint(config, unknown),
                         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]))
     return routes

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional
 from ..config import CacheConfig, ConfigError, SamplingParams
 from ..events import TokenEvent
 from ..limits import InputLimits, check_chars
+from ..messages import conversation
 from .cache_replay import CardPlan, candidate_ks, card_plan, replay_answer
 from .client import BackendClient, BackendError
 from .config import BackendConfig
@@ -42,14 +43,6 @@ class _Answer:
     final: dict = field(default_factory=dict)       # the chunk with finish_reason: where the routing rides
     routing: AnswerRouting = AnswerRouting()
     replays: dict = field(default_factory=dict)     # k -> replay rows (computed once, when first shown)
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)):
-        return "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
-    return "" if content is None else str(content)
 
 
 def _seen(routing: AnswerRouting) -> int:
@@ -128,18 +121,8 @@ class RemoteEngine:
 
     # ---- chat -----------------------------------------------------------------------------------
     def _checked(self, messages: Any) -> list[dict]:
-        """The engine's rules for a conversation, refused here at once rather than by the server later."""
-        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
-            raise ValueError("the conversation must be a list of {role, content} messages")
-        msgs = []
-        for m in messages:
-            if m.get("role") not in ("system", "user", "assistant"):
-                raise ValueError(f"a message has role {str(m.get('role'))[:40]!r}: use system, user or assistant")
-            msgs.append({"role": m["role"], "content": _text(m.get("content"))})
-        if not msgs or msgs[-1]["role"] != "user":
-            raise ValueError("the conversation must end with a user message")
-        if any(m["role"] == "system" for m in msgs[1:]):
-            raise ValueError("only the first message may be a system prompt")
+        """The engine's rule for a conversation (``messages.py``), refused here at once rather than by the server."""
+        msgs = [t.message() for t in conversation(messages)]
         check_chars("message", msgs[-1]["content"], self.limits.message)
         if not msgs[-1]["content"].strip():
             raise ValueError("the message is empty: type something to ask")

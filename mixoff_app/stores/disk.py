@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import struct
 import weakref
 from pathlib import Path
@@ -26,8 +25,6 @@ from ..config import ConfigError, ModelConfig
 from .base import SlotCopies
 from .disk_reader import DiskReader
 from .layout import ExpertLayout, host_buffer
-
-_BLOB = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.packed$")
 
 
 def safetensors_header(path: Path) -> tuple[dict, int]:
@@ -70,21 +67,20 @@ def expert_blob_offsets(folder: str | os.PathLike, cfg: ModelConfig,
             f"--placement disk reads experts straight from a mixoff-format checkpoint, and {folder} is not one. "
             f"Convert it once with `python -m mixoff_app quantize {folder} OUT_FOLDER` and pass --model OUT_FOLDER")
     files = sorted(folder.glob("*.safetensors"))
-    expert_layer = {i: j for j, i in enumerate(cfg.moe_layers)}
+    fam = cfg.traits             # the family's row names each blob
+    wanted = {fam.expert_blob_key(i, e): (j, e) for j, i in enumerate(cfg.moe_layers) for e in range(cfg.num_experts)}
     out: dict[tuple[int, int], tuple[Path, int]] = {}
     for path in files:
         header, data = safetensors_header(path)
         for key, info in header.items():
-            m = _BLOB.match(key)
-            if not m:
+            where = wanted.get(key)
+            if where is None:
                 continue
             begin, end = info["data_offsets"]
             if end - begin != nbytes or info.get("dtype") != "U8":
                 raise ConfigError(f"{path}: {key} holds {end - begin} bytes ({info.get('dtype')}), expected "
                                   f"{nbytes} (U8): the file was written by a different mixoff layout; quantize again")
-            j = expert_layer.get(int(m.group(1)))
-            if j is not None:
-                out[(j, int(m.group(2)))] = (path, data + begin)
+            out[where] = (path, data + begin)
     missing = [(j, e) for j in range(cfg.num_moe_layers) for e in range(cfg.num_experts) if (j, e) not in out]
     if missing:
         j, e = missing[0]

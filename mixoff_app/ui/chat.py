@@ -1,4 +1,4 @@
-"""Chat handlers: gradio history <-> engine messages, streaming, Stop / Retry / Clear.
+"""Chat plumbing: gradio history <-> engine messages (by ``messages.py``'s rule), streaming, Stop / Retry / Clear.
 
 The conversation lives in each browser's Chatbot value (sent with every request), so one session never
 sees another's. Stop works through a per-session ``threading.Event`` the engine checks at each token;
@@ -13,6 +13,7 @@ import traceback
 from typing import Any, Callable, Iterator, Optional
 
 from ..config import ConfigError, SamplingParams
+from ..messages import MessageError, Turn, to_turn
 
 FINISH_TEXT = {
     "eos": "finished",
@@ -71,44 +72,32 @@ class EngineSlot:
 
 
 # ---- history ------------------------------------------------------------------------------------
-def content_text(content: Any) -> str:
-    """Gradio message content (str, a list of blocks, a dict, None) as plain text."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        if content.get("type", "text") == "text" and "text" in content:
-            return str(content["text"])
-        return ""
-    if isinstance(content, (list, tuple)):
-        return "".join(content_text(c) for c in content)
-    return str(content)
-
-
 def _get(msg: Any, key: str) -> Any:
     return msg.get(key) if isinstance(msg, dict) else getattr(msg, key, None)
 
 
-def normalise_history(history: Any) -> list[dict]:
-    """Chatbot value -> [{"role", "content": str}] for user/assistant turns only (notices are dropped)."""
-    out = []
-    for msg in history or []:
-        role = _get(msg, "role")
-        if role not in ("user", "assistant"):
-            continue
-        meta = _get(msg, "metadata")
-        if meta and (meta.get("title") if isinstance(meta, dict) else getattr(meta, "title", None)):
-            continue     # a notice we added ourselves, not part of the conversation
-        out.append({"role": role, "content": content_text(_get(msg, "content"))})
-    return out
+def _is_notice(msg: Any) -> bool:
+    """A message the page added itself (a titled notice), not part of the conversation."""
+    meta = _get(msg, "metadata")
+    return bool(meta and (meta.get("title") if isinstance(meta, dict) else getattr(meta, "title", None)))
+
+
+def normalise_history(history: Any, where: str = "history") -> list[Turn]:
+    """A Chatbot value (or the /chat API's history) -> turns by the one rule of ``messages.py`` (a non-text
+    block is refused with a ``MessageError`` naming it), less the page's own notices."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise MessageError(f"{where} must be a list of {{\"role\": ..., \"content\": ...}} messages", where)
+    return [to_turn(m, f"{where}[{i}]") for i, m in enumerate(history) if not _is_notice(m)]
 
 
 def to_messages(history: Any, system_prompt: str = "") -> list[dict]:
-    """Engine messages: an optional system prompt, then the turns; empty assistant turns are dropped."""
-    turns = [m for m in normalise_history(history) if m["role"] == "user" or m["content"]]
+    """{role, content} messages (what the Chatbot shows and the engine takes): an optional system prompt, then
+    the turns; empty assistant turns (an answer that wrote nothing) are left out."""
+    turns = [t for t in normalise_history(history) if t.role != "assistant" or t.text]
     sys_text = (system_prompt or "").strip()
-    return ([{"role": "system", "content": sys_text}] if sys_text else []) + turns
+    return [m.message() for m in ([Turn("system", sys_text)] if sys_text else []) + turns]
 
 
 def _number(value: Any, name: str) -> float:
@@ -168,7 +157,7 @@ def refuse(where: str, message: str) -> Exception:
 
 def strip_to_last_user(history: Any) -> list[dict]:
     """Retry: drop the answer (and notices) after the last user turn."""
-    msgs = normalise_history(history)
+    msgs = to_messages(history)
     while msgs and msgs[-1]["role"] != "user":
         msgs.pop()
     return msgs

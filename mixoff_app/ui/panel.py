@@ -31,7 +31,9 @@ LEGEND = (
 )
 
 ROUTING_TOKENS = 160          # the routing strip shows the last answer's latest tokens
-GRID_DOM_MAX = 1024           # above this many cells (or 16 experts) the grid is one image, not DOM cells
+MANY_EXPERTS = 16             # above this many experts: the grid is one image, routing a heat map
+GRID_DOM_MAX = 1024           # above this many cells (or MANY_EXPERTS) the grid is one image, not DOM cells
+HEAT_LEVELS = 8               # shades of the routing heat map (0, then 1..8 by share of the busiest expert)
 CELL = 4                      # image grid: pixels per cell (3 of colour, 1 of gap)
 SPARK_POINTS = 120            # at most this many points on the hit-rate sparkline
 SPARK_WINDOW = 8              # the sparkline smooths per-token hit rates over this many tokens
@@ -122,15 +124,23 @@ def _layer_label_every(num_layers: int) -> int:
 _GRID_RGBA = {EMPTY: (148, 163, 184, 70), RESIDENT: (147, 180, 220, 255), HIT: (34, 163, 90, 255),
               MISS: (224, 72, 62, 255), PREFETCHED: (139, 92, 246, 255), EVICTED: (245, 158, 11, 255)}
 
+def _cells(codes, cell: int, gap: int):
+    """[L, E] palette indices -> [L, cell, E, cell] pixels: ``cell - 1`` pixels of colour, then a one-pixel gap."""
+    import numpy as np
+
+    L, E = codes.shape
+    img = np.full((L, cell, E, cell), gap, dtype=np.uint8)
+    img[:, :cell - 1, :, :cell - 1] = codes[:, None, :, None]
+    return img
+
+
 def grid_png(codes, cell: int = CELL) -> bytes:
     """``codes`` ([L, E] state codes) as a PNG: layers down, experts across, ``cell`` pixels per cell with a
     one-pixel gap; an evicted expert is a ring (its centre shows as empty)."""
     import numpy as np
 
     L, E = codes.shape
-    gap = len(_STATES)
-    img = np.full((L, cell, E, cell), gap, dtype=np.uint8)
-    img[:, :cell - 1, :, :cell - 1] = codes[:, None, :, None]
+    img = _cells(codes, cell, gap=len(_STATES))
     if cell > 3:
         inner = img[:, 1:cell - 2, :, 1:cell - 2]
         inner[np.broadcast_to((codes == _STATES.index(EVICTED))[:, None, :, None], inner.shape)] = 0
@@ -151,22 +161,27 @@ def _layer_names(snap, info: Any = None) -> list[str]:
     return [str(labels[i]) if i < len(labels) else str(i) for i in range(snap.num_moe_layers)]
 
 
+def _axes(img: str, L: int, E: int, layer_names: Sequence[str]) -> str:
+    """A layers x experts image with expert ticks above and layer ticks on the left."""
+    xt = "".join(f'<span style="left:{100 * (e + 0.5) / E:.2f}%">E{e}</span>' for e in _ticks(E))
+    yt = "".join(f'<span style="top:{100 * (i + 0.5) / L:.2f}%">{escape(layer_names[i])}</span>'
+                 for i in _ticks(L, 12))
+    return (f'<div class="mx-gridwrap"><div class="mx-yt">{yt}</div><div class="mx-gridbox">'
+            f'<div class="mx-xt">{xt}</div>{img}</div></div>')
+
+
 def render_grid_image(snap, codes, head: str, legend: str, layer_names: Sequence[str]) -> str:
     """The many-expert grid (e.g. 128 experts x 48 layers): one PNG, axis ticks, and a hover (the page's
     script reads ``data-*``: layer names and one letter of state per cell) naming layer, expert and state."""
     L, E = snap.num_moe_layers, snap.num_experts
     uri = "data:image/png;base64," + base64.b64encode(grid_png(codes)).decode()
     data = (codes + ord("0")).tobytes().decode("ascii")          # one digit per cell, row-major
-    xt = "".join(f'<span style="left:{100 * (e + 0.5) / E:.2f}%">E{e}</span>' for e in _ticks(E))
-    yt = "".join(f'<span style="top:{100 * (i + 0.5) / L:.2f}%">{escape(layer_names[i])}</span>'
-                 for i in _ticks(L, 12))
     states_attr = ",".join(f"{i}:{st}" for i, st in enumerate(_STATES))
     img = (f'<img class="mx-gridimg" src="{uri}" data-mx="grid" data-cols="{E}" data-rows="{L}" '
            f'data-layers="{",".join(layer_names)}" data-names="{states_attr}" data-s="{data}" '
            f'alt="expert cache: {E} experts by {L} layers, this token\'s hits, misses and evictions">')
-    body = (f'<div class="mx-gridwrap"><div class="mx-yt">{yt}</div><div class="mx-gridbox">'
-            f'<div class="mx-xt">{xt}</div>{img}</div></div>')
-    return f'<div class="mx-card mx-grid-card">{head}{body}<div class="mx-legend">{legend}</div></div>'
+    return (f'<div class="mx-card mx-grid-card">{head}{_axes(img, L, E, layer_names)}'
+            f'<div class="mx-legend">{legend}</div></div>')
 
 
 def render_grid(snap, info: Any = None) -> str:
@@ -182,7 +197,7 @@ def render_grid(snap, info: Any = None) -> str:
                      f'{"" if s in (EMPTY, RESIDENT) else f" <b>{counts[s]}</b>"}</span>'
                      for s, text in LEGEND)
     k = fmt_k(snap.cache_sizes)
-    image = E > 16 or E * L > GRID_DOM_MAX
+    image = E > MANY_EXPERTS or E * L > GRID_DOM_MAX
     head = (f'<div class="mx-card-h"><span>Expert cache</span>'
             f'<span class="mx-sub">k = {k} of {E} per layer · {escape(snap.policy)} · {escape(snap.placement)}'
             f' · {"experts →, layers ↓ · hover a cell" if image else "layers →"}</span></div>')
@@ -316,7 +331,7 @@ def _hls(h: float) -> str:
 
 
 def expert_colors(num_experts: int) -> list[str]:
-    """Tableau-10 up to 10 experts, else expert e at hue e/E (the page's hover reads the hue back)."""
+    """Tableau-10 up to 10 experts, else expert e at hue e/E (the strip is drawn up to MANY_EXPERTS)."""
     return list(_expert_colors(num_experts))
 
 
@@ -373,22 +388,78 @@ def routing_png(routing: Sequence[Sequence[Sequence[int]]], num_layers: int, num
     return _png(T, img.shape[0], palette, [r.tobytes() for r in img], alpha)
 
 
-def _hue_legend(num_experts: int) -> str:
-    """Many experts: one hue bar with expert ticks instead of a chip per expert."""
-    stops = ", ".join(f"{c} {100 * e / max(1, num_experts - 1):.1f}%"
-                      for e, c in list(enumerate(expert_colors(num_experts)))[::max(1, num_experts // 16)])
-    ticks = "".join(f'<span style="left:{100 * (e + 0.5) / num_experts:.2f}%">E{e}</span>'
-                    for e in _ticks(num_experts))
-    return (f'<div class="mx-huebar" style="background:linear-gradient(to right, {stops})"></div>'
-            f'<div class="mx-xt mx-hueticks">{ticks}</div>')
+def routing_counts(routing: Sequence[Sequence[Sequence[int]]], num_layers: int, num_experts: int):
+    """[L, E] how many of the answer's tokens chose each expert in each layer."""
+    import numpy as np
+
+    counts = np.zeros((num_layers, num_experts), dtype=np.int32)
+    for tok in routing:
+        for layer, ex in enumerate(tok[:num_layers]):
+            ex = [e for e in ex if 0 <= e < num_experts]
+            if ex:
+                np.add.at(counts[layer], ex, 1)
+    return counts
+
+
+# Heat map shades: "never chosen" is the grid's translucent empty; then light to dark indigo.
+_HEAT_RGBA = [(148, 163, 184, 70)] + [
+    (round(186 + (49 - 186) * t), round(196 + (46 - 196) * t), round(250 + (129 - 250) * t), 255)
+    for t in (i / (HEAT_LEVELS - 1) for i in range(HEAT_LEVELS))]
+
+
+def heat_levels(counts):
+    """[L, E] shade levels: 0 for never chosen, else 1..HEAT_LEVELS by the share of the busiest cell's count."""
+    import numpy as np
+
+    top = max(1, int(counts.max()))
+    return np.where(counts > 0, np.ceil(counts * HEAT_LEVELS / top), 0).astype(np.uint8)
+
+
+def heat_png(counts, cell: int = CELL) -> bytes:
+    """The routing heat map: layers down, experts across, each cell shaded by how often it was chosen."""
+    L, E = counts.shape
+    img = _cells(heat_levels(counts), cell, gap=len(_HEAT_RGBA)).reshape(L * cell, E * cell)
+    palette = [c[:3] for c in _HEAT_RGBA] + [(255, 255, 255)]
+    alpha = [c[3] for c in _HEAT_RGBA] + [0]
+    return _png(E * cell, L * cell, palette, [r.tobytes() for r in img], alpha)
+
+
+def render_routing_heat(snap, info: Any = None) -> str:
+    """Many experts (Qwen3-30B-A3B: 128 x 48 layers, top-8): one colour per expert id cannot be told apart, so the
+    routing is shown as how often each expert was chosen in each layer over the whole answer, a heat map on the
+    grid's axes; the hover names layer, expert and its count."""
+    L, E, T = snap.num_moe_layers, snap.num_experts, len(snap.routing)
+    head = (f'<div class="mx-card-h"><span>Routing</span><span class="mx-sub">last answer, {T} tokens · how '
+            f'often each expert was chosen · experts →, layers ↓ · hover a cell</span></div>')
+    if not T:
+        body = ('<div class="mx-placeholder">The routing of the next answer appears here: how often each expert '
+                'is chosen, per layer.</div>')
+        return f'<div class="mx-card mx-routing-card">{head}{body}</div>'
+    counts = routing_counts(snap.routing, L, E)
+    names = _layer_names(snap, info)
+    uri = "data:image/png;base64," + base64.b64encode(heat_png(counts)).decode()
+    img = (f'<img class="mx-gridimg mx-heat" src="{uri}" data-mx="heat" data-cols="{E}" data-rows="{L}" '
+           f'data-tokens="{T}" data-layers="{",".join(names)}" data-n="{",".join(map(str, counts.ravel().tolist()))}" '
+           f'alt="routing of the last answer: how often each of {E} experts was chosen in each of {L} layers">')
+    top = int(counts.max())
+    stops = ", ".join(f"rgb{c[:3]}" for c in _HEAT_RGBA[1:])
+    legend = (f'<span class="mx-key"><i class="mx-c mx-empty"></i>never chosen</span>'
+              f'<span class="mx-key mx-heatkey">1 token<i class="mx-heatbar" '
+              f'style="background:linear-gradient(to right, {stops})"></i>{top} of {T} tokens '
+              f'({100 * top / T:.0f}%)</span>')
+    return (f'<div class="mx-card mx-routing-card">{head}{_axes(img, L, E, names)}'
+            f'<div class="mx-legend">{legend}</div></div>')
 
 
 def render_routing(snap, max_tokens: int = ROUTING_TOKENS, info: Any = None) -> str:
+    """The last answer's routing: for few experts a strip (tokens across, each layer's choices coloured by
+    expert id); for many, a heat map of how often each was chosen (``render_routing_heat``)."""
+    if snap.num_experts > MANY_EXPERTS:
+        return render_routing_heat(snap, info)
     routing = snap.routing[-max_tokens:]
     colors = expert_colors(snap.num_experts)
-    many = snap.num_experts > 16
-    legend = _hue_legend(snap.num_experts) if many else "".join(
-        f'<span class="mx-key"><i class="mx-c" style="background:{c}"></i>E{e}</span>' for e, c in enumerate(colors))
+    legend = "".join(f'<span class="mx-key"><i class="mx-c" style="background:{c}"></i>E{e}</span>'
+                     for e, c in enumerate(colors))
     skipped = len(snap.routing) - len(routing)
     sub = (f"last answer, {len(snap.routing)} tokens" + (f" (latest {len(routing)} shown)" if skipped else "")
            + " · tokens → · layers ↓")
@@ -398,15 +469,12 @@ def render_routing(snap, max_tokens: int = ROUTING_TOKENS, info: Any = None) -> 
     else:
         png = routing_png(routing, snap.num_moe_layers, snap.num_experts, snap.top_k)
         rows = snap.num_moe_layers * (snap.top_k + 1)
-        # Never fewer pixels than rows: scaling down would merge layers (48 x top-8 is 432 rows).
+        # Never fewer pixels than rows: scaling down would merge layers.
         height = max(48, min(220, rows * 4)) if rows <= 220 else rows
         width = min(100, 100 * len(routing) / 48)    # a short answer keeps square-ish cells
         uri = "data:image/png;base64," + base64.b64encode(png).decode()
-        hover = (f' data-mx="routing" data-cols="{len(routing)}" data-rows="{rows}" data-k="{snap.top_k}" '
-                 f'data-experts="{snap.num_experts}" data-first="{len(snap.routing) - len(routing)}" '
-                 f'data-layers="{",".join(_layer_names(snap, info))}"') if many else ""
         body = (f'<img class="mx-routing" src="{uri}" alt="routing of the last answer: {len(routing)} tokens by '
-                f'{snap.num_moe_layers} layers" style="width:{width:.0f}%;height:{height}px"{hover}>')
+                f'{snap.num_moe_layers} layers" style="width:{width:.0f}%;height:{height}px">')
     return (f'<div class="mx-card mx-routing-card">{head}{body}'
             f'<div class="mx-legend">{legend}</div></div>')
 

@@ -29,6 +29,10 @@ that says it is a small demo model of Python's documentation and suggests what t
 times in the training set (and drawn into the multi-turn chats like any turn). Whole question forms are held
 out (``heldout_scope.jsonl``); the report adds their loss. ``--transcripts`` also prints such answers.
 
+Every run also reports held-out phrasings (``phrasing.py``): each builtin asked in three question forms no
+training turn uses ("What does the built-in function zip() do?", ...), their loss and how many greedy answers
+begin right (``heldout_phrasing.jsonl``).
+
 ``--init-from DIR`` continues training from a trained checkpoint (its tokenizer and weights) instead of a new
 tokenizer and random weights: how the shipped model learned its scope answers without a full retrain.
 """

@@ -264,13 +264,18 @@ def build_items() -> list[Item]:
     return [seen[k] for k in sorted(seen)]
 
 
+# Builtins are asked as functions whatever they are: Python's documentation lists zip, map, int, ... among the
+# "Built-in Functions", and people ask "What does the built-in function zip do?". Before this, the 26 builtin
+# classes were asked only as types, and zip's answer to the function phrasing was another docstring. The forms
+# with "()" are there because people write them ("zip()"); tools/train_tiny/phrasing.py holds out other forms.
+_BUILTIN_FORMS = ["What does the built-in function {n} do?", "What is the `{n}` builtin?",
+                  "Explain the built-in function `{n}`.", "What does {n}() do in Python?",
+                  "How do I use {n} in Python?", "Tell me about the {n} function.",
+                  "How do I use {n}() in Python?", "What does the built-in {n}() do?"]
 _TEMPLATES = {
-    "builtin": ["What does the built-in function {n} do?", "What is the `{n}` builtin?",
-                "Explain the built-in function `{n}`.", "What does {n}() do in Python?",
-                "How do I use {n} in Python?", "Tell me about the {n} function."],
-    "builtin_type": ["What is the built-in type {n}?", "What is the `{n}` builtin?", "Explain `{n}` in Python.",
-                     "What does {n}() do in Python?", "Tell me about the {n} type.",
-                     "What does the built-in {n} do?"],
+    "builtin": _BUILTIN_FORMS,
+    "builtin_type": _BUILTIN_FORMS + ["What is the built-in type {n}?", "Explain `{n}` in Python.",
+                                      "Tell me about the {n} type.", "What does the built-in {n} do?"],
     "exception": ["What is {n}?", "When is {n} raised?", "Explain the {n} exception.",
                   "What does the built-in exception `{n}` mean?"],
     "method": ["What does {n} do?", "Explain the `{n}` method.", "What is {n} in Python?",

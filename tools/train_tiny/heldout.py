@@ -11,6 +11,7 @@ from tools.train_tiny.encoding import encode_all
 
 HELDOUT_FILE = "heldout.jsonl"
 SCOPE_HELDOUT_FILE = "heldout_scope.jsonl"
+PHRASING_HELDOUT_FILE = "heldout_phrasing.jsonl"
 
 
 def write_heldout(out: Path | str, held: list[Example], name: str = HELDOUT_FILE) -> None:

@@ -22,8 +22,9 @@ from tools.train_tiny.checkpoint import build_model, load_shipped, model_config,
 from tools.train_tiny.corpus import build_examples
 from tools.train_tiny.encoding import answer_tokens, encode_all, encode_multiturn, followup_heldout
 from tools.train_tiny.evaluation import answer_loss, heldout_loss
-from tools.train_tiny.heldout import SCOPE_HELDOUT_FILE, write_heldout
+from tools.train_tiny.heldout import PHRASING_HELDOUT_FILE, SCOPE_HELDOUT_FILE, write_heldout
 from tools.train_tiny.hyperparameters import DEFAULTS
+from tools.train_tiny.phrasing import answered, build_phrasing_heldout
 from tools.train_tiny.scope import build_scope_examples
 
 
@@ -66,6 +67,8 @@ def train(args) -> dict:
     single_enc = encode_all(tok, train_all, args.context)
     held_enc = encode_all(tok, held_ex, args.context)
     scope_held_enc = encode_all(tok, scope_held, args.context)
+    phrasing_held = build_phrasing_heldout()
+    phrasing_enc = encode_all(tok, phrasing_held, args.context)
     multi_enc, multi_drawn, multi_turns = encode_multiturn(tok, train_all, args.multiturn_frac,
                                                            args.seed, args.context)
     train_enc = single_enc + multi_enc
@@ -139,8 +142,10 @@ def train(args) -> dict:
     tl, n_tl_tok = heldout_loss(model, train_enc[:len(held_enc)], pad)
     fl, n_follow_tok = heldout_loss(model, follow_enc, pad)
     sl, n_scope_tok = heldout_loss(model, scope_held_enc, pad) if scope_held_enc else (float("nan"), 0)
+    pl, n_phrasing_tok = heldout_loss(model, phrasing_enc, pad)
+    phrasing_wrong = answered(model, tok, phrasing_held)
     log(f"final: train-subset loss {tl:.4f}, held-out loss {hl:.4f} over {n_held_tok} answer tokens, "
-        f"held-out second-turn loss {fl:.4f} over {n_follow_tok}")
+        f"held-out second-turn loss {fl:.4f} over {n_follow_tok}, held-out phrasings {pl:.4f} over {n_phrasing_tok}")
     report = {
         "command": args.command, "seed": args.seed, "python": sys.version.split()[0],
         "torch": torch.__version__, "threads": args.threads, "steps": step, "epochs": epoch,
@@ -163,6 +168,13 @@ def train(args) -> dict:
                   "heldout_loss": round(sl, 4) if scope_held_enc else None,
                   "heldout_loss_definition": "the same, over the held-out greetings and out-of-scope questions "
                                              "(whole question forms unseen in training), heldout_scope.jsonl"},
+        "phrasing": {"heldout_turns": len(phrasing_held), "heldout_turns_fit": len(phrasing_enc),
+                     "heldout_answer_tokens": n_phrasing_tok, "heldout_loss": round(pl, 4),
+                     "greedy_right": len(phrasing_held) - len(phrasing_wrong), "greedy_wrong": phrasing_wrong,
+                     "greedy_definition": "greedy answers (fp16 weights in fp32) that begin with the answer's first "
+                                          "12 tokens (all of it and </s> when shorter)",
+                     "heldout_loss_definition": "the same, over every builtin asked in question forms no training "
+                                                "turn uses (tools/train_tiny/phrasing.py), heldout_phrasing.jsonl"},
         "heldout_second_turn_loss_definition": "the same, over the held-out answers asked as the second turn of a "
                                                "chat whose first turn is a (seeded) training turn",
         "history": history,
@@ -172,5 +184,6 @@ def train(args) -> dict:
     write_heldout(out, held_ex)
     if scope_held:
         write_heldout(out, scope_held, SCOPE_HELDOUT_FILE)
+    write_heldout(out, phrasing_held, PHRASING_HELDOUT_FILE)
     log(f"wrote {out}")
     return report

@@ -7,7 +7,8 @@ import torch
 
 from tools.train_tiny.checkpoint import load_shipped
 
-TRANSCRIPT_QUESTIONS = ["What does the built-in function len do?", "What is the `zip` builtin?",
+TRANSCRIPT_QUESTIONS = ["What does the built-in function len do?", "What does the built-in function zip() do?",
+                        "What is the `zip` builtin?",
                         "Explain the `with` statement.", "What is the os.path module for?",
                         "What does the built-in function sorted do?"]
 # Outside the documentation (the first two are the app's general examples; none is a training question).
