@@ -36,6 +36,11 @@ class AnswerStats:
     routing: list = field(default_factory=list)           # decoded token -> layer -> experts (routing rank order)
     routing_weights: list = field(default_factory=list)   # the same shape: each expert's routing weight
     mark: tuple = ()                   # the cache's counters when it began
+    # Its prompt's routing by position (route_log segments): the positions it found in its KV slot, kept there
+    # by earlier answers (None: the slot's log could not vouch for them), then the chunks it prefilled (None
+    # in the list: a chunk whose routing was not recorded).
+    prompt_prefix: Optional[list] = field(default_factory=list)
+    prefill_routing: list = field(default_factory=list)
 
     def add(self, phase: str, before: tuple[int, ...], after: tuple[int, ...]) -> None:
         """Add the cache's counter deltas (``Stats.counters()`` before and after) to ``phase``."""
@@ -65,9 +70,16 @@ class AnswerStats:
     def bytes_h2d(self) -> int:
         return self.prefill["bytes_h2d"] + self.decode["bytes_h2d"]
 
+    def prompt_routing(self) -> Optional[list]:
+        """The whole prompt's routing, token -> layer -> experts; None where it cannot be vouched for."""
+        if self.prompt_prefix is None or any(seg is None for seg in self.prefill_routing):
+            return None
+        return [r for seg in self.prompt_prefix + self.prefill_routing for r in seg.rows()]
+
     def copy(self) -> "AnswerStats":
         """A copy a caller may keep while the answer (or the next one) goes on."""
         c = AnswerStats(**{k: v for k, v in self.__dict__.items()})
         c.prefill, c.decode = dict(self.prefill), dict(self.decode)
         c.routing, c.routing_weights = list(self.routing), list(self.routing_weights)
+        c.prefill_routing = list(self.prefill_routing)
         return c

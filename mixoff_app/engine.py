@@ -510,6 +510,13 @@ class Engine:
     def last_routing(self) -> list:
         return self._stats.answer_routing()[0]
 
+    def answer_prompt_routing(self, session: object = ...) -> Optional[list]:
+        """The latest answer's (of ``session``, when given) whole prompt's routing, token -> layer -> experts: the
+        tokens it found in its KV slot (kept from earlier answers) and those it prefilled; None where it cannot
+        be vouched for."""
+        a = self._stats.answer(session)
+        return a.prompt_routing() if a is not None else None
+
     @property
     def last_routing_weights(self) -> list:
         return self._stats.answer_routing()[1]

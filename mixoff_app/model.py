@@ -401,6 +401,7 @@ class MoEModel:
     def _moe_prefill(self, moe: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         K, E = self.cfg.top_k, self.cfg.num_experts
         w, idx = self._route(lw, h)
+        self.stats.on_prefill_route(moe, idx)
         flat = idx.flatten()                                                        # [T*k] token-major
         order = torch.argsort(flat, stable=True)          # (token, rank) slots grouped by expert, in token order
         counts = torch.bincount(flat, minlength=E).tolist()      # the one sync per layer and chunk

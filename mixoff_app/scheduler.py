@@ -36,6 +36,7 @@ from .events import TokenEvent
 from .generate import TextStream, sample
 from .limits import Busy
 from .model import MoEModel
+from .route_log import RouteLog, Segment
 from .stats import Stats
 
 IDLE_S = 2.0          # an idle step loop ends its thread (the next answer starts another)
@@ -53,10 +54,12 @@ def _stop_loops() -> None:
 @dataclass
 class Slot:
     """One sequence's KV cache: the tokens whose K/V it holds from position 0, the prefill chunks [a, b) that
-    computed them, and the session whose answer put them there."""
+    computed them, their routing (aligned with ``ids`` when it could be kept whole), and the session whose answer
+    put them there."""
     owner: Optional[str] = None
     ids: list[int] = field(default_factory=list)
     chunks: list[tuple[int, int]] = field(default_factory=list)
+    routes: RouteLog = field(default_factory=RouteLog)
     used_at: float = 0.0
     busy: bool = False
 
@@ -168,6 +171,7 @@ class Scheduler:
             for s in self.slots:
                 if not s.busy:
                     s.ids, s.chunks, s.owner = [], [], None
+                    s.routes.keep(0)
 
     def _publish_load(self) -> None:
         self.stats.set_load(len(self.active), len(self.waiting), self.max_batch)
@@ -244,12 +248,15 @@ class Scheduler:
         start = next((c0 for c0, c1 in s.chunks if c0 < start < c1), start)
         c = self.model.prefill_chunk
         s.ids = s.ids[:start]
+        s.routes.keep(start)
         s.chunks = [(c0, c1) for c0, c1 in s.chunks if c1 <= start] + \
             [(c0, min(c0 + c, len(a.ids))) for c0 in range(start, len(a.ids), c)]
         s.owner, s.busy, s.used_at = a.session, True, time.perf_counter()
         a.slot, a.start, a.pos, a.phase = i, start, start, "prefill"
         a.t0 = time.perf_counter()
         a.stats = self.stats.begin_answer(a.session, queued_s=a.t0 - a.submitted)
+        # Shorter than start only when an earlier answer's routing could not be lined up: no prompt routing then.
+        a.stats.prompt_prefix = s.routes.segments() if len(s.routes) == start else None
         if not a.params.is_greedy:
             a.gen = torch.Generator(device=self.model.device)
             a.gen.manual_seed(a.params.seed if a.params.seed is not None else int(time.time_ns() % (1 << 62)))
@@ -262,10 +269,12 @@ class Scheduler:
         s, m = self.slots[a.slot], self.model
         end = min(a.pos + m.prefill_chunk, len(a.ids))
         before = self.stats.counters()
+        self.stats.begin_prefill_chunk()
         logits = self._run([a], lambda: m.forward(torch.tensor(a.ids[a.pos:end], dtype=torch.long, device=m.device),
                                                   pos=a.pos, seq=a.slot))
         if logits is None:
             return
+        a.stats.prefill_routing.append(self.stats.take_prefill_route(end - a.pos))
         s.ids.extend(a.ids[a.pos:end])
         a.pos = end
         if end < len(a.ids):
@@ -328,9 +337,13 @@ class Scheduler:
                          prompt_tokens=len(a.ids), answer=a.stats.copy()))
 
     def _leave(self, a: Answer) -> None:
+        """The answer frees its slot; the slot's route log takes its rows (when they line up with its tokens)."""
         a.phase = "done"
         s = self.slots[a.slot]
         s.busy, s.used_at = False, time.perf_counter()
+        if a.stats is not None:
+            segments = a.stats.prefill_routing + [Segment(tuple(a.stats.routing))]
+            s.routes.settle(len(s.ids), [] if None in segments else segments)
         with self._cv:
             self.active.remove(a)
             self._publish_load()
@@ -366,6 +379,7 @@ class Scheduler:
         for a in answers:
             s = self.slots[a.slot]
             s.ids, s.chunks, s.owner = [], [], None
+            s.routes.keep(0)
             self.stats.end_answer(a.stats)
             self._leave(a)
             a.put(exc)

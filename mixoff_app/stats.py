@@ -14,10 +14,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 from .answer_stats import COUNTER_NAMES, AnswerStats
+from .route_log import Segment
 
 ROLLING_TOKENS = 64
 HISTORY_TOKENS = 512
@@ -91,6 +92,11 @@ class StatsSnapshot:
     waiting_answers: int = 0           # answers waiting for a free slot
     max_batch: int = 1                 # how many answers may run at once
 
+    def without_answer(self) -> "StatsSnapshot":
+        """The cache and server as they are, without the latest answer's figures (for someone it was not for)."""
+        return replace(self, answer_hit_rate=0.0, answer_tokens=0, avg_tokens_per_s=0.0, ttft_s=0.0, prefill_s=0.0,
+                       decode_s=0.0, prefill_tokens=0, copy_bandwidth=0.0, routing=())
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["num_layers"] = self.num_moe_layers     # the JSON's original name for it, kept for API clients
@@ -123,6 +129,7 @@ class Stats:
         self._by_session: dict[Optional[str], AnswerStats] = {}   # each session's latest answer
         self.batch_rows = self.running = self.waiting = 0
         self.max_batch = 1
+        self._prefill_route: list = []                         # the running prefill chunk's routing, per layer
         self._new_token_buffers(1)
         self._step_mark = self.counters()
 
@@ -196,6 +203,24 @@ class Stats:
         if hits is not None:
             self._row_hm[row][0] += hits
             self._row_hm[row][1] += len(experts) - hits
+
+    def on_prefill_route(self, layer: int, experts) -> None:
+        """A prefill chunk's routing for one layer, ``experts`` [T, k] as the router left it (kept, not read:
+        the host reads it only if someone asks for the prompt's routing). Layers arrive in order."""
+        self._prefill_route.append(experts)
+
+    def begin_prefill_chunk(self) -> None:
+        self._prefill_route = []
+        self._row_routing[0] = [()] * self.num_moe_layers
+
+    def take_prefill_route(self, tokens: int) -> Optional[Segment]:
+        """The routing of the prefill chunk of ``tokens`` tokens that just ran (None: not recorded whole). A
+        one-token chunk runs the decode path: its routing is row 0 of that one-row step."""
+        chunk, self._prefill_route = self._prefill_route, []
+        if tokens > 1:
+            return Segment(chunk=chunk) if len(chunk) == self.num_moe_layers and self.num_moe_layers else None
+        row = self._row_routing[0] if self._row_routing else ()
+        return Segment((tuple(row),)) if row and all(row) else None
 
     # ---- answers (called by the step loop) ------------------------------------------------------
     def counters(self) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from ..events import TokenEvent
 
@@ -35,6 +35,7 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     mixoff: dict = field(default_factory=dict)
+    routing: Optional[dict] = None    # prompt_routed_experts and routed_experts, when the request asked for them
 
 
 def answer_view(a: Any, completion_tokens: int, notices: list[str]) -> dict:
@@ -52,6 +53,18 @@ def answer_view(a: Any, completion_tokens: int, notices: list[str]) -> dict:
         "prefill_tokens": a.prefill_tokens, "prefill_s": a.prefill_s, "ttft_s": a.ttft_s,
         "queued_s": a.queued_s, "prefill": dict(a.prefill), "decode": dict(a.decode), "notices": list(notices),
     }
+
+
+def routing_view(a: Any, prompt_tokens: int) -> dict:
+    """vLLM's routing fields for this answer (``a``: the ``AnswerStats`` its done event carries): per prompt token
+    and per generated token, per expert layer, the chosen experts. What cannot be vouched for is null, as in vLLM."""
+    prompt = a.prompt_routing() if a is not None else None
+    return {"prompt_routed_experts": _lists(prompt) if prompt is not None and len(prompt) == prompt_tokens else None,
+            "routed_experts": _lists(a.routing) if a is not None else []}
+
+
+def _lists(routing) -> list:
+    return [[list(ex) for ex in tok] for tok in routing]
 
 
 async def until(awaitable, is_disconnected: Callable[[], Any]):
@@ -72,8 +85,9 @@ async def until(awaitable, is_disconnected: Callable[[], Any]):
 class Answer:
     """``events``: the engine's event iterator, validated but not yet begun, made with ``cancel``."""
 
-    def __init__(self, engine: Any, events: Iterator[TokenEvent], cancel: threading.Event) -> None:
-        self.engine, self.events, self.cancel = engine, events, cancel
+    def __init__(self, engine: Any, events: Iterator[TokenEvent], cancel: threading.Event,
+                 routed: bool = False) -> None:
+        self.engine, self.events, self.cancel, self.routed = engine, events, cancel, routed
 
     def _work(self, put: Callable[[object], None], done: Callable[[], None]) -> None:
         n, notices = 0, []
@@ -86,8 +100,9 @@ class Answer:
                 elif ev.kind == "notice":
                     notices.append(ev.text)
                 elif ev.kind == "done":
-                    put(Finish(FINISH.get(ev.finish_reason or "eos", "stop"), ev.prompt_tokens or 0, n,
-                               answer_view(ev.answer, n, notices)))
+                    prompt = ev.prompt_tokens or 0
+                    put(Finish(FINISH.get(ev.finish_reason or "eos", "stop"), prompt, n, answer_view(ev.answer, n, notices),
+                               routing_view(ev.answer, prompt) if self.routed else None))
         except BaseException as exc:      # noqa: BLE001 - handed to the request, which answers with it
             put(exc)
         finally:

@@ -26,6 +26,7 @@ class ApiConfig:
     admin: Optional[str] = None      # the page's --admin user: with one, no API caller counts as the operator
     default_max_tokens: int = 256    # an answer's length when the request names no max_tokens
     max_body_bytes: int = 8 << 20    # a larger request body is refused before it is read
+    return_routed_experts: bool = False   # every answer carries its routing, asked for or not (vLLM's flag)
 
     def __post_init__(self) -> None:
         if isinstance(self.keys, str):

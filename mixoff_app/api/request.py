@@ -23,6 +23,7 @@ class ChatRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    routed_experts: bool = False        # return_routed_experts: the answer carries its routing (vLLM's fields)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class CompletionRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    routed_experts: bool = False
 
 
 def parse_json(raw: bytes) -> dict:
@@ -192,7 +194,8 @@ def parse_chat(body: dict, default_max_tokens: int) -> ChatRequest:
     messages = _messages(body)
     _refuse_unsupported(body)
     stream, include_usage = _stream(body)
-    return ChatRequest(messages, _sampling(body, default_max_tokens), stream, include_usage)
+    return ChatRequest(messages, _sampling(body, default_max_tokens), stream, include_usage,
+                       _bool(body, "return_routed_experts"))
 
 
 # ---- completions --------------------------------------------------------------------------------
@@ -224,4 +227,5 @@ def parse_completion(body: dict, default_max_tokens: int) -> CompletionRequest:
     if best_of is not None and best_of > 1:
         raise unsupported(f"best_of = {best_of} is not supported: one answer is generated per request.", "best_of")
     stream, include_usage = _stream(body)
-    return CompletionRequest(prompt, _sampling(body, default_max_tokens), stream, include_usage)
+    return CompletionRequest(prompt, _sampling(body, default_max_tokens), stream, include_usage,
+                             _bool(body, "return_routed_experts"))

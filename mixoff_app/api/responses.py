@@ -25,6 +25,15 @@ def usage(finish: Finish) -> dict:
             "total_tokens": finish.prompt_tokens + finish.completion_tokens}
 
 
+def with_routing(body: dict, finish: Finish) -> dict:
+    """vLLM's places: ``prompt_routed_experts`` on the response, ``routed_experts`` on the choice (streamed: the
+    final chunk's, as vLLM sends them only once the answer is done)."""
+    if finish.routing is not None:
+        body["prompt_routed_experts"] = finish.routing["prompt_routed_experts"]
+        body["choices"][0]["routed_experts"] = finish.routing["routed_experts"]
+    return body
+
+
 class Shape:
     """The ids, timestamps and object names one response shares across its chunks."""
 
@@ -42,8 +51,9 @@ class Shape:
                       "finish_reason": finish.reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish.reason}
-        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice],
-                "usage": usage(finish), "mixoff": finish.mixoff}
+        out = {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice],
+               "usage": usage(finish), "mixoff": finish.mixoff}
+        return with_routing(out, finish)
 
     def chunk(self, text: Optional[str] = None, finish: Optional[Finish] = None, first: bool = False,
               with_usage: bool = False) -> dict:
@@ -59,6 +69,7 @@ class Shape:
             out["usage"] = None           # OpenAI: null on every chunk but the last
         if finish is not None:
             out["mixoff"] = finish.mixoff
+            with_routing(out, finish)
         return out
 
     def usage_chunk(self, finish: Finish) -> dict:

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from ..access import public_info
 from ..config import ConfigError
 from ..limits import Busy, InputTooLong
 from .access import refusal, session, stats_view
@@ -118,9 +119,10 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
         except RuntimeError as exc:
             raise ApiError(503, str(exc), code="model_not_ready") from None
 
-    async def start(request: Request, call: Callable[[threading.Event], Any]) -> tuple[Any, Answer]:
+    async def start(request: Request, call: Callable[[threading.Event], Any], routed: bool = False
+                    ) -> tuple[Any, Answer]:
         """Validate against the engine (tokenizing, context fit) and queue the answer: bad input, or a full line,
-        fails at once."""
+        fails at once. ``routed``: the answer returns its routing (vLLM's fields)."""
         engine = engine_or_503()
         cancel = threading.Event()
         try:
@@ -132,7 +134,7 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
         except Busy as exc:
             msg = str(exc)
             raise ApiError(429, msg[:1].upper() + msg[1:] + ".", code="server_busy") from None
-        return engine, Answer(engine, events, cancel)
+        return engine, Answer(engine, events, cancel, routed or config.return_routed_experts)
 
     # ---- routes -------------------------------------------------------------------------------
     def model_card(engine: Any) -> dict:
@@ -152,7 +154,8 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
         req = parse_chat(parse_json(await read_body(request, config.max_body_bytes)), config.default_max_tokens)
         who = session(config, request.headers.get("authorization"))
         engine, answer = await start(request, lambda e, cancel: e.stream_chat(list(req.messages), req.params,
-                                                                             cancel=cancel, session=who))
+                                                                             cancel=cancel, session=who),
+                                     req.routed_experts)
         return await respond(request, answer, Shape(True, model_id(engine.info)), req.stream,
                              req.include_usage)
 
@@ -161,7 +164,8 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
                                config.default_max_tokens)
         who = session(config, request.headers.get("authorization"))
         engine, answer = await start(request, lambda e, cancel: e.stream_prompt(req.prompt, req.params,
-                                                                               cancel=cancel, session=who))
+                                                                               cancel=cancel, session=who),
+                                     req.routed_experts)
         return await respond(request, answer, Shape(False, model_id(engine.info)), req.stream,
                              req.include_usage)
 
@@ -169,9 +173,14 @@ def api_routes(get_engine: Callable[[], Any], config: ApiConfig) -> list[BaseRou
         engine = engine_or_503()
         return JSONResponse(await run_in_threadpool(stats_view, engine, config, request.headers.get("authorization")))
 
+    async def info(request: Request) -> Response:
+        """The served model's shape, quantization and cache, without server paths: what a page driving this server
+        from elsewhere (``app.py --backend``) shows in its header."""
+        return JSONResponse(public_info(engine_or_503().info))
+
     table = [("/v1/models", list_models, "GET"), ("/v1/models/{model:path}", get_model, "GET"),
              ("/v1/chat/completions", chat_completions, "POST"), ("/v1/completions", completions, "POST"),
-             ("/v1/mixoff/stats", stats, "GET")]
+             ("/v1/mixoff/stats", stats, "GET"), ("/v1/mixoff/info", info, "GET")]
     routes: list[BaseRoute] = [Route(path, endpoint(config, fn), methods=[method]) for path, fn, method in table]
 
     async def unknown(request: Request) -> Response:

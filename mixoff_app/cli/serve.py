@@ -26,7 +26,7 @@ def run(args) -> int:
 
     try:
         api = ApiConfig(keys=api_keys(args.api_key, os.environ), host=args.host,
-                        default_max_tokens=args.max_new_tokens)
+                        default_max_tokens=args.max_new_tokens, return_routed_experts=args.return_routed_experts)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if not api.keys and not keyless_ok(api):       # every request would be refused: say so before loading anything
@@ -53,4 +53,7 @@ def add_parser(subparsers) -> None:
                         "(default: $MIXOFF_API_KEY, keys separated by commas; none: loopback only)")
     s.add_argument("--max-new-tokens", type=positive_int, default=256,
                    help="an answer's length when a request gives no max_tokens (default: 256)")
+    s.add_argument("--return-routed-experts", action="store_true",
+                   help="every answer carries its routing (prompt_routed_experts, routed_experts: vLLM's fields), "
+                        "asked for or not; without it a request asks with \"return_routed_experts\": true")
     s.set_defaults(func=run)

@@ -140,6 +140,45 @@ def engine_generate(args: argparse.Namespace) -> tuple:
     return routing, weights, header
 
 
+def remote_generate(args: argparse.Namespace) -> tuple:
+    """``generate_fn`` for ``--backend URL``: one answer from a remote server (our ``serve``, vLLM started with
+    --enable-return-routed-experts, SGLang with it), its decoded tokens' routing as the server returned it."""
+    import os
+
+    from ..config import ConfigError, SamplingParams
+    from ..remote.config import BackendConfig, api_base, backend_key
+    from ..remote.engine import RemoteEngine
+
+    if args.model != "tiny":
+        raise ConfigError("--model runs a model here and --backend records a server's: drop one of them "
+                          "(--backend-model picks one of the server's models)")
+    engine = RemoteEngine(BackendConfig(url=api_base(args.backend), key=backend_key(args.backend_key, os.environ),
+                                        model=args.backend_model))
+    try:
+        info = engine.connect()
+        if not info.returns_routing:
+            raise ConfigError(f"{info.engine_name} at {info.where} does not return routing; record from our serve, "
+                              f"vLLM or SGLang started with --enable-return-routed-experts")
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, greedy=args.greedy)
+        for _ in engine.stream_chat([{"role": "user", "content": args.prompt}], params):
+            pass
+        info, usage = engine.info, engine.last_usage
+    finally:
+        engine.close()
+    routing = engine.last_routing
+    if not routing:
+        note = engine.routing_note() or "the server sent no routing with its answer"
+        raise ConfigError(f"nothing to record from {info.where}: {note}")
+    if any(e < 0 for tok in routing for ex in tok for e in ex):
+        raise ConfigError(f"{info.where} marked some generated tokens' experts as unknown (-1): nothing is recorded")
+    header = {"model": info.model, "backend": info.backend, "backend_url": info.where,
+              "num_layers": len(routing[0]), "top_k": len(routing[0][0]), "num_experts": info.num_experts,
+              "prompt_tokens": usage.get("prompt_tokens")}
+    if info.server:
+        header.update(family=info.server.get("family"), expert_layers=info.server.get("expert_layers"))
+    return [[tuple(ex) for ex in tok] for tok in routing], None, header
+
+
 def add_parser(subparsers, generate_fn: Optional[GenerateFn] = None) -> argparse.ArgumentParser:
     """Register ``trace {replay, synthetic, record}``; each sub-command sets ``func(args) -> exit code``.
 
@@ -170,8 +209,14 @@ def add_parser(subparsers, generate_fn: Optional[GenerateFn] = None) -> argparse
     s.add_argument("--force", action="store_true", help="replace OUT if it exists")
     s.set_defaults(func=synthetic_main)
 
-    c = sub.add_parser("record", help="generate once and write the routing as a trace")
-    c.add_argument("--model", "-m", default="tiny")
+    c = sub.add_parser("record", help="generate once (here, or on a --backend server) and write the routing as a trace")
+    c.add_argument("--model", "-m", default="tiny", help="the model to run here (default: tiny)")
+    c.add_argument("--backend", default=None, metavar="URL",
+                   help="record a remote server's routing instead (our serve, vLLM or SGLang with "
+                        "--enable-return-routed-experts), e.g. http://gpu-box:8000/v1")
+    c.add_argument("--backend-key", default=None, metavar="KEY",
+                   help="the server's API key (default: $MIXOFF_BACKEND_KEY)")
+    c.add_argument("--backend-model", default=None, metavar="NAME", help="which of the server's models")
     c.add_argument("--prompt", required=True)
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--greedy", action="store_true")
@@ -181,5 +226,5 @@ def add_parser(subparsers, generate_fn: Optional[GenerateFn] = None) -> argparse
     c.add_argument("out", metavar="OUT", help="output JSONL path")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")
     gen = engine_generate if generate_fn is None else generate_fn
-    c.set_defaults(func=lambda a: record_main(a, gen))
+    c.set_defaults(func=lambda a: record_main(a, remote_generate if a.backend else gen))
     return p

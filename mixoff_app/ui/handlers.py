@@ -27,6 +27,13 @@ from .chat import (
     strip_to_last_user,
     to_messages,
 )
+from .remote_panel import render_any_info, render_any_panel
+
+
+def experts_bound(info: Any) -> int:
+    """The largest k the controls offer: the model's expert count (a remote model's may be unknown: then what its
+    routing has shown, ``remote.info.RemoteInfo.experts_bound``)."""
+    return getattr(info, "experts_bound", None) or info.num_experts
 
 
 class Refused(Exception):
@@ -173,11 +180,11 @@ class Handlers:
         if engine is None:
             return self._loading_tick(seen, viewer)
         out = PanelUpdate(seen=seen)
-        html = panel.render_panel(self.visible_stats(engine, viewer), engine.info)
+        html = render_any_panel(self.visible_stats(engine, viewer), engine.info)
         if html != seen.get("panel"):
             out = replace(out, panel=html)
             seen["panel"] = html
-        info_html = panel.render_info(shown_info(engine.info))
+        info_html = render_any_info(shown_info(engine.info))
         if info_html != seen.get("info"):
             out = replace(out, info=info_html)
             seen["info"] = info_html
@@ -186,9 +193,9 @@ class Handlers:
             # for the operator (the server checks again on Apply).
             seen["controls"] = viewer.operator
             info = engine.info
-            out = replace(out, controls=Controls(k=min(info.cache.sizes), num_experts=info.num_experts,
+            out = replace(out, controls=Controls(k=min(info.cache.sizes), num_experts=experts_bound(info),
                                                  policy=info.cache.policy, prefetch=info.cache.prefetch,
-                                                 editable=viewer.operator, max_context=info.max_context))
+                                                 editable=viewer.operator, max_context=info.max_context or 4096))
         return out
 
     def _loading_tick(self, seen: dict, viewer: Viewer) -> PanelUpdate:
@@ -212,14 +219,14 @@ class Handlers:
             raise Refused("set_cache", OPERATOR_ONLY)
         info = engine.info
         try:
-            k = whole(k, "k (experts per layer on the device)", 1, info.num_experts)
-            prefetch = whole(prefetch, "prefetch", 0, info.num_experts)
+            k = whole(k, "k (experts per layer on the device)", 1, experts_bound(info))
+            prefetch = whole(prefetch, "prefetch", 0, experts_bound(info))
             policy = choice(policy, "the eviction policy", POLICIES)
             # keep what the UI does not set (placement, prefetch depth) as the engine has it
             engine.reconfigure_cache(replace(info.cache, sizes=(k,), policy=policy, prefetch=prefetch))
         except (ConfigError, ValueError) as exc:
             raise Refused("set_cache", str(exc)) from None
-        return panel.render_info(engine.info), f"Cache re-planned: k = {k}, {policy}, prefetch {prefetch}."
+        return render_any_info(engine.info), f"Cache re-planned: k = {k}, {policy}, prefetch {prefetch}."
 
     # ---- API-only endpoints -------------------------------------------------------------------
     def chat(self, message: Any, history: Any, system_prompt: Any, temperature: Any, top_p: Any,

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from ..config import ConfigError, EngineConfig
+from ..config import DEFAULT_MAX_BATCH, ConfigError, EngineConfig
 
 DEFAULT_PORT = 7860
 CPU_DEMO_K = 3          # without a GPU memory does not limit k; a small cache lets the panel show the mechanism
@@ -49,7 +49,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` on the OpenAI-compatible API at /v1; give it once per "
                         "caller, each key a principal of its own (default: $MIXOFF_API_KEY, keys separated by "
                         "commas; without a key /v1 is served only on loopback without --share)")
+    add_backend_args(p)
     return p
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    from ..remote.config import ENV_KEY
+    g = p.add_argument_group("remote backend", "drive an OpenAI-compatible server instead of a local engine: our "
+                                               "`python -m mixoff_app serve` on a GPU box, vLLM or SGLang")
+    g.add_argument("--backend", default=None, metavar="URL",
+                   help="the server's API, e.g. http://gpu-box:8000/v1; nothing of a model is loaded here")
+    g.add_argument("--backend-key", default=None, metavar="KEY",
+                   help=f"its API key, sent to URL only (default: ${ENV_KEY}, which stays out of the process list)")
+    g.add_argument("--backend-model", default=None, metavar="NAME",
+                   help="which of the server's models to use (default: the first /v1/models lists)")
+
+
+def backend_config(args: argparse.Namespace, environ=os.environ):
+    """--backend's settings; the local engine's own flags are refused beside it, so nobody believes they apply."""
+    from ..remote.config import BackendConfig, api_base, backend_key
+    for flag, value in (("--model", args.model), ("--cache-size", args.cache_size), ("--max-batch", args.max_batch),
+                        ("--per-client", args.per_client)):
+        if value is not None:
+            raise ConfigError(f"{flag} sets up a local engine and --backend uses the server's: drop one of them "
+                              f"(--backend-model picks one of the server's models)")
+    return BackendConfig(url=api_base(args.backend), key=backend_key(args.backend_key, environ),
+                         model=args.backend_model)
+
+
+def first_contact(engine, say: Callable[[str], None]) -> None:
+    """Tell the terminal what the backend is, or why it cannot be used yet (the page keeps asking)."""
+    from ..remote.client import BackendError
+    try:
+        info = engine.connect()
+    except BackendError as exc:
+        say(f"backend: {exc} (the page asks again every few seconds)")
+        return
+    say(f"backend: {info.engine_name} at {info.where} serving {info.model}"
+        + ("" if info.returns_routing else "; it returns no routing, so the panel shows speed only"))
 
 
 def parse_auth(text: Optional[str], flag: str = "--auth") -> Optional[tuple[str, str]]:
@@ -149,8 +186,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         auth = parse_auth(args.auth)
         admin = parse_auth(args.admin, "--admin")
         logins = accounts(auth, admin)
+        backend = backend_config(args) if args.backend else None
         api = api_config(args, host, admin[0] if admin else None)
-        cfg, reason = engine_config(args, say)
+        cfg, reason = engine_config(args, say) if backend is None else (None, "")
     except ConfigError as exc:
         build_parser().error(str(exc))
         return
@@ -163,21 +201,46 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     warning = exposure_warning(host, args.share, bool(logins))
     if warning:
         say(warning)
-    slot = EngineSlot(echo=True)
-    slot.progress(f"model: {cfg.model} — {reason}")
-    slot.load_in_background(lambda progress: Engine.load(cfg, progress=progress, reason=reason))
-    demo = build_ui(slot, max_new_tokens=args.max_new_tokens, examples=examples_for(cfg.model),
-                    access=Access(admin=admin[0] if admin else None), max_batch=cfg.max_batch)
+    if backend is None:
+        slot = EngineSlot(echo=True)
+        slot.progress(f"model: {cfg.model} — {reason}")
+        slot.load_in_background(lambda progress: Engine.load(cfg, progress=progress, reason=reason))
+    else:
+        slot = remote_slot(backend, args, say)
+    # The page lets through twice the answers the engine runs at once; a remote server queues its own.
+    demo = build_ui(slot, max_new_tokens=args.max_new_tokens, examples=examples_for(cfg.model if cfg else None),
+                    access=Access(admin=admin[0] if admin else None),
+                    max_batch=cfg.max_batch if cfg else DEFAULT_MAX_BATCH)
 
     port = args.port or int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT))
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     say(f"serving on http://{shown}:{port}" + ("" if host == "127.0.0.1" else f" (bound to {host})")
         + (" with a login" if logins else "") + "; the model loads in the background, progress on the page")
     from ..api import describe
-    say(f"OpenAI-compatible API at http://{shown}:{port}/v1: {describe(api)}")
+    if backend is None:
+        say(f"OpenAI-compatible API at http://{shown}:{port}/v1: {describe(api)}")
+    else:
+        say(f"no /v1 API here: the OpenAI-compatible API is the backend's own, at {backend.where}")
     demo.launch(server_name=host, server_port=port, share=args.share,
                 auth=LoginThrottle(logins, log=say) if logins else None, show_error=True,
-                footer_links=["api", "settings"], **launch_kwargs(api_app_kwargs(slot, api), log=say))
+                footer_links=["api", "settings"],
+                **launch_kwargs(api_app_kwargs(slot, api) if backend is None else None, log=say))
+
+
+def remote_slot(backend, args: argparse.Namespace, say: Callable[[str], None]):
+    """The page's engine is a RemoteEngine: ready at once (nothing loads here); the first contact runs beside."""
+    import threading
+
+    from ..remote.engine import RemoteEngine
+    from .chat import EngineSlot
+    for line in (backend.plain_http_warning(),
+                 "note: --backend-key shows in the process list; MIXOFF_BACKEND_KEY keeps it out" if args.backend_key
+                 else None):
+        if line:
+            say(line)
+    engine = RemoteEngine(backend, args.max_input_chars)
+    threading.Thread(target=first_contact, args=(engine, say), name="mixoff-backend", daemon=True).start()
+    return EngineSlot(engine, echo=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from ..access import Access, redact_paths
 from ..config import DEFAULT_MAX_BATCH, POLICIES, CacheConfig
 from . import panel
 from .chat import EngineSlot, refuse
-from .handlers import Controls, Handlers, Refused, Viewer, shown_info
+from .handlers import Controls, Handlers, Refused, Viewer, experts_bound, shown_info
+from .remote_panel import render_any_info, render_any_panel
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 PANEL_EVERY = 0.3         # seconds between panel refreshes (over 3 a second)
@@ -111,7 +112,8 @@ def build_ui(engine_or_slot: Any, *, examples: Optional[Sequence[str]] = None, m
     ``handlers.Handlers``; this function lays out the page and wires them."""
     slot = engine_or_slot if isinstance(engine_or_slot, EngineSlot) else EngineSlot(engine_or_slot)
     if max_batch is None:
-        max_batch = slot.engine.scheduler.max_batch if slot.engine is not None else DEFAULT_MAX_BATCH
+        scheduler = getattr(slot.engine, "scheduler", None)        # a remote engine has none: its server queues
+        max_batch = scheduler.max_batch if scheduler is not None else DEFAULT_MAX_BATCH
     access = access or Access()
     h = Handlers(slot)
     title = title_for(slot.engine.info.model_name if slot.engine else None)
@@ -225,14 +227,14 @@ def _page(slot: EngineSlot, title: str, examples: list[str], max_new_tokens: int
     with gr.Row(elem_id="mx-header"):
         gr.Markdown(f"# {title}\n{INTRO}", elem_id="mx-title")
     p = SimpleNamespace()
-    p.info = gr.HTML(panel.render_info(shown_info(engine.info)) if engine else
+    p.info = gr.HTML(render_any_info(shown_info(engine.info)) if engine else
                      '<div class="mx-info"><span class="mx-chip">loading the model…</span></div>', elem_id="mx-info")
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=380):
             _chat_column(p, examples, max_new_tokens, system_prompt)
         with gr.Column(scale=6, min_width=440):
             p.panel = gr.HTML(panel.render_loading([redact_paths(x) for x in slot.lines]) if engine is None else
-                              panel.render_panel(engine.stats(), engine.info), elem_id="mx-panel")
+                              render_any_panel(engine.stats(), engine.info), elem_id="mx-panel")
             _cache_settings(p, engine)
     p.seen = gr.State({})
     p.turn = gr.State(0)                 # which question of this session an answer belongs to
@@ -269,8 +271,8 @@ def _chat_column(p: SimpleNamespace, examples: list[str], max_new_tokens: int, s
 def _cache_settings(p: SimpleNamespace, engine: Any) -> None:
     """Read-only until the first panel tick says who is looking (and the model is loaded)."""
     cache = engine.info.cache if engine else CacheConfig()
-    n_exp = engine.info.num_experts if engine else 8
-    top_k = engine.info.top_k if engine else 2
+    n_exp = experts_bound(engine.info) if engine else 8
+    top_k = (engine.info.top_k or 2) if engine else 2
     with gr.Accordion("Cache settings (re-plans the device cache without reloading)", open=False):
         with gr.Row():
             p.k = gr.Slider(1, n_exp, value=min(cache.sizes) if cache.sizes else top_k, step=1,
