@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import PREFILL_CHUNK, ModelConfig
+from .cpu_weights import BF16, Int4Weight, Int8Weight
 from .expert_cache import ExpertCache
+from .kernels import cpu as cpu_kernels
 from .kernels import qlinear, swiglu
 from .quant import QWeight
 from .rope import frequencies, softmax_scale
@@ -151,6 +153,9 @@ class MoEModel:
         self.prefill_chunk = prefill_chunk
         self.prefetcher: Optional[Prefetcher] = None
         self.graphs = None       # cuda_graphs.DecodeGraphs when --cuda-graphs is on: one-row decode replays graphs
+        # Decode experts through ``_experts_grouped`` (False: the per-expert loop it replaced, which
+        # bench/fine_grained.py and the tests hold it to).
+        self.grouped_experts = True
         self.moe_of = [-1] * cfg.num_layers      # decoder layer -> expert layer (-1: dense)
         for moe, layer in enumerate(cfg.moe_layers):
             self.moe_of[layer] = moe
@@ -279,14 +284,18 @@ class MoEModel:
     def layer_host(self, r: Routed, x: torch.Tensor, run=None) -> None:
         """The host half: the layer's one deliberate sync (the host must know what to fetch and prefetch), then
         the experts, added to x in place by routing rank, then the shared expert."""
-        self._experts_decode(r.moe, x, r.h, r.wx, r.packed.tolist(), r.target, run or self._run_expert)
+        got = r.packed.tolist()
+        if run is None and self.grouped_experts:
+            self._experts_grouped(r.moe, x, r.h, r.wx, got, r.target)
+        else:
+            self._experts_decode(r.moe, x, r.h, r.wx, got, r.target, run or self._run_expert)
         if r.shared is not None:
             x.add_(r.shared)
 
-    def _experts_decode(self, moe: int, x: torch.Tensor, h: torch.Tensor, wx: torch.Tensor, got: list,
-                        target: Optional[int], run) -> None:
-        """Record each row's routing, fetch the union of the rows' experts once (prefetch behind the layer's own
-        misses), run each expert once on the rows routed to it, add to each row in routing-rank order."""
+    def _route_rows(self, moe: int, got: list, target: Optional[int]):
+        """The host's bookkeeping of a decode layer's routing, the same for both expert loops: each row's
+        experts recorded (with its hits when several rows share the fetch), each expert's users -> (users,
+        the prefetch guess or None)."""
         K, B = self.cfg.top_k, len(got)
         chosen = [[int(e) for e in g[:K]] for g in got]
         users: dict[int, list[tuple[int, int]]] = {}          # expert -> (row, rank) in row order
@@ -302,6 +311,86 @@ class MoEModel:
         guess = None
         if target is not None:
             guess = list(dict.fromkeys(int(e) for g in got for e in g[2 * K:]))
+        return users, guess
+
+    def _experts_grouped(self, moe: int, x: torch.Tensor, h: torch.Tensor, wx: torch.Tensor, got: list,
+                         target: Optional[int]) -> None:
+        """``_experts_decode`` with the per-expert work hoisted out of the loop, bit for bit the same sums: h
+        converted to the kernels' bfloat16 once per layer, each expert one direct call into the CPU kernels
+        (``cpu.expert``) where its format and rows allow, and the outputs added rank by rank over all rows at
+        once (K adds a layer, not B x K). Every add is the same elementwise x + o * w per row in the same rank
+        order as before, so neither the batch nor this loop changes a bit. Formats or kernels without a direct
+        call (hqq, Triton, the reference path, dense rows of several sequences) go through ``_run_expert``."""
+        K, B = self.cfg.top_k, len(got)
+        users, guess = self._route_rows(moe, got, target)
+        cache = self.cache
+        release = cache.release if cache.cuda else None
+        rows_alone = self.kernel == "cpu" and cpu_kernels.probe().rows_alone
+        kind, hk = None, h
+        outs: list[Optional[torch.Tensor]] = [None] * (B * K)      # [b * K + r]: row b's rank-r output
+        for n, (e, ew, slot) in enumerate(cache.fetch(moe, list(users))):
+            if guess is not None:
+                # fetch has queued this layer's own misses; the guesses go behind them on the copy stream,
+                # so a demand copy never waits for a speculative one.
+                self.prefetcher.issue(self, target, guess)
+                guess = None
+            if kind is None:           # every slot of the cache holds one format: decided at the first expert
+                kind = self._direct_kind(ew)
+                if kind == "int":
+                    hk = h.to(BF16)
+            u = users[e]
+            if B == 1:
+                y = self._one_expert(kind, moe, slot, n, h, hk, ew, True, rows_alone)
+                outs[u[0][1]] = y
+            elif len(u) == 1:
+                b, r = u[0]
+                outs[b * K + r] = self._one_expert(kind, moe, slot, n, h[b:b + 1], hk[b:b + 1], ew, True, rows_alone)
+            else:
+                rows = sorted({b for b, _ in u})
+                hr = h[rows]
+                y = self._one_expert(kind, moe, slot, n, hr, hr if hk is h else hk[rows], ew, len(rows) == 1,
+                                     rows_alone)
+                for b, r in u:
+                    i = rows.index(b)
+                    outs[b * K + r] = y[i:i + 1]
+            if release is not None:
+                release(moe, slot)
+        if B == 1:
+            for r in range(K):
+                x.addcmul_(outs[r], wx[:, r:r + 1])
+            return
+        o = torch.cat(outs).view(B, K, -1)                                          # [B, K, H]
+        for r in range(K):
+            x.addcmul_(o[:, r], wx[:, r:r + 1])
+
+    def _direct_kind(self, ew: ExpertWeights) -> Optional[str]:
+        """Which direct call runs this expert format: "int" (the CPU kernels' int4/int8), "dense" (float weights
+        under the CPU kernels), None (``_run_expert``)."""
+        if self.kernel != "cpu":
+            return None
+        if all(isinstance(w, (Int4Weight, Int8Weight)) for w in ew):
+            return "int"
+        if all(isinstance(w, torch.Tensor) for w in ew):
+            return "dense"
+        return None
+
+    def _one_expert(self, kind: Optional[str], moe: int, slot: int, n: int, h: torch.Tensor, hk: torch.Tensor,
+                    ew: ExpertWeights, one_row: bool, rows_alone: bool) -> torch.Tensor:
+        """An expert on its rows: h in the model's dtype, hk the same rows as the direct call reads them."""
+        if kind == "int" and (one_row or rows_alone):
+            return cpu_kernels.expert(hk, ew.w1, ew.w3, ew.w2)
+        if kind == "dense" and one_row:
+            return cpu_kernels.dense_expert(h, ew.w1, ew.w3, ew.w2)
+        return self._run_expert(moe, slot, n, h, ew)
+
+    def _experts_decode(self, moe: int, x: torch.Tensor, h: torch.Tensor, wx: torch.Tensor, got: list,
+                        target: Optional[int], run) -> None:
+        """Record each row's routing, fetch the union of the rows' experts once (prefetch behind the layer's own
+        misses), run each expert once on the rows routed to it, add to each row in routing-rank order. The
+        CUDA graphs' loop (``run`` replays an expert's graph), and the per-expert reference of
+        ``_experts_grouped``."""
+        K, B = self.cfg.top_k, len(got)
+        users, guess = self._route_rows(moe, got, target)
         outs: list[list[Optional[torch.Tensor]]] = [[None] * K for _ in range(B)]
         for n, (e, ew, slot) in enumerate(self.cache.fetch(moe, list(users))):
             if guess is not None:

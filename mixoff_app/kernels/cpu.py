@@ -146,6 +146,29 @@ def swiglu(x: torch.Tensor, w1: CpuWeight, w3: CpuWeight) -> torch.Tensor:
     return F.silu(qlinear(xb, w1)).mul_(qlinear(xb, w3))
 
 
+def _mm(xb: torch.Tensor, w: CpuWeight) -> torch.Tensor:
+    if type(w) is Int4Weight:
+        return _INT4_MM(xb, w.W_int4, w.group_size, w.scale_zero)
+    return _INT8_MM(xb, w.W_int8, w.scale_int8)
+
+
+def expert(xb: torch.Tensor, w1: CpuWeight, w3: CpuWeight, w2: CpuWeight) -> torch.Tensor:
+    """A routed expert on contiguous bfloat16 rows xb [R, H] -> [R, H] bfloat16: the kernel calls ``swiglu``
+    then ``qlinear`` make, bit for bit, without the seam's checks and conversions (the caller converts h once
+    per layer). A fine-grained model calls this hundreds of times a token, so every Python frame counts."""
+    return _mm(F.silu(_mm(xb, w1)).mul_(_mm(xb, w3)), w2)
+
+
+def dense_expert(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """A routed expert with dense weights on ONE row x [1, H]: the calls ``swiglu`` then ``qlinear`` make with
+    ``kernel="cpu"`` (oneDNN for float32), bit for bit, decided once instead of three times."""
+    if x.dtype == torch.float32 and w1.dtype == torch.float32 and _onednn():
+        lin = torch.ops.mkldnn._linear_pointwise.default
+        return lin(F.silu(lin(x, w1, None, "none", [], "")) * lin(x, w3, None, "none", [], ""), w2, None, "none",
+                   [], "")
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
 def reference(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:
     """The plain path for a CPU-format weight: dequantize, then matmul in x's dtype."""
     return F.linear(x, dequantize_cpu(w, x.dtype))
