@@ -15,7 +15,7 @@ synchronous, so every line of the bookkeeping and its counters is exercised by t
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -105,10 +105,30 @@ class ExpertCache:
         return expert in self.layers[layer].slot_of
 
     # ---- the hot path ---------------------------------------------------------------------------
-    def fetch(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights, int]]:
-        """Yield (expert, weights, slot) for every requested expert: resident ones first, while the
+    def fetch(self, layer: int, experts: list[int]) -> Iterable[tuple[int, ExpertWeights, int]]:
+        """(expert, weights, slot) for every requested expert, in turn: resident ones first, while the
         copies of the missing ones are already in flight. The caller must call ``release(layer, slot)``
-        after issuing the compute that reads a slot."""
+        after issuing the compute that reads a slot.
+
+        When every expert is resident and nothing needs settling (the CPU with every expert held, the common
+        step of a fine-grained model), a list, counted as the generator counts it: no generator frame per
+        expert and none of the bookkeeping that only misses need."""
+        L = self.layers[layer]
+        slot_of = L.slot_of
+        slots = [slot_of.get(e) for e in experts]
+        if None in slots or self._deferred or self.cuda:
+            return self.fetch_each(layer, experts)
+        st, tick, on_access, prefetched, weights = self.stats, self.tick, L.policy.on_access, L.prefetched, L.weights
+        for e in experts:
+            st.on_hit(layer, e)
+            on_access(e, tick)
+            if e in prefetched:
+                prefetched.discard(e)
+                st.on_prefetch_used(layer, e)
+        return [(e, weights[s], s) for e, s in zip(experts, slots)]
+
+    def fetch_each(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights, int]]:
+        """``fetch`` as a generator, one expert at a time, whatever is resident (the per-expert loop)."""
         L, st, tick = self.layers[layer], self.stats, self.tick
         hits, misses = [], []
         for e in experts:

@@ -392,7 +392,7 @@ class MoEModel:
         K, B = self.cfg.top_k, len(got)
         users, guess = self._route_rows(moe, got, target)
         outs: list[list[Optional[torch.Tensor]]] = [[None] * K for _ in range(B)]
-        for n, (e, ew, slot) in enumerate(self.cache.fetch(moe, list(users))):
+        for n, (e, ew, slot) in enumerate(self.cache.fetch_each(moe, list(users))):
             if guess is not None:
                 # fetch has queued this layer's own misses; the guesses go behind them on the copy stream,
                 # so a demand copy never waits for a speculative one.

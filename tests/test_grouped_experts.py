@@ -40,11 +40,12 @@ def folders(tiny_dir, tmp_path_factory):
     return out
 
 
-def decode_trace(folder, quant, kernel: str, grouped: bool, k: int) -> tuple[list[torch.Tensor], tuple]:
+def decode_trace(folder, quant, kernel: str, grouped: bool, k: int, prefetch: int) -> tuple[list[torch.Tensor], tuple]:
     """Three prompts prefilled, six steps over all three rows, then four one-row steps: every step's logits,
-    and the counters."""
+    and the counters (the grouped loop's steps where every expert is resident take the cache's list; the
+    per-expert loop always takes its generator)."""
     eng = Engine.load(EngineConfig(model=str(folder), device="cpu", quant=quant, kernel=kernel, max_context=128,
-                                   max_batch=3, cache=CacheConfig(sizes=(k,))))
+                                   max_batch=3, cache=CacheConfig(sizes=(k,), prefetch=prefetch)))
     m = eng.model
     m.grouped_experts = grouped
     pos = []
@@ -62,7 +63,8 @@ def decode_trace(folder, quant, kernel: str, grouped: bool, k: int) -> tuple[lis
         got.append(logits)
         one, pos = logits.argmax(-1), [pos[0] + 1] + pos[1:]
     s = eng.stats()
-    return got, (s.hits, s.misses, s.evictions, s.layer_hits, s.layer_misses)
+    return got, (s.hits, s.misses, s.evictions, s.layer_hits, s.layer_misses, s.prefetch_issued, s.prefetch_used,
+                 s.prefetch_wasted, s.resident, s.last_token)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -72,8 +74,9 @@ def test_grouped_loop_is_the_per_expert_loop_bit_for_bit(folders, family, fmt):
     if kernel == "cpu" and not cpu.probe().ok:
         pytest.skip(f"no CPU kernel here: {cpu.probe().reason}")
     k = 3 if family != "qwen3_moe" else 12          # fewer slots than the experts a step asks for: evictions
-    want, want_counts = decode_trace(folders[family], quant, kernel, False, k)
-    got, got_counts = decode_trace(folders[family], quant, kernel, True, k)
+    prefetch = 1 if family == "qwen3_moe" else 0      # its 2 MoE layers: layer 0 guesses layer 1
+    want, want_counts = decode_trace(folders[family], quant, kernel, False, k, prefetch)
+    got, got_counts = decode_trace(folders[family], quant, kernel, True, k, prefetch)
     assert got_counts == want_counts
     assert want_counts[2] > 0                         # the cache really evicted
     for step, (g, w) in enumerate(zip(got, want)):
