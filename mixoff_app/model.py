@@ -326,7 +326,7 @@ class MoEModel:
         cache = self.cache
         release = cache.release if cache.cuda else None
         rows_alone = self.kernel == "cpu" and cpu_kernels.probe().rows_alone
-        kind, hk = None, h
+        kind, hk, expert = None, h, cpu_kernels.expert
         outs: list[Optional[torch.Tensor]] = [None] * (B * K)      # [b * K + r]: row b's rank-r output
         for n, (e, ew, slot) in enumerate(cache.fetch(moe, list(users))):
             if guess is not None:
@@ -339,9 +339,9 @@ class MoEModel:
                 if kind == "int":
                     hk = h.to(BF16)
             u = users[e]
-            if B == 1:
-                y = self._one_expert(kind, moe, slot, n, h, hk, ew, True, rows_alone)
-                outs[u[0][1]] = y
+            if B == 1:                 # the fine-grained model's every step: the direct call without a frame more
+                outs[u[0][1]] = (expert(hk, *ew) if kind == "int"
+                                 else self._one_expert(kind, moe, slot, n, h, hk, ew, True, rows_alone))
             elif len(u) == 1:
                 b, r = u[0]
                 outs[b * K + r] = self._one_expert(kind, moe, slot, n, h[b:b + 1], hk[b:b + 1], ew, True, rows_alone)

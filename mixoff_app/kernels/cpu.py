@@ -146,17 +146,26 @@ def swiglu(x: torch.Tensor, w1: CpuWeight, w3: CpuWeight) -> torch.Tensor:
     return F.silu(qlinear(xb, w1)).mul_(qlinear(xb, w3))
 
 
+# The same kernels as builtins: an OpOverload's __call__ is a Python frame, which a fine-grained model pays
+# three times an expert, hundreds of experts a token.
+_INT4_FN, _INT8_FN, _SILU = torch._weight_int4pack_mm_for_cpu, torch._weight_int8pack_mm, torch._C._nn.silu
+
+
 def _mm(xb: torch.Tensor, w: CpuWeight) -> torch.Tensor:
     if type(w) is Int4Weight:
-        return _INT4_MM(xb, w.W_int4, w.group_size, w.scale_zero)
-    return _INT8_MM(xb, w.W_int8, w.scale_int8)
+        return _INT4_FN(xb, w.W_int4, w.group_size, w.scale_zero)
+    return _INT8_FN(xb, w.W_int8, w.scale_int8)
 
 
 def expert(xb: torch.Tensor, w1: CpuWeight, w3: CpuWeight, w2: CpuWeight) -> torch.Tensor:
     """A routed expert on contiguous bfloat16 rows xb [R, H] -> [R, H] bfloat16: the kernel calls ``swiglu``
     then ``qlinear`` make, bit for bit, without the seam's checks and conversions (the caller converts h once
     per layer). A fine-grained model calls this hundreds of times a token, so every Python frame counts."""
-    return _mm(F.silu(_mm(xb, w1)).mul_(_mm(xb, w3)), w2)
+    if type(w1) is Int4Weight and type(w3) is Int4Weight and type(w2) is Int4Weight:
+        g = _INT4_FN(xb, w1.W_int4, w1.group_size, w1.scale_zero)
+        return _INT4_FN(_SILU(g).mul_(_INT4_FN(xb, w3.W_int4, w3.group_size, w3.scale_zero)), w2.W_int4,
+                        w2.group_size, w2.scale_zero)
+    return _mm(_SILU(_mm(xb, w1)).mul_(_mm(xb, w3)), w2)
 
 
 def dense_expert(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
