@@ -19,7 +19,9 @@ greedy tokens agree. Reported per loop:
   difference per extra token, so load and prefill cancel out). The counter does not see dtype conversions
   (``.to``: no ``_to_copy`` in its counts), so the conversion of h the grouped loop hoists does not show here;
 - ``python_calls_per_token_per_layer``: Python function calls (cProfile's count, builtins included) per decoded
-  token per decoder layer, one-row decode steps in this thread: what the grouped loop cuts.
+  token per decoder layer, one-row decode steps in this thread: what the grouped loop cuts;
+- ``batch3_ops_per_step_per_layer``: dispatched ops of one decode step over three sequences' rows, per decoder
+  layer (the grouped loop adds the outputs rank by rank over all rows: K adds a layer instead of 3 x K).
 
     python bench/fine_grained.py [--threads 1] [--tokens 32] [--repeats 3] [--models qwen3-fine,mixtral-cpu-bench]
 """
@@ -108,9 +110,21 @@ def python_calls(eng: Engine, prompt: list[int], n: int = 4) -> float:
     return pstats.Stats(pr).total_calls / n
 
 
+def batch_ops(eng: Engine, rows: int = 3) -> float:
+    """Dispatched ops of one decode step over ``rows`` sequences, after a prefill of each."""
+    m = eng.model
+    eng.forget_kv()
+    prompts = [list(range(5 + s, 21 + s)) for s in range(rows)]
+    for s, p in enumerate(prompts):
+        m.forward(torch.tensor(p), 0, seq=s)
+    with count_ops() as o:
+        m.decode(torch.tensor([7 + s for s in range(rows)]), [len(p) for p in prompts], list(range(rows)))
+    return o.total
+
+
 def measure(path: Path, quant, tokens: int, repeats: int) -> dict:
     eng = Engine.load(EngineConfig(model=str(path), device="cpu", quant=quant, kernel="cpu", max_context=256,
-                                   cache=CacheConfig(placement="exclusive")))
+                                   max_batch=3, cache=CacheConfig(placement="exclusive")))
     m, L = eng.model, eng.model.cfg.num_layers
     prompt = list(range(5, 21))
     out = {"held": eng.info.quant, "kernel": eng.info.kernel, "layers": L, "experts": m.cfg.num_experts,
@@ -129,10 +143,12 @@ def measure(path: Path, quant, tokens: int, repeats: int) -> dict:
         m.grouped_experts = grouped
         ops = ops_per_token(eng, prompt)
         calls = python_calls(eng, prompt)
+        batch = batch_ops(eng)
         out["loops"][name] = {"tokens_per_s": round(statistics.median(runs[name]), 2),
                               "tokens_per_s_runs": [round(r, 2) for r in runs[name]],
                               "ops_per_token": round(ops, 1), "ops_per_token_per_layer": round(ops / L, 2),
-                              "python_calls_per_token_per_layer": round(calls / L, 1)}
+                              "python_calls_per_token_per_layer": round(calls / L, 1),
+                              "batch3_ops_per_step_per_layer": round(batch / L, 2)}
     out["same_answer"] = answers["per_expert"] == answers["grouped"]
     out["speedup"] = round(out["loops"]["grouped"]["tokens_per_s"] / out["loops"]["per_expert"]["tokens_per_s"], 3)
     m.grouped_experts = True
