@@ -16,7 +16,10 @@ on which other sequences share the step.
 
 A decode layer is two halves, which the eager path and the CUDA graphs both call: ``layer_device`` (attention,
 a dense MLP or the shared expert, the router and the prefetch guess: device work only) and ``layer_host``
-(bring the packed routing to the host - the layer's one sync -, fetch, run and add the experts).
+(bring the packed routing to the host - the layer's one sync -, fetch, run and add the experts). The eager host
+half is ``_experts_grouped``, whose per-expert Python is only what the cache needs (a fine-grained model runs
+hundreds of experts a token); the CUDA graphs replay per-expert graphs through ``_experts_decode``, the loop it
+replaced (tests/test_grouped_experts.py holds the two to the same bits on the CPU).
 
 Indices: ``layer`` is a decoder layer (0..num_layers-1); ``moe`` is an expert layer, the position of a decoder
 layer in ``cfg.moe_layers`` (what the cache, stores, stats and traces count); ``e`` is an expert.
