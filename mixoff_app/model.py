@@ -151,6 +151,7 @@ class MoEModel:
         self.prefill_chunk = prefill_chunk
         self.prefetcher: Optional[Prefetcher] = None
         self.graphs = None       # cuda_graphs.DecodeGraphs when --cuda-graphs is on: one-row decode replays graphs
+        self.cpu_experts = None  # cpu_experts.CpuExperts when --cpu-experts runs decode misses on the CPU
         self.moe_of = [-1] * cfg.num_layers      # decoder layer -> expert layer (-1: dense)
         for moe, layer in enumerate(cfg.moe_layers):
             self.moe_of[layer] = moe
@@ -303,7 +304,9 @@ class MoEModel:
         if target is not None:
             guess = list(dict.fromkeys(int(e) for g in got for e in g[2 * K:]))
         outs: list[list[Optional[torch.Tensor]]] = [[None] * K for _ in range(B)]
-        for n, (e, ew, slot) in enumerate(self.cache.fetch(moe, list(users))):
+        # Misses the cost model sends to the CPU (cpu_experts.py) skip the cache: no slot, no copy, no eviction.
+        on_cpu = self.cpu_experts.choose(moe, users, self.cache) if self.cpu_experts is not None else []
+        for n, (e, ew, slot) in enumerate(self.cache.fetch(moe, [e for e in users if e not in on_cpu])):
             if guess is not None:
                 # fetch has queued this layer's own misses; the guesses go behind them on the copy stream,
                 # so a demand copy never waits for a speculative one.
@@ -315,6 +318,14 @@ class MoEModel:
                 i = rows.index(b)
                 outs[b][r] = y[i:i + 1]
             self.cache.release(moe, slot)
+        if guess is not None:              # every expert ran on the CPU: nothing was queued ahead of the guesses
+            self.prefetcher.issue(self, target, guess)
+        for e in on_cpu:                   # after the device's work is queued, so the two overlap
+            rows = sorted({b for b, _ in users[e]})
+            y = self.cpu_experts.run(moe, e, h if len(rows) == B else h[rows])
+            for b, r in users[e]:
+                i = rows.index(b)
+                outs[b][r] = y[i:i + 1]
         for b in range(B):
             xb = x[b:b + 1]
             for r in range(K):
