@@ -7,7 +7,8 @@ many others ran beside it.
 Counters: ``hits``/``misses`` are the answer's own look-ups (one per decoded token, expert layer and chosen
 expert; in prefill, one per distinct expert and layer of each chunk). Copies, evictions and prefetches are the
 cache's, during this answer's prefill chunks (its own) and during the decode steps it took part in (shared with
-the other answers of those steps).
+the other answers of those steps). ``cpu_experts`` counts misses run on the CPU from their host copy instead of
+copied (``cpu_experts.py``): they are misses too, with no bytes moved; a step's count is shared by its rows.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 COUNTER_NAMES = ("hits", "misses", "evictions", "bytes_h2d", "bytes_d2h", "bytes_disk",
-                 "prefetch_issued", "prefetch_used", "prefetch_wasted")
+                 "prefetch_issued", "prefetch_used", "prefetch_wasted", "cpu_experts")
 
 
 @dataclass

@@ -369,6 +369,7 @@ def parse_bits(text: str | int | None) -> "Optional[int] | str":
 POLICIES = ("lru", "lfu", "lrfu")
 KERNELS = ("auto", "triton", "torch", "cpu")     # quantized matmul: see mixoff_app/kernels
 PLACEMENTS = ("inclusive", "exclusive", "disk")
+CPU_EXPERTS = ("auto", "off", "all")   # where a decode miss runs: see mixoff_app/cpu_experts.py
 
 
 def format_k(sizes: Sequence[int], counts: bool = False) -> str:
@@ -464,6 +465,7 @@ class EngineConfig:
     max_batch: Optional[int] = None       # answers decoded together (None: DEFAULT_MAX_BATCH, fewer if the plan says)
     per_client: Optional[int] = None      # of those, at most this many for one client (None: half, rounded up)
     max_waiting: int = 16                 # answers that may wait for a free slot; beyond, new ones are refused
+    cpu_experts: str = "auto"             # decode misses on the CPU from the host copy: auto (off until measured) | off | all
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "per_client"):
@@ -472,6 +474,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a whole number >= 1, not {v!r}")
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
             raise ConfigError(f"max_waiting must be a whole number >= 0, not {self.max_waiting!r}")
+        if self.cpu_experts not in CPU_EXPERTS:
+            raise ConfigError(f"cpu_experts must be one of {', '.join(CPU_EXPERTS)}, not {self.cpu_experts!r}")
 
     def planned(self, device_type: str) -> bool:
         """The memory planner sizes the load on a GPU and under a budget; elsewhere memory does not limit it."""

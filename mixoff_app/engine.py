@@ -63,6 +63,7 @@ class EngineInfo:
     decoder_layers: int = 0               # all decoder layers, dense ones included
     shared_expert: bool = False
     kernel: str = "torch"      # the quantized matmul in use: "triton" (fused kernels), "cpu" (torch's CPU kernels) or "torch"
+    cpu_experts: str = "off"   # what --cpu-experts resolved to: "off", "all" or "cost" (cpu_experts.py)
 
 
 def default_model() -> tuple[str, str]:
@@ -279,12 +280,31 @@ def _build(config: EngineConfig, path: Path, placed: Placed, device: torch.devic
         _warm_up_kernels(model, loaded.store.layout, device, dtype)
     if config.cache.prefetch:
         model.prefetcher = Prefetcher(config.cache.prefetch, config.cache.prefetch_layers)
+    model.cpu_experts = _cpu_experts(config, loaded.store, placement, device, dtype, kernel, stats, progress)
     if config.cuda_graphs:
         from .cuda_graphs import DecodeGraphs
         model.graphs = DecodeGraphs(model)
     progress(f"device cache: {format_k(sizes)} experts per layer on {device} "
              f"({cache.device_bytes / 2**20:.1f} MiB), policy {config.cache.policy}")
     return loaded, model, stats, measured
+
+
+def _cpu_experts(config: EngineConfig, store, placement: str, device: torch.device, dtype: torch.dtype,
+                 kernel: str, stats: Stats, progress: Progress):
+    """``--cpu-experts`` resolved (``cpu_experts.resolve_mode``), measured at load where it will run; None: off."""
+    from . import cpu_experts as cx
+    try:
+        mode, why = cx.resolve_mode(config.cpu_experts, device, placement)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    stats.cpu_experts_mode = mode
+    if mode == "off":
+        if config.cpu_experts != "off":
+            progress(f"cpu experts: {config.cpu_experts} -> off ({why})")
+        return None
+    costs = cx.measure(store, device, kernel, dtype)
+    progress(f"cpu experts: {config.cpu_experts} -> {mode} ({why}); measured {costs.describe()}")
+    return cx.CpuExperts(mode, cx.CpuSide(store, device, kernel, dtype), stats, costs)
 
 
 def _say_cpu_formats(placed: Placed, progress: Progress) -> None:
@@ -334,7 +354,7 @@ def _tokenizer(config: EngineConfig, resolved, cfg: ModelConfig, progress: Progr
 
 
 def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: int, device: torch.device,
-          dtype: torch.dtype, reason: str, kernel: str) -> EngineInfo:
+          dtype: torch.dtype, reason: str, kernel: str, cpu_experts: str = "off") -> EngineInfo:
     cfg, q = loaded.cfg, loaded.quant
     return EngineInfo(
         model=config.model, model_path=str(resolved.path), model_name=resolved.name,
@@ -345,7 +365,7 @@ def _info(config: EngineConfig, resolved, loaded, cache: CacheConfig, max_seq: i
         family=cfg.family, expert_layers=cfg.moe_layers, decoder_layers=cfg.num_layers,
         shared_expert=bool(cfg.shared_intermediate_size), cache=cache,
         gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        expert_bytes=loaded.store.layout.nbytes, kernel=kernel)
+        expert_bytes=loaded.store.layout.nbytes, kernel=kernel, cpu_experts=cpu_experts)
 
 
 class Engine:
@@ -384,7 +404,8 @@ class Engine:
         loaded, model, stats, measured = _build(config, resolved.path, placed, device, dtype, kernel, progress)
         tokenizer, eos = _tokenizer(config, resolved, loaded.cfg, progress)
         cache = replace(config.cache, sizes=placed.sizes, placement=placed.placement)
-        info = _info(config, resolved, loaded, cache, placed.max_seq, device, dtype, reason, kernel)
+        info = _info(config, resolved, loaded, cache, placed.max_seq, device, dtype, reason, kernel,
+                     stats.cpu_experts_mode)
         progress(f"ready: {resolved.name} on {device}")
         engine = cls(replace(config, cache=cache), info, model, tokenizer, stats, eos)
         engine.memory_plan, engine.memory_measured = placed.plan, measured

@@ -159,6 +159,7 @@ class MoEModel:
         # Decode experts through ``_experts_grouped`` (False: the per-expert loop it replaced, which
         # bench/fine_grained.py and the tests hold it to).
         self.grouped_experts = True
+        self.cpu_experts = None  # cpu_experts.CpuExperts when --cpu-experts runs decode misses on the CPU
         self.moe_of = [-1] * cfg.num_layers      # decoder layer -> expert layer (-1: dense)
         for moe, layer in enumerate(cfg.moe_layers):
             self.moe_of[layer] = moe
@@ -288,7 +289,8 @@ class MoEModel:
         """The host half: the layer's one deliberate sync (the host must know what to fetch and prefetch), then
         the experts, added to x in place by routing rank, then the shared expert."""
         got = r.packed.tolist()
-        if run is None and self.grouped_experts:
+        # --cpu-experts (off by default) decides per miss in the per-expert loop, where its hook lives.
+        if run is None and self.grouped_experts and self.cpu_experts is None:
             self._experts_grouped(r.moe, x, r.h, r.wx, got, r.target)
         else:
             self._experts_decode(r.moe, x, r.h, r.wx, got, r.target, run or self._run_expert)
@@ -395,7 +397,9 @@ class MoEModel:
         K, B = self.cfg.top_k, len(got)
         users, guess = self._route_rows(moe, got, target)
         outs: list[list[Optional[torch.Tensor]]] = [[None] * K for _ in range(B)]
-        for n, (e, ew, slot) in enumerate(self.cache.fetch_each(moe, list(users))):
+        # Misses the cost model sends to the CPU (cpu_experts.py) skip the cache: no slot, no copy, no eviction.
+        on_cpu = self.cpu_experts.choose(moe, users, self.cache) if self.cpu_experts is not None else []
+        for n, (e, ew, slot) in enumerate(self.cache.fetch_each(moe, [e for e in users if e not in on_cpu])):
             if guess is not None:
                 # fetch has queued this layer's own misses; the guesses go behind them on the copy stream,
                 # so a demand copy never waits for a speculative one.
@@ -407,6 +411,14 @@ class MoEModel:
                 i = rows.index(b)
                 outs[b][r] = y[i:i + 1]
             self.cache.release(moe, slot)
+        if guess is not None:              # every expert ran on the CPU: nothing was queued ahead of the guesses
+            self.prefetcher.issue(self, target, guess)
+        for e in on_cpu:                   # after the device's work is queued, so the two overlap
+            rows = sorted({b for b, _ in users[e]})
+            y = self.cpu_experts.run(moe, e, h if len(rows) == B else h[rows])
+            for b, r in users[e]:
+                i = rows.index(b)
+                outs[b][r] = y[i:i + 1]
         for b in range(B):
             xb = x[b:b + 1]
             for r in range(K):

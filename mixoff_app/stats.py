@@ -47,6 +47,7 @@ class LayerEvents:
     misses: tuple[int, ...] = ()       # loaded on demand
     prefetched: tuple[int, ...] = ()   # loaded ahead by the prefetcher (for this or the next token)
     evicted: tuple[int, ...] = ()
+    cpu: tuple[int, ...] = ()          # missed, and run on the CPU from the host copy instead of loaded
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ class StatsSnapshot:
     running_answers: int = 0           # answers holding a KV slot now (reading their prompt or generating)
     waiting_answers: int = 0           # answers waiting for a free slot
     max_batch: int = 1                 # how many answers may run at once
+    cpu_experts: int = 0               # decode misses run on the CPU from their host copy (counted in misses too)
+    cpu_experts_mode: str = "off"      # what --cpu-experts resolved to: off | all | cost
 
     def without_answer(self) -> "StatsSnapshot":
         """The cache and server as they are, without the latest answer's figures (for someone it was not for)."""
@@ -118,6 +121,8 @@ class Stats:
         self.hits = self.misses = self.evictions = 0
         self.bytes_h2d = self.bytes_d2h = self.bytes_disk = 0
         self.prefetch_issued = self.prefetch_used = self.prefetch_wasted = 0
+        self.cpu_experts = 0
+        self.cpu_experts_mode = "off"
         self.layer_hits = [0] * num_moe_layers
         self.layer_misses = [0] * num_moe_layers
         self.tokens_total = 0
@@ -146,6 +151,7 @@ class Stats:
         self._tok_misses = [[] for _ in range(n)]
         self._tok_prefetched = [[] for _ in range(n)]
         self._tok_evicted = [[] for _ in range(n)]
+        self._tok_cpu = [[] for _ in range(n)]
         self._tok_h = self._tok_m = 0
         # Per decode row: the routing, weights and own hits/misses of each expert layer.
         self._row_routing = [[()] * n for _ in range(rows)]
@@ -165,6 +171,14 @@ class Stats:
         self._tok_m += 1
         self.bytes_h2d += nbytes
         self._tok_misses[layer].append(expert)
+
+    def on_cpu_expert(self, layer: int, expert: int) -> None:
+        """A miss run on the CPU from the host copy: a look-up that missed, with nothing copied or evicted."""
+        self.misses += 1
+        self.layer_misses[layer] += 1
+        self._tok_m += 1
+        self.cpu_experts += 1
+        self._tok_cpu[layer].append(expert)
 
     def on_evict(self, layer: int, expert: int, nbytes_written_back: int = 0) -> None:
         self.evictions += 1
@@ -226,7 +240,7 @@ class Stats:
     def counters(self) -> tuple[int, ...]:
         """The cache's counters in ``answer_stats.COUNTER_NAMES`` order (deltas of two readings are an answer's)."""
         return (self.hits, self.misses, self.evictions, self.bytes_h2d, self.bytes_d2h, self.bytes_disk,
-                self.prefetch_issued, self.prefetch_used, self.prefetch_wasted)
+                self.prefetch_issued, self.prefetch_used, self.prefetch_wasted, self.cpu_experts)
 
     _counters = counters
 
@@ -315,7 +329,7 @@ class Stats:
     def _publish_token_events(self) -> None:
         self.last_token = tuple(
             LayerEvents(tuple(self._tok_hits[i]), tuple(self._tok_misses[i]),
-                        tuple(self._tok_prefetched[i]), tuple(self._tok_evicted[i]))
+                        tuple(self._tok_prefetched[i]), tuple(self._tok_evicted[i]), tuple(self._tok_cpu[i]))
             for i in range(self.num_moe_layers))
 
     # ---- read side ----------------------------------------------------------------------------
@@ -366,5 +380,5 @@ class Stats:
                 copy_bandwidth=a.bytes_h2d / wall if wall > 0 else 0.0,
                 generating=self.running > 0 or a.generating, routing=tuple(a.routing), memory=memory,
                 batch_rows=self.batch_rows, running_answers=self.running, waiting_answers=self.waiting,
-                max_batch=self.max_batch,
+                max_batch=self.max_batch, cpu_experts=self.cpu_experts, cpu_experts_mode=self.cpu_experts_mode,
             )

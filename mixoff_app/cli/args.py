@@ -6,6 +6,7 @@ import math
 from typing import Optional, Union
 
 from ..config import (
+    CPU_EXPERTS,
     DEFAULT_MAX_BATCH,
     FAMILY,
     KERNELS,
@@ -110,6 +111,10 @@ def add_engine_args(p: argparse.ArgumentParser, model_default: Optional[str] = "
                         "Triton's interpreter, slowly, for tests), cpu (torch's int4/int8 CPU kernels, weights "
                         "held in their formats, dense weights through oneDNN), torch (dequantize, then matmul), or "
                         "auto (triton on a CUDA GPU, cpu on a CPU that runs it, torch elsewhere; the default)")
+    p.add_argument("--cpu-experts", choices=CPU_EXPERTS, default="auto",
+                   help="decode misses: all (run every one on the CPU from its host copy, no copy to the device), "
+                        "off (copy every one into the device cache), or auto (a cost model of measured copy and "
+                        "CPU times; off until a GPU has measured it, and off on a CPU-only machine; the default)")
 
 
 def _sizes(cache_size) -> Optional[tuple[int, ...]]:
@@ -133,4 +138,5 @@ def engine_config(args) -> EngineConfig:
                         kernel=getattr(args, "kernel", "auto"), cuda_graphs=getattr(args, "cuda_graphs", False),
                         max_input_chars=getattr(args, "max_input_chars", None),
                         max_batch=getattr(args, "max_batch", None), per_client=getattr(args, "per_client", None),
-                        max_waiting=getattr(args, "max_waiting", 16))
+                        max_waiting=getattr(args, "max_waiting", 16),
+                        cpu_experts=getattr(args, "cpu_experts", "auto"))

@@ -38,12 +38,15 @@ def run(args) -> int:
             "model": engine.info.model_name, "device": engine.info.device, "quant": engine.info.quant,
             # cache_size: the smallest k (every layer's when they are equal); cache_sizes: k per expert layer
             "cache_size": min(sizes), "cache_sizes": list(sizes), "policy": engine.info.cache.policy, "kernel": engine.info.kernel,
+            "cpu_experts": engine.info.cpu_experts,     # what --cpu-experts resolved to: off, all or cost
             "stats": {"hits": dec["hits"], "misses": dec["misses"], "evictions": dec["evictions"],
                       "hit_rate": dec["hits"] / looked if looked else 0.0, "bytes_h2d": dec["bytes_h2d"],
                       "tokens_per_s": a.tokens_per_s, "prefill_s": a.prefill_s, "decode_s": a.decode_s,
                       "prefill_tokens": a.prefill_tokens, "expert_bytes": engine.info.expert_bytes,
                       "prefetch_issued": dec["prefetch_issued"], "prefetch_used": dec["prefetch_used"],
-                      "prefetch_wasted": dec["prefetch_wasted"], "prefill": dict(a.prefill)},
+                      "prefetch_wasted": dec["prefetch_wasted"], "prefill": dict(a.prefill),
+                      # decode misses run on the CPU from the host copy (part of "misses", no bytes copied)
+                      "cpu_experts": dec["cpu_experts"]},
             "routing": [[list(layer) for layer in tok] for tok in a.routing],
         }
         if notices:

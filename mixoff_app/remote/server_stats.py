@@ -47,7 +47,8 @@ def _values(d: dict) -> dict:
         if f.name == "memory":
             v = MemoryReading(**{m.name: v[m.name] for m in fields(MemoryReading) if m.name in v})
         elif f.name == "last_token":
-            v = tuple(LayerEvents(**{k: tuple(x) for k, x in ev.items()}) for ev in v)
+            known = {f.name for f in fields(LayerEvents)}      # a newer server's extra kinds are not drawn here
+            v = tuple(LayerEvents(**{k: tuple(x) for k, x in ev.items() if k in known}) for ev in v)
         else:
             v = _tuples(v, DEPTH.get(f.name, 0))
         values[f.name] = v

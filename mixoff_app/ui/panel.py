@@ -21,10 +21,12 @@ from ..stats import ROLLING_TOKENS
 
 # Cell states of the cache grid, in the order the legend lists them.
 EMPTY, RESIDENT, HIT, MISS, PREFETCHED, EVICTED = "empty", "resident", "hit", "miss", "prefetch", "evicted"
+ON_CPU = "cpu"      # a miss run on the CPU from its host copy (--cpu-experts): not loaded, nothing evicted
 LEGEND = (
     (RESIDENT, "in device cache"),
     (HIT, "hit (this token)"),
     (MISS, "miss: loaded"),
+    (ON_CPU, "miss: ran on CPU"),
     (PREFETCHED, "prefetched"),
     (EVICTED, "evicted"),
     (EMPTY, "in host RAM"),
@@ -78,15 +80,15 @@ def fmt_tps(x: float) -> str:
 
 
 # ---- the cache grid -----------------------------------------------------------------------------
-_STATES = (EMPTY, RESIDENT, HIT, MISS, PREFETCHED, EVICTED)    # state codes: index in this tuple
+_STATES = (EMPTY, RESIDENT, HIT, MISS, PREFETCHED, EVICTED, ON_CPU)    # state codes: index in this tuple
 
 
 def state_codes(snap):
     """[L, E] uint8 array of state codes (index into ``_STATES``) for the latest token: what ``cell_states``
     says, computed with one array write per event list rather than a Python step per cell.
 
-    What the token did wins over what merely sits in the cache: a miss (loaded on demand) over a
-    prefetch over a hit; an evicted expert that is no longer resident shows as evicted."""
+    What the token did wins over what merely sits in the cache: a miss run on the CPU, then a miss (loaded on
+    demand) over a prefetch over a hit; an evicted expert that is no longer resident shows as evicted."""
     import numpy as np
 
     L, E = snap.num_moe_layers, snap.num_experts
@@ -107,6 +109,7 @@ def state_codes(snap):
             mark(layer, ev.hits, HIT)
             mark(layer, ev.prefetched, PREFETCHED)
             mark(layer, ev.misses, MISS)
+            mark(layer, getattr(ev, "cpu", ()), ON_CPU)
     return out
 
 
@@ -122,7 +125,8 @@ def _layer_label_every(num_layers: int) -> int:
 # Image grid colours (light theme's; "empty" and the gaps are translucent so the card shows through in
 # both themes).
 _GRID_RGBA = {EMPTY: (148, 163, 184, 70), RESIDENT: (147, 180, 220, 255), HIT: (34, 163, 90, 255),
-              MISS: (224, 72, 62, 255), PREFETCHED: (139, 92, 246, 255), EVICTED: (245, 158, 11, 255)}
+              MISS: (224, 72, 62, 255), PREFETCHED: (139, 92, 246, 255), EVICTED: (245, 158, 11, 255),
+              ON_CPU: (14, 165, 233, 255)}
 
 def _cells(codes, cell: int, gap: int):
     """[L, E] palette indices -> [L, cell, E, cell] pixels: ``cell - 1`` pixels of colour, then a one-pixel gap."""
@@ -261,7 +265,8 @@ def render_hit_rate(snap) -> str:
              + _stat(f"last {ROLLING_TOKENS} tokens", fmt_pct(snap.rolling_hit_rate))
              + _stat("since start", fmt_pct(snap.hit_rate)))
     foot = (f'{snap.hits:,} hits · {snap.misses:,} misses · {snap.evictions:,} evictions'
-            + (f' · prefetch {snap.prefetch_used:,}/{snap.prefetch_issued:,} used' if snap.prefetch_issued else ""))
+            + (f' · prefetch {snap.prefetch_used:,}/{snap.prefetch_issued:,} used' if snap.prefetch_issued else "")
+            + (f' · {snap.cpu_experts:,} misses ran on the CPU' if getattr(snap, "cpu_experts", 0) else ""))
     return (f'<div class="mx-card"><div class="mx-card-h"><span>Hit rate</span>'
             f'<span class="mx-sub">per token, smoothed over {SPARK_WINDOW}</span></div>'
             f'<div class="mx-stats">{stats}</div>{sparkline(snap.hit_rate_history)}'
@@ -509,7 +514,8 @@ def render_info(info: Any) -> str:
                           if getattr(info, "decoder_layers", 0) > info.num_moe_layers else "")
                        + f", context {info.max_context:,}"),
              ("family", getattr(info, "family", "")),
-             ("cache", cache_txt)]
+             ("cache", cache_txt),
+             ("misses on the CPU", {"all": "all", "cost": "by the cost model"}.get(getattr(info, "cpu_experts", "off"), ""))]
     items = "".join(f'<span class="mx-chip"><small>{escape(k)}</small> {escape(str(v))}</span>'
                     for k, v in chips if v)
     reason = (f'<div class="mx-reason"><b>Why this model:</b> {escape(info.reason)}</div>'
