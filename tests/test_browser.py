@@ -41,8 +41,10 @@ def free_port() -> int:
 
 
 def serve(model: str, max_new_tokens: int):
+    # The reference kernel path: the CPU kernels decode the tiny model so fast that a long answer can end
+    # between the page seeing it stream and the Stop click landing (the test then races the answer's end).
     engine = Engine.load(EngineConfig(model=model, device="cpu", quant=QuantConfig.from_bits(4, 2),
-                                      cache=CacheConfig(sizes=(3,))))
+                                      cache=CacheConfig(sizes=(3,)), kernel="torch"))
     demo = build_ui(engine, max_new_tokens=max_new_tokens)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
